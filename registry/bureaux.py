@@ -1,0 +1,139 @@
+"""Loading the registry CSV, checking each line, and looking bureaux up by code or pen serial."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.pins import is_pin_hash
+
+COLUMNS = ("code", "name", "commune", "department", "inscrits", "pin_hash", "caller_ids", "pen_serials")
+REQUIRED = ("code", "name", "commune", "department", "pin_hash")
+MAX_CODE_DIGITS = 10
+
+
+class RegistryError(ValueError):
+    def __init__(self, path: Path | str, line: int, why: str) -> None:
+        super().__init__(f"{path}:{line}: {why}")
+        self.path, self.line, self.why = str(path), line, why
+
+
+@dataclass(frozen=True)
+class Bureau:
+    code: str
+    name: str
+    commune: str
+    department: str
+    inscrits: int | None
+    pin_hash: str
+    caller_ids: tuple[str, ...]
+    pen_serials: tuple[str, ...]
+
+
+class Registry:
+    """Bureaux by code, with the pen-serial index; immutable once loaded."""
+
+    def __init__(self, bureaux: dict[str, Bureau]) -> None:
+        self.bureaux = bureaux
+        self._by_pen = {serial: b.code for b in bureaux.values() for serial in b.pen_serials}
+
+    def __len__(self) -> int:
+        return len(self.bureaux)
+
+    def __contains__(self, code: object) -> bool:
+        return code in self.bureaux
+
+    def get(self, code: str) -> Bureau | None:
+        return self.bureaux.get(code)
+
+    def bureau_for_pen(self, pen_serial: str) -> Bureau | None:
+        code = self._by_pen.get(pen_serial)
+        return self.bureaux[code] if code else None
+
+    def departments(self) -> dict[str, int]:
+        """Number of bureaux per department."""
+        counts: dict[str, int] = {}
+        for b in self.bureaux.values():
+            counts[b.department] = counts.get(b.department, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def inscrits_total(self) -> int:
+        return sum(b.inscrits or 0 for b in self.bureaux.values())
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(";") if v.strip())
+
+
+def _parse_row(row: dict[str, str | None], path: Path, line: int) -> Bureau:
+    for column in REQUIRED:
+        if not (row.get(column) or "").strip():
+            raise RegistryError(path, line, f"empty {column}")
+    code = (row["code"] or "").strip()
+    if not code.isdigit() or not code.isascii() or len(code) > MAX_CODE_DIGITS:
+        raise RegistryError(path, line, f"code {code!r} must be 1 to {MAX_CODE_DIGITS} digits")
+    inscrits_text = (row.get("inscrits") or "").strip()
+    inscrits: int | None = None
+    if inscrits_text:
+        if not inscrits_text.isdigit():
+            raise RegistryError(path, line, f"inscrits {inscrits_text!r} is not a whole number")
+        inscrits = int(inscrits_text)
+    pin_hash = (row["pin_hash"] or "").strip()
+    if not is_pin_hash(pin_hash):
+        raise RegistryError(path, line, "pin_hash is not a scrypt hash (PINs are never stored in clear)")
+    return Bureau(
+        code=code,
+        name=(row["name"] or "").strip(),
+        commune=(row["commune"] or "").strip(),
+        department=(row["department"] or "").strip(),
+        inscrits=inscrits,
+        pin_hash=pin_hash,
+        caller_ids=_split(row.get("caller_ids") or ""),
+        pen_serials=_split(row.get("pen_serials") or ""),
+    )
+
+
+def load_registry(path: Path | str) -> Registry:
+    """Read and check the registry CSV; any bad line fails the whole load with its line number."""
+    path = Path(path)
+    bureaux: dict[str, Bureau] = {}
+    pens: dict[str, str] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise RegistryError(path, line, "more values than columns")
+            bureau = _parse_row(row, path, line)
+            if bureau.code in bureaux:
+                raise RegistryError(path, line, f"duplicate code {bureau.code}")
+            for serial in bureau.pen_serials:
+                if serial in pens:
+                    raise RegistryError(path, line, f"pen serial {serial} already belongs to {pens[serial]}")
+                pens[serial] = bureau.code
+            bureaux[bureau.code] = bureau
+    return Registry(bureaux)
+
+
+def write_registry(path: Path, bureaux: list[Bureau]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for b in bureaux:
+            writer.writerow(
+                [
+                    b.code,
+                    b.name,
+                    b.commune,
+                    b.department,
+                    "" if b.inscrits is None else b.inscrits,
+                    b.pin_hash,
+                    ";".join(b.caller_ids),
+                    ";".join(b.pen_serials),
+                ]
+            )

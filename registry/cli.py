@@ -1,0 +1,45 @@
+"""`run_gateway.py registry ...`: the bureau registry from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from registry.bureaux import load_registry
+from registry.demo import generate
+from registry.pins import DEFAULT_N
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    registry = sub.add_parser("registry", help="the bureau registry", parents=[common])
+    actions = registry.add_subparsers(dest="registry_command", required=True)
+    gen = actions.add_parser(
+        "generate", help="write a realistic demo registry and its PINs file", parents=[common]
+    )
+    gen.add_argument("--bureaux", type=int, default=1000, help="how many bureaux (default 1000)")
+    gen.add_argument("--out", type=Path, required=True, help="the registry CSV to write")
+    gen.add_argument("--pins", type=Path, required=True, help="the PINs CSV (bureau,pin), the only clear copy")
+    gen.add_argument("--seed", type=int, default=2011)
+    gen.add_argument(
+        "--scrypt-n", type=int, default=DEFAULT_N, help=argparse.SUPPRESS  # tests and benchmarks only
+    )
+    gen.set_defaults(func=_generate)
+    check = actions.add_parser("check", help="load a registry and say what is wrong with it", parents=[common])
+    check.add_argument("path", type=Path)
+    check.set_defaults(func=_check)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.bureaux < 1:
+        raise SystemExit("--bureaux must be at least 1")
+    started = time.perf_counter()
+    n = generate(args.bureaux, args.out, args.pins, scrypt_n=args.scrypt_n, seed=args.seed)
+    print(f"{n} bureaux written to {args.out}, PINs to {args.pins} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    registry = load_registry(args.path)
+    print(f"{len(registry)} bureaux in {len(registry.departments())} departments, {registry.inscrits_total} inscrits")
+    return 0

@@ -1,0 +1,76 @@
+"""`run_gateway.py worker|relay|totals`: the RQ workers, the outbox relay and the consolidated totals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+
+from redis import Redis
+from rq import Worker
+
+from registry import load_registry
+from returns_queue.consolidation import totals
+from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
+from returns_queue.journal import Journal
+from returns_queue.relay import Relay
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    worker = sub.add_parser("worker", help="an RQ worker for the ocr and returns queues", parents=[common])
+    worker.add_argument("--queues", default=f"{OCR_QUEUE},{RETURNS_QUEUE}", help="comma-separated queue names")
+    worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    worker.set_defaults(func=_worker)
+    relay = sub.add_parser("relay", help="relay accepted returns from the journal to RQ", parents=[common])
+    relay.set_defaults(func=_relay)
+    tot = sub.add_parser("totals", help="print the consolidated totals", parents=[common])
+    tot.add_argument("--json", action="store_true", help="machine-readable output")
+    tot.set_defaults(func=_totals)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    redis = Redis.from_url(settings.redis_url_resolved)
+    worker = Worker(args.queues.split(","), connection=redis)
+    worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+    return 0
+
+
+def _relay(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    relay = Relay(Journal(settings.db_url_resolved), Redis.from_url(settings.redis_url_resolved),
+                  settings.consolidate_job)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("relay: journal %s → RQ %s", settings.db_url_resolved, settings.redis_url_resolved)
+    relay.run(stop)
+    return 0
+
+
+def _totals(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    figures = totals(Redis.from_url(settings.redis_url_resolved), settings.election)
+    registry = load_registry(settings.registry_path) if settings.registry_path.exists() else None
+    if registry is not None:
+        figures["bureaux_registered"] = len(registry)
+        figures["inscrits_registered"] = registry.inscrits_total
+    if args.json:
+        print(json.dumps({"election": settings.election, **figures}, indent=2))
+        return 0
+    print(f"Élection {settings.election}")
+    print(f"  bureaux remontés : {figures['bureaux']}" + (f" / {len(registry)}" if registry else ""))
+    print(f"  votants          : {figures['votants']}")
+    if registry and registry.inscrits_total:
+        print(f"  participation    : {100 * figures['votants'] / registry.inscrits_total:.2f} % des inscrits")
+    print(f"  blancs et nuls   : {figures['blancs_nuls']}")
+    print(f"  exprimés         : {figures['exprimes']}")
+    for candidate, votes in sorted(figures["candidates"].items(), key=lambda kv: -kv[1]):
+        share = 100 * votes / figures["exprimes"] if figures["exprimes"] else 0.0
+        print(f"  {candidate:<16} : {votes:>8}  ({share:.2f} %)")
+    return 0

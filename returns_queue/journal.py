@@ -1,0 +1,339 @@
+"""The journal: every return received, its findings and its status, durable before anything is acknowledged.
+
+It is also the outbox: an accepted return stays `enqueued_at IS NULL` until the relay has put
+it on RQ, so a return acknowledged while Redis is down is relayed when Redis is back.
+SQLite (WAL, synchronous=FULL) under var/ by default; PostgreSQL by URL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.pool import NullPool
+
+from validation import Finding, Return, check_history, decide
+
+metadata = MetaData()
+
+returns = Table(
+    "returns",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("return_id", String(40), nullable=False, unique=True),
+    Column("receipt", String(16), unique=True),  # NULL for a duplicate: it is answered with the original's
+    Column("election", String(64), nullable=False),
+    Column("bureau", String(10), nullable=False),
+    Column("channel", String(8), nullable=False),
+    Column("status", String(12), nullable=False),  # accepted, review, duplicate, rejected, corrected
+    Column("payload", Text, nullable=False),  # the remontee.return/1 dict, as JSON
+    Column("findings", Text, nullable=False),  # JSON list of Finding dicts
+    Column("received_at", String(20), nullable=False),
+    Column("journaled_at", Float, nullable=False),
+    Column("supersedes", String(40)),
+    Column("duplicate_of", String(40)),
+    Column("enqueued_at", Float),  # the outbox mark: NULL until the relay has put the job on RQ
+    Index("ix_returns_bureau", "election", "bureau", "status"),
+    Index("ix_returns_outbox", "status", "enqueued_at"),
+)
+
+review_items = Table(
+    "review_items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("return_id", String(40), ForeignKey("returns.return_id"), nullable=False, unique=True),
+    Column("election", String(64), nullable=False),
+    Column("bureau", String(10), nullable=False),
+    Column("channel", String(8), nullable=False),
+    Column("reasons", Text, nullable=False),  # JSON list of reason codes
+    Column("created_at", Float, nullable=False),
+    Column("state", String(10), nullable=False, default="open"),  # open, approved, rejected
+    Column("claimed_by", String(64)),
+    Column("claimed_until", Float),
+    Column("decided_by", String(64)),
+    Column("decided_at", Float),
+    Column("decision_note", Text),
+    Column("result_return_id", String(40)),
+    Index("ix_review_state", "state", "created_at"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("subject", String(64)),
+    Column("before", Text),  # JSON
+    Column("after", Text),  # JSON
+)
+
+
+def receipt_for(seq: int) -> str:
+    """The spoken receipt: the journal sequence number and a Luhn check digit, so a misheard digit shows."""
+    digits = f"{seq:06d}"
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return digits + str((10 - total % 10) % 10)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the channel acknowledges: the receipt, and what became of the return."""
+
+    return_id: str
+    receipt: str
+    status: str  # accepted, review, duplicate (of return_id, answered with its receipt)
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    seq: int
+    ret: Return
+    receipt: str | None
+    status: str
+    findings: tuple[Finding, ...]
+    journaled_at: float
+    enqueued_at: float | None
+    duplicate_of: str | None
+
+
+def _entry(row: Any) -> JournalEntry:
+    ret = Return.from_dict(json.loads(row.payload))
+    return JournalEntry(
+        seq=row.seq,
+        ret=ret.with_status(row.status),
+        receipt=row.receipt,
+        status=row.status,
+        findings=tuple(Finding.from_dict(f) for f in json.loads(row.findings)),
+        journaled_at=row.journaled_at,
+        enqueued_at=row.enqueued_at,
+        duplicate_of=row.duplicate_of,
+    )
+
+
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
+    # NullPool: a connection per transaction is cheap on SQLite and survives fork (gunicorn, RQ).
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we acknowledge
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the write lock up front so that check-then-insert cannot interleave.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Journal:
+    """The durable record of returns, review items and the audit trail."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sqlite = url.startswith("sqlite")
+        if self.sqlite:
+            self._writer = _sqlite_engine(url, immediate=True)
+            self._reader = _sqlite_engine(url, immediate=False)
+        else:
+            self._writer = self._reader = create_engine(url, pool_pre_ping=True)
+        metadata.create_all(self._writer)
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        self._reader.dispose()
+
+    @property
+    def engine(self) -> Engine:
+        return self._writer
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, committed (and on disk) when the block exits without error."""
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._reader.connect() as conn:
+            yield conn
+
+    def _lock_bureau(self, conn: Connection, election: str, bureau: str) -> None:
+        if not self.sqlite:  # SQLite's BEGIN IMMEDIATE already serializes writers
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"{election}/{bureau}"})
+
+    def submit(
+        self,
+        ret: Return,
+        findings: Sequence[Finding] = (),
+        *,
+        also: Callable[[Connection, Submission], None] | None = None,
+    ) -> Submission:
+        """Journal `ret` with the channel's findings plus the history checks, durably, and say what became of it.
+
+        `also` runs inside the same transaction (the review UI closes its item and writes the
+        audit row there), so the return and its consequences are on disk together or not at all.
+        """
+        with self.write() as conn:
+            self._lock_bureau(conn, ret.election, ret.bureau)
+            latest = self._latest_accepted(conn, ret.election, ret.bureau)
+            pending = self._pending(conn, ret.election, ret.bureau)
+            all_findings = (*findings, *check_history(ret, latest, pending))
+            status = decide(all_findings)
+            now = time.time()
+            row = {
+                "return_id": ret.return_id,
+                "election": ret.election,
+                "bureau": ret.bureau,
+                "channel": ret.channel,
+                "status": status,
+                "payload": json.dumps(ret.with_status(status).to_dict(), ensure_ascii=False),
+                "findings": json.dumps([f.to_dict() for f in all_findings], ensure_ascii=False),
+                "received_at": ret.received_at,
+                "journaled_at": now,
+                "supersedes": ret.supersedes,
+            }
+            if status == "duplicate":
+                original_id = next(f.details["return_id"] for f in all_findings)
+                original = conn.execute(
+                    select(returns.c.receipt, returns.c.status).where(returns.c.return_id == original_id)
+                ).one()
+                conn.execute(insert(returns).values(**row, duplicate_of=original_id))
+                submission = Submission(original_id, original.receipt, original.status, tuple(all_findings))
+            else:
+                seq = conn.execute(insert(returns).values(**row)).inserted_primary_key[0]
+                receipt = receipt_for(seq)
+                conn.execute(update(returns).where(returns.c.seq == seq).values(receipt=receipt))
+                if status == "review":
+                    conn.execute(
+                        insert(review_items).values(
+                            return_id=ret.return_id,
+                            election=ret.election,
+                            bureau=ret.bureau,
+                            channel=ret.channel,
+                            reasons=json.dumps(sorted({str(f.code) for f in all_findings})),
+                            created_at=now,
+                            state="open",
+                        )
+                    )
+                submission = Submission(ret.return_id, receipt, status, tuple(all_findings))
+            if also is not None:
+                also(conn, submission)
+            return submission
+
+    def _latest_accepted(self, conn: Connection, election: str, bureau: str) -> Return | None:
+        row = conn.execute(
+            select(returns.c.payload)
+            .where(returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "accepted")
+            .order_by(returns.c.seq.desc())
+            .limit(1)
+        ).first()
+        return Return.from_dict(json.loads(row.payload)) if row else None
+
+    def _pending(self, conn: Connection, election: str, bureau: str) -> list[Return]:
+        rows = conn.execute(
+            select(returns.c.payload).where(
+                returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "review"
+            )
+        )
+        return [Return.from_dict(json.loads(r.payload)) for r in rows]
+
+    def latest_accepted(self, election: str, bureau: str) -> Return | None:
+        with self.read() as conn:
+            return self._latest_accepted(conn, election, bureau)
+
+    def get(self, return_id: str) -> JournalEntry | None:
+        with self.read() as conn:
+            row = conn.execute(select(returns).where(returns.c.return_id == return_id)).first()
+            return _entry(row) if row else None
+
+    def entries(self, election: str | None = None, bureau: str | None = None) -> list[JournalEntry]:
+        query = select(returns).order_by(returns.c.seq)
+        if election is not None:
+            query = query.where(returns.c.election == election)
+        if bureau is not None:
+            query = query.where(returns.c.bureau == bureau)
+        with self.read() as conn:
+            return [_entry(r) for r in conn.execute(query)]
+
+    # --- the outbox, for the relay ---
+
+    def outbox(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Accepted returns not yet on RQ, oldest first, as the job's argument."""
+        with self.read() as conn:
+            rows = conn.execute(
+                select(returns.c.payload)
+                .where(returns.c.status == "accepted", returns.c.enqueued_at.is_(None))
+                .order_by(returns.c.seq)
+                .limit(limit)
+            )
+            return [json.loads(r.payload) for r in rows]
+
+    def mark_enqueued(self, return_ids: Sequence[str]) -> None:
+        if not return_ids:
+            return
+        with self.write() as conn:
+            conn.execute(
+                update(returns).where(returns.c.return_id.in_(list(return_ids))).values(enqueued_at=time.time())
+            )
+
+    def outbox_backlog(self) -> int:
+        with self.read() as conn:
+            return conn.execute(
+                select(func.count())
+                .select_from(returns)
+                .where(returns.c.status == "accepted", returns.c.enqueued_at.is_(None))
+            ).scalar_one()
+
+    # --- the audit trail ---
+
+    @staticmethod
+    def record_audit(
+        conn: Connection, actor: str, action: str, subject: str | None, before: Any = None, after: Any = None
+    ) -> None:
+        """Append one audit row inside the caller's transaction; the trail is never updated or deleted."""
+        conn.execute(
+            insert(audit).values(
+                at=time.time(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                before=None if before is None else json.dumps(before, ensure_ascii=False, sort_keys=True),
+                after=None if after is None else json.dumps(after, ensure_ascii=False, sort_keys=True),
+            )
+        )

@@ -1,0 +1,74 @@
+"""The relay: moves accepted returns from the journal's outbox onto the RQ `returns` queue.
+
+Several relays may run (one per IVR or worker process, on several machines): a Redis lock
+lets one work at a time, and a job that already exists is never enqueued again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import Job
+
+from returns_queue.jobs import prepare_return_job, return_job_id, returns_queue
+from returns_queue.journal import Journal
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "remontee:relay:lock"
+
+
+class Relay:
+    def __init__(self, journal: Journal, redis: Redis, job_path: str, batch: int = 500) -> None:
+        self.journal, self.redis, self.job_path, self.batch = journal, redis, job_path, batch
+        self.queue = returns_queue(redis)
+        self.wakeup = threading.Event()
+
+    def relay_once(self) -> int:
+        """Enqueue what the outbox holds; the number enqueued. Raises RedisError when Redis is away."""
+        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
+        if not lock.acquire():
+            return 0
+        try:
+            relayed = 0
+            while payloads := self.journal.outbox(self.batch):
+                # A job that exists was enqueued by a relay that died before marking the outbox.
+                with self.redis.pipeline() as pipe:
+                    for p in payloads:
+                        pipe.exists(Job.key_for(return_job_id(p["return_id"])))
+                    exists = pipe.execute()
+                fresh = [p for p, e in zip(payloads, exists, strict=True) if not e]
+                if fresh:
+                    self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in fresh])
+                self.journal.mark_enqueued([p["return_id"] for p in payloads])
+                relayed += len(fresh)
+                if len(payloads) < self.batch:
+                    break
+            return relayed
+        finally:
+            with contextlib.suppress(RedisError):  # the lock expires by itself
+                lock.release()
+
+    def run(self, stop: threading.Event, interval: float = 0.25) -> None:
+        """Relay until `stop` is set; wakes early when `wakeup` is set after a submission."""
+        redis_down = False
+        while not stop.is_set():
+            try:
+                self.relay_once()
+                if redis_down:
+                    log.warning("relay: Redis is back, outbox relayed")
+                redis_down = False
+            except RedisError as exc:
+                if not redis_down:
+                    log.warning("relay: Redis unavailable (%s); returns stay journaled until it is back", exc)
+                redis_down = True
+            self.wakeup.wait(interval if not redis_down else 1.0)
+            self.wakeup.clear()
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="relay", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Remontée's one entry point (also installed as `remontee`).
+
+`all` (the default) starts every part on loopback, supervised: a private redis-server when
+REMONTEE_REDIS_URL is unset, a demo registry when none exists, then each service as a child
+process, restarted if it dies; Ctrl-C stops them all. Each other subcommand runs one part,
+for production; every part adds its own subcommands from its `cli` module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from settings import Settings
+
+log = logging.getLogger("remontee")
+
+# The parts whose `cli.add_commands` contribute subcommands.
+PARTS = ["registry.cli", "returns_queue.cli"]
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: tuple[str, ...]  # a run_gateway.py subcommand and its arguments
+    where: str  # said to the operator at start-up; format fields come from Settings
+
+
+# What `all` starts, in order, once Redis and the registry are ready.
+SERVICES = [
+    Service("relay", ("relay",), "journal outbox → RQ 'returns'"),
+    Service("worker-1", ("worker",), "RQ queues ocr, returns"),
+    Service("worker-2", ("worker",), "RQ queues ocr, returns"),
+]
+
+
+def common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("settings (each also from REMONTEE_<NAME>)")
+    group.add_argument("--var-dir", type=Path, default=argparse.SUPPRESS, help="runtime data (default var/)")
+    group.add_argument("--bind", default=argparse.SUPPRESS, help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--agi-port", type=int, default=argparse.SUPPRESS, help="FastAGI port (default 4573)")
+    group.add_argument("--pen-port", type=int, default=argparse.SUPPRESS, help="upload API port (default 8080)")
+    group.add_argument("--review-port", type=int, default=argparse.SUPPRESS, help="review UI port (default 8081)")
+    group.add_argument("--redis-url", default=argparse.SUPPRESS, help="Redis; unset: a private redis-server")
+    group.add_argument("--db-url", default=argparse.SUPPRESS, help="journal database (default SQLite in var/)")
+    group.add_argument("--election", default=argparse.SUPPRESS, help="election id from forms/elections/")
+    group.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help="bureau registry CSV")
+    group.add_argument("--consolidate-job", default=argparse.SUPPRESS, help="function path of the returns job")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(prog="remontee", description=__doc__, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    run_all = sub.add_parser("all", help="every part on loopback, supervised (the default)", parents=[common])
+    run_all.add_argument("--demo-bureaux", type=int, default=1000,
+                         help="size of the demo registry generated when none exists (default 1000)")
+    run_all.set_defaults(func=run_everything)
+    for part in PARTS:
+        importlib.import_module(part).add_commands(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["all", *(argv if argv is not None else sys.argv[1:])])
+    overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
+    args.settings = Settings.from_env(**overrides)
+    return int(args.func(args) or 0)
+
+
+# --- supervision, for `all` ---
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL, so no process is orphaned."""
+    os.setsid()  # Ctrl-C reaches the supervisor only; it stops the children in order
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_private_redis(settings: Settings) -> subprocess.Popen[bytes]:
+    """redis-server with AOF under var/redis/, on a Unix socket only: no port to collide with."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed: run `make run` (it installs it) or set REMONTEE_REDIS_URL")
+    directory = settings.private_redis_socket.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "redis-server", "--port", "0", "--unixsocket", str(settings.private_redis_socket),
+        "--unixsocketperm", "700", "--dir", str(directory), "--appendonly", "yes",
+        "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--logfile", str(directory / "redis.log"),
+    ]
+    process = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+    for _ in range(100):
+        if settings.private_redis_socket.exists():
+            from redis import Redis
+            try:
+                Redis.from_url(settings.redis_url_resolved).ping()
+                return process
+            except Exception:
+                pass
+        if process.poll() is not None:
+            raise SystemExit(f"redis-server exited at start; see {directory / 'redis.log'}")
+        time.sleep(0.1)
+    process.terminate()
+    raise SystemExit("redis-server did not answer within 10 s")
+
+
+def ensure_demo_registry(settings: Settings, bureaux: int) -> None:
+    if settings.registry_path.exists():
+        return
+    from registry.demo import generate
+
+    pins = settings.var_dir / "pins.csv"
+    log.info("no registry at %s: generating a demo registry of %d bureaux (PINs in %s)",
+             settings.registry_path, bureaux, pins)
+    generate(bureaux, settings.registry_path, pins)
+
+
+class Supervisor:
+    """Runs the services as child processes, restarts one that dies, stops them all on a signal."""
+
+    def __init__(self, settings: Settings, services: list[Service]) -> None:
+        self.settings, self.services = settings, services
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, tuple[int, float]] = {}
+        self.stopping = False
+
+    def _env(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.update({
+            "REMONTEE_VAR_DIR": str(s.var_dir.resolve()),
+            "REMONTEE_REDIS_URL": s.redis_url_resolved,
+            "REMONTEE_DB_URL": s.db_url_resolved,
+            "REMONTEE_REGISTRY": str(s.registry_path.resolve()),
+            "REMONTEE_ELECTION": s.election,
+            "REMONTEE_BIND": s.bind,
+            "REMONTEE_AGI_PORT": str(s.agi_port),
+            "REMONTEE_PEN_PORT": str(s.pen_port),
+            "REMONTEE_REVIEW_PORT": str(s.review_port),
+            "REMONTEE_CONSOLIDATE_JOB": s.consolidate_job,
+        })
+        return env
+
+    def start(self, service: Service) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), *service.argv]
+        self.children[service.name] = subprocess.Popen(argv, env=self._env(), preexec_fn=_die_with_parent)
+
+    def run(self) -> int:
+        for service in self.services:
+            self.start(service)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop)
+        while not self.stopping:
+            for service in self.services:
+                child = self.children[service.name]
+                if child.poll() is not None and not self.stopping:
+                    self._restart(service, child.returncode)
+            time.sleep(0.5)
+        return self.shutdown()
+
+    def _restart(self, service: Service, code: int) -> None:
+        count, _ = self.restarts.get(service.name, (0, 0.0))
+        delay = min(30.0, 2.0**count)
+        log.warning("%s exited with %s; restarting in %.0f s", service.name, code, delay)
+        time.sleep(delay)
+        self.restarts[service.name] = (count + 1, time.time())
+        self.start(service)
+
+    def _stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def shutdown(self, grace: float = 10.0) -> int:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.time() + grace
+        for name, child in self.children.items():
+            try:
+                child.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killed", name, grace)
+                child.kill()
+                child.wait()
+        return 0
+
+
+def run_everything(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    redis_process = None
+    if settings.redis_url is None:
+        redis_process = start_private_redis(settings)
+    try:
+        ensure_demo_registry(settings, args.demo_bureaux)
+        supervisor = Supervisor(settings, SERVICES)
+        print("Remontée is starting; Ctrl-C stops everything.", flush=True)
+        print(f"  {'redis':<10} {settings.redis_url_resolved}"
+              + (" (private, AOF under var/redis/)" if redis_process else ""))
+        print(f"  {'journal':<10} {settings.db_url_resolved}")
+        print(f"  {'registry':<10} {settings.registry_path}")
+        for service in SERVICES:
+            print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
+        return supervisor.run()
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

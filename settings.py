@@ -1,0 +1,67 @@
+"""Every setting of Remontée in one place: defaults, then `REMONTEE_*` environment variables, then flags.
+
+Each part reads its settings from a `Settings`; tests build one directly with their own values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path = Path("var")
+    bind: str = "127.0.0.1"
+    agi_port: int = 4573
+    pen_port: int = 8080
+    review_port: int = 8081
+    redis_url: str | None = None  # None: run_gateway.py starts a private redis-server under var/redis/
+    db_url: str | None = None  # None: SQLite under var/
+    election: str = "primaire-2011-t1"
+    registry: Path | None = None  # None: var/registry.csv, generated for the demo by `run_gateway.py all`
+    consolidate_job: str = "returns_queue.consolidation.consolidate"
+    secret_key: str | None = None  # review UI sessions; None: generated once into var/secret_key
+    max_upload_bytes: int = 20 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by `REMONTEE_<NAME>` variables, overridden by non-None `overrides`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"REMONTEE_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+    @property
+    def db_url_resolved(self) -> str:
+        return self.db_url or f"sqlite:///{(self.var_dir / 'journal.sqlite3').resolve()}"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry or self.var_dir / "registry.csv"
+
+    @property
+    def private_redis_socket(self) -> Path:
+        return (self.var_dir / "redis" / "redis.sock").resolve()
+
+    @property
+    def redis_url_resolved(self) -> str:
+        return self.redis_url or f"unix://{self.private_redis_socket}"
+
+
+def _convert(annotation: Any, raw: str) -> Any:
+    text = str(annotation)
+    if "int" in text:
+        return int(raw)
+    if "Path" in text:
+        return Path(raw)
+    return raw

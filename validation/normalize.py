@@ -1,0 +1,34 @@
+"""Turning what a channel captured (keyed digits, OCR text, a form field) into clean values."""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def parse_count(raw: object) -> int | None:
+    """A count from keyed or read text: `"0042"` → 42, `" 1 204 "` → 1204; blank or not a number → None.
+
+    Only ASCII digits count: a phone keys them and the OCR reads them; anything else is
+    a problem for a human, never guessed at.
+    """
+    if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw if raw >= 0 else None
+    if not isinstance(raw, str):
+        return None
+    # Thin and no-break spaces are common thousands separators in French text.
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", raw) if not ch.isspace())
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
+def normalize_bureau_code(raw: object) -> str | None:
+    """A bureau code as the registry spells it: digits only, leading zeros kept; None if not digits."""
+    if not isinstance(raw, str | int) or isinstance(raw, bool):
+        return None
+    text = "".join(str(raw).split())
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return text

@@ -1,0 +1,128 @@
+"""The normalized return, `remontee.return/1`: the one shape both channels produce and the back office reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from ulid import ULID
+
+from forms.definitions import GENERAL_COUNTS, Election
+from validation.normalize import parse_count
+
+SCHEMA = "remontee.return/1"
+CHANNELS = ("ivr", "pen", "review")
+_JSON_SCHEMA = json.loads((Path(__file__).with_name("return.schema.json")).read_text(encoding="utf-8"))
+_VALIDATOR = jsonschema.Draft202012Validator(_JSON_SCHEMA)
+
+
+class ReturnSchemaError(ValueError):
+    """A dict that is not a `remontee.return/1`; the message names the path and why."""
+
+
+def new_return_id() -> str:
+    """Unique and sortable by time of receipt: a ULID."""
+    return str(ULID())
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Return:
+    """One bureau's figures from one channel. A count is None when it could not be read."""
+
+    return_id: str
+    election: str
+    bureau: str
+    counts: Mapping[str, int | None]  # flat: general counts and candidate ids, in the form's order
+    channel: str
+    source: Mapping[str, str]
+    received_at: str
+    supersedes: str | None = None
+    status: str = "accepted"
+    candidate_ids: tuple[str, ...] = field(default=(), compare=False)
+
+    def complete(self) -> bool:
+        return all(v is not None for v in self.counts.values())
+
+    def with_status(self, status: str) -> Return:
+        return replace(self, status=status)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's JSON-compatible dict (nested `candidates`)."""
+        return {
+            "schema": SCHEMA,
+            "return_id": self.return_id,
+            "election": self.election,
+            "bureau": self.bureau,
+            "counts": {
+                **{k: self.counts.get(k) for k in GENERAL_COUNTS},
+                "candidates": {c: self.counts.get(c) for c in self.candidate_ids},
+            },
+            "channel": self.channel,
+            "source": dict(self.source),
+            "received_at": self.received_at,
+            "supersedes": self.supersedes,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Return:
+        """Check `data` against the JSON schema and build the Return, or raise ReturnSchemaError."""
+        errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
+        if errors:
+            first = errors[0]
+            where = "/".join(str(p) for p in first.absolute_path) or "(top)"
+            raise ReturnSchemaError(f"{where}: {first.message}")
+        counts = data["counts"]
+        candidates = counts["candidates"]
+        return cls(
+            return_id=data["return_id"],
+            election=data["election"],
+            bureau=data["bureau"],
+            counts={**{k: counts[k] for k in GENERAL_COUNTS}, **candidates},
+            channel=data["channel"],
+            source=dict(data["source"]),
+            received_at=data["received_at"],
+            supersedes=data.get("supersedes"),
+            status=data.get("status", "accepted"),
+            candidate_ids=tuple(candidates),
+        )
+
+
+def new_return(
+    election: Election,
+    bureau: str,
+    raw_counts: Mapping[str, object],
+    channel: str,
+    source: Mapping[str, str],
+    *,
+    supersedes: str | None = None,
+    received_at: str | None = None,
+) -> Return:
+    """Normalize a channel's raw figures (keyed text, OCR text or ints) into a Return for `election`.
+
+    Every field of the election is present; a missing or unparseable one is None, for the
+    checks to report. Fields the election does not know are dropped here and never reach
+    the queue.
+    """
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}")
+    return Return(
+        return_id=new_return_id(),
+        election=election.id,
+        bureau=bureau,
+        counts={f.id: parse_count(raw_counts.get(f.id)) for f in election.fields},
+        channel=channel,
+        source=dict(source),
+        received_at=received_at or utc_now(),
+        supersedes=supersedes,
+        candidate_ids=election.candidate_ids,
+    )
