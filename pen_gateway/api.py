@@ -11,7 +11,9 @@ and body), without storing anything; the same key with a different page is a 409
 `GET /api/v1/uploads/<upload_id>` — signed like the POST (the body is empty, so its digest is the
 SHA-256 of the empty string), and only for the station that made the upload (any other: 404).
 Answers the status (queued, recognized, accepted, review, rejected, failed) and, once accepted,
-the receipt.
+the receipt. A status read's signature is remembered with the path it read; two reads of one
+upload signed in the same second carry the same signature (the second is a replay, 401), so a
+station polling faster signs with the next second (tests/pen_helpers.py does).
 
 Every error is JSON `{"code", "message"}` and changes nothing: 401 for signatures (missing,
 stale, unknown station, wrong, replayed), 413 too large, 415 a type we do not take, 422 a page
@@ -219,7 +221,7 @@ def upload_status(upload_id: str) -> Any:
     gateway = _gateway()
     signed, _body = _signed_request(gateway)
     try:
-        claim_signature(signed, gateway.redis, gateway.journal)
+        claim_signature(signed, gateway.redis, gateway.journal, scope=request.path)
     except SQLAlchemyError as exc:
         raise _journal_failure(exc) from exc
     upload = get_upload(gateway.journal, upload_id) if upload_id.isalnum() and len(upload_id) <= 40 else None

@@ -17,9 +17,11 @@ gateway process that checks signatures needs that key file, and nobody else.
 
 Replays: a signature is accepted once. Uploads remember theirs in the journal, in the same
 transaction as the upload row (`seen_signatures`), so a replay is refused whether or not Redis
-is up; status reads remember theirs in Redis (SET NX, 600 s), or in the journal when Redis is
-down. A signature older than the 300 s window is refused by its timestamp anyway, so memory of
-600 s is enough and the relay purges older rows.
+is up; status reads remember theirs, per path read, in Redis (SET NX, 600 s), or in the journal
+when Redis is down (two reads of the same path signed in the same second carry the same
+signature, and the second is a replay: a fast poller signs with the next second). A signature
+older than the 300 s window is refused by its timestamp anyway, so a memory of 600 s is enough
+and the OCR relay purges older rows.
 """
 
 from __future__ import annotations
@@ -246,20 +248,28 @@ def remember_signature(conn: Connection, request: SignedRequest) -> None:
                                                 seen_at=time.time()))
 
 
-def claim_signature(request: SignedRequest, redis: Redis | None, journal: Journal) -> None:
-    """For requests that journal nothing else (status reads): Redis SET NX, the journal when Redis is down."""
+def claim_signature(request: SignedRequest, redis: Redis | None, journal: Journal, scope: str = "") -> None:
+    """For requests that journal nothing else (status reads): Redis SET NX, the journal when Redis is down.
+
+    A status read signs an empty body, so two reads in the same second carry the same signature:
+    the memory is kept per `scope` (the path read), letting a station read several uploads in one
+    second while a captured signature still cannot be used twice on the same path.
+    """
+    token = hashlib.sha256(f"{request.signature}\n{scope}".encode()).hexdigest() if scope else request.signature
+    scoped = SignedRequest(request.station_id, request.timestamp, token, request.secret)
     if redis is not None:
         try:
-            fresh = redis.set(f"remontee:pen:sig:{request.signature}", request.station_id, nx=True, ex=REPLAY_MEMORY)
+            # SET NX answers True when the key was set, None when it already existed.
+            fresh = bool(redis.set(f"remontee:pen:sig:{token}", request.station_id, nx=True, ex=REPLAY_MEMORY))
         except RedisError:
-            fresh = None
-        if fresh is not None:
+            pass  # Redis is down: remember it in the journal instead
+        else:
             if not fresh:
                 raise replayed()
             return
     try:
         with journal.write() as conn:
-            remember_signature(conn, request)
+            remember_signature(conn, scoped)
     except IntegrityError as exc:  # a concurrent twin won the insert
         raise replayed() from exc
 

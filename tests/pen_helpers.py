@@ -17,6 +17,7 @@ import http.client
 import io
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,7 @@ class PenClient:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.station_id, self.secret, self.timeout = station_id, secret, timeout
         self._conn: http.client.HTTPConnection | None = None
+        self._last_read: dict[str, int] = {}
 
     def close(self) -> None:
         if self._conn is not None:
@@ -108,8 +110,14 @@ class PenClient:
         return self.send("POST", "/api/v1/uploads", body, headers)
 
     def status(self, upload_id: str, timestamp: int | None = None) -> Answer:
+        path = f"/api/v1/uploads/{upload_id}"
+        if timestamp is None:
+            # Reads of one upload sign an empty body: two in the same second would carry the same
+            # signature (a replay), so a fast poller signs with the next second (within the window).
+            timestamp = max(int(time.time()), self._last_read.get(path, 0) + 1)
+            self._last_read[path] = timestamp
         headers = signature_headers(self.station_id, self.secret, b"", timestamp)
-        return self.send("GET", f"/api/v1/uploads/{upload_id}", b"", headers)
+        return self.send("GET", path, b"", headers)
 
     def wait_for_status(self, upload_id: str, wanted: set[str], timeout: float = 30.0) -> Answer:
         deadline = time.monotonic() + timeout
@@ -155,3 +163,25 @@ def inkml_page(strokes: list[list[tuple[float, float]]], units: str | None = "mm
         f"{traces}\n"
         "</ink>\n"
     ).encode()
+
+
+# --- a real HTTP server around a Flask app, for tests ---
+
+class LiveServer:
+    """The app behind Werkzeug's threaded server on a free loopback port, in a thread (tests only)."""
+
+    def __init__(self, app: Any) -> None:
+        from werkzeug.serving import make_server
+
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="pen-live-server", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
