@@ -110,12 +110,19 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
 def _journal_failure(exc: SQLAlchemyError) -> ApiError:
     orig = getattr(exc, "orig", None)
     full = (isinstance(orig, sqlite3.Error) and getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL) or (
-        getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
+        getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100" or _gateway().journal_disk_full()
     if full:
         return ApiError("STORAGE_FULL", "the journal has no room to record the upload; nothing was kept, "
                         "retry later", 507)
     return ApiError("JOURNAL_UNAVAILABLE", "the journal cannot record the upload right now; nothing was kept, "
                     "retry later", 503)
+
+
+@bp.errorhandler(SQLAlchemyError)
+def _journal_error(exc: SQLAlchemyError) -> Any:
+    current_app.logger.warning("journal error: %s", exc)
+    failure = _journal_failure(exc)
+    return error_response(failure.code, failure.message, failure.status)
 
 
 def _first_answer(upload: Upload) -> Any:
@@ -209,6 +216,7 @@ def create_upload() -> Any:
         gateway.store.discard(stored)
         raise replayed() from exc
     except (OperationalError, SQLAlchemyError) as exc:
+        current_app.logger.warning("upload not journaled, its stored bytes removed if new: %s", exc)
         gateway.store.discard(stored)
         raise _journal_failure(exc) from exc
 

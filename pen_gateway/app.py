@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Request, jsonify
@@ -81,6 +83,16 @@ class PenGateway:
             self._redis_down_until = time.monotonic() + 1.0
             log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it", upload_id, exc)
             return False
+
+    def journal_disk_full(self) -> bool:
+        """Whether the SQLite journal's filesystem is out of room (SQLite often reports that as an I/O error)."""
+        if not self.journal.url.startswith("sqlite:///"):
+            return False
+        try:
+            stats = os.statvfs(Path(self.journal.url.removeprefix("sqlite:///")).parent)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize < 1024 * 1024
 
     def start_relay(self) -> OcrRelay:
         if self.relay is None:

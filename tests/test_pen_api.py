@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import io
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pen_helpers import Answer, LiveServer, PenClient, inkml_page, scribbled_page, signed_upload
+from pen_helpers import (
+    BILLION_LAUGHS,
+    EXTERNAL_DTD,
+    EXTERNAL_ENTITY,
+    Answer,
+    LiveServer,
+    PenClient,
+    bomb_png,
+    huge_png_header,
+    inkml_page,
+    scribbled_page,
+    signed_upload,
+)
 from PIL import Image
 from redis import Redis
 from rq.job import Job
@@ -274,52 +284,6 @@ def test_concurrent_retries_make_one_upload(pen: Gateway, redis: Redis, page_png
 
 
 # --- bad input: a clear JSON error, nothing changes ---
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def bomb_png(width: int = 8000, height: int = 6000) -> bytes:
-    """A valid 1-bit PNG of `width`x`height` white pixels: tens of KB that decode to tens of megapixels."""
-    row = b"\x00" + b"\xff" * ((width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def huge_png_header(width: int, height: int) -> bytes:
-    """The start of a PNG claiming `width`x`height` pixels: refused from its header, before any data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-
-
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE ink [
- <!ENTITY lol "lol">
- <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
- <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
- <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
- <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
- <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
- <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
-]>
-<ink xmlns="http://www.w3.org/2003/InkML"><trace>&lol9;</trace></ink>
-"""
-
-EXTERNAL_ENTITY = b"""<?xml version="1.0"?>
-<!DOCTYPE ink [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
-<ink xmlns="http://www.w3.org/2003/InkML"><trace>&xxe;</trace></ink>
-"""
-
-EXTERNAL_DTD = b"""<?xml version="1.0"?>
-<!DOCTYPE ink SYSTEM "http://127.0.0.1:9/ink.dtd">
-<ink xmlns="http://www.w3.org/2003/InkML"><trace>1 2, 3 4</trace></ink>
-"""
-
 
 def _corrupt(data: bytes) -> bytes:
     middle = len(data) // 2

@@ -1,0 +1,191 @@
+"""Decoding uploads: InkML units, channel order and encodings, image modes, and everything refused."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from pen_helpers import (
+    BILLION_LAUGHS,
+    EXTERNAL_DTD,
+    EXTERNAL_ENTITY,
+    bomb_png,
+    huge_png_header,
+    inkml_page,
+    scribbled_page,
+)
+from PIL import Image
+
+from pen_gateway.decode import (
+    INKML,
+    JPEG,
+    PNG,
+    TIFF,
+    DecodeError,
+    decode_upload,
+    probe_upload,
+    real_content_type,
+)
+
+STROKE = [(10.0, 20.0), (12.5, 20.0), (12.5, 30.25)]
+
+
+def _image_bytes(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _code(data: bytes, content_type: str | None, *, probe: bool = False) -> tuple[str, int]:
+    with pytest.raises(DecodeError) as caught:
+        (probe_upload if probe else decode_upload)(data, content_type)
+    return caught.value.code, caught.value.http_status
+
+
+# --- InkML ---
+
+@pytest.mark.parametrize(("units", "factor"), [("mm", 1.0), ("cm", 10.0), ("in", 25.4), (None, 1.0)])
+def test_inkml_units_become_millimetres(units: str | None, factor: float) -> None:
+    page = decode_upload(inkml_page([STROKE, STROKE[:2]], units=units), INKML)
+    assert page.kind == "ink" and page.is_ink and page.image is None
+    assert len(page.strokes) == 2
+    assert page.strokes[0].shape == (3, 2) and page.strokes[0].dtype == np.float64
+    np.testing.assert_allclose(page.strokes[0], np.array(STROKE) * factor)
+
+
+def test_inkml_channel_order_comes_from_the_trace_format() -> None:
+    doc = b"""<ink xmlns="http://www.w3.org/2003/InkML">
+      <traceFormat><channel name="T"/><channel name="Y" units="cm"/><channel name="X" units="mm"/></traceFormat>
+      <trace>0 2 10, 5 2.5 12.5</trace>
+    </ink>"""
+    (stroke,) = decode_upload(doc, INKML).strokes
+    np.testing.assert_allclose(stroke, [[10.0, 20.0], [12.5, 25.0]])
+
+
+def test_inkml_difference_encodings() -> None:
+    # Explicit first point, then first differences ('), then second differences (").
+    doc = b"""<ink xmlns="http://www.w3.org/2003/InkML">
+      <trace>10 20, '1 '2, 1 2, "0 "1, 0 0</trace>
+    </ink>"""
+    (stroke,) = decode_upload(doc, INKML).strokes
+    # velocities: (1,2) (1,2) then second differences (0,1) → (1,3), then (0,0) → (1,3)
+    np.testing.assert_allclose(stroke, [[10, 20], [11, 22], [12, 24], [13, 27], [14, 30]])
+
+
+def test_inkml_contexts_and_trace_groups() -> None:
+    doc = b"""<?xml version="1.0" encoding="UTF-8"?>
+    <ink xmlns="http://www.w3.org/2003/InkML">
+      <definitions>
+        <traceFormat xml:id="inches"><channel name="X" units="in"/><channel name="Y" units="in"/></traceFormat>
+        <context xml:id="ctx-cm"><traceFormat><channel name="X" units="cm"/><channel name="Y" units="cm"/>
+          <intermittentChannels><channel name="F"/></intermittentChannels></traceFormat></context>
+        <context xml:id="ctx-in" traceFormatRef="#inches"/>
+      </definitions>
+      <trace contextRef="#ctx-cm">1 2, 3 4</trace>
+      <traceGroup contextRef="#ctx-in"><trace>1 1</trace><traceGroup><trace>2 2</trace></traceGroup></traceGroup>
+    </ink>"""
+    strokes = decode_upload(doc, INKML).strokes
+    np.testing.assert_allclose(strokes[0], [[10, 20], [30, 40]])
+    np.testing.assert_allclose(strokes[1], [[25.4, 25.4]])
+    np.testing.assert_allclose(strokes[2], [[50.8, 50.8]])
+
+
+def test_inkml_without_namespace_and_with_a_prefix() -> None:
+    plain = decode_upload(b"<ink><trace>1 2, 3 4</trace></ink>", None)
+    prefixed = decode_upload(b'<i:ink xmlns:i="http://www.w3.org/2003/InkML"><i:trace>1 2</i:trace></i:ink>',
+                             "application/octet-stream")
+    assert len(plain.strokes) == 1 and len(prefixed.strokes) == 1
+
+
+@pytest.mark.parametrize(("doc", "code"), [
+    (BILLION_LAUGHS, "XML_FORBIDDEN"),
+    (EXTERNAL_ENTITY, "XML_FORBIDDEN"),
+    (EXTERNAL_DTD, "XML_FORBIDDEN"),
+    (b"<?xml version='1.0'?><ink><trace>1 2", "BAD_INKML"),
+    (b"<?xml version='1.0'?><svg xmlns='http://www.w3.org/2000/svg'/>", "BAD_INKML"),
+    (b"<ink><traceFormat><channel name='X' units='furlong'/><channel name='Y'/></traceFormat></ink>", "BAD_INKML"),
+    (b"<ink><traceFormat><channel name='X'/><channel name='T'/></traceFormat></ink>", "BAD_INKML"),
+    (b"<ink><trace>1 2, three 4</trace></ink>", "BAD_INKML"),
+    (b"<ink><trace>1, 2</trace></ink>", "BAD_INKML"),
+    (b"<ink><trace contextRef='#nowhere'>1 2</trace></ink>", "BAD_INKML"),
+    (b"<ink><trace>1e999 2</trace></ink>", "BAD_INKML"),
+])
+def test_bad_or_hostile_inkml_is_422(doc: bytes, code: str) -> None:
+    assert _code(doc, INKML) == (code, 422)
+    assert _code(doc, INKML, probe=True) == (code, 422)
+
+
+# --- images ---
+
+def test_png_decodes_to_grayscale_dark_ink_on_light() -> None:
+    data = scribbled_page(400, 600, strokes=50)
+    page = decode_upload(data, PNG)
+    assert page.kind == "image" and not page.is_ink and page.strokes == []
+    assert page.image is not None and page.image.shape == (600, 400) and page.image.dtype == np.uint8
+    assert np.median(page.image) == 255 and page.image.min() < 110
+    assert page.dpi == pytest.approx(300, abs=1)
+    assert probe_upload(data, PNG).width == 400
+
+
+def test_rgba_transparency_is_paper_and_a_negative_is_inverted() -> None:
+    rgba = Image.new("RGBA", (50, 40), (0, 0, 0, 0))  # transparent black: paper
+    rgba.putpixel((5, 5), (0, 0, 0, 255))  # one opaque black dot: ink
+    page = decode_upload(_image_bytes(rgba, "PNG"), PNG)
+    assert page.image is not None and page.image[5, 5] == 0 and page.image[0, 0] == 255
+    negative = Image.new("L", (50, 40), 0)
+    negative.putpixel((7, 3), 255)  # white ink on black
+    page = decode_upload(_image_bytes(negative, "PNG"), PNG)
+    assert page.image is not None and page.image[3, 7] == 0 and page.image[0, 0] == 255
+
+
+def test_jpeg_and_tiff_including_16_bit() -> None:
+    gray = Image.new("L", (64, 48), 240)
+    gray.putpixel((1, 1), 0)
+    assert decode_upload(_image_bytes(gray.convert("RGB"), "JPEG"), JPEG).image.shape == (48, 64)  # type: ignore
+    assert decode_upload(_image_bytes(gray, "TIFF", compression="tiff_lzw"), TIFF).image[1, 1] < 50  # type: ignore
+    wide = Image.fromarray((np.full((48, 64), 60000)).astype(np.uint16))
+    page = decode_upload(_image_bytes(wide, "TIFF"), "image/tiff")
+    assert page.image is not None and page.image.dtype == np.uint8 and page.image[0, 0] == 255
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_corrupt_and_truncated_images_are_422(fmt: str) -> None:
+    data = scribbled_page(800, 1000, strokes=300, fmt=fmt)
+    content_type = {"PNG": PNG, "JPEG": JPEG, "TIFF": TIFF}[fmt]
+    for broken in (data[: len(data) // 2], data[:-64]):
+        assert _code(broken, content_type, probe=True) == ("CORRUPT_IMAGE", 422)
+        assert _code(broken, content_type) == ("CORRUPT_IMAGE", 422)
+    if fmt == "PNG":  # a flipped bit inside a chunk fails its CRC
+        middle = len(data) // 2
+        flipped = data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1:]
+        assert _code(flipped, content_type, probe=True) == ("CORRUPT_IMAGE", 422)
+
+
+def test_decompression_bombs_are_422_without_decoding() -> None:
+    bomb = bomb_png()  # ~48 Mpx in a few tens of KB
+    assert len(bomb) < 200_000
+    assert _code(bomb, PNG, probe=True) == ("IMAGE_TOO_LARGE", 422)
+    assert _code(bomb, PNG) == ("IMAGE_TOO_LARGE", 422)
+    assert _code(huge_png_header(100_000, 100_000), PNG, probe=True) == ("IMAGE_TOO_LARGE", 422)
+
+
+# --- the type is the content's ---
+
+def test_the_real_type_is_sniffed_and_must_agree_with_the_declared_one() -> None:
+    png = scribbled_page(100, 100, strokes=5)
+    assert real_content_type(png, "image/png") == PNG
+    assert real_content_type(png, "application/octet-stream") == PNG
+    assert real_content_type(png, None) == PNG
+    assert real_content_type(png, "image/png; charset=binary") == PNG
+    assert real_content_type(inkml_page([STROKE]), "application/xml") == INKML
+    with pytest.raises(DecodeError) as caught:
+        real_content_type(png, "image/jpeg")
+    assert (caught.value.code, caught.value.http_status) == ("CONTENT_TYPE_MISMATCH", 415)
+    with pytest.raises(DecodeError) as caught:
+        real_content_type(png, "application/pdf")
+    assert (caught.value.code, caught.value.http_status) == ("UNSUPPORTED_MEDIA_TYPE", 415)
+    with pytest.raises(DecodeError) as caught:
+        real_content_type(b"GIF89a\x01\x00\x01\x00", "image/gif")
+    assert caught.value.http_status == 415
+    assert _code(b"", PNG) == ("EMPTY_FILE", 422)

@@ -1,0 +1,125 @@
+"""Raw storage: content addressing, and a really full disk (a tiny tmpfs) answered 507 with nothing kept."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pen_helpers import scribbled_page
+from redis import Redis
+from test_pen_api import assert_error, snapshot, start_gateway
+
+from pen_gateway.storage import RawStore, StorageFull
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, int], Path]]:
+    """Mount a tmpfs of a given size (a real filesystem that really fills up); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a real full disk needs a tmpfs mount, which needs root; not root here")
+        path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {result.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def fill(path: Path) -> Path:
+    """Write a filler file until the filesystem is full (ENOSPC); returns it, to be removed to make room."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_content_addressed_and_stored_once(tmp_path: Path) -> None:
+    store = RawStore(tmp_path)
+    first = store.put(b"page one")
+    again = store.put(b"page one")
+    assert first.created and not again.created and first.path == again.path
+    assert first.path.parent.name == first.sha256[:2] and first.path.name == first.sha256
+    assert store.read(first.sha256) == b"page one"
+    assert files_under(tmp_path) == [f"uploads/raw/{first.sha256[:2]}/{first.sha256}"]  # no temporary left over
+    with pytest.raises(ValueError):
+        store.path_for("../../etc/passwd")
+
+
+def test_a_full_disk_raises_storage_full_and_leaves_nothing(tmp_path: Path, tmpfs: Any) -> None:
+    uploads = tmpfs(tmp_path / "var" / "uploads", 256 * 1024)
+    store = RawStore(tmp_path / "var")
+    with pytest.raises(StorageFull) as caught:
+        store.put(os.urandom(600 * 1024))
+    assert caught.value.errno == errno.ENOSPC
+    assert files_under(uploads) == []
+    assert store.put(b"a small page").created  # the store still works once there is room
+
+
+def test_upload_to_a_full_disk_is_507_and_changes_nothing(tmp_path: Path, tmpfs: Any, redis: Redis,
+                                                          redis_server: Any) -> None:
+    var_dir = tmp_path / "var"
+    tmpfs(var_dir / "uploads", 256 * 1024)
+    g = start_gateway(var_dir, redis_server.url)
+    try:
+        big = scribbled_page(1600, 2200, strokes=6000, seed=5)
+        assert len(big) > 300 * 1024
+        before = snapshot(g, redis)
+        answer = g.client.upload(big, "image/png", pen_serial="PEN-1", bureau="750120")
+        assert_error(answer, 507, "STORAGE_FULL")
+        assert snapshot(g, redis) == before
+        small = scribbled_page(400, 500, strokes=20, seed=5)
+        assert g.client.upload(small, "image/png", pen_serial="PEN-1").status == 202
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("journal_open", [True, False], ids=["journal-held-open", "journal-closed"])
+def test_a_full_journal_disk_is_507_and_the_stored_bytes_are_removed(tmp_path: Path, tmpfs: Any, redis: Redis,
+                                                                     redis_server: Any, journal_open: bool) -> None:
+    var_dir = tmpfs(tmp_path / "var", 2 * 1024 * 1024)  # the journal's filesystem
+    tmpfs(var_dir / "uploads", 16 * 1024 * 1024)  # raw storage has room
+    g = start_gateway(var_dir, redis_server.url)
+    # Held open, the journal keeps its WAL and reads still work, so it is the commit that fails
+    # (after the raw bytes were stored, which must then be removed); closed, every access fails.
+    keeper = sqlite3.connect(var_dir / "journal.sqlite3") if journal_open else None
+    try:
+        page = scribbled_page(600, 800, strokes=200, seed=9)
+        warm = g.client.upload(scribbled_page(300, 300, strokes=5, seed=1), "image/png", pen_serial="PEN-1")
+        assert warm.status == 202
+        if keeper is not None:
+            keeper.execute("SELECT count(*) FROM uploads").fetchone()
+        before = snapshot(g, redis)
+        filler = fill(var_dir)
+        answer = g.client.upload(page, "image/png", pen_serial="PEN-1")
+        assert_error(answer, 507, "STORAGE_FULL")
+        filler.unlink()
+        assert snapshot(g, redis) == before
+        assert g.client.upload(page, "image/png", pen_serial="PEN-1").status == 202
+    finally:
+        if keeper is not None:
+            keeper.close()
+        g.stop()
