@@ -102,7 +102,11 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()  # refused before a byte of the body is read
-    body = request.get_data(cache=True)  # a streamed body past the limit raises 413 while being read
+    body = request.get_data(cache=True)
+    # A streamed (chunked) body is cut at the limit by Werkzeug without an error: one more byte
+    # says whether there was more than the limit, i.e. too much.
+    if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     signed.check_body(hashlib.sha256(body).hexdigest())
     return signed, body
 

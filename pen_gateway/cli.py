@@ -18,6 +18,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     pen.add_argument("--threads", type=int, default=8,
                      help="threads per worker (default 8: requests mostly wait on fsync, not the CPU)")
     pen.add_argument("--access-log", action="store_true", help="log every request to standard error")
+    pen.add_argument("--ocr-relay-grace", type=float, default=5.0, help=argparse.SUPPRESS)  # tests only
     pen.set_defaults(func=_pen)
 
     stations = sub.add_parser("stations", help="docking stations allowed to upload", parents=[common])
@@ -86,7 +87,7 @@ def _pen(args: argparse.Namespace) -> int:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app({"SETTINGS": settings, "OCR_RELAY": True})
+            return create_app({"SETTINGS": settings, "OCR_RELAY": True, "OCR_RELAY_GRACE": args.ocr_relay_grace})
 
     log.info("pen upload API on http://%s:%d/api/v1/ (%d workers × %d threads)", settings.bind, settings.pen_port,
              args.workers, args.threads)

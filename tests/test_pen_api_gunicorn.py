@@ -1,0 +1,197 @@
+"""`run_gateway.py pen` for real: gunicorn workers answering signed uploads, refusing huge bodies early,
+and their OCR relay threads catching up after Redis comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, free_port
+from pen_helpers import PenClient, scribbled_page
+from redis import Redis
+from rq.job import Job
+
+from pen_gateway.signing import signature_headers
+from returns_queue.jobs import ocr_job_id
+
+MAX_UPLOAD = 2 * 1024 * 1024
+
+
+@dataclass
+class RunningPen:
+    url: str
+    port: int
+    var_dir: Path
+    station: str
+    secret: str
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> PenClient:
+        return PenClient(self.url, self.station, self.secret)
+
+
+def _env(var_dir: Path, redis_url: str, port: int) -> dict[str, str]:
+    return {**os.environ, "REMONTEE_VAR_DIR": str(var_dir), "REMONTEE_REDIS_URL": redis_url,
+            "REMONTEE_PEN_PORT": str(port), "REMONTEE_BIND": "127.0.0.1",
+            "REMONTEE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
+
+
+@pytest.fixture(scope="module")
+def gunicorn_pen(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[RunningPen]:
+    var_dir = tmp_path_factory.mktemp("pen-var")
+    port = free_port()
+    env = _env(var_dir, redis_server.url, port)
+    added = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", "add", "dock-17"],
+                           env=env, capture_output=True, text=True, check=True)
+    secret = added.stdout.strip().splitlines()[-1]  # the contract: the secret alone on the last line
+    assert len(secret) == 64 and all(c in "0123456789abcdef" for c in secret)
+    log = open(var_dir / "pen.log", "wb")  # noqa: SIM115  (closed below, after the process)
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "pen", "--workers", "2",
+                                "--threads", "4", "--ocr-relay-grace", "0.5"], env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"run_gateway.py pen exited: {(var_dir / 'pen.log').read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("run_gateway.py pen did not listen within 30 s")
+            time.sleep(0.1)
+    yield RunningPen(url, port, var_dir, "dock-17", secret, process)
+    process.terminate()
+    process.wait(15)
+    log.close()
+
+
+def stored_files(var_dir: Path) -> list[Path]:
+    raw = var_dir / "uploads" / "raw"
+    return sorted(p for p in raw.rglob("*") if p.is_file()) if raw.exists() else []
+
+
+def test_gunicorn_answers_a_signed_upload(gunicorn_pen: RunningPen, redis: Redis) -> None:
+    client = gunicorn_pen.client()
+    page = scribbled_page(1240, 1754, strokes=300, seed=11)
+    answer = client.upload(page, "image/png", pen_serial="PEN-17", bureau="750120", idempotency_key="p1")
+    assert answer.status == 202, answer.json
+    upload_id = answer.json["upload_id"]
+    assert Job.fetch(ocr_job_id(upload_id), connection=redis).args == (upload_id,)
+    assert client.status(upload_id).json["status"] == "queued"
+    retry = client.upload(page, "image/png", pen_serial="PEN-17", bureau="750120", idempotency_key="p1")
+    assert (retry.status, retry.json) == (202, answer.json)
+    index = client.send("GET", "/api/v1/", b"", {})
+    assert index.status == 200 and index.json["max_upload_bytes"] == MAX_UPLOAD
+
+
+def _raw_request(port: int, head: str, body_chunks: Iterator[bytes], budget: int) -> tuple[bytes, int]:
+    """Send `head`, then body chunks until the server answers or closes, or `budget` bytes are sent.
+
+    Returns (what the server answered, how many body bytes it let us send)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(False)
+        answer = b""
+        for chunk in body_chunks:
+            with contextlib.suppress(BlockingIOError):
+                answer += sock.recv(65536)
+            if answer or sent >= budget:
+                break
+            try:
+                sock.sendall(chunk)
+                sent += len(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)  # the server is not reading: wait for its answer
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.setblocking(True)
+        try:
+            while b"\r\n\r\n" not in answer:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                answer += more
+            head_end = answer.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = int(next((line.split(b":")[1] for line in answer[:head_end].split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), b"0"))
+                while len(answer) < head_end + 4 + length:
+                    more = sock.recv(65536)
+                    if not more:
+                        break
+                    answer += more
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent
+
+
+def _endless(chunk: bytes) -> Iterator[bytes]:
+    while True:
+        yield chunk
+
+
+def _head(pen: RunningPen, extra: str, station: str | None = None) -> str:
+    headers = signature_headers(station or pen.station, pen.secret, b"not the body")
+    lines = ["POST /api/v1/uploads HTTP/1.1", f"Host: 127.0.0.1:{pen.port}",
+             "Content-Type: multipart/form-data; boundary=x", *(f"{k}: {v}" for k, v in headers.items()), extra]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def test_a_10_gb_upload_is_refused_before_its_body_is_read(gunicorn_pen: RunningPen, redis: Redis) -> None:
+    before = stored_files(gunicorn_pen.var_dir)
+    budget = 200 * 1024 * 1024
+    answer, sent = _raw_request(gunicorn_pen.port, _head(gunicorn_pen, f"Content-Length: {10 * 1024**3}"),
+                                _endless(b"\0" * 65536), budget)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"TOO_LARGE"' in answer.replace(b" ", b"")
+    assert sent < budget  # it answered (and stopped reading) long before 200 MB, let alone 10 GB
+    assert stored_files(gunicorn_pen.var_dir) == before
+
+
+def test_an_endless_chunked_upload_is_cut_at_the_limit(gunicorn_pen: RunningPen, redis: Redis) -> None:
+    before = stored_files(gunicorn_pen.var_dir)
+    budget = 200 * 1024 * 1024
+    chunk = b"10000\r\n" + b"\0" * 0x10000 + b"\r\n"
+    answer, sent = _raw_request(gunicorn_pen.port, _head(gunicorn_pen, "Transfer-Encoding: chunked"),
+                                _endless(chunk), budget)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < budget
+    assert stored_files(gunicorn_pen.var_dir) == before
+
+
+def test_an_unknown_station_is_refused_before_its_body_is_read(gunicorn_pen: RunningPen, redis: Redis) -> None:
+    answer, _ = _raw_request(gunicorn_pen.port,
+                             _head(gunicorn_pen, f"Content-Length: {10 * 1024**3}", station="dock-99"),
+                                _endless(b"\0" * 65536), 200 * 1024 * 1024)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"UNKNOWN_STATION" in answer
+
+
+def test_the_workers_relay_catches_up_after_redis_is_back(gunicorn_pen: RunningPen, redis: Redis,
+                                                          redis_server: Any) -> None:
+    client = gunicorn_pen.client()
+    page = scribbled_page(800, 1000, strokes=100, seed=12)
+    redis_server.stop()
+    try:
+        answer = client.upload(page, "image/png", pen_serial="PEN-17")
+        assert answer.status == 202, answer.json
+    finally:
+        redis_server.start()
+    upload_id = answer.json["upload_id"]
+    fresh = redis_server.client()
+    deadline = time.monotonic() + 30
+    while not fresh.exists(Job.key_for(ocr_job_id(upload_id))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert Job.fetch(ocr_job_id(upload_id), connection=fresh).args == (upload_id,)
