@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, current_app, request, url_for
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from ulid import ULID
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -46,7 +47,7 @@ from pen_gateway.signing import (
     signature_seen,
 )
 from pen_gateway.storage import StorageFull, StoredFile
-from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload, record_upload
+from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -59,14 +60,6 @@ class ApiError(Exception):
     def __init__(self, code: str, message: str, status: int) -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
-
-
-class _FirstAnswer(Exception):
-    """Inside the journal transaction: this key already has an upload (a concurrent retry won)."""
-
-    def __init__(self, upload: Upload) -> None:
-        super().__init__(upload.upload_id)
-        self.upload = upload
 
 
 @bp.errorhandler(ApiError)
@@ -165,9 +158,6 @@ def index() -> Any:
 def create_upload() -> Any:
     gateway = _gateway()
     signed, _body = _signed_request(gateway)
-    with gateway.journal.read() as conn:
-        if signature_seen(conn, signed.signature):  # early: the authoritative check is in the commit below
-            raise replayed()
 
     page = request.files.get("file")
     if page is None:
@@ -190,39 +180,38 @@ def create_upload() -> Any:
     if len(data) > gateway.settings.max_upload_bytes:
         raise RequestEntityTooLarge()
     sha256 = hashlib.sha256(data).hexdigest()
-    if key is not None:
-        with gateway.journal.read() as conn:
-            first = find_by_idempotency_key(conn, signed.station_id, key)
-        if first is not None:
-            return _retry(gateway, signed, first, sha256, pen_serial, bureau, key)
+    # Early and cheap (the authoritative checks are in the commit): a replay or a retry stores nothing.
+    with gateway.journal.read() as conn:
+        if signature_seen(conn, signed.signature):
+            raise replayed()
+        first = find_by_idempotency_key(conn, signed.station_id, key) if key is not None else None
+    if first is not None:
+        return _retry(gateway, signed, first, sha256, pen_serial, bureau, key or "")
 
     probed = probe_upload(data, page.mimetype or None)
     stored: StoredFile = gateway.store.put(data, sha256)
     upload = Upload(
         upload_id=str(ULID()), sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
         station_id=signed.station_id, pen_serial=pen_serial, bureau=bureau, idempotency_key=key, status="queued",
-        return_id=None, receipt=None, error=None, received_at=0.0,
+        return_id=None, receipt=None, error=None, received_at=time.time(),
     )
     try:
-        with gateway.journal.write() as conn:
-            remember_signature(conn, signed)
-            if key is not None and (first := find_by_idempotency_key(conn, signed.station_id, key)) is not None:
-                raise _FirstAnswer(first)
-            record_upload(conn, upload)
-    except _FirstAnswer as answer:  # a concurrent retry under the same key committed first
-        if answer.upload.sha256 != sha256:
-            gateway.store.discard(stored)
-        return _retry(gateway, signed, answer.upload, sha256, pen_serial, bureau, key or "")
-    except SignatureError:
-        gateway.store.discard(stored)
-        raise
-    except IntegrityError as exc:  # PostgreSQL: a concurrent twin (same signature or key) won the race
-        gateway.store.discard(stored)
-        raise replayed() from exc
-    except (OperationalError, SQLAlchemyError) as exc:
+        recorded = gateway.recorder.record(signed, upload, key)
+    except SQLAlchemyError as exc:
         current_app.logger.warning("upload not journaled, its stored bytes removed if new: %s", exc)
         gateway.store.discard(stored)
         raise _journal_failure(exc) from exc
+    except TimeoutError as exc:
+        # Not known to be committed: keep the bytes (a row may yet point at them); the station retries.
+        raise ApiError("JOURNAL_UNAVAILABLE", str(exc), 503) from exc
+    if recorded.outcome == "replayed":
+        gateway.store.discard(stored)
+        raise replayed()
+    if recorded.outcome == "first":  # a concurrent retry under the same key committed first
+        assert recorded.first is not None
+        if recorded.first.sha256 != sha256:
+            gateway.store.discard(stored)
+        return _retry(gateway, signed, recorded.first, sha256, pen_serial, bureau, key or "")
 
     gateway.enqueue_ocr(upload.upload_id)
     return _first_answer(upload)

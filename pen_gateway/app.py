@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, enqueue_ocr
+from pen_gateway.recorder import UploadRecorder
 from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
 from pen_gateway.storage import RawStore
 from pen_gateway.uploads import create_tables
@@ -65,6 +66,7 @@ class PenGateway:
         create_tables(self.journal)
         self.stations = StationRegistry(self.journal, settings.var_dir)
         self.store = RawStore(settings.var_dir)
+        self.recorder = UploadRecorder(self.journal, settings.var_dir / "journal.lock" if self.journal.sqlite else None)
         # Short timeouts: a hung Redis must not hold an upload whose bytes are already journaled.
         self.redis = Redis.from_url(settings.redis_url_resolved, socket_timeout=2, socket_connect_timeout=1)
         self.ocr_job, self.signature_window, self.relay_grace = ocr_job, signature_window, relay_grace
@@ -104,6 +106,7 @@ class PenGateway:
         self._stop.set()
         if self.relay is not None:
             self.relay.wakeup.set()
+        self.recorder.close()
         self.redis.close()
         self.journal.dispose()
 

@@ -82,19 +82,22 @@ def create_tables(journal: Journal) -> None:
     metadata.create_all(journal.engine)
 
 
+def upload_values(upload: Upload, now: float | None = None) -> dict[str, object]:
+    """The row of a new upload (received now, unless the upload says when)."""
+    received = upload.received_at or (time.time() if now is None else now)
+    return {
+        "upload_id": upload.upload_id, "sha256": upload.sha256, "path": str(upload.path),
+        "content_type": upload.content_type, "size": upload.size, "station_id": upload.station_id,
+        "pen_serial": upload.pen_serial, "bureau": upload.bureau, "idempotency_key": upload.idempotency_key,
+        "status": upload.status, "received_at": received, "updated_at": received,
+    }
+
+
 def record_upload(conn: Connection, upload: Upload) -> None:
-    now = time.time()
-    conn.execute(
-        insert(uploads).values(
-            upload_id=upload.upload_id, sha256=upload.sha256, path=str(upload.path),
-            content_type=upload.content_type, size=upload.size, station_id=upload.station_id,
-            pen_serial=upload.pen_serial, bureau=upload.bureau, idempotency_key=upload.idempotency_key,
-            status=upload.status, received_at=now, updated_at=now,
-        )
-    )
+    conn.execute(insert(uploads).values(**upload_values(upload)))
 
 
-def _upload(row: Any) -> Upload:
+def upload_from_row(row: Any) -> Upload:
     return Upload(
         upload_id=row.upload_id, sha256=row.sha256, path=Path(row.path), content_type=row.content_type,
         size=row.size, station_id=row.station_id, pen_serial=row.pen_serial, bureau=row.bureau,
@@ -106,7 +109,7 @@ def _upload(row: Any) -> Upload:
 def get_upload(journal: Journal, upload_id: str) -> Upload | None:
     with journal.read() as conn:
         row = conn.execute(select(uploads).where(uploads.c.upload_id == upload_id)).first()
-    return None if row is None else _upload(row)
+    return None if row is None else upload_from_row(row)
 
 
 def find_by_idempotency_key(conn: Connection, station_id: str, key: str) -> Upload | None:
@@ -114,7 +117,7 @@ def find_by_idempotency_key(conn: Connection, station_id: str, key: str) -> Uplo
     row = conn.execute(
         select(uploads).where(uploads.c.station_id == station_id, uploads.c.idempotency_key == key)
     ).first()
-    return None if row is None else _upload(row)
+    return None if row is None else upload_from_row(row)
 
 
 def ocr_outbox(journal: Journal, received_before: float, limit: int = 500) -> list[str]:

@@ -1,0 +1,215 @@
+"""Journaling uploads with group commit: many request threads, one transaction (and one fsync) per batch.
+
+An upload is acknowledged only once its row is committed with `synchronous=FULL`; a commit costs
+an fsync (~3 ms here) and SQLite takes one writer at a time, whose waiters otherwise poll with
+sleeps of up to 100 ms. So each gateway process has one recorder thread that takes every upload
+waiting to be journaled, checks and inserts them all in a single transaction on one long-lived
+connection, commits once, and wakes their request threads with what became of each:
+
+- `recorded`: the row and the signature are committed;
+- `first`: an upload under the same Idempotency-Key (from this station) was committed before;
+- `replayed`: the signature was already used.
+
+Processes of one gateway (gunicorn workers) take turns through an flock on `<var>/journal.lock`,
+which hands over at once where SQLite's own busy wait would sleep. The long-lived connection also
+keeps the WAL open, so closing the per-request read connections never has to checkpoint it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from pen_gateway.signing import SignedRequest, seen_signatures
+from pen_gateway.uploads import Upload, find_by_idempotency_key, upload_from_row, upload_values, uploads
+from returns_queue.journal import Journal
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["recorded", "first", "replayed"]
+
+
+@dataclass
+class _Intent:
+    signed: SignedRequest
+    upload: Upload
+    key: str | None
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    first: Upload | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    outcome: Outcome
+    first: Upload | None = None  # for "first": the upload the key already made
+
+
+class UploadRecorder:
+    def __init__(self, journal: Journal, lock_path: Path | None, max_batch: int = 64) -> None:
+        self.journal, self.lock_path, self.max_batch = journal, lock_path, max_batch
+        self._queue: queue.SimpleQueue[_Intent | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._conn: Connection | None = None
+        self._start_lock = threading.Lock()
+
+    def record(self, signed: SignedRequest, upload: Upload, key: str | None, timeout: float = 60.0) -> Recorded:
+        """Journal the upload (with its signature) durably; raises what the commit raised."""
+        self._ensure_thread()
+        intent = _Intent(signed, upload, key)
+        self._queue.put(intent)
+        if not intent.done.wait(timeout):
+            raise TimeoutError(f"the journal did not commit within {timeout:.0f} s")
+        if intent.error is not None:
+            raise intent.error
+        assert intent.outcome is not None
+        return Recorded(intent.outcome, intent.first)
+
+    def close(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            self._queue.put(None)
+            self._thread.join(10)
+        self._thread = None
+
+    # --- the recorder thread ---
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or inherited through fork
+                self._pid, self._conn = os.getpid(), None
+                self._thread = threading.Thread(target=self._run, name="upload-recorder", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            intent = self._queue.get()
+            if intent is None:
+                break
+            batch = [intent]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._commit(batch)
+            if stop:
+                break
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        if self.lock_path is None:
+            yield
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.journal.engine.connect()
+        return self._conn
+
+    def _commit(self, batch: list[_Intent]) -> None:
+        try:
+            with self._process_lock():
+                try:
+                    self._transaction(batch)
+                except IntegrityError:
+                    # PostgreSQL: another process inserted the same signature or key meanwhile;
+                    # the rows of this batch are settled one at a time, each seeing the other's.
+                    if len(batch) == 1:
+                        raise
+                    for intent in batch:
+                        self._commit_one(intent)
+                    return
+        except BaseException as exc:  # every waiting request hears of it, none is left hanging
+            self._drop_connection()
+            for intent in batch:
+                if not intent.done.is_set():
+                    intent.outcome, intent.first, intent.error = None, None, exc
+                    intent.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for intent in batch:
+            intent.done.set()
+
+    def _commit_one(self, intent: _Intent) -> None:
+        try:
+            self._transaction([intent])
+        except IntegrityError:
+            self._drop_connection()
+            intent.outcome = "replayed"  # the twin that won has the same signature or key: re-check it
+            with self.journal.read() as conn:
+                if intent.key and (first := find_by_idempotency_key(conn, intent.signed.station_id, intent.key)):
+                    intent.outcome, intent.first = "first", first
+        intent.done.set()
+
+    def _transaction(self, batch: list[_Intent]) -> None:
+        """One transaction for the batch, in a handful of statements whatever its size: every statement
+        gives up the GIL and may wait that long to get it back from the request threads."""
+        conn = self._connection()
+        with conn.begin():  # BEGIN IMMEDIATE on SQLite: the checks below cannot interleave with a writer
+            used = set(conn.execute(select(seen_signatures.c.signature).where(
+                seen_signatures.c.signature.in_([i.signed.signature for i in batch]))).scalars())
+            keyed = {(i.signed.station_id, i.key) for i in batch if i.key is not None}
+            firsts: dict[tuple[str, str], Upload] = {}
+            if keyed:
+                rows = conn.execute(select(uploads).where(
+                    uploads.c.idempotency_key.in_({key for _, key in keyed})))
+                firsts = {(r.station_id, r.idempotency_key): upload_from_row(r) for r in rows}
+            signature_rows: list[dict[str, object]] = []
+            upload_rows: list[dict[str, object]] = []
+            for intent in batch:
+                signed = intent.signed
+                if signed.signature in used:
+                    intent.outcome = "replayed"
+                    continue
+                first = firsts.get((signed.station_id, intent.key)) if intent.key is not None else None
+                if first is not None:
+                    intent.outcome, intent.first = "first", first
+                    continue
+                used.add(signed.signature)
+                if intent.key is not None:
+                    firsts[(signed.station_id, intent.key)] = intent.upload  # a twin later in this batch
+                signature_rows.append({"signature": signed.signature, "station_id": signed.station_id,
+                                       "seen_at": intent.upload.received_at})
+                upload_rows.append(upload_values(intent.upload))
+                intent.outcome = "recorded"
+            if upload_rows:
+                conn.execute(insert(seen_signatures), signature_rows)
+                conn.execute(insert(uploads), upload_rows)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+                self._conn.close()
+            self._conn = None
