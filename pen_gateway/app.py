@@ -98,7 +98,8 @@ class PenGateway:
 
     def start_relay(self) -> OcrRelay:
         if self.relay is None:
-            self.relay = OcrRelay(self.journal, self.redis, self.ocr_job, grace=self.relay_grace)
+            self.relay = OcrRelay(self.journal, self.redis, self.ocr_job, grace=self.relay_grace,
+                                  write=self.recorder.write)
             self.relay.start(self._stop)
         return self.relay
 

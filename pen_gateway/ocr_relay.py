@@ -17,15 +17,18 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from pen_gateway.signing import purge_seen_signatures
-from pen_gateway.uploads import mark_ocr_enqueued, ocr_outbox
+from pen_gateway.signing import purge_seen_signatures_in
+from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox
 from returns_queue.jobs import ocr_job_id, ocr_queue
 from returns_queue.journal import Journal
 
@@ -50,8 +53,10 @@ def enqueue_ocr(redis: Redis, upload_id: str, job_path: str = OCR_JOB) -> None:
 
 class OcrRelay:
     def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
-                 batch: int = 500) -> None:
+                 batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None) -> None:
         self.journal, self.redis, self.job_path = journal, redis, job_path
+        # How to write to the journal: through the gateway's recorder thread when there is one.
+        self.write = write or self._write
         self.grace, self.batch = grace, batch
         self.queue = ocr_queue(redis)
         self.wakeup = threading.Event()
@@ -74,7 +79,7 @@ class OcrRelay:
                 if missing:
                     self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])
                     log.info("ocr relay: enqueued %d upload(s) acknowledged without a job", len(missing))
-                mark_ocr_enqueued(self.journal, upload_ids)
+                self.write(lambda conn, ids=upload_ids: mark_ocr_enqueued_in(conn, ids))
                 enqueued += len(missing)
                 if len(upload_ids) < self.batch:
                     break
@@ -83,13 +88,17 @@ class OcrRelay:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
+    def _write(self, fn: Callable[[Connection], Any]) -> Any:
+        with self.journal.write() as conn:
+            return fn(conn)
+
     def _purge(self) -> None:
         if time.monotonic() - self._last_purge < 60:
             return
         self._last_purge = time.monotonic()
         try:
-            purge_seen_signatures(self.journal)
-        except SQLAlchemyError as exc:
+            self.write(purge_seen_signatures_in)
+        except (SQLAlchemyError, TimeoutError) as exc:
             log.warning("ocr relay: could not purge old signatures: %s", exc)
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
@@ -105,7 +114,7 @@ class OcrRelay:
                 if not redis_down:
                     log.warning("ocr relay: Redis unavailable (%s); uploads stay journaled until it is back", exc)
                 redis_down = True
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, TimeoutError) as exc:
                 log.warning("ocr relay: journal unavailable: %s", exc)
             self.wakeup.wait(interval)
             self.wakeup.clear()

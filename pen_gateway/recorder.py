@@ -11,7 +11,9 @@ connection, commits once, and wakes their request threads with what became of ea
 - `replayed`: the signature was already used.
 
 Processes of one gateway (gunicorn workers) take turns through an flock on `<var>/journal.lock`,
-which hands over at once where SQLite's own busy wait would sleep. The long-lived connection also
+which hands over at once where SQLite's own busy wait would sleep (up to 100 ms a nap). The
+gateway's other writes (the OCR relay's marks) go through the same thread (`write`), so they
+never make a batch wait on SQLite's lock. The long-lived connection also
 keeps the WAL open, so closing the per-request read connections never has to checkpoint it.
 """
 
@@ -23,10 +25,10 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -51,6 +53,16 @@ class _Intent:
     error: BaseException | None = None
 
 
+@dataclass
+class _Call:
+    """Another write of the gateway (the OCR relay's marks): run by the same thread, under the same lock."""
+
+    fn: Callable[[Connection], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
 @dataclass(frozen=True)
 class Recorded:
     outcome: Outcome
@@ -60,7 +72,7 @@ class Recorded:
 class UploadRecorder:
     def __init__(self, journal: Journal, lock_path: Path | None, max_batch: int = 64) -> None:
         self.journal, self.lock_path, self.max_batch = journal, lock_path, max_batch
-        self._queue: queue.SimpleQueue[_Intent | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Intent | _Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._conn: Connection | None = None
@@ -77,6 +89,17 @@ class UploadRecorder:
             raise intent.error
         assert intent.outcome is not None
         return Recorded(intent.outcome, intent.first)
+
+    def write(self, fn: Callable[[Connection], Any], timeout: float = 60.0) -> Any:
+        """Run `fn(conn)` in a transaction of its own on the recorder's connection; its result or its error."""
+        self._ensure_thread()
+        call = _Call(fn)
+        self._queue.put(call)
+        if not call.done.wait(timeout):
+            raise TimeoutError(f"the journal did not commit within {timeout:.0f} s")
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def close(self) -> None:
         if self._thread is not None and self._pid == os.getpid():
@@ -97,12 +120,12 @@ class UploadRecorder:
 
     def _run(self) -> None:
         while True:
-            intent = self._queue.get()
-            if intent is None:
+            first = self._queue.get()
+            if first is None:
                 break
-            batch = [intent]
+            waiting: list[_Intent | _Call] = [first]
             stop = False
-            while len(batch) < self.max_batch:
+            while len(waiting) < self.max_batch:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -110,14 +133,30 @@ class UploadRecorder:
                 if more is None:
                     stop = True
                     break
-                batch.append(more)
-            self._commit(batch)
+                waiting.append(more)
+            batch = [w for w in waiting if isinstance(w, _Intent)]
+            calls = [w for w in waiting if isinstance(w, _Call)]
+            if batch:
+                self._commit(batch)
+            for call in calls:
+                self._call(call)
             if stop:
                 break
         if self._conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 self._conn.close()
             self._conn = None
+
+    def _call(self, call: _Call) -> None:
+        try:
+            with self._process_lock():
+                conn = self._connection()
+                with conn.begin():
+                    call.result = call.fn(conn)
+        except Exception as exc:
+            self._drop_connection()
+            call.error = exc
+        call.done.set()
 
     @contextlib.contextmanager
     def _process_lock(self) -> Iterator[None]:
@@ -182,7 +221,9 @@ class UploadRecorder:
             keyed = {(i.signed.station_id, i.key) for i in batch if i.key is not None}
             firsts: dict[tuple[str, str], Upload] = {}
             if keyed:
+                # Both columns, so that the (station_id, idempotency_key) index serves the lookup.
                 rows = conn.execute(select(uploads).where(
+                    uploads.c.station_id.in_({station for station, _ in keyed}),
                     uploads.c.idempotency_key.in_({key for _, key in keyed})))
                 firsts = {(r.station_id, r.idempotency_key): upload_from_row(r) for r in rows}
             signature_rows: list[dict[str, object]] = []

@@ -275,6 +275,11 @@ def claim_signature(request: SignedRequest, redis: Redis | None, journal: Journa
 
 
 def purge_seen_signatures(journal: Journal, now: float | None = None) -> int:
-    cutoff = (time.time() if now is None else now) - REPLAY_MEMORY
     with journal.write() as conn:
-        return conn.execute(delete(seen_signatures).where(seen_signatures.c.seen_at < cutoff)).rowcount
+        return purge_seen_signatures_in(conn, now)
+
+
+def purge_seen_signatures_in(conn: Connection, now: float | None = None) -> int:
+    """Forget signatures too old to be replayed (their timestamp is out of the window anyway)."""
+    cutoff = (time.time() if now is None else now) - REPLAY_MEMORY
+    return conn.execute(delete(seen_signatures).where(seen_signatures.c.seen_at < cutoff)).rowcount

@@ -137,7 +137,12 @@ def mark_ocr_enqueued(journal: Journal, upload_ids: Sequence[str]) -> None:
     if not upload_ids:
         return
     with journal.write() as conn:
-        conn.execute(update(uploads).where(uploads.c.upload_id.in_(list(upload_ids))).values(ocr_enqueued_at=time.time()))
+        mark_ocr_enqueued_in(conn, upload_ids)
+
+
+def mark_ocr_enqueued_in(conn: Connection, upload_ids: Sequence[str]) -> None:
+    """Inside the caller's transaction."""
+    conn.execute(update(uploads).where(uploads.c.upload_id.in_(list(upload_ids))).values(ocr_enqueued_at=time.time()))
 
 
 def ocr_backlog(journal: Journal) -> int:
