@@ -46,7 +46,7 @@ from pen_gateway.signing import (
     replayed,
     signature_seen,
 )
-from pen_gateway.storage import StorageFull, StoredFile
+from pen_gateway.storage import FULL_ERRNOS, StorageFull, StoredFile
 from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -189,21 +189,27 @@ def create_upload() -> Any:
         return _retry(gateway, signed, first, sha256, pen_serial, bureau, key or "")
 
     probed = probe_upload(data, page.mimetype or None)
-    stored: StoredFile = gateway.store.put(data, sha256)
+    # The directory's fsync is left to the recorder: one for the whole batch, before its commit.
+    stored: StoredFile = gateway.store.put(data, sha256, sync_directory=False)
     upload = Upload(
         upload_id=str(ULID()), sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
         station_id=signed.station_id, pen_serial=pen_serial, bureau=bureau, idempotency_key=key, status="queued",
         return_id=None, receipt=None, error=None, received_at=time.time(),
     )
     try:
-        recorded = gateway.recorder.record(signed, upload, key)
+        recorded = gateway.recorder.record(signed, upload, key, sync_directory=stored.path.parent)
+    except TimeoutError as exc:
+        # Not known to be committed: keep the bytes (a row may yet point at them); the station retries.
+        raise ApiError("JOURNAL_UNAVAILABLE", str(exc), 503) from exc
+    except OSError as exc:  # the directory's fsync failed: the bytes are not durable
+        gateway.store.discard(stored)
+        if exc.errno in FULL_ERRNOS:
+            raise StorageFull(exc.errno, str(exc)) from exc
+        raise
     except SQLAlchemyError as exc:
         current_app.logger.warning("upload not journaled, its stored bytes removed if new: %s", exc)
         gateway.store.discard(stored)
         raise _journal_failure(exc) from exc
-    except TimeoutError as exc:
-        # Not known to be committed: keep the bytes (a row may yet point at them); the station retries.
-        raise ApiError("JOURNAL_UNAVAILABLE", str(exc), 503) from exc
     if recorded.outcome == "replayed":
         gateway.store.discard(stored)
         raise replayed()

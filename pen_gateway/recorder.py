@@ -34,6 +34,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from pen_gateway.signing import SignedRequest, seen_signatures
+from pen_gateway.storage import fsync_directory
 from pen_gateway.uploads import Upload, find_by_idempotency_key, upload_from_row, upload_values, uploads
 from returns_queue.journal import Journal
 
@@ -47,6 +48,7 @@ class _Intent:
     signed: SignedRequest
     upload: Upload
     key: str | None
+    sync_directory: Path | None = None  # where the raw file was renamed: made durable before the commit
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     first: Upload | None = None
@@ -78,10 +80,14 @@ class UploadRecorder:
         self._conn: Connection | None = None
         self._start_lock = threading.Lock()
 
-    def record(self, signed: SignedRequest, upload: Upload, key: str | None, timeout: float = 60.0) -> Recorded:
-        """Journal the upload (with its signature) durably; raises what the commit raised."""
+    def record(self, signed: SignedRequest, upload: Upload, key: str | None, timeout: float = 60.0, *,
+               sync_directory: Path | None = None) -> Recorded:
+        """Journal the upload (with its signature) durably; raises what the commit raised.
+
+        `sync_directory`: a directory to fsync before the commit (the raw file's, renamed there
+        without a sync): the row never becomes durable before the bytes it points at."""
         self._ensure_thread()
-        intent = _Intent(signed, upload, key)
+        intent = _Intent(signed, upload, key, sync_directory)
         self._queue.put(intent)
         if not intent.done.wait(timeout):
             raise TimeoutError(f"the journal did not commit within {timeout:.0f} s")
@@ -177,6 +183,9 @@ class UploadRecorder:
 
     def _commit(self, batch: list[_Intent]) -> None:
         try:
+            # One fsync per directory for the whole batch, before the rows that point into it.
+            for directory in {i.sync_directory for i in batch if i.sync_directory is not None}:
+                fsync_directory(directory)
             with self._process_lock():
                 try:
                     self._transaction(batch)

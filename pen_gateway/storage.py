@@ -65,15 +65,20 @@ class RawStore:
                 raise StorageFull(exc.errno, f"no room to create {directory}") from exc
             raise
 
-    def put(self, data: bytes, sha256: str | None = None) -> StoredFile:
-        """Store `data` durably; returns where. Raises StorageFull when the disk is full (nothing kept)."""
+    def put(self, data: bytes, sha256: str | None = None, *, sync_directory: bool = True) -> StoredFile:
+        """Store `data` durably; returns where. Raises StorageFull when the disk is full (nothing kept).
+
+        With `sync_directory=False` the file's name is not yet durable: the caller must
+        `fsync_directory(stored.path.parent)` before relying on it (the upload recorder does it
+        once for a whole batch, before the batch's commit)."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         self._ensure_directory(final.parent)
         if final.is_file() and final.stat().st_size == len(data):
             # Already stored by an earlier upload; its rename may not have been made durable if
-            # that process died just after it, so sync the directory again (cheap).
-            fsync_directory(final.parent)
+            # that process died just after it, so sync the directory again.
+            if sync_directory:
+                fsync_directory(final.parent)
             return StoredFile(digest, final, created=False)
         temporary = final.parent / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -87,7 +92,8 @@ class RawStore:
             finally:
                 os.close(fd)
             os.replace(temporary, final)
-            fsync_directory(final.parent)
+            if sync_directory:
+                fsync_directory(final.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
