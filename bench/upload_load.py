@@ -9,8 +9,8 @@ gateway answers, for a bounded count and time. Prints accepted uploads per secon
 percentiles, CPU seconds per upload on each side, and checks afterwards that every 202 is in the
 journal, on disk and on the `ocr` queue.
 
-    .venv/bin/python bench/upload_load.py                      # defaults: 3000 uploads, 32 connections
-    .venv/bin/python bench/upload_load.py --uploads 6000 --connections 48 --workers 2 --threads 16
+    .venv/bin/python bench/upload_load.py                      # defaults: 3000 uploads, 64 connections
+    .venv/bin/python bench/upload_load.py --uploads 6000 --connections 96 --workers 2 --threads 32
 
 The client runs on the same 2 cores as the gateway: its CPU is reported so you can see how much
 of the machine it took.
@@ -134,10 +134,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uploads", type=int, default=3000, help="uploads to send (default 3000)")
     parser.add_argument("--seconds", type=float, default=60, help="stop sending after this long (default 60)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent connections (default 64)")
     parser.add_argument("--client-processes", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
+    parser.add_argument("--threads", type=int, default=24, help="threads per gunicorn worker (default 24)")
     parser.add_argument("--page-bytes", type=int, default=300_000, help="PNG size to aim for (default 300000)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args()

@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     pen = sub.add_parser("pen", help="the pen upload API, served by gunicorn on bind:pen_port", parents=[common])
     pen.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2: one per core)")
-    pen.add_argument("--threads", type=int, default=8,
-                     help="threads per worker (default 8: requests mostly wait on fsync, not the CPU)")
+    pen.add_argument("--threads", type=int, default=24,
+                     help="threads per worker (default 24: requests mostly wait on fsync, not on the CPU)")
     pen.add_argument("--access-log", action="store_true", help="log every request to standard error")
     pen.add_argument("--ocr-relay-grace", type=float, default=5.0, help=argparse.SUPPRESS)  # tests only
     pen.set_defaults(func=_pen)
