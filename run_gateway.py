@@ -27,7 +27,7 @@ from settings import Settings
 log = logging.getLogger("remontee")
 
 # The parts whose `cli.add_commands` contribute subcommands.
-PARTS = ["registry.cli", "returns_queue.cli"]
+PARTS = ["registry.cli", "returns_queue.cli", "review.cli"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ SERVICES = [
     Service("relay", ("relay",), "journal outbox → RQ 'returns'"),
     Service("worker-1", ("worker",), "RQ queues ocr, returns"),
     Service("worker-2", ("worker",), "RQ queues ocr, returns"),
+    Service("review", ("review",), "http://{s.bind}:{s.review_port}/"),
 ]
 
 
