@@ -17,14 +17,14 @@ LEFT, RIGHT, TOP, BOTTOM = 48, 52, 16, 34
 
 
 def _nice_max(value: int) -> int:
-    """A round upper bound for the returns axis (1, 2, 5 × 10^k)."""
-    if value <= 5:
-        return 5
-    magnitude = 10 ** (len(str(value)) - 1)
-    for factor in (1, 2, 5, 10):
-        if value <= factor * magnitude:
-            return factor * magnitude
-    return 10 * magnitude
+    """A round top for the returns axis whose quarters are whole round numbers (4 × 1, 2 or 5 × 10^k)."""
+    need = max(1, value) / 4
+    magnitude = 1
+    while True:
+        for factor in (1, 2, 5):
+            if factor * magnitude >= need:
+                return 4 * factor * magnitude
+        magnitude *= 10
 
 
 def progress_chart(
@@ -64,7 +64,7 @@ def progress_chart(
     else:
         n = len(series)
         slot = plot_w / n
-        bar_w = max(1.0, slot * 0.7)
+        bar_w = max(1.0, min(slot * 0.7, 28.0))
         points = []
         for i, p in enumerate(series):
             x = LEFT + i * slot
@@ -77,6 +77,8 @@ def progress_chart(
             share = p.reported / registered if registered else 0.0
             points.append(f"{x + slot / 2:.1f},{base - plot_h * min(1.0, share):.1f}")
         parts.append(f'<polyline class="chart-line" points="{" ".join(points)}"/>')
+        last_x, last_y = points[-1].split(",")
+        parts.append(f'<circle class="chart-point" cx="{last_x}" cy="{last_y}" r="4"/>')
         ticks = sorted({0, n - 1, *range(0, n, max(1, n // 6))})
         for i in ticks:
             if 0 < i < n - 1 and n - 1 - i < max(1, n // 12):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from flask import (
@@ -226,7 +227,8 @@ def renew_claim(item_id: int) -> Any:
         item = context().items.claim(item_id, g.user.username)
     except ItemUnavailable as exc:
         return jsonify(claimed=False, message=str(exc)), 409
-    return jsonify(claimed=True, claimed_until=item.claimed_until)
+    until = datetime.fromtimestamp(item.claimed_until or 0, context().tz).strftime("%H:%M")
+    return jsonify(claimed=True, claimed_until=item.claimed_until, until=until)
 
 
 @bp.post("/items/<int:item_id>/release")

@@ -24,6 +24,7 @@ from returns_queue.journal import review_items as items_table
 
 CHANNELS = ("ivr", "pen", "review")
 MAX_POINTS = 120
+MIN_SPAN = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def compute_progress(
     series: list[Point] = []
     step = 60
     if received:
-        start = math.floor(min(received) / 60) * 60
+        # At least the last half hour, so that the first returns of the night are not one fat bar.
+        start = math.floor(min(min(received), now - MIN_SPAN) / 60) * 60
         step = bucket_size(now - start)
         n = max(1, math.ceil((now - start) / step))
         per_bucket = [0] * n

@@ -186,13 +186,16 @@ def write_pen_artefacts(var_dir: Path, upload_id: str, election: Election, burea
         page.rect(40, y + 20, 8 + len(f.label) * 5, 4, 150)  # the printed label, as a grey line
         x0 = 600 - 30 - f.max_digits * (box_w + gap)
         text = f"{written[f.id]:0{f.max_digits}d}"
-        digits = []
         for pos, ch in enumerate(text):
             bx = x0 + pos * (box_w + gap)
             page.frame(bx, y, box_w, box_h)
             page.digit(int(ch), bx + 8, y + 7, box_w - 16, box_h - 14)
-            alts = [[other, p] for (at, other, p) in alternatives.get(f.id, []) if at == pos]
-            digits.append({"digit": int(ch), "confidence": confidence.get(f.id, 0.99), "alternatives": alts})
+        value = read.get(f.id)
+        digits = [  # what the recognizer made of each box
+            {"digit": None if value is None else int(ch), "confidence": confidence.get(f.id, 0.99),
+             "alternatives": [[other, p] for (at, other, p) in alternatives.get(f.id, []) if at == pos]}
+            for pos, ch in enumerate(f"{value or 0:0{f.max_digits}d}")
+        ]
         crop = page.crop(x0 - 4, y - 4, f.max_digits * (box_w + gap) + 4, box_h + 8)
         directory = artefact_dir(var_dir, upload_id)
         directory.mkdir(parents=True, exist_ok=True)

@@ -10,20 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from redis import Redis
-from sqlalchemy import select, update
-
 from conftest import ROOT, free_port
-from forms import Election
-from registry import Registry
-from returns_queue.journal import Journal, audit
-from review.accounts import login_attempts, sessions, users
+from redis import Redis
 from review_support import (
     GOOD_T1,
     PASSWORDS,
     ReviewEnv,
-    bureau_codes,
     build_env,
+    bureau_codes,
     csrf_token,
     env,
     item_id_for,
@@ -31,6 +25,12 @@ from review_support import (
     submit,
     write_pen_artefacts,
 )
+from sqlalchemy import select, update
+
+from forms import Election
+from registry import Registry
+from returns_queue.journal import Journal, audit
+from review.accounts import login_attempts, sessions, users
 
 __all__ = ["env"]  # the fixture, imported for pytest
 
@@ -55,7 +55,7 @@ def pen_item(env: ReviewEnv) -> int:
     upload_id = "01JPENITEM000000000000000A"
     counts = {**GOOD_T1, "votants": 251}
     write_pen_artefacts(env.settings.var_dir, upload_id, env.election, code, counts, counts,
-                        {"votants": 0.55}, {"votants": [(2, 0, 0.4)]}, [("votants", 250)])
+                        {"votants": 0.55}, {"votants": [(3, 0, 0.4)]}, [("votants", 250)])
     sub = submit(env.journal, env.election, env.registry, code, counts, "pen",
                  {"upload_id": upload_id, "station_id": "st-1", "pen_serial": "AJX-1"})
     return item_id_for(env.journal, sub.return_id)
@@ -177,7 +177,7 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(env: ReviewEnv) -> 
     assert _audit_count(env.journal, "login_failed") == 2
 
 
-def _try(client, username: str, password: str) -> int:  # noqa: ANN001
+def _try(client, username: str, password: str) -> int:
     token = csrf_token(client.get("/login").get_data(as_text=True))
     return client.post("/login", data={"username": username, "password": password, "csrf_token": token}).status_code
 
@@ -311,7 +311,7 @@ def _cli(args: list[str], env_vars: dict[str, str], stdin: str = "") -> subproce
                           capture_output=True, env={**os.environ, **env_vars}, timeout=60, cwd=ROOT)
 
 
-def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis_server, journal: Journal,  # noqa: ANN001
+def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis_server, journal: Journal,
                                              demo_registry_files: tuple[Path, Path], registry: Registry,
                                              election_t1: Election) -> None:
     variables = {"REMONTEE_DB_URL": journal.url, "REMONTEE_VAR_DIR": str(tmp_path / "var")}
@@ -330,7 +330,7 @@ def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis
     assert row.actor.startswith("cli:")
 
 
-def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, journal: Journal,  # noqa: ANN001
+def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, journal: Journal,
                                                 demo_registry_files: tuple[Path, Path]) -> None:
     import urllib.request
 

@@ -10,15 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from rq import Queue
-from rq.job import Job
-from sqlalchemy import select, update
-
-from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
-from returns_queue.jobs import RETURNS_QUEUE, return_job_id
-from returns_queue.journal import audit, returns, review_items
-from returns_queue.relay import Relay
-from review.review_items import ItemUnavailable
 from review_support import (
     GOOD_T1,
     ReviewEnv,
@@ -29,12 +20,21 @@ from review_support import (
     submit,
     write_pen_artefacts,
 )
+from rq import Queue
+from rq.job import Job
+from sqlalchemy import select, update
+
+from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
+from returns_queue.jobs import RETURNS_QUEUE, return_job_id
+from returns_queue.journal import audit, returns, review_items
+from returns_queue.relay import Relay
+from review.review_items import ItemUnavailable
 
 __all__ = ["env"]
 JOB = "returns_queue.consolidation.consolidate"
 
 
-def text(response) -> str:  # noqa: ANN001
+def text(response) -> str:
     return html.unescape(response.get_data(as_text=True))
 
 
@@ -277,7 +277,7 @@ def test_pen_item_shows_the_page_the_crops_the_reading_and_suggestions(env: Revi
     written = dict(GOOD_T1)
     read = {**GOOD_T1, "hollande": 80}  # the recognizer took a 9 for an 8
     write_pen_artefacts(env.settings.var_dir, upload_id, env.election, code, written, read,
-                        {"hollande": 0.52}, {"hollande": [(1, 9, 0.45)]}, [("hollande", 90)])
+                        {"hollande": 0.52}, {"hollande": [(2, 9, 0.45)]}, [("hollande", 90)])
     sub = submit(env.journal, env.election, env.registry, code, read, "pen",
                  {"upload_id": upload_id, "station_id": "station-12", "pen_serial": "AJX-00C0FE"})
     item = item_id_for(env.journal, sub.return_id)
@@ -288,6 +288,7 @@ def test_pen_item_shows_the_page_the_crops_the_reading_and_suggestions(env: Revi
     assert f"/items/{item}/fields/hollande.png" in page and f"/items/{item}/fields/votants.png" in page
     assert "52 %" in page and "station-12" in page
     assert 'data-apply-field="hollande" data-apply-value="90"' in page  # the alternative and the suggestion
+    assert "(45 %)" in page
     png = client.get(f"/items/{item}/page.png")
     assert png.status_code == 200 and png.mimetype == "image/png"
     assert png.data == (env.settings.var_dir / "uploads" / "work" / upload_id / "page.png").read_bytes()

@@ -115,8 +115,7 @@
       }).then(function (r) { return r.json().then(function (body) { return [r.status, body]; }); })
         .then(function (res) {
           if (res[0] === 200 && clock) {
-            var d = new Date(res[1].claimed_until * 1000);
-            clock.textContent = d.toLocaleTimeString("fr-FR", { hour: "2-digit", minute: "2-digit" });
+            clock.textContent = res[1].until;  // the server's clock and time zone, as on the rest of the page
           } else if (res[0] === 409) {
             claim.textContent = "Réservation perdue : " + res[1].message + ". Rechargez la page.";
             claim.classList.add("claim-other");
@@ -155,11 +154,12 @@
           var open = panel.querySelector("details[open]") !== null;
           panel.innerHTML = html;
           if (open) { var d = panel.querySelector("details"); if (d) d.open = true; }
-          if (status) status.textContent = "Mis à jour à " + new Date().toLocaleTimeString("fr-FR") + " · toutes les " + seconds + " s.";
+          var at = panel.querySelector("[data-state-clock]");
+          if (status) status.textContent = "Mis à jour à " + (at ? at.textContent : "?") + " · toutes les " + seconds + " s.";
           panel.dispatchEvent(new CustomEvent("refreshed"));
         })
         .catch(function () {
-          if (status) status.textContent = "Échec de l'actualisation à " + new Date().toLocaleTimeString("fr-FR") + " ; nouvel essai dans " + seconds + " s.";
+          if (status) status.textContent = "Échec de l'actualisation ; nouvel essai dans " + seconds + " s.";
         });
     }
     window.setInterval(refresh, seconds * 1000);
