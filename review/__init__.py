@@ -167,7 +167,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             return f"{seconds // 60} min"
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d}"
 
+    def pairs(value: Any) -> str:
+        """An audit value for people: `clé : valeur, …` for a mapping, the JSON text otherwise."""
+        if isinstance(value, dict):
+            return ", ".join(f"{k} : {'—' if v is None else v}" for k, v in value.items())
+        return "" if value is None else str(value)
+
     app.jinja_env.filters.update(
+        pairs=pairs,
         clock=clock,
         age=age,
         channel_label=lambda c: CHANNEL_LABELS.get(c, c),

@@ -4,8 +4,10 @@ audit row exists. A screenshot of each page goes under test-output/screenshots/ 
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,11 @@ from review_support import (
     write_pen_artefacts,
 )
 from rq.job import Job
-from sqlalchemy import select
+from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
 from returns_queue.jobs import return_job_id
-from returns_queue.journal import audit
+from returns_queue.journal import audit, returns
 from returns_queue.relay import Relay
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -74,6 +76,10 @@ def _watch_console(page: Any) -> list[str]:
     return errors
 
 
+def _shot(page: Any, path: Path, full_page: bool = True) -> None:
+    page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+
+
 def _log_in(page: Any, base: str, username: str) -> None:
     page.goto(f"{base}/login")
     page.get_by_label("Identifiant").fill(username)
@@ -88,6 +94,12 @@ def _seed(env: ReviewEnv) -> dict[str, Any]:
         channel = "ivr" if i % 3 else "pen"
         submit(env.journal, env.election, env.registry, code, {**GOOD_T1, "aubry": 60 + i % 5, "valls": 15 - i % 5},
                channel)
+    # Spread the accepted returns over the last hour, as an evening's curve, for the chart.
+    now = time.time()
+    with env.journal.write() as conn:
+        for i, code in enumerate(codes[10:40]):
+            conn.execute(update(returns).where(returns.c.bureau == code)
+                         .values(journaled_at=now - 3600 + 3400 * math.sqrt(i / 30)))
     phone = submit(env.journal, env.election, env.registry, codes[0], {**GOOD_T1, "votants": 215})
     upload_id = "01JBROWSERPEN0000000000000"
     read = {**GOOD_T1, "hollande": 80}
@@ -113,11 +125,11 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     # Anonymous → the login page.
     page.goto(f"{base}/items")
     assert "/login" in page.url
-    page.screenshot(path=str(screenshots / "01-login.png"), full_page=True)
+    _shot(page, screenshots / "01-login.png")
     _log_in(page, base, "alice")
     expect = playwright_api.expect
     expect(page.get_by_role("heading", name="File d'attente")).to_be_visible()
-    page.screenshot(path=str(screenshots / "02-queue.png"), full_page=True)
+    _shot(page, screenshots / "02-queue.png")
 
     # Open the phone item (the oldest) from the queue.
     code = seeded["codes"][0]
@@ -132,11 +144,11 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     votants.fill("250")
     expect(total_check).to_have_text("juste (250)")
     expect(page.locator('[data-check="sum"] .check-result')).to_have_text("juste (240)")
-    page.screenshot(path=str(screenshots / "03-item-phone.png"), full_page=True)
+    _shot(page, screenshots / "03-item-phone.png")
     page.get_by_role("button", name="Approuver la correction").click()
     page.wait_for_url(f"{base}/items")
     expect(page.get_by_text("Correction approuvée")).to_be_visible()
-    page.screenshot(path=str(screenshots / "04-queue-after-approval.png"), full_page=True)
+    _shot(page, screenshots / "04-queue-after-approval.png")
 
     # The return is journaled, the relay puts it on RQ, the audit row is there.
     decided = env.app.extensions["remontee_review"].items.get(item)
@@ -158,7 +170,7 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     page.locator('.suggestions [data-apply-field="hollande"]').click()
     expect(page.get_by_label("François HOLLANDE")).to_have_value("90")
     expect(total_check).to_have_text("juste (250)")
-    page.screenshot(path=str(screenshots / "05-item-pen.png"), full_page=True)
+    _shot(page, screenshots / "05-item-pen.png")
 
     # A channel conflict: both returns side by side, the differing counts highlighted.
     conflict_item = item_id_for(env.journal, seeded["conflict"].return_id)
@@ -166,7 +178,7 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     expect(page.locator("tr.differs")).to_have_count(3)  # aubry, hollande, and valls (61 and 14 by phone)
     page.get_by_role("button", name="Reprendre les chiffres du retour téléphone").click()
     expect(page.get_by_label("Martine AUBRY")).to_have_value("61")
-    page.screenshot(path=str(screenshots / "06-item-conflict.png"), full_page=True)
+    _shot(page, screenshots / "06-item-conflict.png")
 
     # Progress, in the dark theme, refreshing by itself.
     page.emulate_media(color_scheme="dark")
@@ -175,7 +187,7 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     before = int(reported.inner_text())
     submit(env.journal, env.election, env.registry, seeded["codes"][50], GOOD_T1)
     expect(reported).to_have_text(str(before + 1), timeout=10_000)
-    page.screenshot(path=str(screenshots / "07-progress-dark.png"), full_page=True)
+    _shot(page, screenshots / "07-progress-dark.png")
     assert errors == []
 
     # The admin's pages: the audit trail shows the approval, the users.
@@ -185,15 +197,15 @@ def test_log_in_correct_one_count_approve_then_job_in_redis_and_audit_row(
     admin.get_by_role("link", name="Journal d'audit").click()
     expect(admin.locator("tr.action-approve")).to_have_count(1)
     expect(admin.locator("tr.action-approve")).to_contain_text("alice")
-    admin.screenshot(path=str(screenshots / "08-audit.png"), full_page=True)
+    _shot(admin, screenshots / "08-audit.png")
     with admin.expect_download() as download:
         admin.get_by_role("link", name="Exporter en CSV").click()
     assert "approve" in Path(download.value.path()).read_text()
     admin.get_by_role("link", name="Utilisateurs").click()
     expect(admin.get_by_role("heading", name="Utilisateurs")).to_be_visible()
-    admin.screenshot(path=str(screenshots / "09-users.png"), full_page=True)
+    _shot(admin, screenshots / "09-users.png")
     admin.get_by_role("link", name="Progression").click()
-    admin.screenshot(path=str(screenshots / "10-progress-light.png"), full_page=True)
+    _shot(admin, screenshots / "10-progress-light.png")
     assert admin_errors == []
 
 
@@ -224,4 +236,4 @@ def test_keyboard_only_login_and_visible_focus(browser: Any, served: tuple[str, 
     assert unlabeled == []
     page.keyboard.press("Tab")
     page.keyboard.press("Tab")
-    page.screenshot(path=str(screenshots / "11-queue-keyboard-focus.png"))
+    _shot(page, screenshots / "11-queue-keyboard-focus.png", full_page=False)
