@@ -84,7 +84,8 @@ def login() -> Any:
     if request.method == "GET":
         if g.user is not None:
             return redirect(_safe_next(next_url))
-        return render_template("login.html", next=next_url, username="")
+        return render_template("login.html", next=next_url, username="",
+                               no_users=not context().accounts.list_users())
     username = request.form.get("username", "")
     password = request.form.get("password", "")
     if not username.strip() or not password:

@@ -360,3 +360,18 @@ def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, jo
         process.terminate()
         process.wait(15)
     assert process.returncode == 0
+
+
+def test_login_page_says_how_to_create_the_first_account(tmp_path: Path, journal: Journal, redis: Redis,
+                                                         redis_server, demo_registry_files: tuple[Path, Path],
+                                                         election_t1: Election) -> None:
+    from review import create_app
+    from settings import Settings
+
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_server.url, db_url=journal.url,
+                        registry=demo_registry_files[0], secret_key="x")
+    app = create_app({"TESTING": True, "SETTINGS": settings, "JOURNAL": journal})
+    page = app.test_client().get("/login").get_data(as_text=True)
+    assert "users add NOM --role admin" in page
+    app.extensions["remontee_review"].accounts.add_user("root", "root-mot-de-passe", "admin", "test")
+    assert "users add NOM" not in app.test_client().get("/login").get_data(as_text=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright_api
 import pytest
 from conftest import ROOT, free_port
 from review_support import (
@@ -32,7 +33,6 @@ from returns_queue.jobs import return_job_id
 from returns_queue.journal import audit, returns
 from returns_queue.relay import Relay
 
-playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
