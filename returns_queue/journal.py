@@ -381,6 +381,16 @@ class Journal:
                 update(returns).where(returns.c.return_id.in_(list(return_ids))).values(enqueued_at=time.time())
             )
 
+    def relayed_since(self, since: float) -> list[dict[str, Any]]:
+        """Accepted returns the relay put on RQ after `since` (unix time), for reconciliation."""
+        with self.read() as conn:
+            rows = conn.execute(
+                select(returns.c.payload)
+                .where(returns.c.status == "accepted", returns.c.enqueued_at >= since)
+                .order_by(returns.c.seq)
+            )
+            return [json.loads(r.payload) for r in rows]
+
     def outbox_backlog(self) -> int:
         with self.read() as conn:
             return conn.execute(

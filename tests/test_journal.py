@@ -182,3 +182,17 @@ def test_a_failing_submission_in_a_group_commit_changes_nothing_for_the_others(
     assert isinstance(results[3], RuntimeError)
     assert all(r.status == "accepted" for i, r in enumerate(results) if i != 3)
     assert sorted(e.ret.bureau for e in journal.entries()) == ["500", "501", "502", "504", "505"]
+
+
+def test_reconciliation_enqueues_again_what_redis_lost(journal: Journal, redis: Redis, election_t2: Election) -> None:
+    kept = submit(journal, election_t2, bureau="1")
+    lost = submit(journal, election_t2, bureau="2")
+    relay = Relay(journal, redis, JOB)
+    assert relay.relay_once() == 2
+    # What a Redis crash inside its fsync window looks like: the job is gone, the journal says relayed.
+    queue = Queue("returns", connection=redis)
+    queue.remove(return_job_id(lost.return_id))
+    redis.delete(f"rq:job:{return_job_id(lost.return_id)}")
+    assert relay.reconcile() == 1
+    assert relay.reconcile() == 0
+    assert sorted(queue.job_ids) == sorted([return_job_id(kept.return_id), return_job_id(lost.return_id)])
