@@ -36,7 +36,7 @@ from review.review_items import (
     ItemUnavailable,
     ReviewItem,
 )
-from validation import Finding, Reason, suggest_single_digit_fixes
+from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
 
 bp = Blueprint("items", __name__)
 bp.before_request(require_login)
@@ -180,7 +180,8 @@ def _item_page(
     suggestions: list[tuple[str, int, str]] = []
     if reading is not None:
         suggestions += [(str(s[0]), int(s[1]), "lecture") for s in reading.get("suggestions") or []]
-    fixes = suggest_single_digit_fixes(item.ret.counts, election)
+    # Only a broken sum has one-digit fixes worth showing (and the search costs a few ms).
+    fixes = suggest_single_digit_fixes(item.ret.counts, election) if check_arithmetic(item.ret.counts, election) else []
     if 0 < len(fixes) <= MAX_SUGGESTIONS:  # many fixes say nothing: the form's checksum cannot choose
         suggestions += [(f, v, "arithmétique") for f, v in fixes if (f, v) not in {(s[0], s[1]) for s in suggestions}]
     labels = {f.id: f.label for f in election.fields}
@@ -210,7 +211,9 @@ def _item_page(
 @bp.get("/items/<int:item_id>")
 def show(item_id: int) -> Any:
     item = _get(item_id)
-    if item.state == "open":
+    fresh = (item.claimed_by == g.user.username and item.claimed_until is not None
+             and item.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
+    if item.state == "open" and not fresh:  # a reload within the claim costs no write
         try:
             item = context().items.claim(item_id, g.user.username)
         except ItemUnavailable as exc:

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from conftest import free_port
 from redis import Redis
 from review_support import GOOD_T1, ReviewEnv, build_env, bureau_codes, csrf_token, env, item_id_for, login, submit
 from sqlalchemy import update
 
+from conftest import free_port
 from forms import Election
 from registry import Registry
 from returns_queue.journal import Journal, audit, returns

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
 from redis import Redis
 from review_support import (
     GOOD_T1,
@@ -27,6 +26,7 @@ from review_support import (
 )
 from sqlalchemy import select, update
 
+from conftest import ROOT, free_port
 from forms import Election
 from registry import Registry
 from returns_queue.journal import Journal, audit

@@ -14,7 +14,6 @@ from typing import Any
 
 import playwright.sync_api as playwright_api
 import pytest
-from conftest import ROOT, free_port
 from review_support import (
     GOOD_T1,
     PASSWORDS,
@@ -29,6 +28,7 @@ from rq.job import Job
 from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
+from conftest import ROOT, free_port
 from returns_queue.jobs import return_job_id
 from returns_queue.journal import audit, returns
 from returns_queue.relay import Relay
