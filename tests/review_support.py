@@ -72,6 +72,15 @@ def env(tmp_path: Path, journal: Journal, redis: Redis, redis_server: Any, demo_
     yield build_env(tmp_path, journal, redis, demo_registry_files[0], registry, election_t1, redis_server.url)
 
 
+@pytest.fixture
+def sqlite_journal(tmp_path: Path) -> Iterator[Journal]:
+    """For tests whose subject is not the database (the browser, the CLI): SQLite only, to keep the suite fast;
+    the logic they drive runs on both databases through `env`."""
+    j = Journal(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+    yield j
+    j.dispose()
+
+
 def csrf_token(html: str) -> str:
     match = re.search(r'<meta name="csrf-token" content="([^"]+)"', html)
     assert match, "no CSRF token in the page"

@@ -21,6 +21,7 @@ from review_support import (
     env,
     item_id_for,
     login,
+    sqlite_journal,
     submit,
     write_pen_artefacts,
 )
@@ -32,7 +33,7 @@ from registry import Registry
 from returns_queue.journal import Journal, audit
 from review.accounts import login_attempts, sessions, users
 
-__all__ = ["env"]  # the fixture, imported for pytest
+__all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
 
 # Every route of the app and who may use it. A route missing here fails test_every_route_is_listed.
 GET_ROUTES = {
@@ -311,10 +312,10 @@ def _cli(args: list[str], env_vars: dict[str, str], stdin: str = "") -> subproce
                           capture_output=True, env={**os.environ, **env_vars}, timeout=60, cwd=ROOT)
 
 
-def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis_server, journal: Journal,
+def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis_server, sqlite_journal: Journal,
                                              demo_registry_files: tuple[Path, Path], registry: Registry,
                                              election_t1: Election) -> None:
-    variables = {"REMONTEE_DB_URL": journal.url, "REMONTEE_VAR_DIR": str(tmp_path / "var")}
+    variables = {"REMONTEE_DB_URL": sqlite_journal.url, "REMONTEE_VAR_DIR": str(tmp_path / "var")}
     done = _cli(["users", "add", "Carole", "--role", "admin", "--password-stdin"], variables,
                 "carole-mot-de-passe\n")
     assert done.returncode == 0, done.stderr
@@ -323,14 +324,15 @@ def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis
     assert again.returncode == 1 and "existe déjà" in again.stderr
     listing = _cli(["users", "list"], variables)
     assert "carole" in listing.stdout and "administrateur" in listing.stdout
-    review_env = build_env(tmp_path, journal, redis, demo_registry_files[0], registry, election_t1, redis_server.url)
+    review_env = build_env(tmp_path, sqlite_journal, redis, demo_registry_files[0], registry, election_t1,
+                           redis_server.url)
     assert _try(review_env.client(), "carole", "carole-mot-de-passe") == 302
-    with journal.read() as conn:
+    with sqlite_journal.read() as conn:
         row = conn.execute(select(audit).where(audit.c.action == "user_add", audit.c.subject == "carole")).one()
     assert row.actor.startswith("cli:")
 
 
-def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, journal: Journal,
+def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, sqlite_journal: Journal,
                                                 demo_registry_files: tuple[Path, Path]) -> None:
     import urllib.request
 
@@ -338,7 +340,7 @@ def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, jo
     var = tmp_path / "var"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "run_gateway.py"), "review", "--review-port", str(port), "--workers", "1"],
-        env={**os.environ, "REMONTEE_DB_URL": journal.url, "REMONTEE_VAR_DIR": str(var),
+        env={**os.environ, "REMONTEE_DB_URL": sqlite_journal.url, "REMONTEE_VAR_DIR": str(var),
              "REMONTEE_REDIS_URL": redis_server.url, "REMONTEE_REGISTRY": str(demo_registry_files[0])},
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -362,15 +364,15 @@ def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, jo
     assert process.returncode == 0
 
 
-def test_login_page_says_how_to_create_the_first_account(tmp_path: Path, journal: Journal, redis: Redis,
+def test_login_page_says_how_to_create_the_first_account(tmp_path: Path, sqlite_journal: Journal, redis: Redis,
                                                          redis_server, demo_registry_files: tuple[Path, Path],
                                                          election_t1: Election) -> None:
     from review import create_app
     from settings import Settings
 
-    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_server.url, db_url=journal.url,
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_server.url, db_url=sqlite_journal.url,
                         registry=demo_registry_files[0], secret_key="x")
-    app = create_app({"TESTING": True, "SETTINGS": settings, "JOURNAL": journal})
+    app = create_app({"TESTING": True, "SETTINGS": settings, "JOURNAL": sqlite_journal})
     page = app.test_client().get("/login").get_data(as_text=True)
     assert "users add NOM --role admin" in page
     app.extensions["remontee_review"].accounts.add_user("root", "root-mot-de-passe", "admin", "test")

@@ -21,6 +21,7 @@ from review_support import (
     build_env,
     bureau_codes,
     item_id_for,
+    sqlite_journal,
     submit,
     write_pen_artefacts,
 )
@@ -33,6 +34,7 @@ from returns_queue.jobs import return_job_id
 from returns_queue.journal import audit, returns
 from returns_queue.relay import Relay
 
+__all__ = ["sqlite_journal"]  # the fixture, imported for pytest
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
@@ -56,9 +58,9 @@ def screenshots() -> Path:
 
 
 @pytest.fixture
-def served(tmp_path: Path, journal, redis, redis_server, demo_registry_files, registry,
+def served(tmp_path: Path, sqlite_journal, redis, redis_server, demo_registry_files, registry,
            election_t1) -> Iterator[tuple[str, ReviewEnv]]:
-    env = build_env(tmp_path, journal, redis, demo_registry_files[0], registry, election_t1, redis_server.url,
+    env = build_env(tmp_path, sqlite_journal, redis, demo_registry_files[0], registry, election_t1, redis_server.url,
                     PROGRESS_REFRESH_SECONDS=1)
     server = make_server("127.0.0.1", free_port(), env.app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="review-ui", daemon=True)
