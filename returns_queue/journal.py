@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.pool import NullPool
 
 from validation import Finding, Return, check_history, decide
 
@@ -144,9 +144,23 @@ def _entry(row: Any) -> JournalEntry:
     )
 
 
+def _forget_connections_after_fork(engine: Engine) -> None:
+    """A forked child (gunicorn worker, RQ work horse) must open its own connections, never share the parent's."""
+    ref = weakref.ref(engine)
+
+    def after_fork() -> None:
+        if (alive := ref()) is not None:
+            alive.dispose(close=False)
+
+    os.register_at_fork(after_in_child=after_fork)
+
+
 def _sqlite_engine(url: str, immediate: bool) -> Engine:
-    # NullPool: a connection per transaction is cheap on SQLite and survives fork (gunicorn, RQ).
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60, "check_same_thread": False})
+    # Pooled connections: closing the last connection to a WAL database checkpoints it (an
+    # fsync), which cost more than the transaction itself when each one opened its own.
+    engine = create_engine(url, pool_size=8, max_overflow=32,
+                           connect_args={"timeout": 60, "check_same_thread": False})
+    _forget_connections_after_fork(engine)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -186,6 +200,7 @@ class Journal:
             self._reader = _sqlite_engine(url, immediate=False)
         else:
             self._writer = self._reader = create_engine(url, pool_pre_ping=True)
+            _forget_connections_after_fork(self._writer)
         metadata.create_all(self._writer)
         self._committer_lock = threading.Lock()
         self._committer_pid: int | None = None
