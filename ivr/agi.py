@@ -229,6 +229,7 @@ class AGIChannel(LineReceiver):
         self._hangup_waiters: list[defer.Deferred[None]] = []
         self._idle_since: float | None = None
         self._after_thread = False
+        self._receiving: list[tuple[_Command, Reply | Exception]] | None = None  # answers read from this packet
         self.peer = "?"
 
     # --- what an application uses ---
@@ -329,9 +330,10 @@ class AGIChannel(LineReceiver):
     def _playing_timeout(self, timeout_ms: int) -> float:
         return self.factory.playback_timeout + max(0, timeout_ms) / 1000
 
-    @staticmethod
-    def _check_failed(reply: Reply, name: str) -> Reply:
+    def _check_failed(self, reply: Reply, name: str) -> Reply:
         if reply.result == "-1":
+            if self.hung_up:  # the HANGUP line came with the -1: say what happened
+                raise ChannelHungUp(f"{name}: the caller hung up")
             raise CommandFailed(name, reply)
         return reply
 
@@ -366,11 +368,30 @@ class AGIChannel(LineReceiver):
         self._timer = None
         self._idle_since = self.factory.stats.timer()
         assert command is not None
+        if self._receiving is not None:
+            # Fired once the whole packet is read: a HANGUP line right behind a `-1` is then known.
+            self._receiving.append((command, outcome))
+            return
+        self._fire(command, outcome)
+
+    def _fire(self, command: _Command, outcome: Reply | Exception) -> None:
         if isinstance(outcome, Exception):
             command.deferred.errback(outcome)
         else:
             command.deferred.callback(outcome)
         self._send_next()
+
+    def dataReceived(self, data: bytes) -> None:
+        outer = self._receiving is None
+        if outer:
+            self._receiving = []
+        try:
+            super().dataReceived(data)
+        finally:
+            if outer:
+                answered, self._receiving = self._receiving or [], None
+                for command, outcome in answered:
+                    self._fire(command, outcome)
 
     def _command_timed_out(self, command: _Command) -> None:
         self._timer = None
@@ -556,6 +577,8 @@ class FastAGIFactory(ServerFactory):
     def _application_failed(self, failure: Failure, channel: AGIChannel) -> None:
         if failure.check(ChannelHungUp):
             log.info("agi %s: the caller hung up", channel.uniqueid)
+        elif failure.check(ProtocolViolation, CommandTimeout):
+            pass  # said when the connection was closed
         elif failure.check(AGIError):
             log.warning("agi %s: %s", channel.uniqueid, failure.getErrorMessage())
         else:

@@ -102,6 +102,7 @@ class Call:
         self.bureau: Bureau | None = None
         self.counts: dict[str, int] = {}
         self.pending_key: str | None = None  # a digit pressed during a read-back: the next entry's first
+        self.outcome: str | None = None  # the REMONTEE_OUTCOME set on the channel
         self._saves: defer.Deferred[None] = defer.succeed(None)  # Redis writes, in order, not waited for
 
     # --- speaking and listening ---
@@ -163,6 +164,7 @@ class Call:
         for name, value in variables.items():
             await self.agi.set_variable(name, value)
         await self.agi.set_variable(OUTCOME_VARIABLE, outcome)
+        self.outcome = outcome
 
     async def say_number(self, n: int, escape: str = "") -> str | None:
         return await self.play(*P.number_files(n), escape=escape)
@@ -239,9 +241,12 @@ async def results_call(call: Call) -> None:
             await call.play(P.TO_OPERATOR)
         await call.set_outcome(OPERATOR, REMONTEE_HANDOFF=reason)
     except ChannelHungUp:
-        log.info("call %s: the caller hung up (bureau %s, %d counts kept)", call.call_id,
-                 call.bureau.code if call.bureau else "-", len(call.counts))
-        await _quietly(call.set_outcome(HUNG_UP))
+        if call.outcome == ACCEPTED:  # during the receipt: the return is journaled all the same
+            log.info("call %s: the caller hung up during the receipt", call.call_id)
+        else:
+            log.info("call %s: the caller hung up (bureau %s, %d counts kept)", call.call_id,
+                     call.bureau.code if call.bureau else "-", len(call.counts))
+            await _quietly(call.set_outcome(HUNG_UP))
     finally:
         await call.saves_done()
 
@@ -378,10 +383,10 @@ async def announce(call: Call, submission: Submission) -> None:
     # The variables first: they are on the channel even if the caller hangs up during the receipt.
     await call.set_outcome(ACCEPTED, **{RECEIPT_VARIABLE: submission.receipt, "REMONTEE_STATUS": submission.status})
     codes = {f.code for f in submission.findings}
-    if submission.status == "accepted":
-        message = P.RECORDED
-    elif submission.status == "duplicate":
+    if Reason.DUPLICATE in codes:  # answered with the first return's receipt and status
         message = P.ALREADY_RECEIVED
+    elif submission.status == "accepted":
+        message = P.RECORDED
     elif codes & {Reason.CORRECTION, Reason.CHANNEL_CONFLICT}:
         message = P.CORRECTION_TO_SUPERVISOR
     else:

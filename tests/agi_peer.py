@@ -97,6 +97,7 @@ class CallRecord:
     missing: list[str] = field(default_factory=list)  # sound names the server asked for that do not exist
     variables: dict[str, str] = field(default_factory=dict)
     caller_hung_up: bool = False
+    hung_up_at: int | None = None  # the number of the command (from 1) during which the caller hung up
     dropped_keys: str = ""
     unused: list[Action] = field(default_factory=list)  # the script left when the call ended
     silent_past_script: int = 0  # reading commands answered with silence because the script was done
@@ -210,16 +211,22 @@ class AsteriskPeer:
         reader, writer = await asyncio.open_connection(host, port)
         env = self.environment(host, port)
         record = CallRecord(env=dict(env))
-        writer.write("".join(f"{k}: {v}\n" for k, v in env).encode())
-        writer.write(b"\n")
-        await writer.drain()
         answered_at: float | None = None
         try:
+            writer.write("".join(f"{k}: {v}\n" for k, v in env).encode() + b"\n")
+            try:
+                await writer.drain()
+            except ConnectionError:
+                record.ended = "server closed"
+                return record
             while True:
                 try:
                     raw = await asyncio.wait_for(reader.readline(), self.io_timeout)
                 except TimeoutError:
                     record.ended = "peer timeout"
+                    break
+                except ConnectionError:  # the server aborted the connection (a reset)
+                    record.ended = "server closed"
                     break
                 if not raw:
                     record.ended = "server closed"
@@ -242,6 +249,7 @@ class AsteriskPeer:
                     writer.write(extra)
                     if b"HANGUP\n" in extra:
                         self.dead = record.caller_hung_up = True
+                        record.hung_up_at = number
                 try:
                     await writer.drain()
                 except ConnectionError:
@@ -249,10 +257,10 @@ class AsteriskPeer:
                     break
                 answered_at = time.perf_counter()
         finally:
+            record.unused = list(self.script)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-        record.unused = list(self.script)
         return record
 
     # --- answering as Asterisk ---
@@ -267,6 +275,10 @@ class AsteriskPeer:
     def _hang_up(self, record: CallRecord) -> None:
         self.script.pop(0)
         self.dead = record.caller_hung_up = True
+        record.hung_up_at = len(record.commands)
+
+    def commands_after_hangup(self, record: CallRecord) -> list[str]:
+        return [] if record.hung_up_at is None else record.commands[record.hung_up_at:]
 
     def _play(self, name: str, record: CallRecord) -> bool:
         record.played.append(name)

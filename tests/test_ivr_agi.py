@@ -239,8 +239,8 @@ def test_hangup_line_is_an_event_and_only_dead_safe_commands_run_after_it() -> N
     d = agi.stream_file("remontee/ask-bureau", "")
     h.sent()
     h.answer(b"200 result=-1 endpos=1200\nHANGUP\n")  # as Asterisk sends them, in one packet
-    with pytest.raises(CommandFailed):
-        result(d)  # the -1 is the command's answer; the HANGUP line is not
+    with pytest.raises(ChannelHungUp):
+        result(d)  # the -1 is the command's answer, told as a hang-up since the HANGUP line came with it
     assert agi.hung_up and hung_up.called
     with pytest.raises(ChannelHungUp):
         result(agi.get_data("remontee/ask-pin", 5000, 6))  # failed at once: Asterisk would answer 511
@@ -252,6 +252,18 @@ def test_hangup_line_is_an_event_and_only_dead_safe_commands_run_after_it() -> N
     d = agi.verbose("gone")
     h.answer(b"200 result=1\n")
     assert result(d) is None
+
+
+def test_minus_one_and_hangup_in_two_packets() -> None:
+    h = Harness()
+    agi = h.connect()
+    d = agi.stream_file("remontee/ask-bureau", "")
+    h.answer(b"200 result=-1 endpos=1200\n")
+    with pytest.raises(CommandFailed):
+        result(d)  # alone, -1 may be a missing file
+    assert not agi.hung_up
+    h.answer(b"HANGUP\n")  # not the answer to anything: an event
+    assert agi.hung_up and not h.transport.disconnecting
 
 
 def test_hangup_while_nothing_is_pending_and_a_511_for_a_command_already_sent() -> None:
