@@ -230,6 +230,7 @@ class AGIChannel(LineReceiver):
         self._idle_since: float | None = None
         self._after_thread = False
         self._receiving: list[tuple[_Command, Reply | Exception]] | None = None  # answers read from this packet
+        self._received_at = 0.0
         self.peer = "?"
 
     # --- what an application uses ---
@@ -366,7 +367,7 @@ class AGIChannel(LineReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._idle_since = self.factory.stats.timer()
+        self._idle_since = self._received_at if self._receiving is not None else self.factory.stats.timer()
         assert command is not None
         if self._receiving is not None:
             # Fired once the whole packet is read: a HANGUP line right behind a `-1` is then known.
@@ -385,6 +386,7 @@ class AGIChannel(LineReceiver):
         outer = self._receiving is None
         if outer:
             self._receiving = []
+            self._received_at = self.factory.stats.timer()  # turnaround counts from here, parsing included
         try:
             super().dataReceived(data)
         finally:
@@ -438,7 +440,7 @@ class AGIChannel(LineReceiver):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
-            self._idle_since = self.factory.stats.timer()
+            self._idle_since = self._received_at
             self.factory.start_application(self)
             return
         m = _ENV_LINE.match(line)

@@ -79,9 +79,17 @@ class ResultsLine:
         *,
         on_accepted: Callable[[], None] = lambda: None,
         run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+        run_journal_write: Callable[..., defer.Deferred[Any]] | None = None,
+        run_pin_check: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
         self.election, self.registry, self.journal, self.state = election, registry, journal, state
         self.on_accepted, self.run_blocking = on_accepted, run_blocking
+        # Journal writes take the database's write lock one at a time anyway; queueing them on one
+        # thread spares SQLite's busy-wait back-off, which sleeps up to 100 ms per retry.
+        self.run_journal_write = run_journal_write or run_blocking
+        # scrypt is CPU- and memory-bound (16 MiB a hash): as many at once as there are cores, on
+        # their own threads, so Redis and journal reads never queue behind a burst of PIN checks.
+        self.run_pin_check = run_pin_check or run_blocking
         self.bureau_input = replace(BUREAU, validator=lambda code: code in registry,
                                     error_prompt=lambda code: [P.BUREAU, *P.digit_files(code), P.UNKNOWN])
         self.count_inputs = {f.id: count_input(f) for f in election.fields}
@@ -128,6 +136,15 @@ class Call:
         """Run `f(*args)` in a thread: the reactor keeps serving the other calls."""
         self.agi.note_thread_hop()
         return await self.line.run_blocking(f, *args)
+
+    async def pin_matches(self, pin: str) -> bool:
+        assert self.bureau is not None
+        self.agi.note_thread_hop()
+        return bool(await self.line.run_pin_check(verify_pin, pin, self.bureau.pin_hash))
+
+    async def journal_write(self, f: Callable[..., T], *args: Any) -> T:
+        self.agi.note_thread_hop()
+        return await self.line.run_journal_write(f, *args)
 
     async def redis(self, what: str, f: Callable[..., T], *args: Any, default: T) -> T:
         """A Redis read the call can live without: when Redis is away the call goes on with `default`."""
@@ -267,7 +284,7 @@ async def check_pin(call: Call) -> None:
     preface: list[str] = []
     for _ in range(PIN_ATTEMPTS):
         pin = await call.ask(PIN, preface=preface)
-        if await call.blocking(verify_pin, pin, call.bureau.pin_hash):
+        if await call.pin_matches(pin):
             await call.redis("pin accepted", state.pin_accepted, code, default=None)
             return
         locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
@@ -366,7 +383,7 @@ async def submit(call: Call) -> Submission:
         return call.line.journal.submit(ret, check_return(ret, election, bureau))
 
     try:
-        submission = await call.blocking(journal_it)
+        submission = await call.journal_write(journal_it)
     except Exception as exc:
         log.exception("call %s: the journal refused bureau %s", call.call_id, bureau.code)
         await call.play(P.TECHNICAL_ERROR)
