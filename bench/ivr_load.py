@@ -15,7 +15,8 @@ Asterisk peer (tests/agi_peer.py), each reporting a whole first-round return. Pr
   catalog, no protocol violation.
 
     .venv/bin/python bench/ivr_load.py --calls 1000
-    .venv/bin/python bench/ivr_load.py --calls 1000 --answer-delay 0.05   # calls held open ~3 s each
+    .venv/bin/python bench/ivr_load.py --calls 1000 --answer-delay 0.05   # calls held open ~4 s each
+    .venv/bin/python bench/ivr_load.py --calls 1000 --rate 15 --answer-delay 0.05  # a steady arrival
 
 `--answer-delay` makes the peer wait before answering each playing command, as a caller listens
 to a prompt, so that all calls are in progress at once (for the memory figure).
@@ -99,14 +100,12 @@ class RSSWatcher(threading.Thread):
 
 
 async def place_calls(port: int, scripts: list[list[object]], answer_delay: float, catalog: frozenset[str],
-                      ramp: int) -> tuple[list[CallRecord | BaseException], float]:
-    gate = asyncio.Semaphore(ramp)  # connects in flight at once: a trunk does not open 1,000 calls in 1 µs
-
+                      rate: float) -> tuple[list[CallRecord | BaseException], float]:
     async def one(i: int, script: list[object]) -> CallRecord:
         peer = AsteriskPeer(script, sounds=catalog, callerid=f"06{i:08d}", answer_delay=answer_delay,
                             io_timeout=120.0)
-        async with gate:
-            await asyncio.sleep(0)
+        if rate > 0:  # calls arriving at `rate` per second rather than all in the same instant
+            await asyncio.sleep(i / rate)
         return await peer.call("127.0.0.1", port)
 
     started = time.perf_counter()
@@ -120,7 +119,8 @@ def main() -> int:
     parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds per prompt (default 0)")
     parser.add_argument("--scrypt-n", type=int, default=2**14, help="PIN hash cost (default: production, 2**14)")
     parser.add_argument("--threads", type=int, default=32, help="the server's thread pool")
-    parser.add_argument("--ramp", type=int, default=1000, help="connects in flight at once")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="calls arriving per second (default 0: all at once)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
 
@@ -154,7 +154,7 @@ def main() -> int:
         scripts = [[press(code + "#"), press(pin + "#"), *[press(f"{n}#") for n in COUNTS], press("1")]
                    for code, pin in pins.items()]
         results, elapsed = asyncio.run(place_calls(agi_port, scripts, args.answer_delay,
-                                                   frozenset(prompts.catalog()), args.ramp))
+                                                   frozenset(prompts.catalog()), args.rate))
         watcher.stop.set()
         watcher.join()
 
@@ -169,10 +169,12 @@ def main() -> int:
         journaled = {e.receipt for e in journal.entries("primaire-2011-t1") if e.status == "accepted"}
         journal.dispose()
         client_turnaround = [t for r in records for t in r.turnarounds]
-        peak_rss, peak_calls = max(watcher.samples, key=lambda s: s[0]) if watcher.samples else (baseline, 0)
-        most_calls = max((c for _, c in watcher.samples), default=0)
+        # Memory per call: the RSS when the most calls were connected at once, over that number.
+        busiest_rss, most_calls = max(watcher.samples, key=lambda s: (s[1], s[0])) if watcher.samples else (baseline, 0)
+        peak_rss = max((r for r, _ in watcher.samples), default=baseline)
 
-        print(f"calls: {args.calls} placed at once, answer delay {args.answer_delay * 1000:.0f} ms per prompt, "
+        arrival = f"arriving at {args.rate:g}/s" if args.rate else "placed at once"
+        print(f"calls: {args.calls} {arrival}, answer delay {args.answer_delay * 1000:.0f} ms per prompt, "
               f"{args.threads} server threads")
         print(f"  completed and accepted : {len(accepted)} / {args.calls}  (exceptions {len(failures)}, "
               f"other outcomes {len(records) - len(accepted)})")
@@ -189,10 +191,10 @@ def main() -> int:
                       f"max {s['max_ms']:.1f} ms  (n={s['count']})")
         print(f"  peer-seen turnaround   : p50 {percentile(client_turnaround, 0.5) * 1000:.2f} ms, "
               f"p99 {percentile(client_turnaround, 0.99) * 1000:.2f} ms")
-        print(f"  server RSS             : {baseline / 2**20:.1f} MiB idle, peak {peak_rss / 2**20:.1f} MiB with "
-              f"{peak_calls} calls connected (most at once: {most_calls})")
-        if peak_calls:
-            print(f"  memory per call        : {(peak_rss - baseline) / peak_calls / 1024:.1f} KiB")
+        print(f"  server RSS             : {baseline / 2**20:.1f} MiB idle, {busiest_rss / 2**20:.1f} MiB with "
+              f"{most_calls} calls connected at once, peak {peak_rss / 2**20:.1f} MiB")
+        if most_calls:
+            print(f"  memory per call        : {(busiest_rss - baseline) / most_calls / 1024:.1f} KiB")
         if failures:
             print(f"  first exception: {failures[0]!r}")
         odd = [r for r in records if r.outcome != "accepted" or r.missing]
