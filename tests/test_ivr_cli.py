@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from agi_peer import AsteriskPeer, press
-from conftest import RedisServer, free_port
 from redis import Redis
 from rq.job import Job
 
 import run_gateway
+from conftest import RedisServer, free_port
 from ivr import prompts as P
 from returns_queue.jobs import return_job_id
 from returns_queue.journal import Journal

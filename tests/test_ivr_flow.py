@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from agi_peer import HANGUP, SILENCE, AsteriskPeer, CallRecord, barge, press
-from conftest import RedisServer
 from redis import Redis
 from twisted.internet import defer, reactor
 from twisted.internet.threads import blockingCallFromThread
 
+from conftest import RedisServer
 from forms import Election
 from ivr import prompts as P
 from ivr.call_state import CallState
