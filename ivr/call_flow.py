@@ -79,14 +79,10 @@ class ResultsLine:
         *,
         on_accepted: Callable[[], None] = lambda: None,
         run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
-        run_journal_write: Callable[..., defer.Deferred[Any]] | None = None,
         run_pin_check: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
         self.election, self.registry, self.journal, self.state = election, registry, journal, state
         self.on_accepted, self.run_blocking = on_accepted, run_blocking
-        # Journal writes take the database's write lock one at a time anyway; queueing them on one
-        # thread spares SQLite's busy-wait back-off, which sleeps up to 100 ms per retry.
-        self.run_journal_write = run_journal_write or run_blocking
         # scrypt is CPU- and memory-bound (16 MiB a hash): as many at once as there are cores, on
         # their own threads, so Redis and journal reads never queue behind a burst of PIN checks.
         self.run_pin_check = run_pin_check or run_blocking
@@ -141,10 +137,6 @@ class Call:
         assert self.bureau is not None
         self.agi.note_thread_hop()
         return bool(await self.line.run_pin_check(verify_pin, pin, self.bureau.pin_hash))
-
-    async def journal_write(self, f: Callable[..., T], *args: Any) -> T:
-        self.agi.note_thread_hop()
-        return await self.line.run_journal_write(f, *args)
 
     async def redis(self, what: str, f: Callable[..., T], *args: Any, default: T) -> T:
         """A Redis read the call can live without: when Redis is away the call goes on with `default`."""
@@ -383,7 +375,8 @@ async def submit(call: Call) -> Submission:
         return call.line.journal.submit(ret, check_return(ret, election, bureau))
 
     try:
-        submission = await call.journal_write(journal_it)
+        # On the shared pool: the journal commits the submissions of concurrent threads together.
+        submission = await call.blocking(journal_it)
     except Exception as exc:
         log.exception("call %s: the journal refused bureau %s", call.call_id, bureau.code)
         await call.play(P.TECHNICAL_ERROR)

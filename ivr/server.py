@@ -52,11 +52,9 @@ class PhoneService:
         self._relay: Relay | None = None
         if self.relay:
             self._relay = Relay(self.journal, Redis.from_url(s.redis_url_resolved), s.consolidate_job)
-        self.journal_writer = ThreadPool(1, 1, name="journal-writer")
         self.pin_checker = ThreadPool(1, os.cpu_count() or 2, name="pin-check")
         self.line = ResultsLine(
             self.election, self.registry, self.journal, self.state, on_accepted=self.wake_relay,
-            run_journal_write=lambda f, *a: threads.deferToThreadPool(reactor, self.journal_writer, f, *a),
             run_pin_check=lambda f, *a: threads.deferToThreadPool(reactor, self.pin_checker, f, *a),
         )
         self.factory = FastAGIFactory({SCRIPT: self.line}, command_timeout=self.command_timeout,
@@ -71,7 +69,6 @@ class PhoneService:
         """Listen (call in the reactor thread); `port` 0 picks a free one, None the configured one."""
         if self._relay is not None:
             self._relay.start(self._stop)
-        self.journal_writer.start()
         self.pin_checker.start()
         listen_port = self.settings.agi_port if port is None else port
         self.port = reactor.listenTCP(listen_port, self.factory, backlog=1024,  # type: ignore[attr-defined]
@@ -102,8 +99,7 @@ class PhoneService:
                 timeout.cancel()
         self._stop.set()
         self.wake_relay()
-        await threads.deferToThread(self.journal_writer.stop)  # lets a write in progress finish
-        await threads.deferToThread(self.pin_checker.stop)
+        await threads.deferToThread(self.pin_checker.stop)  # lets a check in progress finish
 
     def close(self) -> None:
         self.journal.dispose()
