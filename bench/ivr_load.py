@@ -158,6 +158,7 @@ def main() -> int:
         watcher.stop.set()
         watcher.join()
 
+        cpu = psutil.Process(server.pid).cpu_times()
         server.send_signal(signal.SIGUSR1)
         assert server.stdout is not None
         stats = json.loads(server.stdout.readline())["ivr_stats"]
@@ -180,7 +181,8 @@ def main() -> int:
               f"other outcomes {len(records) - len(accepted)})")
         print(f"  distinct receipts      : {len(receipts)}; all in the journal as accepted: {receipts <= journaled}")
         print(f"  protocol violations    : {stats['violations']}, timeouts {stats['timeouts']}")
-        print(f"  wall time              : {elapsed:.2f} s → {len(accepted) / elapsed:.1f} calls/s")
+        print(f"  wall time              : {elapsed:.2f} s → {len(accepted) / elapsed:.1f} calls/s; server CPU "
+              f"{cpu.user + cpu.system:.1f} s ({(cpu.user + cpu.system) / max(1, len(accepted)) * 1000:.1f} ms a call)")
         per_call = stats["commands"] / max(1, len(records))
         print(f"  commands               : {stats['commands']} ({per_call:.0f} per call)")
         for key, label in (("turnaround", "direct"), ("turnaround_after_thread", "after a thread"),
