@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the system needs, as "command:package".
-SYSTEM_DEPS := redis-server:redis-server tesseract:tesseract-ocr espeak-ng:espeak-ng sox:sox chromium:chromium
+SYSTEM_DEPS := redis-server:redis-server tesseract:tesseract-ocr espeak-ng:espeak-ng sox:sox chromium:chromium \
+               pg_lsclusters:postgresql
 
 .PHONY: run test setup system-deps lint clean
 

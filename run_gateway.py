@@ -27,7 +27,7 @@ from settings import Settings
 log = logging.getLogger("remontee")
 
 # The parts whose `cli.add_commands` contribute subcommands.
-PARTS = ["registry.cli", "returns_queue.cli", "pen_gateway.cli"]
+PARTS = ["registry.cli", "returns_queue.cli", "ivr.cli", "review.cli", "pen_gateway.cli"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,10 @@ class Service:
 # What `all` starts, in order, once Redis and the registry are ready.
 SERVICES = [
     Service("relay", ("relay",), "journal outbox → RQ 'returns'"),
+    Service("ivr", ("ivr",), "agi://{s.bind}:{s.agi_port}/results"),
     Service("worker-1", ("worker",), "RQ queues ocr, returns"),
     Service("worker-2", ("worker",), "RQ queues ocr, returns"),
+    Service("review", ("review",), "http://{s.bind}:{s.review_port}/"),
     Service("pen", ("pen",), "http://{s.bind}:{s.pen_port}/api/v1/"),
 ]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port
 from pen_helpers import PenClient, scribbled_page
 from redis import Redis
 from rq.job import Job
 
+from conftest import ROOT, free_port
 from pen_gateway.signing import signature_headers
 from returns_queue.jobs import ocr_job_id
 

@@ -1,0 +1,420 @@
+"""The French results call: a coroutine that reads top to bottom like the script the caller hears.
+
+`ResultsLine` is the FastAGI application for `agi://.../results`: it holds what every call needs
+(the election, the registry, the journal, the Redis-held call state) and runs `results_call` for
+each connection. The inputs are declared as data below (`BUREAU`, `PIN`, the menus, `count_input`)
+next to the election definition that orders the counts.
+
+Blocking work (the PIN's scrypt, the journal's fsync, Redis) runs in threads; the reactor only
+ever waits on Deferreds. The journal write is durable before the receipt is spoken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+from twisted.internet import defer, threads
+
+from forms.definitions import CountField, Election
+from ivr import prompts as P
+from ivr.agi import AGIChannel, ChannelHungUp, CommandFailed
+from ivr.call_state import ANONYMOUS, CallState, Partial
+from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
+from registry import Bureau, Registry, verify_pin
+from returns_queue.journal import Journal, Submission
+from validation import Reason, check_arithmetic, check_return, new_return
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Channel variables (DESIGN.md): what the dialplan reads after the AGI.
+RECEIPT_VARIABLE, OUTCOME_VARIABLE = "REMONTEE_RECEIPT", "REMONTEE_OUTCOME"
+ACCEPTED, OPERATOR, DECLINED, HUNG_UP = "accepted", "operator", "declined", "hangup"
+
+# --- the inputs, as data ---
+
+BUREAU = DigitInput("bureau", P.ASK_BUREAU, min_digits=1, max_digits=10, first_digit_timeout_ms=6000,
+                    inter_digit_timeout_ms=6000)  # the validator (the registry) is bound per server
+PIN = DigitInput("pin", P.ASK_PIN, min_digits=4, max_digits=8)
+CONFIRM_CORRECTION = menu("correction", P.ASK_CONFIRM_CORRECTION, "12")
+CONFIRM_RESUME = menu("reprise", P.ASK_CONFIRM_RESUME, "12")
+CONFIRM_MISMATCH = menu("ecart", P.ASK_CONFIRM_MISMATCH, "123")
+CONFIRM_SEND = menu("envoi", P.ASK_CONFIRM_SEND, "123")
+PIN_ATTEMPTS = 3
+
+
+def count_input(field: CountField) -> DigitInput:
+    """A count: up to the form's digits, ended by `#`."""
+    return DigitInput(field.id, P.ask_field(field), min_digits=1, max_digits=field.max_digits)
+
+
+def line_input(election: Election) -> DigitInput:
+    """Which count to correct, by its rank in the form (1 = votants)."""
+    n = len(election.fields)
+    return DigitInput("ligne", P.ASK_LINE, 1, len(str(n)), validator=lambda v: 1 <= int(v) <= n)
+
+
+class Handoff(Exception):
+    """The call goes to an operator; `reason` is set on the channel for the operator's screen."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ResultsLine:
+    """The `results` FastAGI application: one per server, one `results_call` per connection."""
+
+    def __init__(
+        self,
+        election: Election,
+        registry: Registry,
+        journal: Journal,
+        state: CallState,
+        *,
+        on_accepted: Callable[[], None] = lambda: None,
+        run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+        run_pin_check: Callable[..., defer.Deferred[Any]] | None = None,
+    ) -> None:
+        self.election, self.registry, self.journal, self.state = election, registry, journal, state
+        self.on_accepted, self.run_blocking = on_accepted, run_blocking
+        # scrypt is CPU- and memory-bound (16 MiB a hash): as many at once as there are cores, on
+        # their own threads, so Redis and journal reads never queue behind a burst of PIN checks.
+        self.run_pin_check = run_pin_check or run_blocking
+        self.bureau_input = replace(BUREAU, validator=lambda code: code in registry,
+                                    error_prompt=lambda code: [P.BUREAU, *P.digit_files(code), P.UNKNOWN])
+        self.count_inputs = {f.id: count_input(f) for f in election.fields}
+        self.line_input = line_input(election)
+
+    async def __call__(self, agi: AGIChannel) -> None:
+        await results_call(Call(self, agi))
+
+
+class Call:
+    """One call: what the caller said so far, and the helpers the script speaks and listens with."""
+
+    def __init__(self, line: ResultsLine, agi: AGIChannel) -> None:
+        self.line, self.agi, self.election = line, agi, line.election
+        caller_id = agi.callerid.strip()
+        self.caller_id = "" if caller_id.lower() in ANONYMOUS else caller_id
+        self.call_id = agi.uniqueid
+        self.bureau: Bureau | None = None
+        self.counts: dict[str, int] = {}
+        self.pending_key: str | None = None  # a digit pressed during a read-back: the next entry's first
+        self.outcome: str | None = None  # the REMONTEE_OUTCOME set on the channel
+        self._saves: defer.Deferred[None] = defer.succeed(None)  # Redis writes, in order, not waited for
+
+    # --- speaking and listening ---
+
+    async def play(self, *files: str, escape: str = "") -> str | None:
+        """Play `files` in order; the key that interrupted them (one of `escape`), else None."""
+        self.pending_key = None
+        for name in files:
+            try:
+                playback = await self.agi.stream_file(name, escape)
+            except CommandFailed as exc:  # a missing file; a hang-up shows on the next command
+                log.warning("call %s: %s", self.call_id, exc)
+                continue
+            if playback.digit is not None:
+                return playback.digit
+        return None
+
+    async def ask(self, spec: DigitInput, preface: Sequence[str] = ()) -> str:
+        first_key, self.pending_key = self.pending_key, None
+        return await read_input(self.agi, spec, preface=preface, first_key=first_key)
+
+    async def blocking(self, f: Callable[..., T], *args: Any) -> T:
+        """Run `f(*args)` in a thread: the reactor keeps serving the other calls."""
+        self.agi.note_thread_hop()
+        return await self.line.run_blocking(f, *args)
+
+    async def pin_matches(self, pin: str) -> bool:
+        assert self.bureau is not None
+        self.agi.note_thread_hop()
+        return bool(await self.line.run_pin_check(verify_pin, pin, self.bureau.pin_hash))
+
+    async def redis(self, what: str, f: Callable[..., T], *args: Any, default: T) -> T:
+        """A Redis read the call can live without: when Redis is away the call goes on with `default`."""
+        try:
+            return await self.blocking(f, *args)
+        except RedisError as exc:
+            log.warning("call %s: Redis unavailable for %s (%s); going on without it", self.call_id, what, exc)
+            return default
+
+    def save_partial(self) -> None:
+        """Keep the counts so far for a call-back, without making the caller wait for Redis."""
+        assert self.bureau is not None
+        snapshot = dict(self.counts)
+        args = (self.election.id, self.bureau.code, snapshot, self.caller_id, self.call_id)
+        self._after_saves(self.line.state.save_partial, *args)
+
+    def clear_partial(self) -> None:
+        assert self.bureau is not None
+        self._after_saves(self.line.state.clear_partial, self.election.id, self.bureau.code)
+
+    def _after_saves(self, f: Callable[..., None], *args: Any) -> None:
+        def run(_: object) -> defer.Deferred[None]:
+            d = self.line.run_blocking(f, *args)
+            return d.addErrback(lambda failure: log.warning("call %s: Redis write failed: %s",
+                                                            self.call_id, failure.getErrorMessage()))
+
+        self._saves = self._saves.addBoth(run)
+
+    async def saves_done(self) -> None:
+        await self._saves
+
+    async def set_outcome(self, outcome: str, **variables: str) -> None:
+        """Channel variables for the dialplan; SET VARIABLE runs even after a hang-up."""
+        for name, value in variables.items():
+            await self.agi.set_variable(name, value)
+        await self.agi.set_variable(OUTCOME_VARIABLE, outcome)
+        self.outcome = outcome
+
+    async def say_number(self, n: int, escape: str = "") -> str | None:
+        return await self.play(*P.number_files(n), escape=escape)
+
+
+# --- the script ---
+
+async def results_call(call: Call) -> None:
+    agi = call.agi
+    try:
+        await agi.answer()
+        if call.caller_id and await call.redis("caller lock", call.line.state.locked_for, "caller", call.caller_id,
+                                               default=0):
+            await call.play(P.CALLER_LOCKED)
+            raise Handoff("caller-locked")
+        call.pending_key = await call.play(P.WELCOME, P.election_title(call.election), escape=DIGITS)
+
+        # 1. The bureau: its code, three tries; an unknown code is said back.
+        code = await call.ask(call.line.bureau_input)
+        call.bureau = call.line.registry.get(code)
+        assert call.bureau is not None
+        await agi.set_variable("REMONTEE_BUREAU", code)
+
+        # 2. The PIN, with lockout per bureau and per caller id.
+        await check_pin(call)
+
+        # 3. A bureau that already reported may send a correction (a supervisor decides) or leave.
+        if await already_reported(call):
+            choice = await call.ask(CONFIRM_CORRECTION, preface=[P.ALREADY_REPORTED])
+            if choice == "2":
+                await call.play(P.GOODBYE)
+                await call.set_outcome(DECLINED)
+                return
+
+        # 9. An entry interrupted within 30 minutes may be resumed.
+        partial: Partial | None = await call.redis("resume", call.line.state.load_partial, call.election.id,
+                                                   code, default=None)
+        if partial is not None and partial.counts:
+            choice = await call.ask(CONFIRM_RESUME, preface=[P.RESUME_OFFER])
+            if choice == "1":
+                call.counts = {k: v for k, v in partial.counts.items() if k in call.line.count_inputs}
+                await call.play(P.RESUMED)
+
+        # 4. Each count in the form's order, said back as soon as it is keyed.
+        await enter_counts(call)
+
+        # 5 and 6. The arithmetic, then the read-back and the confirmation.
+        while True:
+            if not await arithmetic_holds(call):
+                choice = await call.ask(CONFIRM_MISMATCH)
+                if choice == "1":
+                    await correct_one(call)
+                    continue
+                if choice == "2":
+                    call.counts.clear()
+                    await enter_counts(call)
+                    continue
+            choice = await read_back(call)
+            if choice == "1":
+                break
+            if choice == "2":
+                await correct_one(call)
+            else:
+                call.counts.clear()
+                await enter_counts(call)
+
+        # 7. Journal durably, then the receipt.
+        submission = await submit(call)
+        await announce(call, submission)
+    except (NoInput, TooManyErrors, Handoff) as exc:
+        reason = exc.reason if isinstance(exc, Handoff) else f"{type(exc).__name__}:{exc.name}"
+        log.info("call %s: to an operator (%s)", call.call_id, reason)
+        with contextlib.suppress(ChannelHungUp):
+            await call.play(P.TO_OPERATOR)
+        await call.set_outcome(OPERATOR, REMONTEE_HANDOFF=reason)
+    except ChannelHungUp:
+        if call.outcome == ACCEPTED:  # during the receipt: the return is journaled all the same
+            log.info("call %s: the caller hung up during the receipt", call.call_id)
+        else:
+            log.info("call %s: the caller hung up (bureau %s, %d counts kept)", call.call_id,
+                     call.bureau.code if call.bureau else "-", len(call.counts))
+            await _quietly(call.set_outcome(HUNG_UP))
+    finally:
+        await call.saves_done()
+
+
+async def _quietly(coroutine: Any) -> None:
+    try:
+        await coroutine
+    except Exception as exc:  # the connection itself may be gone; nothing left to tell anyone
+        log.debug("after the hang-up: %s", exc)
+
+
+async def check_pin(call: Call) -> None:
+    assert call.bureau is not None
+    state, code = call.line.state, call.bureau.code
+    if await call.redis("bureau lock", state.locked_for, "bureau", code, default=0):
+        await call.play(P.BUREAU_LOCKED)
+        raise Handoff("bureau-locked")
+    preface: list[str] = []
+    for _ in range(PIN_ATTEMPTS):
+        pin = await call.ask(PIN, preface=preface)
+        if await call.pin_matches(pin):
+            await call.redis("pin accepted", state.pin_accepted, code, default=None)
+            return
+        locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
+        log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
+        if "bureau" in locked:
+            await call.play(P.PIN_WRONG, P.BUREAU_LOCKED)
+            raise Handoff("bureau-locked")
+        if "caller" in locked:
+            await call.play(P.PIN_WRONG, P.CALLER_LOCKED)
+            raise Handoff("caller-locked")
+        preface = [P.PIN_WRONG]
+    raise Handoff("wrong-pin")  # only when Redis could not count the failures
+
+
+async def already_reported(call: Call) -> bool:
+    assert call.bureau is not None
+    entries = await call.blocking(call.line.journal.entries, call.election.id, call.bureau.code)
+    return any(e.status in ("accepted", "review") for e in entries)
+
+
+async def enter_counts(call: Call) -> None:
+    """Ask every count not yet keyed, in the form's order; each is said back at once."""
+    for field in call.election.fields:
+        if field.id not in call.counts:
+            await enter_count(call, field)
+
+
+async def enter_count(call: Call, field: CountField) -> None:
+    spec = call.line.count_inputs[field.id]
+    while True:
+        value = int(await call.ask(spec))
+        # Kept at once: a caller who hangs up while hearing it back finds it on resuming.
+        call.counts[field.id] = value
+        call.save_partial()
+        # Said back at once; a digit starts the next count, `*` keys this one again, `#` skips.
+        key = await call.say_number(value, escape=DIGITS + "*#")
+        if key == "*":
+            del call.counts[field.id]
+            call.save_partial()
+            continue
+        call.pending_key = key if key not in (None, "#") else None
+        return
+
+
+async def arithmetic_holds(call: Call) -> bool:
+    """Say which totals disagree and by how much; True when nothing is wrong."""
+    assert call.bureau is not None
+    findings = check_arithmetic(call.counts, call.election)
+    inscrits = call.bureau.inscrits
+    over = inscrits is not None and call.counts["votants"] > inscrits
+    if not findings and not over:
+        return True
+    speech: list[str] = []
+    for finding in findings:
+        difference = int(finding.details["difference"])
+        speech.append(P.TOTAL_MISMATCH if finding.code == Reason.TOTAL_MISMATCH else P.SUM_MISMATCH)
+        speech += [P.GAP_OF, *P.number_files(min(abs(difference), P.MAX_SPOKEN_NUMBER)),
+                   P.TOO_MANY if difference > 0 else P.TOO_FEW]
+    if over:
+        speech.append(P.OVER_REGISTERED)
+    call.pending_key = await call.play(*speech, escape="123")
+    return False
+
+
+async def correct_one(call: Call) -> None:
+    """Which count to key again: the menu says each one's rank; then that count alone."""
+    speech = [P.WHICH_LINE]
+    for rank, field in enumerate(call.election.fields, start=1):
+        speech += [P.field_name(field), P.LINE_FOR, *P.number_files(rank)]
+    call.pending_key = await call.play(*speech, escape=DIGITS)
+    rank = int(await call.ask(call.line.line_input))
+    field = call.election.fields[rank - 1]
+    del call.counts[field.id]
+    await enter_count(call, field)
+    call.pending_key = None
+
+
+async def read_back(call: Call) -> str:
+    """The figures, skippable with `#`, confirmable at once with `1`; then 1 send, 2 correct one, 3 all."""
+    speech = [P.READ_BACK]
+    for field in call.election.fields:
+        speech += [P.field_name(field), *P.number_files(call.counts[field.id])]
+    key = await call.play(*speech, escape="1#")
+    if key == "1":
+        return "1"
+    return await call.ask(CONFIRM_SEND)
+
+
+async def submit(call: Call) -> Submission:
+    assert call.bureau is not None
+    bureau, election = call.bureau, call.election
+    source = {"call_id": call.call_id, "caller_id": call.caller_id or "anonymous"}
+
+    def journal_it() -> Submission:
+        ret = new_return(election, bureau.code, call.counts, "ivr", source)
+        return call.line.journal.submit(ret, check_return(ret, election, bureau))
+
+    try:
+        # On the shared pool: the journal commits the submissions of concurrent threads together.
+        submission = await call.blocking(journal_it)
+    except Exception as exc:
+        log.exception("call %s: the journal refused bureau %s", call.call_id, bureau.code)
+        await call.play(P.TECHNICAL_ERROR)
+        raise Handoff("journal-error") from exc
+    log.info("call %s: bureau %s journaled as %s, receipt %s", call.call_id, bureau.code, submission.status,
+             submission.receipt)
+    if submission.status == "accepted":
+        call.line.on_accepted()
+    call.clear_partial()
+    return submission
+
+
+async def announce(call: Call, submission: Submission) -> None:
+    # The variables first: they are on the channel even if the caller hangs up during the receipt.
+    await call.set_outcome(ACCEPTED, **{RECEIPT_VARIABLE: submission.receipt, "REMONTEE_STATUS": submission.status})
+    codes = {f.code for f in submission.findings}
+    if Reason.DUPLICATE in codes:  # answered with the first return's receipt and status
+        message = P.ALREADY_RECEIVED
+    elif submission.status == "accepted":
+        message = P.RECORDED
+    elif codes & {Reason.CORRECTION, Reason.CHANNEL_CONFLICT}:
+        message = P.CORRECTION_TO_SUPERVISOR
+    else:
+        message = P.TO_SUPERVISOR
+    receipt = P.digit_files(submission.receipt)
+    await call.play(message, P.RECEIPT_IS, *receipt, P.I_REPEAT, *receipt, P.GOODBYE)
+
+
+@dataclass(frozen=True)
+class FlowInputs:
+    """Every input of the flow for one election, for the tests and the documentation."""
+
+    bureau: DigitInput
+    pin: DigitInput
+    counts: tuple[DigitInput, ...]
+    menus: tuple[DigitInput, ...]
+
+
+def flow_inputs(line: ResultsLine) -> FlowInputs:
+    return FlowInputs(line.bureau_input, PIN, tuple(line.count_inputs.values()),
+                      (CONFIRM_CORRECTION, CONFIRM_RESUME, CONFIRM_MISMATCH, CONFIRM_SEND, line.line_input))

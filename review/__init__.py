@@ -1,0 +1,219 @@
+"""The supervisors' review UI: a Flask app of its own (own port, own process), never the upload API's.
+
+`create_app(test_config=None)` builds it: configuration from the defaults below, then the
+`test_config` mapping (tests) or `REMONTEE_REVIEW_*` environment variables, and the
+`Settings` (journal, Redis, registry, election) from `test_config["SETTINGS"]` or the
+environment. Blueprints: `auth` (login, logout, users), `items` (the queue and decisions),
+`audit` (the trail and its CSV export), `progress` (the dashboard).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from flask import Flask, current_app, render_template
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from redis import Redis
+from werkzeug.exceptions import HTTPException
+
+from registry import Registry, load_registry
+from returns_queue.journal import Journal
+from review.accounts import Accounts, LockoutPolicy, SessionPolicy
+from review.review_items import ReviewItems
+from settings import Settings
+
+csrf = CSRFProtect()
+
+DEFAULTS: dict[str, Any] = {
+    "SESSION_COOKIE_NAME": "remontee_review",
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    "SESSION_COOKIE_SECURE": False,  # True behind TLS: set REMONTEE_REVIEW_SESSION_COOKIE_SECURE=true
+    # The CSRF token lives as long as the session: a supervisor may keep an item open a while.
+    "WTF_CSRF_TIME_LIMIT": None,
+    "MAX_CONTENT_LENGTH": 256 * 1024,  # forms only: counts and a note
+    "TIMEZONE": "Europe/Paris",
+    "CLAIM_SECONDS": 5 * 60,
+    "SESSION_IDLE_SECONDS": 30 * 60,
+    "SESSION_LIFETIME_SECONDS": 12 * 3600,
+    "LOCKOUT_MAX_FAILURES": 5,
+    "LOCKOUT_MAX_ADDRESS_FAILURES": 20,
+    "LOCKOUT_WINDOW_SECONDS": 15 * 60,
+    "PROGRESS_REFRESH_SECONDS": 10,
+    "ITEMS_PER_PAGE": 50,
+    "AUDIT_PER_PAGE": 100,
+    "PASSWORD_HASHER": None,  # an argon2.PasswordHasher; None: argon2-cffi's defaults (RFC 9106 low-memory)
+    "JOURNAL": None,  # a Journal to share (tests); None: one on settings.db_url_resolved
+}
+
+
+def secret_key_for(settings: Settings) -> str:
+    """`settings.secret_key`, else one generated once into var/secret_key (0600) and shared by every worker."""
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.var_dir / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails if another worker won the race: then everyone reads the winner's key.
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip()
+
+
+class RegistryCache:
+    """The registry, reloaded when its file changes (an operator may fix a line during the night)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self._registry: Registry | None = None
+
+    def get(self) -> Registry | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            self._registry = load_registry(self.path)
+            self._stamp = stamp
+        return self._registry
+
+
+@dataclass
+class ReviewContext:
+    settings: Settings
+    journal: Journal
+    accounts: Accounts
+    items: ReviewItems
+    redis: Redis
+    registry_cache: RegistryCache
+    tz: ZoneInfo
+    progress_cache: dict[str, Any] = field(default_factory=dict)
+
+    def registry(self) -> Registry | None:
+        return self.registry_cache.get()
+
+
+def context() -> ReviewContext:
+    return current_app.extensions["remontee_review"]
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    if test_config is None:
+        app.config.from_prefixed_env("REMONTEE_REVIEW")
+    else:
+        app.config.update(test_config)
+    settings: Settings = app.config.get("SETTINGS") or Settings.from_env()
+    app.config["SETTINGS"] = settings
+    app.config["SECRET_KEY"] = secret_key_for(settings)
+    app.config["PERMANENT_SESSION_LIFETIME"] = app.config["SESSION_LIFETIME_SECONDS"]
+
+    journal = app.config["JOURNAL"] or Journal(settings.db_url_resolved)
+    accounts = Accounts(
+        journal,
+        hasher=app.config["PASSWORD_HASHER"],
+        lockout=LockoutPolicy(
+            app.config["LOCKOUT_MAX_FAILURES"],
+            app.config["LOCKOUT_MAX_ADDRESS_FAILURES"],
+            app.config["LOCKOUT_WINDOW_SECONDS"],
+        ),
+        session_policy=SessionPolicy(app.config["SESSION_IDLE_SECONDS"], app.config["SESSION_LIFETIME_SECONDS"]),
+    )
+    # Short timeouts: a dashboard must say "Redis injoignable", not hang, when Redis is away.
+    redis = Redis.from_url(settings.redis_url_resolved, socket_connect_timeout=1, socket_timeout=2)
+    tz = ZoneInfo(app.config["TIMEZONE"])
+    app.extensions["remontee_review"] = ReviewContext(
+        settings, journal, accounts, ReviewItems(journal, app.config["CLAIM_SECONDS"]),
+        redis, RegistryCache(settings.registry_path), tz,
+    )
+    csrf.init_app(app)
+
+    from review import audit, auth, items, progress
+    from review.review_items import CHANNEL_LABELS, REASON_LABELS, RETURN_STATUS_LABELS, STATE_LABELS
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(items.bp)
+    app.register_blueprint(audit.bp)
+    app.register_blueprint(progress.bp)
+
+    def clock(ts: float | None, fmt: str = "%H:%M:%S") -> str:
+        return "" if ts is None else datetime.fromtimestamp(ts, tz).strftime(fmt)
+
+    def age(seconds: float) -> str:
+        seconds = max(0, int(seconds))
+        if seconds < 60:
+            return f"{seconds} s"
+        if seconds < 3600:
+            return f"{seconds // 60} min"
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d}"
+
+    def pairs(value: Any) -> str:
+        """An audit value for people: `clé : valeur, …` for a mapping, the JSON text otherwise."""
+        if isinstance(value, dict):
+            return ", ".join(f"{k} : {'—' if v is None else v}" for k, v in value.items())
+        return "" if value is None else str(value)
+
+    app.jinja_env.filters.update(
+        pairs=pairs,
+        clock=clock,
+        age=age,
+        channel_label=lambda c: CHANNEL_LABELS.get(c, c),
+        reason_label=lambda r: REASON_LABELS.get(r, r),
+        state_label=lambda s: STATE_LABELS.get(s, s),
+        return_status=lambda s: RETURN_STATUS_LABELS.get(s, s),
+        number=lambda n: "—" if n is None else f"{n:,}".replace(",", "\u202f"),
+    )
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc: CSRFError) -> tuple[str, int]:
+        return render_template("error.html", code=400, title="Formulaire expiré ou invalide",
+                               message="Le jeton de sécurité du formulaire manque ou a expiré. "
+                                       "Rechargez la page et recommencez."), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        if exc.code is None or exc.code < 400:
+            return exc
+        titles = {403: "Accès refusé", 404: "Page introuvable", 405: "Méthode non permise",
+                  409: "Conflit", 413: "Requête trop volumineuse"}
+        messages = {403: "Cette page est réservée aux administrateurs.",
+                    404: "Cette page n'existe pas ou plus."}
+        return render_template("error.html", code=exc.code, title=titles.get(exc.code, "Erreur"),
+                               message=messages.get(exc.code, exc.description)), exc.code
+
+    @app.after_request
+    def security_headers(response: Any) -> Any:
+        # Everything is served from here: no CDN, no inline script or style.
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        )
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if response.mimetype in ("text/html", "application/json"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app

@@ -1,0 +1,205 @@
+"""The `auth` blueprint: login, logout, the current user on every request, users' administration.
+
+Anonymous requests to any page but the login are sent to the login; pages for admins answer
+403 to supervisors. The Flask session cookie carries only the session token (signed); the
+session itself, its expiry and its user's role are read from the database on every request.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from math import ceil
+from typing import Any, TypeVar, cast
+
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from werkzeug.wrappers import Response
+
+from review import context
+from review.accounts import ROLE_LABELS, ROLES, AccountError
+
+bp = Blueprint("auth", __name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@bp.before_app_request
+def load_user() -> None:
+    g.user = None
+    token = session.get("sid")
+    if token:
+        g.user = context().accounts.session_user(token)
+        if g.user is None:
+            session.pop("sid", None)
+            g.session_expired = True
+
+
+def login_redirect() -> Response:
+    if getattr(g, "session_expired", False):
+        flash("Votre session a expiré : reconnectez-vous.", "warning")
+    target = request.full_path if request.method == "GET" else request.path
+    return redirect(url_for("auth.login", next=target.rstrip("?")))
+
+
+def require_login() -> Response | None:
+    """A blueprint's `before_request`: anonymous → the login page."""
+    if g.user is None:
+        return login_redirect()
+    return None
+
+
+def require_admin() -> Response | None:
+    if g.user is None:
+        return login_redirect()
+    if not g.user.is_admin:
+        abort(403)
+    return None
+
+
+def login_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return require_login() or view(*args, **kwargs)
+
+    return cast(F, wrapped)
+
+
+def admin_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return require_admin() or view(*args, **kwargs)
+
+    return cast(F, wrapped)
+
+
+def _safe_next(target: str | None) -> str:
+    # Only a path on this site: an open redirect after login would be a phishing aid.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("items.queue")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    next_url = request.values.get("next", "")
+    if request.method == "GET":
+        if g.user is not None:
+            return redirect(_safe_next(next_url))
+        return render_template("login.html", next=next_url, username="",
+                               no_users=not context().accounts.list_users())
+    username = request.form.get("username", "")
+    password = request.form.get("password", "")
+    if not username.strip() or not password:
+        flash("Saisissez votre identifiant et votre mot de passe.", "error")
+        return render_template("login.html", next=next_url, username=username), 400
+    result = context().accounts.authenticate(username, password, request.remote_addr)
+    if result.locked:
+        minutes = max(1, ceil(result.retry_after / 60))
+        flash(f"Trop d'échecs de connexion : réessayez dans {minutes} min, ou demandez à un administrateur.",
+              "error")
+        return render_template("login.html", next=next_url, username=username), 429
+    if result.user is None:
+        flash("Identifiant ou mot de passe incorrect.", "error")
+        return render_template("login.html", next=next_url, username=username), 401
+    token = context().accounts.open_session(result.user.username, request.remote_addr)
+    session.clear()  # a fresh session (and CSRF token) at login: no fixation
+    session.permanent = True
+    session["sid"] = token
+    return redirect(_safe_next(next_url))
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    token = session.get("sid")
+    if token:
+        context().accounts.close_session(token, actor=g.user.username if g.user else None)
+    session.clear()
+    flash("Vous êtes déconnecté.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@login_required
+def own_password() -> Any:
+    if request.method == "GET":
+        return render_template("password.html")
+    new = request.form.get("new_password", "")
+    if new != request.form.get("confirm_password", ""):
+        flash("Les deux saisies du nouveau mot de passe diffèrent.", "error")
+        return render_template("password.html"), 400
+    try:
+        context().accounts.change_own_password(g.user.username, request.form.get("current_password", ""), new)
+    except AccountError as exc:
+        flash(f"Mot de passe inchangé : {exc}.", "error")
+        return render_template("password.html"), 400
+    session.clear()
+    flash("Mot de passe changé : reconnectez-vous avec le nouveau.", "info")
+    return redirect(url_for("auth.login"))
+
+
+# --- users' administration (admins) ---
+
+
+@bp.get("/users")
+@admin_required
+def users() -> str:
+    return render_template("users.html", users=context().accounts.list_users(), roles=ROLES, role_labels=ROLE_LABELS)
+
+
+@bp.post("/users")
+@admin_required
+def add_user() -> Any:
+    form = request.form
+    try:
+        if form.get("password", "") != form.get("confirm_password", ""):
+            raise AccountError("les deux saisies du mot de passe diffèrent")
+        user = context().accounts.add_user(form.get("username", ""), form.get("password", ""),
+                                           form.get("role", ""), g.user.username)
+    except AccountError as exc:
+        flash(f"Utilisateur non créé : {exc}.", "error")
+        return render_template("users.html", users=context().accounts.list_users(), roles=ROLES,
+                               role_labels=ROLE_LABELS, draft=form), 400
+    flash(f"Utilisateur {user.username} créé ({user.role_label}).", "success")
+    return redirect(url_for("auth.users"))
+
+
+def _existing(username: str) -> str:
+    if context().accounts.get_user(username) is None:
+        abort(404)
+    return username
+
+
+@bp.post("/users/<username>/role")
+@admin_required
+def set_role(username: str) -> Response:
+    try:
+        context().accounts.set_role(_existing(username), request.form.get("role", ""), g.user.username)
+        flash(f"Rôle de {username} : {ROLE_LABELS.get(request.form.get('role', ''), '?')}.", "success")
+    except AccountError as exc:
+        flash(f"Rôle inchangé : {exc}.", "error")
+    return redirect(url_for("auth.users"))
+
+
+@bp.post("/users/<username>/active")
+@admin_required
+def set_active(username: str) -> Response:
+    active = request.form.get("active") == "1"
+    if username == g.user.username and not active:
+        flash("Vous ne pouvez pas désactiver votre propre compte.", "error")
+        return redirect(url_for("auth.users"))
+    try:
+        context().accounts.set_active(_existing(username), active, g.user.username)
+        flash(f"Compte {username} {'réactivé' if active else 'désactivé'}.", "success")
+    except AccountError as exc:
+        flash(f"Compte inchangé : {exc}.", "error")
+    return redirect(url_for("auth.users"))
+
+
+@bp.post("/users/<username>/password")
+@admin_required
+def reset_password(username: str) -> Response:
+    try:
+        context().accounts.set_password(_existing(username), request.form.get("password", ""), g.user.username)
+        flash(f"Mot de passe de {username} remplacé ; ses sessions sont fermées.", "success")
+    except AccountError as exc:
+        flash(f"Mot de passe inchangé : {exc}.", "error")
+    return redirect(url_for("auth.users"))

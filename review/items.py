@@ -1,0 +1,310 @@
+"""The `items` blueprint: the queue of review items, one item (claimed on opening), approve and reject,
+and the pen artefacts (page and field crops), served only to a logged-in supervisor."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from werkzeug.wrappers import Response
+
+from forms import Election, load_election
+from pen_gateway.artefacts import field_crop_path, load_reading, page_path
+from review import context
+from review.auth import require_login
+from review.review_items import (
+    CHANNEL_LABELS,
+    REASON_LABELS,
+    STATE_LABELS,
+    ItemFilter,
+    ItemUnavailable,
+    ReviewItem,
+)
+from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
+
+bp = Blueprint("items", __name__)
+bp.before_request(require_login)
+
+MAX_SUGGESTIONS = 4
+
+
+@dataclass
+class FieldRow:
+    """One count of the item page: what the channel captured, what the reviewer types, what else we know."""
+
+    id: str
+    label: str
+    candidate: bool
+    max_digits: int
+    original: int | None
+    value: str
+    other: int | None = None
+    differs: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    invalid: bool = False
+    read_value: int | None = None
+    confidence: float | None = None
+    alternative: tuple[int, float] | None = None
+    crop: bool = False
+
+
+@bp.get("/")
+def index() -> Response:
+    return redirect(url_for("items.queue"))
+
+
+def _filters() -> tuple[ItemFilter, dict[str, str]]:
+    args = request.args
+    state = args.get("state", "open")
+    state = state if state in (*STATE_LABELS, "all") else "open"
+    reason = args.get("reason", "")
+    reason = reason if reason in REASON_LABELS else ""
+    channel = args.get("channel", "")
+    channel = channel if channel in CHANNEL_LABELS else ""
+    department = args.get("department", "")
+    registry = context().registry()
+    bureaux = None
+    if department and registry is not None:
+        bureaux = [b.code for b in registry.bureaux.values() if b.department == department]
+    chosen = {"state": state, "reason": reason, "channel": channel, "department": department if bureaux else ""}
+    return ItemFilter(None if state == "all" else state, reason or None, channel or None, bureaux), chosen
+
+
+@bp.get("/items")
+def queue() -> str:
+    filters, chosen = _filters()
+    per_page = int(current_app.config["ITEMS_PER_PAGE"])
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    items, total = context().items.list(filters, limit=per_page, offset=(page - 1) * per_page)
+    registry = context().registry()
+    now = time.time()
+    return render_template(
+        "queue.html",
+        items=items,
+        total=total,
+        page=page,
+        pages=max(1, math.ceil(total / per_page)),
+        chosen=chosen,
+        registry=registry,
+        departments=registry.departments() if registry else {},
+        reasons=[r for r in REASON_LABELS if r != Reason.DUPLICATE],
+        channels=[c for c in CHANNEL_LABELS if c != "review"],
+        states=STATE_LABELS,
+        now=now,
+    )
+
+
+def _get(item_id: int) -> ReviewItem:
+    item = context().items.get(item_id)
+    if item is None:
+        abort(404)
+    return item
+
+
+def _alternative(reading_field: dict[str, Any]) -> tuple[int, float] | None:
+    """The other reading of a field the OCR found likeliest: its least sure digit replaced by its best rival."""
+    digits = reading_field.get("digits") or []
+    best: tuple[float, int, int] | None = None
+    for pos, d in enumerate(digits):
+        for alt in d.get("alternatives") or []:
+            digit, p = int(alt[0]), float(alt[1])
+            if digit != d.get("digit") and (best is None or p > best[0]):
+                best = (p, pos, digit)
+    if best is None or any(d.get("digit") is None for d in digits):
+        return None
+    p, pos, digit = best
+    text = "".join(str(d["digit"]) for d in digits)
+    return int(text[:pos] + str(digit) + text[pos + 1 :]), p
+
+
+def _item_page(
+    item: ReviewItem,
+    *,
+    submitted: dict[str, str] | None = None,
+    approve_findings: list[Finding] | None = None,
+    bureau_value: str | None = None,
+    status: int = 200,
+) -> tuple[str, int]:
+    ctx = context()
+    election: Election = load_election(item.election)
+    registry = ctx.registry()
+    bureau = registry.get(item.bureau) if registry else None
+    other_id = item.compared_return_id
+    other = ctx.journal.get(other_id) if other_id else None
+    reading = None
+    upload_id = item.ret.source.get("upload_id") if item.channel == "pen" else None
+    page_exists = False
+    if upload_id:
+        try:
+            reading = load_reading(ctx.settings.var_dir, upload_id)
+            page_exists = page_path(ctx.settings.var_dir, upload_id).is_file()
+        except ValueError:  # an upload id that is not ours to read
+            upload_id = None
+    by_field = item.field_findings()
+    invalid_fields = {f.field for f in approve_findings or [] if f.field}
+    rows = []
+    for f in election.fields:
+        original = item.ret.counts.get(f.id)
+        row = FieldRow(
+            id=f.id, label=f.label, candidate=f.candidate, max_digits=f.max_digits, original=original,
+            value=(submitted or {}).get(f.id, "" if original is None else str(original)),
+            findings=by_field.get(f.id, []), invalid=f.id in invalid_fields,
+        )
+        if other is not None:
+            row.other = other.ret.counts.get(f.id)
+            row.differs = row.other != original
+        if reading is not None:
+            rf = (reading.get("fields") or {}).get(f.id) or {}
+            row.read_value = rf.get("value")
+            row.confidence = rf.get("confidence")
+            row.alternative = _alternative(rf)
+        if upload_id:
+            row.crop = field_crop_path(ctx.settings.var_dir, upload_id, f.id).is_file()
+        rows.append(row)
+    suggestions: list[tuple[str, int, str]] = []
+    if reading is not None:
+        suggestions += [(str(s[0]), int(s[1]), "lecture") for s in reading.get("suggestions") or []]
+    # Only a broken sum has one-digit fixes worth showing (and the search costs a few ms).
+    fixes = suggest_single_digit_fixes(item.ret.counts, election) if check_arithmetic(item.ret.counts, election) else []
+    if 0 < len(fixes) <= MAX_SUGGESTIONS:  # many fixes say nothing: the form's checksum cannot choose
+        suggestions += [(f, v, "arithmétique") for f, v in fixes if (f, v) not in {(s[0], s[1]) for s in suggestions}]
+    labels = {f.id: f.label for f in election.fields}
+    history = [e for e in ctx.journal.entries(item.election, item.bureau) if e.ret.return_id != item.return_id]
+    editable = item.state == "open" and not item.held_by_other(g.user.username)
+    return render_template(
+        "item.html",
+        item=item,
+        election=election,
+        bureau=bureau,
+        rows=rows,
+        other=other,
+        reading=reading,
+        upload_id=upload_id,
+        page_exists=page_exists,
+        suggestions=[(f, v, src, labels.get(f, f)) for f, v, src in suggestions],
+        approve_findings=approve_findings or [],
+        history=history,
+        editable=editable,
+        unknown_bureau=Reason.UNKNOWN_BUREAU in item.reasons,
+        bureau_value=bureau_value if bureau_value is not None else item.bureau,
+        known_caller=bureau is not None and item.ret.source.get("caller_id") in bureau.caller_ids,
+        now=time.time(),
+    ), status
+
+
+@bp.get("/items/<int:item_id>")
+def show(item_id: int) -> Any:
+    item = _get(item_id)
+    fresh = (item.claimed_by == g.user.username and item.claimed_until is not None
+             and item.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
+    if item.state == "open" and not fresh:  # a reload within the claim costs no write
+        try:
+            item = context().items.claim(item_id, g.user.username)
+        except ItemUnavailable as exc:
+            flash(f"Consultation seule : {exc}.", "warning")
+            item = _get(item_id)
+    return _item_page(item)
+
+
+@bp.post("/items/<int:item_id>/claim")
+def renew_claim(item_id: int) -> Any:
+    """Called by the item page every few minutes while it stays open, so the claim lasts as long as the work."""
+    _get(item_id)
+    try:
+        item = context().items.claim(item_id, g.user.username)
+    except ItemUnavailable as exc:
+        return jsonify(claimed=False, message=str(exc)), 409
+    until = datetime.fromtimestamp(item.claimed_until or 0, context().tz).strftime("%H:%M")
+    return jsonify(claimed=True, claimed_until=item.claimed_until, until=until)
+
+
+@bp.post("/items/<int:item_id>/release")
+def release(item_id: int) -> Response:
+    _get(item_id)
+    context().items.release(item_id, g.user.username)
+    flash("Élément libéré : un autre superviseur peut le prendre.", "info")
+    return redirect(url_for("items.queue"), 303)
+
+
+@bp.post("/items/<int:item_id>/approve")
+def approve(item_id: int) -> Any:
+    item = _get(item_id)
+    election = load_election(item.election)
+    submitted = {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+    # The bureau can be chosen only when the channel's one is unknown to the registry.
+    bureau = request.form.get("bureau", "").strip() if Reason.UNKNOWN_BUREAU in item.reasons else None
+    try:
+        outcome = context().items.approve(
+            item_id, g.user.username, submitted, context().registry(), request.form.get("note", ""), bureau
+        )
+    except ItemUnavailable as exc:
+        flash(f"Approbation impossible : {exc}.", "error")
+        return _item_page(_get(item_id), status=409)
+    if outcome.submission is None:
+        flash("Correction non enregistrée : les chiffres ne sont pas cohérents (voir ci-dessous).", "error")
+        return _item_page(item, submitted=submitted, approve_findings=outcome.findings, bureau_value=bureau,
+                          status=422)
+    flash(
+        f"Correction approuvée pour le bureau {outcome.ret.bureau} : retour {outcome.submission.return_id} "
+        f"accepté, reçu {outcome.submission.receipt}.",
+        "success",
+    )
+    return redirect(url_for("items.queue"), 303)
+
+
+@bp.post("/items/<int:item_id>/reject")
+def reject(item_id: int) -> Any:
+    item = _get(item_id)
+    reason = request.form.get("reason", "")
+    if not reason.strip():
+        flash("Un motif est obligatoire pour rejeter.", "error")
+        return _item_page(item, status=400)
+    try:
+        context().items.reject(item_id, g.user.username, reason)
+    except ItemUnavailable as exc:
+        flash(f"Rejet impossible : {exc}.", "error")
+        return _item_page(_get(item_id), status=409)
+    flash(f"Retour du bureau {item.bureau} rejeté.", "success")
+    return redirect(url_for("items.queue"), 303)
+
+
+def _upload_id(item: ReviewItem) -> str:
+    upload_id = item.ret.source.get("upload_id") if item.channel == "pen" else None
+    if not upload_id or not upload_id.isalnum():
+        abort(404)
+    return upload_id
+
+
+@bp.get("/items/<int:item_id>/page.png")
+def page_image(item_id: int) -> Response:
+    path = page_path(context().settings.var_dir, _upload_id(_get(item_id)))
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+
+
+@bp.get("/items/<int:item_id>/fields/<field_id>.png")
+def field_image(item_id: int, field_id: str) -> Response:
+    item = _get(item_id)
+    if field_id not in {f.id for f in load_election(item.election).fields}:
+        abort(404)
+    path = field_crop_path(context().settings.var_dir, _upload_id(item), field_id)
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=300, conditional=True)

@@ -1,0 +1,96 @@
+"""`run_gateway.py ivr` as the operator starts it: a real process, a real call, the relay to RQ, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agi_peer import AsteriskPeer, press
+from redis import Redis
+from rq.job import Job
+
+import run_gateway
+from conftest import RedisServer, free_port
+from ivr import prompts as P
+from returns_queue.jobs import return_job_id
+from returns_queue.journal import Journal
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS = [250, 5, 245, 70, 5, 90, 40, 25, 15]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[str], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else "exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("the FastAGI server did not listen")
+
+
+def _stats_line(process: subprocess.Popen[str]) -> dict[str, object]:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    return json.loads(line)["ivr_stats"]
+
+
+def test_ivr_command_serves_a_call_relays_it_and_stops_cleanly(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis, demo_registry_files: tuple[Path, Path],
+    pins: dict[str, str],
+) -> None:
+    port = free_port()
+    db_url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+           "REMONTEE_DB_URL": db_url, "REMONTEE_REGISTRY": str(demo_registry_files[0]),
+           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_AGI_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_port(port, process)
+        code = sorted(pins)[-1]
+        script = [press(code + "#"), press(pins[code] + "#"), *[press(f"{n}#") for n in COUNTS], press("1")]
+        record = AsteriskPeer(script, sounds=frozenset(P.catalog())).call_sync("127.0.0.1", port)
+        assert record.outcome == "accepted" and record.missing == []
+
+        journal = Journal(db_url)
+        [entry] = journal.entries("primaire-2011-t1", code)
+        assert entry.receipt == record.receipt
+        # The relay in the same process puts the accepted return on RQ, woken by the submission.
+        deadline = time.monotonic() + 10
+        while not redis.exists(Job.key_for(return_job_id(entry.ret.return_id))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job = Job.fetch(return_job_id(entry.ret.return_id), connection=redis)
+        assert job.args[0]["bureau"] == code and job.origin == "returns"
+        assert journal.outbox_backlog() == 0
+        journal.dispose()
+
+        process.send_signal(signal.SIGUSR1)
+        stats = _stats_line(process)
+        assert stats["calls_finished"] == 1 and stats["violations"] == 0
+        assert stats["turnaround_all"]["count"] == len(record.commands)  # type: ignore[index]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0
+    assert "ivr_stats" in (process.stdout.read() if process.stdout else "")
+
+
+def test_ivr_is_a_service_of_run_all() -> None:
+    [service] = [s for s in run_gateway.SERVICES if s.name == "ivr"]
+    assert service.argv == ("ivr",) and "ivr.cli" in run_gateway.PARTS
+    from settings import Settings
+
+    assert service.where.format(s=Settings()) == "agi://127.0.0.1:4573/results"

@@ -1,0 +1,499 @@
+"""The French results call end to end: the FastAGI server on a real reactor and TCP port, a real Redis,
+a real journal, and the scripted Asterisk peer playing the caller.
+
+Every call checks that each sound the server played is in the prompt catalog (the peer answers a
+missing file with `result=-1`, as Asterisk does, and records it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agi_peer import HANGUP, SILENCE, AsteriskPeer, CallRecord, barge, press
+from redis import Redis
+from twisted.internet import defer, reactor
+from twisted.internet.threads import blockingCallFromThread
+
+from conftest import RedisServer
+from forms import Election
+from ivr import prompts as P
+from ivr.call_state import CallState
+from ivr.server import PhoneService
+from returns_queue.journal import Journal
+from settings import Settings
+
+CATALOG = frozenset(P.catalog())
+# Figures that add up; votants stays under every demo bureau's inscrits (at least 300).
+GOOD_T1 = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "aubry": 70, "baylet": 5, "hollande": 90,
+           "montebourg": 40, "royal": 25, "valls": 15}
+GOOD_T2 = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "hollande": 140, "aubry": 105}
+
+
+@pytest.fixture(scope="module")
+def running_reactor() -> Iterator[Any]:
+    """The global reactor on a background thread: the servers live there, the tests call in."""
+    if not reactor.running:  # type: ignore[attr-defined]
+        thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},  # type: ignore[attr-defined]
+                                  daemon=True, name="reactor")
+        thread.start()
+        while not reactor.running:  # type: ignore[attr-defined]
+            threading.Event().wait(0.01)
+    yield reactor
+    # The reactor cannot be restarted in a process: it stays up (a daemon thread) for later modules.
+
+
+@dataclass
+class Phone:
+    service: PhoneService
+    port: int
+    election: Election
+    pins: dict[str, str]
+    codes: Iterator[str]
+
+    @property
+    def journal(self) -> Journal:
+        return self.service.journal
+
+    def next_bureau(self) -> tuple[str, str]:
+        code = next(self.codes)
+        return code, self.pins[code]
+
+    def call(self, script: list[Any], **options: Any) -> CallRecord:
+        options.setdefault("sounds", CATALOG)
+        record = AsteriskPeer(script, **options).call_sync("127.0.0.1", self.port)
+        assert record.missing == [], f"sounds not in the catalog: {record.missing}"
+        assert record.ended == "server closed"
+        return record
+
+    def counts_script(self, counts: dict[str, int]) -> list[Any]:
+        return [press(f"{counts[f.id]}#") for f in self.election.fields]
+
+    def happy_script(self, code: str, pin: str, counts: dict[str, int]) -> list[Any]:
+        return [press(code + "#"), press(pin + "#"), *self.counts_script(counts), press("1")]
+
+    def entries(self, code: str) -> list[Any]:
+        return self.journal.entries(self.election.id, code)
+
+
+def _phone(election_id: str, tmp: Path, redis_server: RedisServer, registry_files: tuple[Path, Path],
+           pins: dict[str, str], codes: list[str]) -> Iterator[Phone]:
+    settings = Settings(var_dir=tmp, redis_url=redis_server.url, db_url=f"sqlite:///{tmp / 'journal.sqlite3'}",
+                        election=election_id, registry=registry_files[0], bind="127.0.0.1")
+    service = PhoneService(settings, relay=False)
+    port = blockingCallFromThread(reactor, service.start, 0).getHost().port
+    yield Phone(service, port, service.election, pins, iter(codes))
+    blockingCallFromThread(reactor, lambda: defer.ensureDeferred(service.stop(1.0)))
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
+          demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
+    codes = sorted(pins)[:50]
+    yield from _phone("primaire-2011-t1", tmp_path_factory.mktemp("ivr-t1"), redis_server, demo_registry_files,
+                      pins, codes)
+
+
+@pytest.fixture(scope="module")
+def phone_t2(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
+             demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
+    codes = sorted(pins)[50:]
+    yield from _phone("primaire-2011-t2", tmp_path_factory.mktemp("ivr-t2"), redis_server, demo_registry_files,
+                      pins, codes)
+
+
+@pytest.fixture
+def state(redis: Redis) -> CallState:
+    return CallState(redis)
+
+
+def said(record: CallRecord, *files: str) -> bool:
+    """`files` were played one after the other."""
+    played, n = record.played, len(files)
+    return any(tuple(played[i:i + n]) == files for i in range(len(played) - n + 1))
+
+
+# --- the happy paths ---
+
+def test_first_round_happy_path(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    record = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="0611223344")
+    assert record.outcome == "accepted" and record.variables["REMONTEE_STATUS"] == "accepted"
+    assert record.variables["REMONTEE_BUREAU"] == code
+    [entry] = phone.entries(code)
+    assert entry.status == "accepted" and entry.receipt == record.receipt
+    assert dict(entry.ret.counts) == GOOD_T1 and entry.ret.channel == "ivr"
+    assert entry.ret.source == {"call_id": record.env["agi_uniqueid"], "caller_id": "0611223344"}
+    # The questions, in the form's order, with DESIGN.md's names.
+    assert record.prompts_asked() == [P.ASK_BUREAU, P.ASK_PIN, P.ask_field(phone.election.field("votants")),
+                                      "remontee/ask-blancs_nuls", "remontee/ask-exprimes",
+                                      *[f"remontee/ask-votes-{c}" for c in phone.election.candidate_ids],
+                                      P.ASK_CONFIRM_SEND]
+    # Each count said back as a French number as soon as it is keyed: 250, then 245 ...
+    assert said(record, "remontee/nombres/deux", "remontee/nombres/cents", "remontee/nombres/cinquante") is False
+    assert said(record, "remontee/nombres/deux", "remontee/nombres/cent", "remontee/nombres/cinquante")
+    assert said(record, "remontee/nombres/soixante-dix", P.ask_field(phone.election.field("baylet")))
+    # The receipt, digit by digit, twice, after the journal write.
+    digits = P.digit_files(record.receipt or "")
+    assert said(record, P.RECORDED, P.RECEIPT_IS, *digits, P.I_REPEAT, *digits, P.GOODBYE)
+    assert state.load_partial(phone.election.id, code) is None  # nothing left to resume
+    assert record.unused == [] and record.silent_past_script == 0
+    assert all(t >= 0 for t in record.turnarounds)
+
+
+def test_second_round_happy_path(phone_t2: Phone) -> None:
+    code, pin = phone_t2.next_bureau()
+    record = phone_t2.call(phone_t2.happy_script(code, pin, GOOD_T2))
+    assert record.outcome == "accepted"
+    [entry] = phone_t2.entries(code)
+    assert dict(entry.ret.counts) == GOOD_T2 and entry.ret.election == "primaire-2011-t2"
+    assert record.prompts_asked()[2:7] == ["remontee/ask-votants", "remontee/ask-blancs_nuls", "remontee/ask-exprimes",
+                                           "remontee/ask-votes-hollande", "remontee/ask-votes-aubry"]
+    assert P.election_title(phone_t2.election) in record.played
+
+
+def test_experienced_caller_barges_in_and_skips_the_read_back(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    fields = phone.election.fields
+    script = [barge(code + "#"), press(pin + "#"), press(f"{GOOD_T1['votants']}#")]
+    # Typing the next count while the previous one is said back: the digit is kept.
+    script += [barge(f"{GOOD_T1[f.id]}#") for f in fields[1:]]
+    script += [barge("#"), barge("1")]  # '#' cuts the last say-back, 1 during the read-back confirms at once
+    record = phone.call(script)
+    assert record.outcome == "accepted", "\n".join(record.commands)
+    assert dict(phone.entries(code)[0].ret.counts) == GOOD_T1
+    assert P.ASK_BUREAU not in record.prompts_asked()  # the code was typed during the welcome
+    assert P.ASK_CONFIRM_SEND not in record.prompts_asked()
+    assert record.prompts_asked().count(P.SILENCE) == len(fields)  # bureau + 8 barged counts
+
+
+def test_star_restarts_an_entry_and_during_the_say_back_keys_the_count_again(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    script = [press("99*" + code + "#"), press(pin + "#"), press("205#"), barge("*"),
+              *phone.counts_script(GOOD_T1), barge("#"), press("1")]
+    record = phone.call(script)
+    assert record.outcome == "accepted"
+    assert dict(phone.entries(code)[0].ret.counts) == GOOD_T1
+    assert record.prompts_asked().count("remontee/ask-votants") == 2
+    assert record.prompts_asked()[-1] == P.ASK_CONFIRM_SEND  # '#' skipped the read-back to the question
+
+
+# --- bureau, PIN, lockouts ---
+
+def test_unknown_bureau_is_said_back_three_tries_then_operator(phone: Phone) -> None:
+    record = phone.call([press("999901#"), press("42#"), press("0#")])
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"].endswith("bureau")
+    assert said(record, P.BUREAU, *P.digit_files("999901"), P.UNKNOWN)
+    assert said(record, P.BUREAU, *P.digit_files("42"), P.UNKNOWN)
+    assert record.prompts_asked() == [P.ASK_BUREAU] * 3
+    assert record.played[-1] == P.TO_OPERATOR
+
+
+def test_unknown_then_known_bureau_goes_on(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    record = phone.call([press("999901#"), *phone.happy_script(code, pin, GOOD_T1)])
+    assert record.outcome == "accepted"
+
+
+def test_three_wrong_pins_lock_the_bureau_across_calls(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    wrong = "000000" if pin != "000000" else "111111"
+    record = phone.call([press(code + "#"), press(wrong + "#"), press(wrong + "#"), press(wrong + "#")],
+                        callerid="0600000001")
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "bureau-locked"
+    assert said(record, P.PIN_WRONG, P.BUREAU_LOCKED)
+    assert 0 < state.locked_for("bureau", code) <= 15 * 60
+    # Another caller, with the right PIN: the bureau is locked for every call.
+    record = phone.call([press(code + "#"), press(pin + "#")], callerid="0600000002")
+    assert record.outcome == "operator" and P.BUREAU_LOCKED in record.played
+    assert P.ASK_PIN not in record.prompts_asked()
+    assert phone.entries(code) == []
+
+
+def test_two_wrong_pins_then_the_right_one_is_accepted(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    wrong = "000000" if pin != "000000" else "111111"
+    script = [press(code + "#"), press(wrong + "#"), press(wrong + "#"), press(pin + "#"),
+              *phone.counts_script(GOOD_T1), press("1")]
+    record = phone.call(script, callerid="0600000003")
+    assert record.outcome == "accepted" and record.played.count(P.PIN_WRONG) == 2
+    assert state.locked_for("bureau", code) == 0
+
+
+def test_a_caller_trying_pins_on_several_bureaux_is_locked_and_told_so(phone: Phone, state: CallState) -> None:
+    caller = "0699999999"
+    for attempt in range(3):
+        code, pin = phone.next_bureau()
+        wrong = "000000" if pin != "000000" else "111111"
+        hangs_up = [HANGUP] if attempt < 2 else []  # one wrong PIN per bureau, on three bureaux
+        record = phone.call([press(code + "#"), press(wrong + "#"), *hangs_up], callerid=caller)
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "caller-locked"
+    assert state.locked_for("caller", caller) > 0
+    code, pin = phone.next_bureau()
+    record = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid=caller)
+    assert record.outcome == "operator" and record.played[:2] == [P.CALLER_LOCKED, P.TO_OPERATOR]
+    assert record.prompts_asked() == [] and phone.entries(code) == []
+
+
+def test_withheld_numbers_are_never_locked_together(phone: Phone, state: CallState) -> None:
+    for _ in range(3):
+        code, pin = phone.next_bureau()
+        wrong = "000000" if pin != "000000" else "111111"
+        phone.call([press(code + "#"), press(wrong + "#"), HANGUP], callerid="unknown")
+    assert state.locked_for("caller", "unknown") == 0
+    code, pin = phone.next_bureau()
+    assert phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="unknown").outcome == "accepted"
+
+
+# --- silence ---
+
+def test_silence_reprompts_three_times_then_operator(phone: Phone) -> None:
+    record = phone.call([SILENCE, SILENCE, SILENCE, SILENCE])
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "NoInput:bureau"
+    assert record.prompts_asked() == [P.ASK_BUREAU] * 4 and record.played.count(P.NOTHING_HEARD) == 3
+
+
+def test_silence_during_the_counts_keeps_what_was_typed(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    record = phone.call([press(code + "#"), press(pin + "#"), press("250#"), SILENCE, SILENCE, SILENCE, SILENCE])
+    assert record.outcome == "operator"
+    partial = state.load_partial(phone.election.id, code)
+    assert partial is not None and partial.counts == {"votants": 250}
+
+
+# --- arithmetic ---
+
+def test_sum_mismatch_is_said_then_one_count_corrected(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    wrong = {**GOOD_T1, "hollande": 93}  # three votes too many
+    rank = [f.id for f in phone.election.fields].index("hollande") + 1
+    script = [press(code + "#"), press(pin + "#"), *phone.counts_script(wrong),
+              press("1"), press(f"{rank}#"), press("90#"), press("1")]
+    record = phone.call(script)
+    assert said(record, P.SUM_MISMATCH, P.GAP_OF, "remontee/nombres/trois", P.TOO_MANY)
+    assert P.TOTAL_MISMATCH not in record.played
+    assert record.outcome == "accepted"
+    [entry] = phone.entries(code)
+    assert entry.status == "accepted" and dict(entry.ret.counts) == GOOD_T1
+    assert record.prompts_asked().count("remontee/ask-votes-hollande") == 2
+
+
+def test_total_mismatch_then_everything_keyed_again(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    wrong = {**GOOD_T1, "votants": 260}  # blancs_nuls + exprimes = 250: ten short
+    script = [press(code + "#"), press(pin + "#"), *phone.counts_script(wrong), press("2"),
+              *phone.counts_script(GOOD_T1), press("1")]
+    record = phone.call(script)
+    assert said(record, P.TOTAL_MISMATCH, P.GAP_OF, "remontee/nombres/dix", P.TOO_FEW)
+    assert record.outcome == "accepted" and dict(phone.entries(code)[0].ret.counts) == GOOD_T1
+
+
+def test_mismatch_sent_as_is_goes_to_a_supervisor_with_a_receipt(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    wrong = {**GOOD_T1, "valls": 10}
+    record = phone.call([press(code + "#"), press(pin + "#"), *phone.counts_script(wrong), press("3"), press("1")])
+    assert record.outcome == "accepted" and record.variables["REMONTEE_STATUS"] == "review"
+    [entry] = phone.entries(code)
+    assert entry.status == "review" and {f.code for f in entry.findings} == {"SUM_MISMATCH"}
+    assert said(record, P.TO_SUPERVISOR, P.RECEIPT_IS)
+
+
+def test_more_votants_than_inscrits_is_said(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    inscrits = phone.service.registry.get(code).inscrits  # type: ignore[union-attr]
+    counts = {**GOOD_T1, "votants": inscrits + 5, "blancs_nuls": inscrits + 5 - 245}
+    record = phone.call([press(code + "#"), press(pin + "#"), *phone.counts_script(counts), press("3"), press("1")])
+    assert P.OVER_REGISTERED in record.played and record.variables["REMONTEE_STATUS"] == "review"
+
+
+# --- hang-ups and resume ---
+
+def test_a_hang_up_at_every_step_accepts_nothing_and_keeps_the_partial(phone: Phone, redis: Redis,
+                                                                     state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    happy = phone.happy_script(code, pin, GOOD_T1)
+    fields = [f.id for f in phone.election.fields]
+    for step in range(len(happy)):
+        redis.flushdb()
+        record = phone.call([*happy[:step], HANGUP])
+        assert record.caller_hung_up and record.outcome == "hangup", step
+        assert phone.entries(code) == [], step
+        # After the hang-up only dead-safe commands reached the channel.
+        assert record.hung_up_at is not None
+        assert all(c.split()[0] in ("SET", "VERBOSE", "EXEC") for c in record.commands[record.hung_up_at:]), step
+        partial = state.load_partial(phone.election.id, code)
+        typed = max(0, step - 2)  # the counts keyed before the hang-up
+        if typed == 0:
+            assert partial is None, step
+        else:
+            assert partial is not None and partial.counts == {f: GOOD_T1[f] for f in fields[:typed]}, step
+    # Hanging up during the receipt: the return was journaled before it was spoken.
+    redis.flushdb()
+    record = phone.call([*happy, HANGUP])
+    assert record.caller_hung_up and record.outcome == "accepted"
+    assert [e.status for e in phone.entries(code)] == ["accepted"]
+
+
+def test_only_dead_safe_commands_follow_a_hang_up(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    record = phone.call([press(code + "#"), press(pin + "#"), press("250#"), HANGUP])
+    hung_up_at = next(i for i, c in enumerate(record.commands) if c.startswith("STREAM FILE remontee/nombres"))
+    later = [c.split()[0] + " " + c.split()[1] for c in record.commands[hung_up_at + 1:]]
+    assert later and set(later) <= {"SET VARIABLE"}
+
+
+def test_hang_up_while_the_pin_is_checked(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    probe = phone.call([press(code + "#"), press(pin + "#"), HANGUP])
+    pin_command = next(i for i, c in enumerate(probe.commands, start=1) if c.startswith("GET DATA remontee/ask-pin"))
+    # The HANGUP line arrives right after the PIN's answer, while the server is in the scrypt thread.
+    record = phone.call(phone.happy_script(code, pin, GOOD_T1), inject_after={pin_command: b"HANGUP\n"})
+    assert record.outcome == "hangup" and phone.entries(code) == []
+    assert not any(c.startswith(("GET DATA", "STREAM FILE")) for c in record.commands[pin_command:])
+
+
+def test_a_511_without_hangup_line_is_a_hang_up(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    script = phone.happy_script(code, pin, GOOD_T1)
+    probe = phone.call([*script[:2], HANGUP])
+    first_count = next(i for i, c in enumerate(probe.commands, start=1) if "ask-votants" in c)
+    record = phone.call(script, tamper={first_count: b"511 Command Not Permitted on a dead channel or intercept "
+                                                     b"routine\n"})
+    assert record.outcome == "hangup" and phone.entries(code) == []
+
+
+def test_resume_after_a_dropped_call(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    fields = [f.id for f in phone.election.fields]
+    happy = phone.happy_script(code, pin, GOOD_T1)
+    phone.call([*happy[:6], HANGUP])  # bureau, PIN and four counts
+    assert state.load_partial(phone.election.id, code).counts == {f: GOOD_T1[f] for f in fields[:4]}  # type: ignore[union-attr]
+    rest = [press(f"{GOOD_T1[f]}#") for f in fields[4:]]
+    record = phone.call([press(code + "#"), press(pin + "#"), press("1"), *rest, press("1")])
+    assert said(record, P.RESUME_OFFER) and P.ASK_CONFIRM_RESUME in record.prompts_asked()
+    assert record.prompts_asked()[3:-1] == [f"remontee/ask-votes-{c}" for c in fields[4:]]
+    assert record.outcome == "accepted" and dict(phone.entries(code)[0].ret.counts) == GOOD_T1
+
+
+def test_resume_declined_starts_again(phone: Phone, state: CallState) -> None:
+    code, pin = phone.next_bureau()
+    happy = phone.happy_script(code, pin, GOOD_T1)
+    phone.call([*happy[:4], HANGUP])
+    record = phone.call([press(code + "#"), press(pin + "#"), press("2"), *phone.counts_script(GOOD_T1), press("1")])
+    assert record.prompts_asked()[3] == "remontee/ask-votants" and record.outcome == "accepted"
+
+
+def test_resume_is_kept_thirty_minutes(phone: Phone, redis: Redis) -> None:
+    code, pin = phone.next_bureau()
+    phone.call([*phone.happy_script(code, pin, GOOD_T1)[:3], HANGUP])
+    ttl = redis.ttl(f"remontee:ivr:partial:{phone.election.id}:{code}")
+    assert 29 * 60 < ttl <= 30 * 60
+
+
+# --- a bureau that already reported ---
+
+def test_second_call_for_a_bureau_that_reported(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    first = phone.call(phone.happy_script(code, pin, GOOD_T1))
+    assert first.outcome == "accepted"
+    # Leaves.
+    record = phone.call([press(code + "#"), press(pin + "#"), press("2")])
+    assert said(record, P.ALREADY_REPORTED) and record.outcome == "declined"
+    assert len(phone.entries(code)) == 1
+    # Corrects: journaled, sent to a supervisor as a CORRECTION, and the caller still gets a receipt.
+    corrected = {**GOOD_T1, "aubry": 71, "hollande": 89}
+    record = phone.call([press(code + "#"), press(pin + "#"), press("1"), *phone.counts_script(corrected),
+                         press("1")])
+    assert record.outcome == "accepted" and record.variables["REMONTEE_STATUS"] == "review"
+    assert said(record, P.CORRECTION_TO_SUPERVISOR, P.RECEIPT_IS)
+    entries = phone.entries(code)
+    assert [e.status for e in entries] == ["accepted", "review"]
+    assert "CORRECTION" in {f.code for f in entries[1].findings} and entries[1].receipt == record.receipt
+    assert record.receipt != first.receipt
+    # The same figures again: a duplicate, answered with the first receipt.
+    record = phone.call([press(code + "#"), press(pin + "#"), press("1"), *phone.counts_script(GOOD_T1),
+                         press("1")])
+    assert record.receipt == first.receipt and record.variables["REMONTEE_STATUS"] == "accepted"
+    assert said(record, P.ALREADY_RECEIVED, P.RECEIPT_IS)
+
+
+# --- the wire: garbage, long lines, missing sounds, Redis away, many calls ---
+
+def _concurrently(*calls: Callable[[], Any]) -> list[CallRecord]:
+    async def run() -> list[CallRecord]:
+        return list(await asyncio.gather(*(c() for c in calls)))
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff\xfe garbage\n", b"200 result=1" + b"9" * 20_000,
+                                     b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_garbage_from_one_peer_closes_that_call_only(phone: Phone, garbage: bytes) -> None:
+    code, pin = phone.next_bureau()
+    other_code, other_pin = phone.next_bureau()
+    violations = phone.service.stats.violations
+    bad = AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=CATALOG, tamper={4: garbage})
+    good = AsteriskPeer(phone.happy_script(other_code, other_pin, GOOD_T1), sounds=CATALOG)
+    bad_record, good_record = _concurrently(lambda: bad.call("127.0.0.1", phone.port),
+                                            lambda: good.call("127.0.0.1", phone.port))
+    assert bad_record.ended == "server closed" and len(bad_record.commands) == 4
+    assert bad_record.outcome is None and phone.entries(code) == []
+    assert good_record.outcome == "accepted" and len(phone.entries(other_code)) == 1
+    assert phone.service.stats.violations == violations + 1
+
+
+def test_garbage_environment_is_refused(phone: Phone) -> None:
+    record = phone.call([], extra_env={"agi_network_script": "results\nnot an environment line"})
+    assert record.commands == [] and record.ended == "server closed"
+
+
+def test_unknown_script_gets_nothing(phone: Phone) -> None:
+    record = phone.call([], script_name="admin")
+    assert record.commands == []
+
+
+def test_a_missing_sound_file_hands_the_caller_to_an_operator(phone: Phone) -> None:
+    code, pin = phone.next_bureau()
+    sounds = CATALOG - {P.ASK_PIN}
+    record = AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=sounds).call_sync("127.0.0.1", phone.port)
+    assert record.missing == [P.ASK_PIN] * 3  # -1 at once, the channel stays up, three attempts
+    assert record.outcome == "operator" and not record.caller_hung_up
+
+
+def test_redis_away_the_call_is_still_journaled(phone: Phone, redis_server: RedisServer, redis: Redis) -> None:
+    code, pin = phone.next_bureau()
+    redis_server.stop()
+    try:
+        record = phone.call(phone.happy_script(code, pin, GOOD_T1))
+    finally:
+        redis_server.start()
+    assert record.outcome == "accepted" and [e.status for e in phone.entries(code)] == ["accepted"]
+
+
+def test_many_calls_at_once_each_get_their_own_receipt(phone: Phone) -> None:
+    bureaux = [phone.next_bureau() for _ in range(12)]
+    peers = [AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=CATALOG, callerid=f"06{i:08d}")
+             for i, (code, pin) in enumerate(bureaux)]
+    records = _concurrently(*(lambda p=p: p.call("127.0.0.1", phone.port) for p in peers))
+    assert all(r.outcome == "accepted" and r.missing == [] for r in records)
+    assert len({r.receipt for r in records}) == len(records)
+    for (code, _), record in zip(bureaux, records, strict=True):
+        assert [e.receipt for e in phone.entries(code)] == [record.receipt]
+
+
+def test_every_input_prompt_is_in_the_catalog(phone: Phone) -> None:
+    from ivr.call_flow import flow_inputs
+
+    inputs = flow_inputs(phone.service.line)
+    for spec in [inputs.bureau, inputs.pin, *inputs.counts, *inputs.menus]:
+        assert spec.prompt in CATALOG
+        if not callable(spec.error_prompt):
+            assert set(spec.error_prompt) <= CATALOG
+    assert all(p.startswith("remontee/ask-confirm") for p in [m.prompt for m in inputs.menus[:4]])
+

@@ -1,0 +1,108 @@
+"""The prompt catalog, French number speech, and the generated sounds (real espeak-ng and sox)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+from num2words import num2words
+
+from forms import Election
+from ivr import prompts as P
+from ivr import sounds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("n", "words"),
+    [
+        (0, "zéro"), (1, "un"), (17, "dix-sept"), (21, "vingt et un"), (71, "soixante et onze"),
+        (80, "quatre-vingts"), (81, "quatre-vingt-un"), (91, "quatre-vingt-onze"), (100, "cent"),
+        (101, "cent un"), (200, "deux cents"), (201, "deux cent un"), (1000, "mille"), (1001, "mille un"),
+        (2000, "deux mille"), (80_000, "quatre-vingt mille"), (99_999, "quatre-vingt-dix-neuf mille neuf cent "
+                                                                        "quatre-vingt-dix-neuf"),
+    ],
+)
+def test_numbers_are_said_in_correct_french(n: int, words: str) -> None:
+    assert " ".join(P.number_words(n)) == words
+    assert P.number_files(n) == [P.NUMBERS + P._slug(w) for w in words.split()]
+
+
+def test_every_count_up_to_99999_can_be_said_from_the_catalog() -> None:
+    catalog = P.catalog()
+    sample = [*range(0, 2000), *range(2000, 100_000, 97), 99_999, 80_000, 71_071, 21_000]
+    for n in sample:
+        assert set(P.number_files(n)) <= catalog.keys(), n
+    assert len(P.number_prompts()) == 99  # every distinct word of 0..99,999
+
+
+def test_thousands_are_said_as_the_thousands_then_the_rest() -> None:
+    # number_prompts relies on it to collect the words without asking num2words 100,000 times.
+    for n in range(1000, 100_000, 173):
+        thousands, rest = divmod(n, 1000)
+        expected = num2words(thousands * 1000, lang="fr") + (f" {num2words(rest, lang='fr')}" if rest else "")
+        assert num2words(n, lang="fr") == expected
+
+
+def test_numbers_outside_the_spoken_range_are_refused() -> None:
+    with pytest.raises(ValueError):
+        P.number_words(100_000)
+    with pytest.raises(ValueError):
+        P.number_words(-1)
+
+
+def test_receipts_are_said_digit_by_digit() -> None:
+    assert P.digit_files("0071") == [P.NUMBERS + w for w in ("zero", "zero", "sept", "un")]
+
+
+def test_design_prompt_names(election_t1: Election, election_t2: Election) -> None:
+    catalog = P.catalog()
+    for name in ("remontee/ask-bureau", "remontee/ask-pin", "remontee/ask-votants", "remontee/ask-blancs_nuls",
+                 "remontee/ask-exprimes"):
+        assert name in catalog
+    for election in (election_t1, election_t2):
+        for candidate in election.candidates:
+            assert f"remontee/ask-votes-{candidate.id}" in catalog
+            assert candidate.spoken_name in catalog[f"remontee/ask-votes-{candidate.id}"]  # type: ignore[operator]
+    confirm = [n for n in catalog if "tapez 1" in (catalog[n] or "").lower() and "confirm" in (catalog[n] or "")]
+    assert confirm and all(n.startswith("remontee/ask-confirm") for n in confirm)
+
+
+def test_catalog_names_are_plain_paths_and_texts_are_french() -> None:
+    for name, text in P.catalog().items():
+        assert name.startswith(P.PREFIX) and name.isascii() and " " not in name, name
+        assert text is None or text.strip(), name
+
+
+def _check_wav(path: Path) -> float:
+    with wave.open(str(path)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (8000, 1, 2)
+        return w.getnframes() / w.getframerate()
+
+
+def test_generate_writes_8khz_mono_16bit_wav_and_skips_what_did_not_change(tmp_path: Path) -> None:
+    names = [P.ASK_BUREAU, "remontee/nombres/quatre-vingts", P.SILENCE]
+    written = sounds.generate(P.catalog(), tmp_path, only=names)
+    assert sorted(written) == sorted(names)
+    assert _check_wav(sounds.path_for(P.ASK_BUREAU, tmp_path)) > 2.0  # a sentence
+    assert 0.2 < _check_wav(sounds.path_for("remontee/nombres/quatre-vingts", tmp_path)) < 2.0  # a trimmed word
+    assert _check_wav(sounds.path_for(P.SILENCE, tmp_path)) == pytest.approx(sounds.SILENCE_SECONDS)
+    assert sounds.generate(P.catalog(), tmp_path, only=names) == []
+    changed = {**P.catalog(), P.ASK_BUREAU: "Tapez le code du bureau."}
+    assert sounds.generate(changed, tmp_path, only=names) == [P.ASK_BUREAU]
+    with pytest.raises(KeyError):
+        sounds.generate(P.catalog(), tmp_path, only=["remontee/no-such-prompt"])
+
+
+def test_sounds_command(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "sounds", "--out", str(tmp_path), "--only",
+         "remontee/au-revoir,remontee/nombres/soixante"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert "2 of 2 sounds written" in out.stdout
+    assert _check_wav(tmp_path / "remontee" / "au-revoir.wav") > 0.3

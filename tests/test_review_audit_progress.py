@@ -1,0 +1,172 @@
+"""The audit trail (filters, CSV export) and the progress dashboard (figures from the journal, registry, Redis)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from redis import Redis
+from review_support import GOOD_T1, ReviewEnv, build_env, bureau_codes, csrf_token, env, item_id_for, login, submit
+from sqlalchemy import update
+
+from conftest import free_port
+from forms import Election
+from registry import Registry
+from returns_queue.journal import Journal, audit, returns
+from returns_queue.relay import Relay
+from review.progress_data import bucket_size, compute_progress
+
+__all__ = ["env"]
+
+
+def text(response) -> str:
+    return html.unescape(response.get_data(as_text=True))
+
+
+def _approve_one(env: ReviewEnv, who: str = "alice") -> str:
+    code = bureau_codes(env.registry)[0]
+    sub = submit(env.journal, env.election, env.registry, code, {**GOOD_T1, "votants": 251})
+    client = env.client()
+    token = login(client, who)
+    item = item_id_for(env.journal, sub.return_id)
+    response = client.post(f"/items/{item}/approve",
+                           data={"csrf_token": token, **{f"count-{k}": v for k, v in GOOD_T1.items()}})
+    assert response.status_code == 303
+    return sub.return_id
+
+
+def test_audit_trail_shows_who_when_what_before_after(env: ReviewEnv) -> None:
+    original = _approve_one(env)
+    admin = env.client()
+    login(admin, "root")
+    page = text(admin.get("/audit"))
+    assert "approbation" in page and original in page
+    assert "<del>251</del> → <ins>250</ins>" in page  # before → after, for the count that changed
+    assert "connexion" in page and "création d'utilisateur" in page
+
+
+def test_audit_filters(env: ReviewEnv) -> None:
+    original = _approve_one(env)
+    admin = env.client()
+    login(admin, "root")
+    only_approvals = text(admin.get("/audit?action=approve"))
+    assert "1 ligne" in only_approvals and original in only_approvals
+    by_actor = text(admin.get("/audit?actor=root"))
+    assert "alice" not in by_actor.split("<tbody>")[1]
+    assert original in text(admin.get(f"/audit?subject={original[-8:]}"))
+    assert "Aucune ligne" in text(admin.get("/audit?subject=%25"))  # a LIKE wildcard is matched literally
+    today = datetime.now(ZoneInfo("Europe/Paris")).date()
+    assert original in text(admin.get(f"/audit?since={today}&until={today}"))
+    tomorrow = today + timedelta(days=1)
+    assert "Aucune ligne" in text(admin.get(f"/audit?since={tomorrow}"))
+    assert original in text(admin.get("/audit?since=n'importe-quoi"))  # a bad date is ignored
+
+
+def test_audit_csv_export(env: ReviewEnv) -> None:
+    original = _approve_one(env)
+    # A login attempt whose name looks like a spreadsheet formula.
+    client = env.client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    client.post("/login", data={"username": "=HYPERLINK(1)", "password": "x" * 12, "csrf_token": token})
+    admin = env.client()
+    login(admin, "root")
+    response = admin.get("/audit.csv")
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert "attachment" in response.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    with env.journal.read() as conn:
+        assert len(rows) == len(conn.execute(audit.select()).all())
+    approval = next(r for r in rows if r["action"] == "approve")
+    assert approval["actor"] == "alice" and approval["subject"] == original
+    assert json.loads(approval["before"])["counts"]["votants"] == 251
+    assert json.loads(approval["after"])["counts"]["votants"] == 250
+    assert approval["at_utc"].endswith("Z")
+    failed = next(r for r in rows if r["action"] == "login_failed")
+    assert failed["actor"] == "'=hyperlink(1)"
+    filtered = list(csv.DictReader(io.StringIO(admin.get("/audit.csv?action=approve").get_data(as_text=True))))
+    assert [r["action"] for r in filtered] == ["approve"]
+
+
+def _accept(env: ReviewEnv, code: str, channel: str = "ivr") -> None:
+    assert submit(env.journal, env.election, env.registry, code, GOOD_T1, channel).status == "accepted"
+
+
+def test_progress_figures(env: ReviewEnv) -> None:
+    codes = bureau_codes(env.registry)
+    for code in codes[:3]:
+        _accept(env, code, "ivr")
+    for code in codes[3:5]:
+        _accept(env, code, "pen")
+    submit(env.journal, env.election, env.registry, codes[5], {**GOOD_T1, "votants": 251})  # waiting in review
+    submit(env.journal, env.election, env.registry, codes[0], GOOD_T1)  # a duplicate: not a new return
+    client = env.client()
+    login(client, "alice")
+    data = client.get("/progress.json").json
+    assert data["registered"] == len(env.registry) == 60
+    assert data["reported"] == 5
+    assert data["by_channel"] == {"ivr": 3, "pen": 2, "review": 0}
+    assert data["items_open"] == 1 and data["returns_total"] == 6 and data["returns_last_minute"] == 6
+    assert data["outbox_backlog"] == 5 and data["redis_ok"] is True
+    departments = {d["code"]: d for d in data["departments"]}
+    assert sum(d["reported"] for d in departments.values()) == 5
+    assert departments[env.registry.get(codes[0]).department]["reported"] == 1
+    assert sum(d["registered"] for d in departments.values()) == 60
+    assert data["series"][-1]["reported"] == 5
+    # After the relay, the jobs wait in RQ's `returns` queue.
+    Relay(env.journal, env.redis, "returns_queue.consolidation.consolidate").relay_once()
+    env.app.extensions["remontee_review"].progress_cache.clear()
+    data = client.get("/progress.json").json
+    assert data["outbox_backlog"] == 0
+    assert {q["name"]: q["waiting"] for q in data["queues"]} == {"returns": 5, "ocr": 0}
+
+
+def test_progress_page_and_panel(env: ReviewEnv) -> None:
+    codes = bureau_codes(env.registry)
+    for code in codes[:4]:
+        _accept(env, code)
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get("/progress"))
+    assert "Bureaux remontés" in page and 'data-figure="reported">4</span> <span class="of">/ 60' in page
+    assert '<svg class="chart"' in page and "chart-bar" in page and "chart-line" in page
+    assert 'data-refresh-url="/progress/panel"' in page
+    panel = text(client.get("/progress/panel"))
+    assert "<html" not in panel and "Bureaux remontés" in panel
+    assert "Par département" in panel and "téléphone" in panel
+
+
+def test_progress_chart_over_a_long_night(env: ReviewEnv) -> None:
+    """Returns spread over three hours: the chart keeps at most 120 steps, in whole minutes."""
+    codes = bureau_codes(env.registry)
+    for code in codes[:30]:
+        _accept(env, code)
+    now = time.time()
+    with env.journal.write() as conn:
+        for i, code in enumerate(codes[:30]):
+            conn.execute(update(returns).where(returns.c.bureau == code).values(journaled_at=now - 3 * 3600 + i * 360))
+    progress = compute_progress(env.journal, env.registry, env.redis, env.election.id, now)
+    assert progress.bucket_seconds == bucket_size(3 * 3600 + 60) == 120
+    assert len(progress.series) <= 120
+    assert sum(p.returns for p in progress.series) == 30
+    reported = [p.reported for p in progress.series]
+    assert reported == sorted(reported) and reported[-1] == 30
+    assert progress.returns_last_minute == 0
+
+
+def test_progress_says_when_redis_is_away(tmp_path: Path, journal: Journal, redis: Redis,
+                                          demo_registry_files: tuple[Path, Path], registry: Registry,
+                                          election_t1: Election) -> None:
+    away = build_env(tmp_path, journal, redis, demo_registry_files[0], registry, election_t1,
+                     f"redis://127.0.0.1:{free_port()}/0")
+    client = away.client()
+    login(client, "alice")
+    response = client.get("/progress")
+    assert response.status_code == 200
+    assert "Redis injoignable" in text(response)
+    assert client.get("/progress.json").json["redis_ok"] is False

@@ -1,0 +1,379 @@
+"""The review UI's doors: every route's permissions, CSRF, login and lockout, sessions, users, the CLI."""
+
+from __future__ import annotations
+
+import html
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from review_support import (
+    GOOD_T1,
+    PASSWORDS,
+    ReviewEnv,
+    build_env,
+    bureau_codes,
+    csrf_token,
+    env,
+    item_id_for,
+    login,
+    sqlite_journal,
+    submit,
+    write_pen_artefacts,
+)
+from sqlalchemy import select, update
+
+from conftest import ROOT, free_port
+from forms import Election
+from registry import Registry
+from returns_queue.journal import Journal, audit
+from review.accounts import login_attempts, sessions, users
+
+__all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
+
+# Every route of the app and who may use it. A route missing here fails test_every_route_is_listed.
+GET_ROUTES = {
+    "/": "login", "/items": "login", "/items/{item}": "login", "/items/{item}/page.png": "login",
+    "/items/{item}/fields/votants.png": "login", "/progress": "login", "/progress/panel": "login",
+    "/progress.json": "login", "/account/password": "login",
+    "/audit": "admin", "/audit.csv": "admin", "/users": "admin",
+}
+POST_ROUTES = {
+    "/items/{item}/claim": "login", "/items/{item}/release": "login", "/items/{item}/approve": "login",
+    "/items/{item}/reject": "login", "/account/password": "login", "/logout": "any",
+    "/users": "admin", "/users/bob/role": "admin", "/users/bob/active": "admin", "/users/bob/password": "admin",
+    "/login": "any",
+}
+
+
+@pytest.fixture
+def pen_item(env: ReviewEnv) -> int:
+    code = bureau_codes(env.registry)[0]
+    upload_id = "01JPENITEM000000000000000A"
+    counts = {**GOOD_T1, "votants": 251}
+    write_pen_artefacts(env.settings.var_dir, upload_id, env.election, code, counts, counts,
+                        {"votants": 0.55}, {"votants": [(3, 0, 0.4)]}, [("votants", 250)])
+    sub = submit(env.journal, env.election, env.registry, code, counts, "pen",
+                 {"upload_id": upload_id, "station_id": "st-1", "pen_serial": "AJX-1"})
+    return item_id_for(env.journal, sub.return_id)
+
+
+def _path(template: str, item: int) -> str:
+    return template.format(item=item)
+
+
+def test_every_route_is_listed(env: ReviewEnv) -> None:
+    rules = {(r.rule, m) for r in env.app.url_map.iter_rules() if r.endpoint != "static"
+             for m in r.methods - {"HEAD", "OPTIONS"}}
+    listed = {(p.replace("{item}", "<int:item_id>").replace("votants", "<field_id>").replace("bob", "<username>"),
+               "GET") for p in GET_ROUTES}
+    listed |= {(p.replace("{item}", "<int:item_id>").replace("bob", "<username>"), "POST") for p in POST_ROUTES}
+    listed |= {("/login", "GET")}
+    assert rules == listed
+
+
+def test_anonymous_is_sent_to_login_everywhere(env: ReviewEnv, pen_item: int) -> None:
+    client = env.client()
+    for template in GET_ROUTES:
+        response = client.get(_path(template, pen_item))
+        assert response.status_code == 302, template
+        assert response.headers["Location"].startswith("/login?next="), template
+    token = csrf_token(client.get("/login").get_data(as_text=True))  # an anonymous session's token
+    for template, who in POST_ROUTES.items():
+        if who == "any":
+            continue
+        response = client.post(_path(template, pen_item), data={"csrf_token": token})
+        assert response.status_code == 302 and response.headers["Location"].startswith("/login"), template
+
+
+def test_supervisor_gets_403_on_admin_pages_and_admin_gets_them(env: ReviewEnv, pen_item: int) -> None:
+    supervisor, admin = env.client(), env.client()
+    s_token, a_token = login(supervisor, "alice"), login(admin, "root")
+    for template, who in GET_ROUTES.items():
+        path = _path(template, pen_item)
+        if path == "/":
+            assert supervisor.get(path).headers["Location"] == admin.get(path).headers["Location"] == "/items"
+            continue
+        expected = 403 if who == "admin" else 200
+        assert supervisor.get(path).status_code == expected, path
+        assert admin.get(path).status_code == 200, path
+    for template, who in POST_ROUTES.items():
+        if who == "admin":
+            assert supervisor.post(_path(template, pen_item), data={"csrf_token": s_token}).status_code == 403
+    # The admin's posts work (here: change bob's role and back, each audited).
+    assert admin.post("/users/bob/role", data={"csrf_token": a_token, "role": "admin"}).status_code == 302
+    assert env.app.extensions["remontee_review"].accounts.get_user("bob").role == "admin"
+
+
+def test_a_post_without_csrf_token_is_400_and_changes_nothing(env: ReviewEnv, pen_item: int) -> None:
+    client = env.client()
+    login(client, "root")
+    before = _audit_count(env.journal)
+    for template in POST_ROUTES:
+        response = client.post(_path(template, pen_item), data={"reason": "x", "role": "admin", "active": "0",
+                                                                "password": "un-mot-de-passe-long",
+                                                                "username": "mallory"})
+        assert response.status_code == 400, template
+        assert "jeton de sécurité" in response.get_data(as_text=True)
+    # A wrong token is refused the same way.
+    assert client.post(f"/items/{pen_item}/reject", data={"csrf_token": "forged", "reason": "x"}).status_code == 400
+    assert _audit_count(env.journal) == before
+    assert env.app.extensions["remontee_review"].items.get(pen_item).state == "open"
+    assert env.app.extensions["remontee_review"].accounts.get_user("bob").active
+
+
+def _audit_count(journal: Journal, action: str | None = None) -> int:
+    query = select(audit)
+    if action:
+        query = query.where(audit.c.action == action)
+    with journal.read() as conn:
+        return len(conn.execute(query).all())
+
+
+def test_login_success_logout_and_the_audit_trail(env: ReviewEnv) -> None:
+    client = env.client()
+    page = client.get("/login")
+    assert page.status_code == 200 and "Connexion des superviseurs" in page.get_data(as_text=True)
+    token = csrf_token(page.get_data(as_text=True))
+    response = client.post("/login", data={"username": "Alice", "password": PASSWORDS["alice"],
+                                           "csrf_token": token, "next": "/progress"})
+    assert response.status_code == 302 and response.headers["Location"] == "/progress"
+    page = client.get("/progress")
+    assert page.status_code == 200 and "alice" in page.get_data(as_text=True)
+    # The CSRF token changed at login: the anonymous one no longer works.
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 400
+    cookie = client.get_cookie("remontee_review")
+    assert cookie is not None
+    new_token = csrf_token(page.get_data(as_text=True))
+    assert client.post("/logout", data={"csrf_token": new_token}).status_code == 302
+    assert client.get("/items").status_code == 302
+    # The old cookie, replayed, opens nothing: the session is gone on the server.
+    thief = env.client()
+    thief.set_cookie("remontee_review", cookie.value)
+    assert thief.get("/items").status_code == 302
+    assert _audit_count(env.journal, "login") == 1
+    assert _audit_count(env.journal, "logout") == 1
+
+
+def test_open_redirect_after_login_is_refused(env: ReviewEnv) -> None:
+    client = env.client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    response = client.post("/login", data={"username": "alice", "password": PASSWORDS["alice"],
+                                           "csrf_token": token, "next": "//evil.example/"})
+    assert response.headers["Location"] == "/items"
+
+
+def test_wrong_password_and_unknown_user_get_the_same_answer(env: ReviewEnv) -> None:
+    client = env.client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    wrong = client.post("/login", data={"username": "alice", "password": "pas-le-bon", "csrf_token": token})
+    unknown = client.post("/login", data={"username": "nobody", "password": "pas-le-bon", "csrf_token": token})
+    assert wrong.status_code == unknown.status_code == 401
+    assert "Identifiant ou mot de passe incorrect" in wrong.get_data(as_text=True)
+    assert "Identifiant ou mot de passe incorrect" in unknown.get_data(as_text=True)
+    assert _audit_count(env.journal, "login_failed") == 2
+
+
+def _try(client, username: str, password: str) -> int:
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token}).status_code
+
+
+def test_lockout_after_repeated_failures_then_release(env: ReviewEnv) -> None:
+    client = env.client()
+    for _ in range(5):
+        assert _try(client, "alice", "mauvais-mot-de-passe") == 401
+    # Locked: even the right password is refused, and says so.
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    response = client.post("/login", data={"username": "alice", "password": PASSWORDS["alice"], "csrf_token": token})
+    assert response.status_code == 429
+    assert "Trop d'échecs" in html.unescape(response.get_data(as_text=True))
+    assert _audit_count(env.journal, "login_locked") == 1
+    # Another supervisor is not locked by alice's failures.
+    assert _try(env.client(), "bob", PASSWORDS["bob"]) == 302
+    # Once the failures are older than the window, alice may log in again.
+    with env.journal.write() as conn:
+        conn.execute(update(login_attempts).values(at=login_attempts.c.at - 16 * 60))
+    assert _try(client, "alice", PASSWORDS["alice"]) == 302
+
+
+def test_a_success_clears_earlier_failures(env: ReviewEnv) -> None:
+    client = env.client()
+    for _ in range(4):
+        assert _try(client, "alice", "mauvais-mot-de-passe") == 401
+    assert _try(client, "alice", PASSWORDS["alice"]) == 302
+    other = env.client()
+    for _ in range(4):
+        assert _try(other, "alice", "mauvais-mot-de-passe") == 401
+    assert _try(other, "alice", PASSWORDS["alice"]) == 302
+
+
+def test_an_address_spraying_many_names_is_locked(env: ReviewEnv) -> None:
+    client = env.client()
+    for i in range(20):
+        assert _try(client, f"nom{i}", "mauvais-mot-de-passe") == 401
+    assert _try(client, "bob", PASSWORDS["bob"]) == 429
+
+
+def test_sessions_expire_when_idle_and_at_their_lifetime(env: ReviewEnv) -> None:
+    client = env.client()
+    login(client, "alice")
+    assert client.get("/items").status_code == 200
+    with env.journal.write() as conn:
+        conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
+    response = client.get("/items", follow_redirects=True)
+    assert "Votre session a expiré" in response.get_data(as_text=True)
+    login(client, "alice")
+    with env.journal.write() as conn:
+        conn.execute(update(sessions).values(expires_at=time.time() - 1))
+    assert client.get("/items").status_code == 302
+    with env.journal.read() as conn:
+        assert conn.execute(select(sessions)).all() == []  # the expired session was deleted
+
+
+def test_passwords_are_stored_as_argon2id_hashes(env: ReviewEnv) -> None:
+    with env.journal.read() as conn:
+        rows = conn.execute(select(users.c.username, users.c.password_hash)).all()
+    for name, stored in rows:
+        assert stored.startswith("$argon2id$")
+        assert PASSWORDS[name] not in stored
+
+
+def test_admin_manages_users_and_every_change_is_audited(env: ReviewEnv) -> None:
+    admin, bob = env.client(), env.client()
+    token = login(admin, "root")
+    login(bob, "bob")
+    assert bob.get("/items").status_code == 200
+    response = admin.post("/users", data={"csrf_token": token, "username": "carol", "role": "supervisor",
+                                          "password": "carol-mot-de-passe", "confirm_password": "carol-mot-de-passe"})
+    assert response.status_code == 302
+    assert _try(env.client(), "carol", "carol-mot-de-passe") == 302
+    # Too short a password, or an existing name: refused with a reason.
+    refused = admin.post("/users", data={"csrf_token": token, "username": "dave", "role": "supervisor",
+                                         "password": "court", "confirm_password": "court"})
+    assert refused.status_code == 400 and "10 caractères" in refused.get_data(as_text=True)
+    again = admin.post("/users", data={"csrf_token": token, "username": "carol", "role": "admin",
+                                       "password": "carol-mot-de-passe", "confirm_password": "carol-mot-de-passe"})
+    assert again.status_code == 400 and "existe déjà" in again.get_data(as_text=True)
+    # Disabling bob ends his session at once.
+    assert admin.post("/users/bob/active", data={"csrf_token": token, "active": "0"}).status_code == 302
+    assert bob.get("/items").status_code == 302
+    assert _try(env.client(), "bob", PASSWORDS["bob"]) == 401
+    # A new password for carol; the old one stops working.
+    admin.post("/users/carol/password", data={"csrf_token": token, "password": "nouveau-mot-de-passe"})
+    assert _try(env.client(), "carol", "carol-mot-de-passe") == 401
+    assert _try(env.client(), "carol", "nouveau-mot-de-passe") == 302
+    # The admin cannot lock themselves out.
+    admin.post("/users/root/active", data={"csrf_token": token, "active": "0"})
+    assert env.app.extensions["remontee_review"].accounts.get_user("root").active
+    assert admin.post("/users/nobody/role", data={"csrf_token": token, "role": "admin"}).status_code == 404
+    with env.journal.read() as conn:
+        actions = [r.action for r in conn.execute(select(audit).where(audit.c.actor == "root"))]
+    assert {"user_add", "user_disable", "user_password"} <= set(actions)
+
+
+def test_the_last_admin_cannot_be_demoted(env: ReviewEnv) -> None:
+    admin = env.client()
+    token = login(admin, "root")
+    response = admin.post("/users/root/role", data={"csrf_token": token, "role": "supervisor"}, follow_redirects=True)
+    assert "dernier administrateur" in response.get_data(as_text=True)
+    assert env.app.extensions["remontee_review"].accounts.get_user("root").role == "admin"
+
+
+def test_own_password_change(env: ReviewEnv) -> None:
+    client = env.client()
+    token = login(client, "alice")
+    wrong = client.post("/account/password", data={"csrf_token": token, "current_password": "faux",
+                                                   "new_password": "encore-un-mot-de-passe",
+                                                   "confirm_password": "encore-un-mot-de-passe"})
+    assert wrong.status_code == 400
+    ok = client.post("/account/password", data={"csrf_token": token, "current_password": PASSWORDS["alice"],
+                                                "new_password": "encore-un-mot-de-passe",
+                                                "confirm_password": "encore-un-mot-de-passe"})
+    assert ok.status_code == 302
+    assert _try(env.client(), "alice", "encore-un-mot-de-passe") == 302
+
+
+def test_security_headers(env: ReviewEnv) -> None:
+    response = env.client().get("/login")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Cache-Control"] == "no-store"
+    cookie = response.headers.get("Set-Cookie", "")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def _cli(args: list[str], env_vars: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), *args], input=stdin, text=True,
+                          capture_output=True, env={**os.environ, **env_vars}, timeout=60, cwd=ROOT)
+
+
+def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis_server, sqlite_journal: Journal,
+                                             demo_registry_files: tuple[Path, Path], registry: Registry,
+                                             election_t1: Election) -> None:
+    variables = {"REMONTEE_DB_URL": sqlite_journal.url, "REMONTEE_VAR_DIR": str(tmp_path / "var")}
+    done = _cli(["users", "add", "Carole", "--role", "admin", "--password-stdin"], variables,
+                "carole-mot-de-passe\n")
+    assert done.returncode == 0, done.stderr
+    assert "carole" in done.stdout
+    again = _cli(["users", "add", "carole", "--role", "admin", "--password-stdin"], variables, "x" * 12 + "\n")
+    assert again.returncode == 1 and "existe déjà" in again.stderr
+    listing = _cli(["users", "list"], variables)
+    assert "carole" in listing.stdout and "administrateur" in listing.stdout
+    review_env = build_env(tmp_path, sqlite_journal, redis, demo_registry_files[0], registry, election_t1,
+                           redis_server.url)
+    assert _try(review_env.client(), "carole", "carole-mot-de-passe") == 302
+    with sqlite_journal.read() as conn:
+        row = conn.execute(select(audit).where(audit.c.action == "user_add", audit.c.subject == "carole")).one()
+    assert row.actor.startswith("cli:")
+
+
+def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, sqlite_journal: Journal,
+                                                demo_registry_files: tuple[Path, Path]) -> None:
+    import urllib.request
+
+    port = free_port()
+    var = tmp_path / "var"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_gateway.py"), "review", "--review-port", str(port), "--workers", "1"],
+        env={**os.environ, "REMONTEE_DB_URL": sqlite_journal.url, "REMONTEE_VAR_DIR": str(var),
+             "REMONTEE_REDIS_URL": redis_server.url, "REMONTEE_REGISTRY": str(demo_registry_files[0])},
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as response:
+                    body = response.read().decode()
+                    break
+            except OSError:
+                if process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        assert "Connexion des superviseurs" in body
+        assert (var / "secret_key").is_file() and oct((var / "secret_key").stat().st_mode)[-3:] == "600"
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert process.returncode == 0
+
+
+def test_login_page_says_how_to_create_the_first_account(tmp_path: Path, sqlite_journal: Journal, redis: Redis,
+                                                         redis_server, demo_registry_files: tuple[Path, Path],
+                                                         election_t1: Election) -> None:
+    from review import create_app
+    from settings import Settings
+
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_server.url, db_url=sqlite_journal.url,
+                        registry=demo_registry_files[0], secret_key="x")
+    app = create_app({"TESTING": True, "SETTINGS": settings, "JOURNAL": sqlite_journal})
+    page = app.test_client().get("/login").get_data(as_text=True)
+    assert "users add NOM --role admin" in page
+    app.extensions["remontee_review"].accounts.add_user("root", "root-mot-de-passe", "admin", "test")
+    assert "users add NOM" not in app.test_client().get("/login").get_data(as_text=True)
