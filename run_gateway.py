@@ -27,7 +27,7 @@ from settings import Settings
 log = logging.getLogger("remontee")
 
 # The parts whose `cli.add_commands` contribute subcommands.
-PARTS = ["registry.cli", "returns_queue.cli"]
+PARTS = ["registry.cli", "returns_queue.cli", "forms.cli"]
 
 
 @dataclass(frozen=True)
