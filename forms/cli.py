@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from forms.definitions import ElectionDefinitionError, load_election
+from forms.definitions import Election, ElectionDefinitionError, load_election
 from forms.layout import form_layout
 from settings import Settings
 from validation.normalize import normalize_bureau_code
@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     printer.set_defaults(func=_print)
 
 
-def _election(settings: Settings):  # noqa: ANN202 - the Election, or a clear exit
+def _election(settings: Settings) -> Election:
     try:
         return load_election(settings.election)
     except ElectionDefinitionError as exc:

@@ -42,8 +42,14 @@ ROW_PITCH_MM = 16.0
 SECTION_GAP_MM = 10.0
 BORDER_MM = 0.3  # printed box line width
 SIGNATURE_BOX: Box = (22.0, 248.0, 110.0, 20.0)
+# The same on every form, so a reader finds the identity before it knows the election.
+QR_BOX: Box = (PAGE_WIDTH_MM - MARGIN_MM - QR_MM - 2.0, 30.0, QR_MM, QR_MM)
+QR_TEXT_BOX: Box = (QR_BOX[0] - 25.0, QR_BOX[1] + QR_MM + 1.0, QR_MM + 27.0, 11.0)
 
-_FORM_TEXT = re.compile(r"(?P<election>[a-z0-9][a-z0-9-]*)\s+bureau\s+(?P<bureau>[0-9]{1,10})\s+formulaire\s+(?P<version>[0-9]+)")
+# Spaces optional: Tesseract often drops them between words of a monospace line.
+_FORM_TEXT = re.compile(
+    r"(?P<election>[a-z0-9][a-z0-9-]*?)\s*bureau\s*(?P<bureau>[0-9]{1,10})\s*formulaire\s*(?P<version>[0-9]+)"
+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ def parse_form_text(text: str) -> FormIdentity | None:
     return FormIdentity(match["election"], match["bureau"], int(match["version"]))
 
 
-def _fiducials() -> tuple[Fiducial, ...]:
+def fiducials() -> tuple[Fiducial, ...]:
+    """The four corner markers, the same on every form."""
     left, top = MARGIN_MM, MARGIN_MM
     right, bottom = PAGE_WIDTH_MM - MARGIN_MM - FIDUCIAL_MM, PAGE_HEIGHT_MM - MARGIN_MM - FIDUCIAL_MM
     s = FIDUCIAL_MM
@@ -179,17 +186,14 @@ def form_layout(election: Election) -> FormLayout:
         label_box = (LABEL_X_MM, y, x0 - LABEL_X_MM - 6.0, CELL_H_MM)
         fields.append(FieldLayout(f.id, f.label, f.candidate, label_box, cells))
         y += pitch
-    qr_x = PAGE_WIDTH_MM - MARGIN_MM - QR_MM - 2.0
-    qr_box = (qr_x, 30.0, QR_MM, QR_MM)
-    qr_text_box = (qr_x - 25.0, 30.0 + QR_MM + 1.0, QR_MM + 27.0, 11.0)
     return FormLayout(
         election_id=election.id,
         form_version=election.form_version,
         width_mm=PAGE_WIDTH_MM,
         height_mm=PAGE_HEIGHT_MM,
-        fiducials=_fiducials(),
-        qr_box=qr_box,
-        qr_text_box=qr_text_box,
+        fiducials=fiducials(),
+        qr_box=QR_BOX,
+        qr_text_box=QR_TEXT_BOX,
         headings=tuple(headings),
         fields=tuple(fields),
         signature_box=SIGNATURE_BOX,

@@ -100,7 +100,7 @@ def _draw_identity(
     text = form_text(election.id, bureau, election.form_version)
     _paste_square(page, qr_matrix(text), layout.qr_box, scale)
     # The QR's own text in clear, split before "bureau", centred under the QR: Tesseract reads it if the QR is damaged.
-    x, y, w, h = layout.qr_text_box
+    x, y, w, _h = layout.qr_text_box
     mono = _font("mono", round(3.6 * scale))
     head, _, tail = text.partition(" bureau ")
     for i, line in enumerate((head, f"bureau {tail}")):
