@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
-from forms.definitions import available_elections
+from forms.definitions import available_elections, load_election
 from forms.layout import QR_BOX, QR_TEXT_BOX, FormIdentity, parse_form_text
 from pen_gateway.recognition.align import Alignment, warp_region
 
@@ -76,12 +77,37 @@ def identify_scan(gray: np.ndarray, alignment: Alignment) -> Identification:
     if identity is not None:
         return Identification(identity, "qr", raw)
     text = read_printed_text(warp_region(gray, alignment, QR_TEXT_BOX, TEXT_PX_PER_MM))
-    identity = parse_form_text(text) if text else None
+    identity = parse_printed_text(text) if text else None
     if identity is not None:
-        election = closest_election(identity.election)
-        if election is not None:
-            return Identification(replace(identity, election=election), "text", text)
+        return Identification(identity, "text", text)
     return Identification(None, "none", raw or text)
+
+
+_BUREAU_WORD = re.compile(r"(?:b?[a-z]?ureau|bur[a-z]{0,3}|[a-z]{5,6})\s*(?P<bureau>[0-9]{1,10})")
+_VERSION_WORD = re.compile(r"(?:[a-z]*ulaire|form[a-z]*|[a-z]{8,10})\s*(?P<version>[0-9]{1,3})\b")
+
+
+def parse_printed_text(text: str) -> FormIdentity | None:
+    """The identity in Tesseract's reading of the two printed lines, forgiving its usual slips.
+
+    "primaire-2011-tl / jureau5931007formulaire" still gives the election (the closest known
+    id) and the bureau; a version it could not read is taken as the election's current one.
+    Whatever is read this way is only trusted once the upload confirms the bureau (assess.py).
+    """
+    exact = parse_form_text(text)
+    if exact is not None:
+        election = closest_election(exact.election)
+        return replace(exact, election=election) if election else None
+    flat = " ".join(text.lower().split())
+    bureau = _BUREAU_WORD.search(flat)
+    if bureau is None:
+        return None
+    election = closest_election(flat[: bureau.start()].replace(" ", ""))
+    if election is None:
+        return None
+    version = _VERSION_WORD.search(flat, bureau.end())
+    form_version = int(version["version"]) if version else load_election(election).form_version
+    return FormIdentity(election, bureau["bureau"], form_version)
 
 
 def closest_election(read: str) -> str | None:
