@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import random
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -65,11 +66,19 @@ def _commune_name(rng: random.Random, prefecture: str, index: int) -> str:
     return f"{stem}-{rng.choice(_SUFFIXES)}"
 
 
+def _unique(rng: random.Random, used: set[str], make: Callable[[], str]) -> str:
+    while (value := make()) in used:
+        pass
+    used.add(value)
+    return value
+
+
 def demo_bureaux(count: int, seed: int = 2011) -> list[tuple[str, str, str, str, int, str, str]]:
     """(code, name, commune, department, inscrits, caller_id, pen_serial) for `count` bureaux."""
     rng = random.Random(seed)
     departments = list(DEPARTMENTS)
     rows = []
+    used: set[str] = set()
     # Round-robin over departments so that even a small demo spans the country.
     per_department: dict[str, int] = {}
     for i in range(count):
@@ -84,8 +93,8 @@ def demo_bureaux(count: int, seed: int = 2011) -> list[tuple[str, str, str, str,
         code = f"{dept}{commune_no:02d}{bureau_no:02d}"
         name = f"Bureau {bureau_no} — {rng.choice(_PLACES_OF_VOTE)}"
         inscrits = rng.randint(300, 1400)
-        caller_id = f"06{rng.randrange(10**8):08d}"
-        pen_serial = f"AJX-{rng.randrange(16**6):06X}"
+        caller_id = _unique(rng, used, lambda: f"06{rng.randrange(10**8):08d}")
+        pen_serial = _unique(rng, used, lambda: f"AJX-{rng.randrange(16**6):06X}")
         rows.append((code, name, commune, f"{dept} {dept_name}", inscrits, caller_id, pen_serial))
     return rows
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 
 RETURNS_QUEUE = "returns"
 OCR_QUEUE = "ocr"
@@ -28,13 +28,20 @@ def ocr_queue(connection: Redis) -> Queue:
     return Queue(OCR_QUEUE, connection=connection)
 
 
+# A worker killed in the middle of a job leaves it "abandoned": RQ retries it while retries
+# are left (the consolidation is idempotent, so a retry never counts twice).
+RETRY = Retry(max=5)
+RESULT_TTL = 86400  # keep finished jobs a day: the relay's reconciliation looks them up
+
+
 def prepare_return_job(queue: Queue, job_path: str, payload: dict[str, Any]) -> Any:
-    # Keep finished jobs a day and failed ones a week: the back office may want to look.
     return Queue.prepare_data(
         job_path,
         args=(payload,),
         job_id=return_job_id(payload["return_id"]),
-        result_ttl=86400,
+        timeout=60,
+        result_ttl=RESULT_TTL,
         failure_ttl=7 * 86400,
+        retry=RETRY,
         description=f"consolidate {payload['election']}/{payload['bureau']} {payload['return_id']}",
     )

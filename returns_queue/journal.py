@@ -8,10 +8,13 @@ SQLite (WAL, synchronous=FULL) under var/ by default; PostgreSQL by URL.
 from __future__ import annotations
 
 import json
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -39,6 +42,7 @@ from sqlalchemy.pool import NullPool
 from validation import Finding, Return, check_history, decide
 
 metadata = MetaData()
+MAX_GROUP_COMMIT = 256
 
 returns = Table(
     "returns",
@@ -161,6 +165,16 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+@dataclass
+class _Request:
+    ret: Return
+    findings: tuple[Finding, ...]
+    also: Callable[[Connection, Submission], None] | None
+    submission: Submission | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class Journal:
     """The durable record of returns, review items and the audit trail."""
 
@@ -173,6 +187,9 @@ class Journal:
         else:
             self._writer = self._reader = create_engine(url, pool_pre_ping=True)
         metadata.create_all(self._writer)
+        self._committer_lock = threading.Lock()
+        self._committer_pid: int | None = None
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
 
     def dispose(self) -> None:
         self._writer.dispose()
@@ -206,55 +223,107 @@ class Journal:
     ) -> Submission:
         """Journal `ret` with the channel's findings plus the history checks, durably, and say what became of it.
 
+        Returns only once the transaction is committed (on disk). Concurrent submissions from
+        the threads of one process are committed together (group commit: one fsync for many
+        returns), each in its own savepoint, so one that fails changes nothing for the others.
         `also` runs inside the same transaction (the review UI closes its item and writes the
         audit row there), so the return and its consequences are on disk together or not at all.
         """
-        with self.write() as conn:
-            self._lock_bureau(conn, ret.election, ret.bureau)
-            latest = self._latest_accepted(conn, ret.election, ret.bureau)
-            pending = self._pending(conn, ret.election, ret.bureau)
-            all_findings = (*findings, *check_history(ret, latest, pending))
-            status = decide(all_findings)
-            now = time.time()
-            row = {
-                "return_id": ret.return_id,
-                "election": ret.election,
-                "bureau": ret.bureau,
-                "channel": ret.channel,
-                "status": status,
-                "payload": json.dumps(ret.with_status(status).to_dict(), ensure_ascii=False),
-                "findings": json.dumps([f.to_dict() for f in all_findings], ensure_ascii=False),
-                "received_at": ret.received_at,
-                "journaled_at": now,
-                "supersedes": ret.supersedes,
-            }
-            if status == "duplicate":
-                original_id = next(f.details["return_id"] for f in all_findings)
-                original = conn.execute(
-                    select(returns.c.receipt, returns.c.status).where(returns.c.return_id == original_id)
-                ).one()
-                conn.execute(insert(returns).values(**row, duplicate_of=original_id))
-                submission = Submission(original_id, original.receipt, original.status, tuple(all_findings))
-            else:
-                seq = conn.execute(insert(returns).values(**row)).inserted_primary_key[0]
-                receipt = receipt_for(seq)
-                conn.execute(update(returns).where(returns.c.seq == seq).values(receipt=receipt))
-                if status == "review":
-                    conn.execute(
-                        insert(review_items).values(
-                            return_id=ret.return_id,
-                            election=ret.election,
-                            bureau=ret.bureau,
-                            channel=ret.channel,
-                            reasons=json.dumps(sorted({str(f.code) for f in all_findings})),
-                            created_at=now,
-                            state="open",
-                        )
+        request = _Request(ret, tuple(findings), also)
+        self._committer().put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.submission is not None
+        return request.submission
+
+    def _committer(self) -> queue.SimpleQueue[_Request]:
+        with self._committer_lock:
+            # Started lazily, and again in a forked child (gunicorn, RQ), which inherits no thread.
+            if self._committer_pid != os.getpid():
+                self._requests = queue.SimpleQueue()
+                threading.Thread(target=self._commit_loop, args=(self._requests,), name="journal-commit",
+                                 daemon=True).start()
+                self._committer_pid = os.getpid()
+            return self._requests
+
+    def _commit_loop(self, requests: queue.SimpleQueue[_Request]) -> None:
+        while True:
+            batch = [requests.get()]
+            while len(batch) < MAX_GROUP_COMMIT:
+                try:
+                    batch.append(requests.get_nowait())
+                except queue.Empty:
+                    break
+            # One order for the bureau locks across processes (PostgreSQL), arrival order within a bureau.
+            batch.sort(key=lambda r: (r.ret.election, r.ret.bureau))
+            try:
+                with self.write() as conn:
+                    for request in batch:
+                        try:
+                            with conn.begin_nested():
+                                request.submission = self._submit_in(conn, request.ret, request.findings,
+                                                                     request.also)
+                        except Exception as exc:  # handed back to that caller alone
+                            request.error = exc
+            except Exception as exc:  # the commit failed: nobody is acknowledged
+                for request in batch:
+                    request.submission, request.error = None, request.error or exc
+            for request in batch:
+                request.done.set()
+
+    def _submit_in(
+        self,
+        conn: Connection,
+        ret: Return,
+        findings: Sequence[Finding],
+        also: Callable[[Connection, Submission], None] | None,
+    ) -> Submission:
+        self._lock_bureau(conn, ret.election, ret.bureau)
+        latest = self._latest_accepted(conn, ret.election, ret.bureau)
+        pending = self._pending(conn, ret.election, ret.bureau)
+        all_findings = (*findings, *check_history(ret, latest, pending))
+        status = decide(all_findings)
+        now = time.time()
+        row = {
+            "return_id": ret.return_id,
+            "election": ret.election,
+            "bureau": ret.bureau,
+            "channel": ret.channel,
+            "status": status,
+            "payload": json.dumps(ret.with_status(status).to_dict(), ensure_ascii=False),
+            "findings": json.dumps([f.to_dict() for f in all_findings], ensure_ascii=False),
+            "received_at": ret.received_at,
+            "journaled_at": now,
+            "supersedes": ret.supersedes,
+        }
+        if status == "duplicate":
+            original_id = next(f.details["return_id"] for f in all_findings)
+            original = conn.execute(
+                select(returns.c.receipt, returns.c.status).where(returns.c.return_id == original_id)
+            ).one()
+            conn.execute(insert(returns).values(**row, duplicate_of=original_id))
+            submission = Submission(original_id, original.receipt, original.status, tuple(all_findings))
+        else:
+            seq = conn.execute(insert(returns).values(**row)).inserted_primary_key[0]
+            receipt = receipt_for(seq)
+            conn.execute(update(returns).where(returns.c.seq == seq).values(receipt=receipt))
+            if status == "review":
+                conn.execute(
+                    insert(review_items).values(
+                        return_id=ret.return_id,
+                        election=ret.election,
+                        bureau=ret.bureau,
+                        channel=ret.channel,
+                        reasons=json.dumps(sorted({str(f.code) for f in all_findings})),
+                        created_at=now,
+                        state="open",
                     )
-                submission = Submission(ret.return_id, receipt, status, tuple(all_findings))
-            if also is not None:
-                also(conn, submission)
-            return submission
+                )
+            submission = Submission(ret.return_id, receipt, status, tuple(all_findings))
+        if also is not None:
+            also(conn, submission)
+        return submission
 
     def _latest_accepted(self, conn: Connection, election: str, bureau: str) -> Return | None:
         row = conn.execute(
@@ -311,6 +380,16 @@ class Journal:
             conn.execute(
                 update(returns).where(returns.c.return_id.in_(list(return_ids))).values(enqueued_at=time.time())
             )
+
+    def relayed_since(self, since: float) -> list[dict[str, Any]]:
+        """Accepted returns the relay put on RQ after `since` (unix time), for reconciliation."""
+        with self.read() as conn:
+            rows = conn.execute(
+                select(returns.c.payload)
+                .where(returns.c.status == "accepted", returns.c.enqueued_at >= since)
+                .order_by(returns.c.seq)
+            )
+            return [json.loads(r.payload) for r in rows]
 
     def outbox_backlog(self) -> int:
         with self.read() as conn:

@@ -2,6 +2,11 @@
 
 Several relays may run (one per IVR or worker process, on several machines): a Redis lock
 lets one work at a time, and a job that already exists is never enqueued again.
+
+Redis acknowledges an enqueue before its append-only file reaches the disk (appendfsync
+everysec), so a Redis crash can lose the last second of jobs after the relay has marked them.
+The relay therefore reconciles: every so often it looks up the jobs of the returns it relayed
+within the last hour, and enqueues again any that Redis no longer has.
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -52,12 +60,30 @@ class Relay:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
-    def run(self, stop: threading.Event, interval: float = 0.25) -> None:
+    def reconcile(self, window: float = 3600.0) -> int:
+        """Enqueue again the recently relayed returns whose job Redis has lost; the number re-enqueued."""
+        lost = []
+        for chunk in _chunks(self.journal.relayed_since(time.time() - window), self.batch):
+            with self.redis.pipeline() as pipe:
+                for p in chunk:
+                    pipe.exists(Job.key_for(return_job_id(p["return_id"])))
+                exists = pipe.execute()
+            lost += [p for p, e in zip(chunk, exists, strict=True) if not e]
+        if lost:
+            log.warning("relay: %d relayed returns were missing from Redis; enqueued again", len(lost))
+            self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in lost])
+        return len(lost)
+
+    def run(self, stop: threading.Event, interval: float = 0.25, reconcile_every: float = 30.0) -> None:
         """Relay until `stop` is set; wakes early when `wakeup` is set after a submission."""
         redis_down = False
+        next_reconcile = time.monotonic() + reconcile_every
         while not stop.is_set():
             try:
                 self.relay_once()
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + reconcile_every
                 if redis_down:
                     log.warning("relay: Redis is back, outbox relayed")
                 redis_down = False
@@ -72,3 +98,8 @@ class Relay:
         thread = threading.Thread(target=self.run, args=(stop,), name="relay", daemon=True)
         thread.start()
         return thread
+
+
+def _chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

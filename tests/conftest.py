@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,9 +84,58 @@ def redis(redis_server: RedisServer) -> Iterator[Redis]:
     client.close()
 
 
-@pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    j = Journal(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port, run as the `postgres` user."""
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not bins:
+            pytest.fail("PostgreSQL is not installed: run the tests with `make test`, which installs it")
+        self.bin = bins[-1].parent
+        self.directory = Path(tempfile.mkdtemp(prefix="remontee-pg-", dir="/tmp"))
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self.base_url = f"postgresql+psycopg://postgres@/{{db}}?host={self.directory}&port={self.port}"
+
+    def start(self) -> None:
+        data = self.directory / "data"
+        subprocess.run([*self.as_postgres, str(self.bin / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+        subprocess.run([*self.as_postgres, str(self.bin / "pg_ctl"), "-D", str(data), "-w", "-l",
+                        str(self.directory / "log"), "-o",
+                        f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=on",
+                        "start"], check=True, capture_output=True)
+
+    def create_database(self) -> str:
+        name = f"j{uuid.uuid4().hex[:12]}"
+        subprocess.run([*self.as_postgres, str(self.bin / "createdb"), "-h", str(self.directory), "-p",
+                        str(self.port), "-U", "postgres", name], check=True, capture_output=True)
+        return self.base_url.format(db=name)
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_postgres, str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-m",
+                        "immediate", "stop"], capture_output=True)  # a throwaway cluster: no checkpoint
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
+    """The journal on SQLite (the default) and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_server").create_database()
+    j = Journal(url)
     yield j
     j.dispose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -25,9 +26,23 @@ class ReturnSchemaError(ValueError):
     """A dict that is not a `remontee.return/1`; the message names the path and why."""
 
 
+_last_id = ULID.from_int(0)
+_id_lock = threading.Lock()
+
+
 def new_return_id() -> str:
-    """Unique and sortable by time of receipt: a ULID."""
-    return str(ULID())
+    """Unique and sortable by time of receipt: a ULID, monotonic within a process.
+
+    Monotonic as the ULID spec describes (same millisecond: previous + 1), so a correction made
+    in this process always sorts after what it corrects, which consolidation relies on.
+    """
+    global _last_id
+    with _id_lock:
+        fresh = ULID()
+        if fresh.milliseconds <= _last_id.milliseconds:
+            fresh = ULID.from_int(int(_last_id) + 1)
+        _last_id = fresh
+        return str(fresh)
 
 
 def utc_now() -> str:

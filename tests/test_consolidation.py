@@ -1,0 +1,69 @@
+"""The reference consolidation job, run by a real RQ worker process against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from redis import Redis
+
+from forms import Election
+from returns_queue.consolidation import apply_return, latest_returns, totals
+from returns_queue.journal import Journal
+from returns_queue.relay import Relay
+from validation import new_return
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "returns_queue.consolidation.consolidate"
+
+
+def counts(hollande: int, aubry: int, blancs: int = 3) -> dict[str, int]:
+    return {"votants": hollande + aubry + blancs, "blancs_nuls": blancs, "exprimes": hollande + aubry,
+            "hollande": hollande, "aubry": aubry}
+
+
+def run_gateway(*args: str, redis_url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REMONTEE_REDIS_URL": redis_url, "REMONTEE_ELECTION": "primaire-2011-t2",
+           "REMONTEE_VAR_DIR": str(tmp_path / "var")}
+    return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=True, timeout=60)
+
+
+def test_a_worker_consolidates_relayed_returns_and_totals_prints_them(
+    journal: Journal, redis: Redis, redis_server, election_t2: Election, tmp_path: Path
+) -> None:
+    for bureau, (h, a) in {"1": (100, 50), "2": (10, 20), "3": (7, 0)}.items():
+        journal.submit(new_return(election_t2, bureau, counts(h, a), "ivr", {"call_id": bureau}))
+    assert Relay(journal, redis, JOB).relay_once() == 3
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id) == {
+        "bureaux": 3, "votants": 196, "blancs_nuls": 9, "exprimes": 187, "candidates": {"hollande": 117, "aubry": 70},
+    }
+    out = run_gateway("totals", "--json", redis_url=redis_server.url, tmp_path=tmp_path).stdout
+    assert json.loads(out)["candidates"] == {"hollande": 117, "aubry": 70}
+    text = run_gateway("totals", redis_url=redis_server.url, tmp_path=tmp_path).stdout
+    assert "bureaux remontés : 3" in text and "hollande" in text and "62.57 %" in text
+
+
+def test_a_return_applied_twice_counts_once(redis: Redis, election_t2: Election) -> None:
+    ret = new_return(election_t2, "1", counts(5, 5), "ivr", {}).to_dict()
+    assert apply_return(redis, ret) is True
+    assert apply_return(redis, ret) is False
+    assert totals(redis, election_t2.id)["candidates"] == {"hollande": 5, "aubry": 5}
+
+
+def test_the_latest_return_of_a_bureau_replaces_the_earlier_one(redis: Redis, election_t2: Election) -> None:
+    first = new_return(election_t2, "1", counts(5, 5), "ivr", {})
+    other = new_return(election_t2, "2", counts(1, 1), "pen", {})
+    fixed = new_return(election_t2, "1", counts(6, 4), "review", {"supervisor": "ana"}, supersedes=first.return_id)
+    # Workers may run jobs out of order: the newer return wins whatever the order.
+    for ret in (fixed, other, first):
+        apply_return(redis, ret.to_dict())
+    figures = totals(redis, election_t2.id)
+    assert figures["bureaux"] == 2
+    assert figures["candidates"] == {"hollande": 7, "aubry": 5}
+    assert figures["votants"] == (6 + 4 + 3) + (1 + 1 + 3)
+    assert latest_returns(redis, election_t2.id)["1"]["return_id"] == fixed.return_id

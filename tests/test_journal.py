@@ -1,0 +1,198 @@
+"""The journal and the relay against a real SQLite file and a real redis-server (stopped and restarted)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from redis import Redis
+from rq import Queue
+from sqlalchemy import select, update
+
+from conftest import RedisServer
+from forms import Election
+from returns_queue.jobs import return_job_id
+from returns_queue.journal import Journal, receipt_for, returns, review_items
+from returns_queue.relay import Relay
+from validation import Reason, new_return
+
+JOB = "returns_queue.consolidation.consolidate"
+COUNTS = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "hollande": 250, "aubry": 155}
+
+
+def submit(journal: Journal, election: Election, counts=COUNTS, channel="ivr", bureau="750120"):
+    return journal.submit(new_return(election, bureau, counts, channel, {"call_id": "c"}))
+
+
+def test_receipts_carry_a_luhn_check_digit() -> None:
+    assert receipt_for(1) == "0000018"
+    assert receipt_for(123456) == "1234566"
+    # Any single misheard digit breaks the check.
+    for seq in (1, 42, 98765):
+        good = receipt_for(seq)
+        for pos in range(len(good)):
+            for d in "0123456789":
+                if d != good[pos]:
+                    bad = good[:pos] + d + good[pos + 1 :]
+                    assert receipt_for(int(bad[:-1])) != bad
+
+
+def test_an_accepted_return_is_durable_and_waits_in_the_outbox(tmp_path: Path, election_t2: Election) -> None:
+    url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    first = Journal(url)
+    submission = submit(first, election_t2)
+    assert submission.status == "accepted" and submission.findings == ()
+    first.dispose()
+    reopened = Journal(url)  # what a restarted process sees
+    entry = reopened.get(submission.return_id)
+    assert entry is not None and entry.receipt == submission.receipt and entry.enqueued_at is None
+    assert reopened.outbox()[0]["return_id"] == submission.return_id
+    assert reopened.outbox_backlog() == 1
+    with reopened.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_duplicate_correction_and_conflict(journal: Journal, election_t2: Election) -> None:
+    first = submit(journal, election_t2)
+    again = submit(journal, election_t2)
+    assert (again.status, again.receipt, again.return_id) == ("accepted", first.receipt, first.return_id)
+    assert [f.code for f in again.findings] == [Reason.DUPLICATE]
+    changed = {**COUNTS, "hollande": 251, "aubry": 154}
+    correction = submit(journal, election_t2, changed)
+    conflict = submit(journal, election_t2, {**COUNTS, "hollande": 240, "aubry": 165}, channel="pen")
+    assert (correction.status, [f.code for f in correction.findings]) == ("review", [Reason.CORRECTION])
+    assert (conflict.status, [f.code for f in conflict.findings]) == ("review", [Reason.CHANNEL_CONFLICT])
+    # The same corrected figures sent again join the waiting item instead of opening another.
+    repeat = submit(journal, election_t2, changed)
+    assert (repeat.status, repeat.return_id) == ("review", correction.return_id)
+    with journal.read() as conn:
+        items = conn.execute(select(review_items.c.return_id, review_items.c.reasons)).all()
+        statuses = [r.status for r in conn.execute(select(returns.c.status).order_by(returns.c.seq))]
+    assert {(i.return_id, i.reasons) for i in items} == {
+        (correction.return_id, json.dumps(["CORRECTION"])),
+        (conflict.return_id, json.dumps(["CHANNEL_CONFLICT"])),
+    }
+    assert statuses == ["accepted", "duplicate", "review", "review", "duplicate"]
+    assert [p["return_id"] for p in journal.outbox()] == [first.return_id]
+
+
+def test_channel_findings_send_a_return_to_review(journal: Journal, election_t2: Election) -> None:
+    from validation import check_return
+
+    ret = new_return(election_t2, "750120", {**COUNTS, "aubry": 160}, "ivr", {"call_id": "c"})
+    submission = journal.submit(ret, check_return(ret, election_t2, None))
+    assert submission.status == "review"
+    assert {f.code for f in submission.findings} == {Reason.UNKNOWN_BUREAU, Reason.SUM_MISMATCH}
+    assert journal.outbox() == []
+
+
+def test_concurrent_identical_submissions_make_one_accepted_return(journal: Journal, election_t2: Election) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: submit(journal, election_t2), range(16)))
+    assert len({r.return_id for r in results}) == 1
+    assert len({r.receipt for r in results}) == 1
+    assert [e.status for e in journal.entries()].count("accepted") == 1
+
+
+def test_the_relay_enqueues_once_with_a_job_id_from_the_return(
+    journal: Journal, redis: Redis, election_t2: Election
+) -> None:
+    a = submit(journal, election_t2, bureau="1")
+    b = submit(journal, election_t2, bureau="2")
+    submit(journal, election_t2, bureau="1")  # duplicate: no second job
+    relay = Relay(journal, redis, JOB)
+    assert relay.relay_once() == 2
+    queue = Queue("returns", connection=redis)
+    assert queue.job_ids == [return_job_id(a.return_id), return_job_id(b.return_id)]
+    job = queue.fetch_job(return_job_id(a.return_id))
+    assert job is not None and job.func_name == JOB and job.args[0]["return_id"] == a.return_id
+    assert job.args[0]["status"] == "accepted" and job.args[0]["schema"] == "remontee.return/1"
+    # A relay that died between enqueueing and marking the outbox must not enqueue again.
+    with journal.write() as conn:
+        conn.execute(update(returns).values(enqueued_at=None))
+    assert relay.relay_once() == 0
+    assert queue.count == 2 and journal.outbox_backlog() == 0
+
+
+def test_a_relay_holding_the_lock_keeps_others_out(journal: Journal, redis: Redis, election_t2: Election) -> None:
+    submit(journal, election_t2)
+    lock = redis.lock("remontee:relay:lock", timeout=30)
+    assert lock.acquire(blocking=False)
+    assert Relay(journal, redis, JOB).relay_once() == 0
+    lock.release()
+    assert Relay(journal, redis, JOB).relay_once() == 1
+
+
+def test_returns_survive_redis_going_down_and_are_relayed_when_it_is_back(
+    journal: Journal, redis: Redis, redis_server: RedisServer, election_t2: Election
+) -> None:
+    before = submit(journal, election_t2, bureau="10")
+    relay = Relay(journal, Redis.from_url(redis_server.url, socket_timeout=2), JOB)
+    stop = threading.Event()
+    thread = relay.start(stop)
+    try:
+        _wait(lambda: journal.outbox_backlog() == 0)
+        redis_server.stop()
+        # Redis is down: submitting still succeeds, because the journal is what acknowledges.
+        during = [submit(journal, election_t2, bureau=str(100 + i)) for i in range(5)]
+        assert all(s.status == "accepted" for s in during)
+        time.sleep(0.5)  # give the relay a chance to try (and fail) while Redis is away
+        assert journal.outbox_backlog() == 5
+        redis_server.start()
+        _wait(lambda: journal.outbox_backlog() == 0, timeout=15)
+    finally:
+        stop.set()
+        relay.wakeup.set()
+        thread.join(5)
+    queue = Queue("returns", connection=redis_server.client())
+    expected = {return_job_id(s.return_id) for s in [before, *during]}
+    assert set(queue.job_ids) == expected  # nothing lost, nothing twice (AOF kept the first job)
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_a_failing_submission_in_a_group_commit_changes_nothing_for_the_others(
+    journal: Journal, election_t2: Election
+) -> None:
+    barrier = threading.Barrier(6)
+
+    def refuse(conn, submission) -> None:
+        raise RuntimeError("approved twice")
+
+    def one(i: int):
+        ret = new_return(election_t2, str(500 + i), COUNTS, "ivr", {"call_id": str(i)})
+        barrier.wait()
+        try:
+            return journal.submit(ret, also=refuse if i == 3 else None)
+        except RuntimeError as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    assert isinstance(results[3], RuntimeError)
+    assert all(r.status == "accepted" for i, r in enumerate(results) if i != 3)
+    assert sorted(e.ret.bureau for e in journal.entries()) == ["500", "501", "502", "504", "505"]
+
+
+def test_reconciliation_enqueues_again_what_redis_lost(journal: Journal, redis: Redis, election_t2: Election) -> None:
+    kept = submit(journal, election_t2, bureau="1")
+    lost = submit(journal, election_t2, bureau="2")
+    relay = Relay(journal, redis, JOB)
+    assert relay.relay_once() == 2
+    # What a Redis crash inside its fsync window looks like: the job is gone, the journal says relayed.
+    queue = Queue("returns", connection=redis)
+    queue.remove(return_job_id(lost.return_id))
+    redis.delete(f"rq:job:{return_job_id(lost.return_id)}")
+    assert relay.reconcile() == 1
+    assert relay.reconcile() == 0
+    assert sorted(queue.job_ids) == sorted([return_job_id(kept.return_id), return_job_id(lost.return_id)])

@@ -1,0 +1,103 @@
+"""The bureau registry: realistic generation, hashed PINs, fast loading, bad lines named by number."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from registry import Registry, RegistryError, hash_pin, load_registry, verify_pin
+from registry.bureaux import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_registry_is_realistic_and_never_holds_a_pin_in_clear(
+    registry: Registry, demo_registry_files: tuple[Path, Path], pins: dict[str, str]
+) -> None:
+    assert len(registry) == 60
+    assert len(registry.departments()) == 60  # round-robin over departments
+    ain = registry.get("010101")
+    assert ain is not None and ain.department == "01 Ain" and ain.commune == "Bourg-en-Bresse"
+    for b in registry.bureaux.values():
+        assert b.code.isdigit() and 300 <= (b.inscrits or 0) <= 1400
+        assert b.caller_ids and b.pen_serials
+        assert registry.bureau_for_pen(b.pen_serials[0]) == b
+    text = demo_registry_files[0].read_text()
+    assert set(pins) == set(registry.bureaux)
+    some_code, some_pin = next(iter(pins.items()))
+    assert f",{some_pin}," not in text
+    assert verify_pin(some_pin, registry.bureaux[some_code].pin_hash)
+    assert not verify_pin("000000" if some_pin != "000000" else "111111", registry.bureaux[some_code].pin_hash)
+    assert demo_registry_files[1].stat().st_mode & 0o077 == 0  # the PINs file is private
+
+
+def test_pin_hashes_are_salted_and_malformed_hashes_never_match() -> None:
+    a, b = hash_pin("1234", n=2**8), hash_pin("1234", n=2**8)
+    assert a != b and verify_pin("1234", a) and verify_pin("1234", b)
+    assert not verify_pin("1234", "1234")
+    assert not verify_pin("1234", "scrypt$x$8$1$AAAA$BBBB")
+    assert not verify_pin("1234", "scrypt$3$8$1$AAAA$BBBB")  # n not a power of two: scrypt refuses
+
+
+def _write(tmp_path: Path, rows: list[list[str]], header: tuple[str, ...] = COLUMNS) -> Path:
+    path = tmp_path / "registry.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+PIN_HASH = hash_pin("123456", n=2**8)
+
+
+def _row(code: str = "750101", inscrits: str = "800", pens: str = "AJX-1") -> list[str]:
+    return [code, "Bureau 1", "Paris", "75 Paris", inscrits, PIN_HASH, "0612345678", pens]
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "why"),
+    [
+        ([_row(), _row()], 3, "duplicate code 750101"),
+        ([_row(), _row(code="75A101")], 3, "must be 1 to 10 digits"),
+        ([_row(code="")], 2, "empty code"),
+        ([_row(inscrits="huit")], 2, "inscrits"),
+        ([_row(), _row(code="750102")], 3, "pen serial AJX-1 already belongs to 750101"),
+        ([[*_row()[:5], "1234", *_row()[6:]]], 2, "never stored in clear"),
+        ([[*_row(), "extra"]], 2, "more values than columns"),
+    ],
+)
+def test_a_bad_line_fails_the_load_with_its_number(tmp_path: Path, rows, line: int, why: str) -> None:
+    with pytest.raises(RegistryError) as err:
+        load_registry(_write(tmp_path, rows))
+    assert err.value.line == line
+    assert why in err.value.why
+
+
+def test_a_missing_column_fails_on_line_one(tmp_path: Path) -> None:
+    header = tuple(c for c in COLUMNS if c != "pin_hash")
+    with pytest.raises(RegistryError, match=r":1: missing column\(s\): pin_hash"):
+        load_registry(_write(tmp_path, [], header))
+
+
+def test_optional_columns_may_be_empty(tmp_path: Path) -> None:
+    registry = load_registry(_write(tmp_path, [["12", "B", "C", "D", "", PIN_HASH, "", ""]]))
+    bureau = registry.get("12")
+    assert bureau is not None and bureau.inscrits is None and bureau.caller_ids == () and bureau.pen_serials == ()
+
+
+def test_registry_generate_command(tmp_path: Path) -> None:
+    out, pins = tmp_path / "r.csv", tmp_path / "p.csv"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "registry", "generate", "--bureaux", "25",
+         "--out", str(out), "--pins", str(pins), "--scrypt-n", "256"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    assert "25 bureaux written" in result.stdout
+    assert len(load_registry(out)) == 25
+    assert pins.read_text().splitlines()[0] == "bureau,pin"
+    assert len(pins.read_text().splitlines()) == 26

@@ -1,0 +1,103 @@
+"""`run_gateway.py all`: a private Redis, a demo registry, supervised parts, a clean stop with no orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from redis import Redis
+
+from conftest import free_port
+from forms import load_election
+from returns_queue.consolidation import totals
+from returns_queue.journal import Journal
+from settings import Settings
+from validation import new_return
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_all_starts_every_part_consolidates_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    env.update({"REMONTEE_AGI_PORT": str(free_port()), "REMONTEE_PEN_PORT": str(free_port()),
+                "REMONTEE_REVIEW_PORT": str(free_port()), "REMONTEE_ELECTION": "primaire-2011-t2"})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_gateway.py"), "all", "--demo-bureaux", "12"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        while not any("relay" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "run_gateway.py all exited early:\n" + "".join(lines)
+            lines.append(line)
+        banner = "".join(lines)
+        assert "Ctrl-C stops everything" in banner
+        assert "(private, AOF under var/redis/)" in banner
+        assert (tmp_path / "var" / "registry.csv").exists() and (tmp_path / "var" / "pins.csv").exists()
+
+        settings = Settings.from_env({}, var_dir=tmp_path / "var")
+        journal = Journal(settings.db_url_resolved)
+        election = load_election("primaire-2011-t2")
+        journal.submit(new_return(election, "010101", {"votants": 30, "blancs_nuls": 2, "exprimes": 28,
+                                                       "hollande": 20, "aubry": 8}, "ivr", {"call_id": "t"}))
+        redis = Redis.from_url(settings.redis_url_resolved)
+        deadline = time.monotonic() + 30
+        while totals(redis, election.id)["bureaux"] == 0:
+            assert time.monotonic() < deadline, "the return was not consolidated by the running system"
+            time.sleep(0.2)
+        assert totals(redis, election.id)["candidates"] == {"hollande": 20, "aubry": 8}
+        assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir()
+
+        family = descendants(process.pid)
+        assert len(family) >= 4  # redis-server, the relay and two workers at least
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in family if alive(pid)], "orphan processes after Ctrl-C"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_every_subcommand_has_help() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    commands = out.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert {"all", "registry", "worker", "relay", "totals"} <= set(commands)
+    for command in commands:
+        result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), command, "--help"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout, command
