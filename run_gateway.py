@@ -27,7 +27,7 @@ from settings import Settings
 log = logging.getLogger("remontee")
 
 # The parts whose `cli.add_commands` contribute subcommands.
-PARTS = ["registry.cli", "returns_queue.cli", "forms.cli"]
+PARTS = ["registry.cli", "returns_queue.cli", "pen_gateway.cli", "forms.cli"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ SERVICES = [
     Service("relay", ("relay",), "journal outbox → RQ 'returns'"),
     Service("worker-1", ("worker",), "RQ queues ocr, returns"),
     Service("worker-2", ("worker",), "RQ queues ocr, returns"),
+    Service("pen", ("pen",), "http://{s.bind}:{s.pen_port}/api/v1/"),
 ]
 
 

@@ -3,15 +3,34 @@
 Shares the journal's database (and its durability): a row is committed before the 202.
 Statuses: queued → recognized → accepted | review | rejected; `failed` when recognition
 itself broke (the raw bytes stay, a supervisor or a retry picks it up).
+
+It is also the OCR outbox: `ocr_enqueued_at` stays NULL until the OCR relay has seen the upload's
+`ocr` job on RQ, so an upload acknowledged while Redis was down is enqueued when Redis is back.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Column, Connection, Float, Index, Integer, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from returns_queue.journal import Journal
 
@@ -35,7 +54,9 @@ uploads = Table(
     Column("error", Text),
     Column("received_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("ocr_enqueued_at", Float),  # the OCR outbox mark: NULL until its job was seen on RQ
     Index("ix_uploads_idempotency", "station_id", "idempotency_key", unique=True),
+    Index("ix_uploads_ocr_outbox", "status", "ocr_enqueued_at", "received_at"),
 )
 
 
@@ -73,17 +94,56 @@ def record_upload(conn: Connection, upload: Upload) -> None:
     )
 
 
-def get_upload(journal: Journal, upload_id: str) -> Upload | None:
-    with journal.read() as conn:
-        row = conn.execute(select(uploads).where(uploads.c.upload_id == upload_id)).first()
-    if row is None:
-        return None
+def _upload(row: Any) -> Upload:
     return Upload(
         upload_id=row.upload_id, sha256=row.sha256, path=Path(row.path), content_type=row.content_type,
         size=row.size, station_id=row.station_id, pen_serial=row.pen_serial, bureau=row.bureau,
         idempotency_key=row.idempotency_key, status=row.status, return_id=row.return_id,
         receipt=row.receipt, error=row.error, received_at=row.received_at,
     )
+
+
+def get_upload(journal: Journal, upload_id: str) -> Upload | None:
+    with journal.read() as conn:
+        row = conn.execute(select(uploads).where(uploads.c.upload_id == upload_id)).first()
+    return None if row is None else _upload(row)
+
+
+def find_by_idempotency_key(conn: Connection, station_id: str, key: str) -> Upload | None:
+    """The upload a station already made under `key` (keys are scoped per station)."""
+    row = conn.execute(
+        select(uploads).where(uploads.c.station_id == station_id, uploads.c.idempotency_key == key)
+    ).first()
+    return None if row is None else _upload(row)
+
+
+def ocr_outbox(journal: Journal, received_before: float, limit: int = 500) -> list[str]:
+    """Queued uploads whose OCR job the relay has not yet seen on RQ, oldest first."""
+    with journal.read() as conn:
+        rows = conn.execute(
+            select(uploads.c.upload_id)
+            .where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at.is_(None),
+                   uploads.c.received_at < received_before)
+            .order_by(uploads.c.received_at)
+            .limit(limit)
+        )
+        return [r.upload_id for r in rows]
+
+
+def mark_ocr_enqueued(journal: Journal, upload_ids: Sequence[str]) -> None:
+    if not upload_ids:
+        return
+    with journal.write() as conn:
+        conn.execute(update(uploads).where(uploads.c.upload_id.in_(list(upload_ids))).values(ocr_enqueued_at=time.time()))
+
+
+def ocr_backlog(journal: Journal) -> int:
+    """Uploads acknowledged but not yet seen on the `ocr` queue (the relay's to-do)."""
+    with journal.read() as conn:
+        return conn.execute(
+            select(func.count()).select_from(uploads)
+            .where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at.is_(None))
+        ).scalar_one()
 
 
 def set_upload_status(

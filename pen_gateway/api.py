@@ -1,0 +1,248 @@
+"""The upload API (`/api/v1/`): docking stations post signed pages and read back what became of them.
+
+`POST /api/v1/uploads` — multipart/form-data with the page in the part `file` and the fields
+`station_id`, `pen_serial` and, optionally, `bureau`; signed (see `pen_gateway.signing`);
+optionally an `Idempotency-Key` header (scoped to the station). Answers `202 {"upload_id",
+"status": "queued", "status_url"}` only once the raw bytes are fsynced under var/uploads/ and the
+upload row is committed in the journal; then it enqueues the `ocr` job (or leaves it to the OCR
+relay when Redis is down). A retry under the same key gets the first answer again (same status
+and body), without storing anything; the same key with a different page is a 409.
+
+`GET /api/v1/uploads/<upload_id>` — signed like the POST (the body is empty, so its digest is the
+SHA-256 of the empty string), and only for the station that made the upload (any other: 404).
+Answers the status (queued, recognized, accepted, review, rejected, failed) and, once accepted,
+the receipt. A status read's signature is remembered with the path it read; two reads of one
+upload signed in the same second carry the same signature (the second is a replay, 401), so a
+station polling faster signs with the next second (tests/pen_helpers.py does).
+
+Every error is JSON `{"code", "message"}` and changes nothing: 401 for signatures (missing,
+stale, unknown station, wrong, replayed), 413 too large, 415 a type we do not take, 422 a page
+we cannot or will not read (corrupt, decompression bomb, XML with entities or a DTD), 409 an
+idempotency key reused for another page, 507 no room to store it, 503 the journal is unavailable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, current_app, request, url_for
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from ulid import ULID
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from pen_gateway.app import PenGateway, error_response, gateway_of
+from pen_gateway.decode import DecodeError, probe_upload
+from pen_gateway.signing import (
+    SignatureError,
+    SignedRequest,
+    check_headers,
+    claim_signature,
+    remember_signature,
+    replayed,
+    signature_seen,
+)
+from pen_gateway.storage import StorageFull, StoredFile
+from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload, record_upload
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+PEN_SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+BUREAU = re.compile(r"^\d{1,10}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class _FirstAnswer(Exception):
+    """Inside the journal transaction: this key already has an upload (a concurrent retry won)."""
+
+    def __init__(self, upload: Upload) -> None:
+        super().__init__(upload.upload_id)
+        self.upload = upload
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Any:
+    return error_response(exc.code, exc.message, exc.status)
+
+
+@bp.errorhandler(SignatureError)
+def _signature_error(exc: SignatureError) -> Any:
+    response = error_response(exc.code, exc.message, 401)
+    response.headers["WWW-Authenticate"] = 'Remontee-HMAC realm="pen uploads"'
+    return response
+
+
+@bp.errorhandler(DecodeError)
+def _decode_error(exc: DecodeError) -> Any:
+    return error_response(exc.code, exc.message, exc.http_status)
+
+
+@bp.errorhandler(StorageFull)
+def _storage_full(exc: StorageFull) -> Any:
+    return error_response("STORAGE_FULL", "the gateway has no room to store the upload; nothing was kept, "
+                          "retry later", 507)
+
+
+def _gateway() -> PenGateway:
+    return gateway_of(current_app)
+
+
+def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
+    """Check the signature headers before reading the body, then the body against the signature."""
+    signed = check_headers(request.headers, gateway.stations, window=gateway.signature_window)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()  # refused before a byte of the body is read
+    body = request.get_data(cache=True)  # a streamed body past the limit raises 413 while being read
+    signed.check_body(hashlib.sha256(body).hexdigest())
+    return signed, body
+
+
+def _journal_failure(exc: SQLAlchemyError) -> ApiError:
+    orig = getattr(exc, "orig", None)
+    full = (isinstance(orig, sqlite3.Error) and getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL) or (
+        getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
+    if full:
+        return ApiError("STORAGE_FULL", "the journal has no room to record the upload; nothing was kept, "
+                        "retry later", 507)
+    return ApiError("JOURNAL_UNAVAILABLE", "the journal cannot record the upload right now; nothing was kept, "
+                    "retry later", 503)
+
+
+def _first_answer(upload: Upload) -> Any:
+    body = {"upload_id": upload.upload_id, "status": "queued",
+            "status_url": url_for("api.upload_status", upload_id=upload.upload_id)}
+    return body, 202, {"Location": body["status_url"]}
+
+
+def _same_upload(first: Upload, sha256: str, pen_serial: str, bureau: str | None) -> bool:
+    return first.sha256 == sha256 and first.pen_serial == pen_serial and first.bureau == bureau
+
+
+def _retry(gateway: PenGateway, signed: SignedRequest, first: Upload, sha256: str, pen_serial: str,
+           bureau: str | None, key: str) -> Any:
+    if not _same_upload(first, sha256, pen_serial, bureau):
+        raise ApiError("IDEMPOTENCY_KEY_REUSED", f"Idempotency-Key {key!r} was used for another upload "
+                       f"({first.upload_id}); use a new key for a new page", 409)
+    try:
+        with gateway.journal.write() as conn:
+            remember_signature(conn, signed)
+    except IntegrityError as exc:
+        raise replayed() from exc
+    except SQLAlchemyError as exc:
+        raise _journal_failure(exc) from exc
+    return _first_answer(first)
+
+
+@bp.get("/")
+def index() -> Any:
+    return {"service": "remontee pen gateway", "uploads": url_for("api.create_upload"),
+            "formats": ["image/png", "image/jpeg", "image/tiff", "application/inkml+xml"],
+            "max_upload_bytes": _gateway().settings.max_upload_bytes}
+
+
+@bp.post("/uploads")
+def create_upload() -> Any:
+    gateway = _gateway()
+    signed, _body = _signed_request(gateway)
+    with gateway.journal.read() as conn:
+        if signature_seen(conn, signed.signature):  # early: the authoritative check is in the commit below
+            raise replayed()
+
+    page = request.files.get("file")
+    if page is None:
+        raise ApiError("MISSING_FILE", "the page must be in the multipart part named 'file'", 422)
+    station_field = request.form.get("station_id", "").strip()
+    if station_field != signed.station_id:
+        raise ApiError("STATION_MISMATCH", f"the form's station_id {station_field[:64]!r} is not the signing "
+                       f"station {signed.station_id!r}", 422)
+    pen_serial = request.form.get("pen_serial", "").strip()
+    if not PEN_SERIAL.match(pen_serial):
+        raise ApiError("BAD_PEN_SERIAL", "pen_serial is required: 1-64 letters, digits, '.', '_', ':' or '-'", 422)
+    bureau = request.form.get("bureau", "").strip() or None
+    if bureau is not None and not BUREAU.match(bureau):
+        raise ApiError("BAD_BUREAU", "bureau, when given, is the bureau's code: digits only", 422)
+    key = request.headers.get("Idempotency-Key", "").strip() or None
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ApiError("BAD_IDEMPOTENCY_KEY", "Idempotency-Key is 1-128 printable ASCII characters", 422)
+
+    data = page.read()
+    if len(data) > gateway.settings.max_upload_bytes:
+        raise RequestEntityTooLarge()
+    sha256 = hashlib.sha256(data).hexdigest()
+    if key is not None:
+        with gateway.journal.read() as conn:
+            first = find_by_idempotency_key(conn, signed.station_id, key)
+        if first is not None:
+            return _retry(gateway, signed, first, sha256, pen_serial, bureau, key)
+
+    probed = probe_upload(data, page.mimetype or None)
+    stored: StoredFile = gateway.store.put(data, sha256)
+    upload = Upload(
+        upload_id=str(ULID()), sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
+        station_id=signed.station_id, pen_serial=pen_serial, bureau=bureau, idempotency_key=key, status="queued",
+        return_id=None, receipt=None, error=None, received_at=0.0,
+    )
+    try:
+        with gateway.journal.write() as conn:
+            remember_signature(conn, signed)
+            if key is not None and (first := find_by_idempotency_key(conn, signed.station_id, key)) is not None:
+                raise _FirstAnswer(first)
+            record_upload(conn, upload)
+    except _FirstAnswer as answer:  # a concurrent retry under the same key committed first
+        if answer.upload.sha256 != sha256:
+            gateway.store.discard(stored)
+        return _retry(gateway, signed, answer.upload, sha256, pen_serial, bureau, key or "")
+    except SignatureError:
+        gateway.store.discard(stored)
+        raise
+    except IntegrityError as exc:  # PostgreSQL: a concurrent twin (same signature or key) won the race
+        gateway.store.discard(stored)
+        raise replayed() from exc
+    except (OperationalError, SQLAlchemyError) as exc:
+        gateway.store.discard(stored)
+        raise _journal_failure(exc) from exc
+
+    gateway.enqueue_ocr(upload.upload_id)
+    return _first_answer(upload)
+
+
+@bp.get("/uploads/<upload_id>")
+def upload_status(upload_id: str) -> Any:
+    gateway = _gateway()
+    signed, _body = _signed_request(gateway)
+    try:
+        claim_signature(signed, gateway.redis, gateway.journal, scope=request.path)
+    except SQLAlchemyError as exc:
+        raise _journal_failure(exc) from exc
+    upload = get_upload(gateway.journal, upload_id) if upload_id.isalnum() and len(upload_id) <= 40 else None
+    if upload is None or upload.station_id != signed.station_id:
+        # Another station's upload is as unknown as a missing one: ids are not to be probed.
+        raise ApiError("NOT_FOUND", f"no upload {upload_id[:40]!r} from station {signed.station_id}", 404)
+    answer: dict[str, Any] = {
+        "upload_id": upload.upload_id,
+        "status": upload.status,
+        "received_at": datetime.fromtimestamp(upload.received_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "station_id": upload.station_id,
+        "pen_serial": upload.pen_serial,
+        "bureau": upload.bureau,
+        "content_type": upload.content_type,
+        "size": upload.size,
+        "sha256": upload.sha256,
+    }
+    if upload.return_id:
+        answer["return_id"] = upload.return_id
+    if upload.status == "accepted" and upload.receipt:
+        answer["receipt"] = upload.receipt
+    if upload.error:
+        answer["error"] = upload.error
+    return answer

@@ -1,0 +1,151 @@
+"""The pen gateway's Flask app factory: configuration, the shared services, JSON errors, the OCR relay thread.
+
+`create_app(test_config=None)` builds the app. Configuration comes from the mapping first
+(tests pass `SETTINGS`, a `settings.Settings`, plus any of the keys below), then the
+environment through `Settings.from_env()` for whatever the mapping does not give.
+
+Keys: `SETTINGS`; `OCR_RELAY` (start the OCR relay thread in this process; `run_gateway.py pen`
+sets it, tests that want to watch the relay at work call it themselves); `OCR_JOB` (the
+function path of the `ocr` job); `OCR_RELAY_GRACE` (seconds an unenqueued upload waits before
+the relay takes it over from the API); `SIGNATURE_WINDOW` (seconds a timestamp may be off).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Request, jsonify
+from redis import Redis
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, enqueue_ocr
+from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
+from pen_gateway.storage import RawStore
+from pen_gateway.uploads import create_tables
+from returns_queue.journal import Journal
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart envelope and the form fields on top of the file itself.
+ENVELOPE_BYTES = 64 * 1024
+
+# HTTP status → the `code` of the JSON error, for errors Flask or Werkzeug raise themselves.
+HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 411: "LENGTH_REQUIRED",
+              413: "TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL_ERROR"}
+
+
+class PenRequest(Request):
+    """Keeps file parts in memory: the whole body is already in memory (bounded by MAX_CONTENT_LENGTH),
+    and Werkzeug would otherwise spool each part over 500 KB to a temporary file on disk."""
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> Any:
+        import io
+
+        return io.BytesIO()
+
+
+class PenGateway:
+    """What every request of the pen gateway uses: settings, journal, stations, raw store, Redis."""
+
+    def __init__(self, settings: Settings, *, ocr_job: str = OCR_JOB, signature_window: int = SIGNATURE_WINDOW,
+                 relay_grace: float = 5.0) -> None:
+        self.settings = settings
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(settings.db_url_resolved)
+        create_tables(self.journal)
+        self.stations = StationRegistry(self.journal, settings.var_dir)
+        self.store = RawStore(settings.var_dir)
+        # Short timeouts: a hung Redis must not hold an upload whose bytes are already journaled.
+        self.redis = Redis.from_url(settings.redis_url_resolved, socket_timeout=2, socket_connect_timeout=1)
+        self.ocr_job, self.signature_window, self.relay_grace = ocr_job, signature_window, relay_grace
+        self._redis_down_until = 0.0
+        self._stop = threading.Event()
+        self.relay: OcrRelay | None = None
+
+    def enqueue_ocr(self, upload_id: str) -> bool:
+        """Best effort, after the journal commit: False leaves the job to the OCR relay."""
+        if time.monotonic() < self._redis_down_until:
+            return False  # Redis failed a moment ago: don't make every upload wait for it to fail again
+        try:
+            enqueue_ocr(self.redis, upload_id, self.ocr_job)
+            return True
+        except RedisError as exc:
+            self._redis_down_until = time.monotonic() + 1.0
+            log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it", upload_id, exc)
+            return False
+
+    def start_relay(self) -> OcrRelay:
+        if self.relay is None:
+            self.relay = OcrRelay(self.journal, self.redis, self.ocr_job, grace=self.relay_grace)
+            self.relay.start(self._stop)
+        return self.relay
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.relay is not None:
+            self.relay.wakeup.set()
+        self.redis.close()
+        self.journal.dispose()
+
+
+def gateway_of(app: Flask) -> PenGateway:
+    return app.extensions["pen_gateway"]
+
+
+def error_response(code: str, message: str, status: int) -> Any:
+    response = jsonify({"code": code, "message": message})
+    response.status_code = status
+    return response
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    from pen_gateway.api import bp as api_blueprint
+
+    app = Flask(__name__)
+    app.request_class = PenRequest
+    app.config.from_mapping(OCR_RELAY=False, OCR_JOB=OCR_JOB, OCR_RELAY_GRACE=5.0,
+                            SIGNATURE_WINDOW=SIGNATURE_WINDOW)
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    settings: Settings = app.config.get("SETTINGS") or Settings.from_env()
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + ENVELOPE_BYTES
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]  # messages are French-friendly UTF-8
+
+    gateway = PenGateway(settings, ocr_job=app.config["OCR_JOB"], signature_window=app.config["SIGNATURE_WINDOW"],
+                         relay_grace=float(app.config["OCR_RELAY_GRACE"]))
+    app.extensions["pen_gateway"] = gateway
+    app.register_blueprint(api_blueprint)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, (exc.name or "ERROR").upper().replace(" ", "_"))
+        message = exc.description or exc.name
+        if status == 413:
+            message = (f"the upload is larger than the {settings.max_upload_bytes} bytes accepted "
+                       "(a form page is far smaller)")
+        response = error_response(code, message, status)
+        if status == 413:
+            # The body may still be arriving: don't keep the connection to read the rest.
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unexpected error")
+        return error_response("INTERNAL_ERROR", "the gateway failed to handle this request; nothing was stored "
+                              "unless a 202 was given", 500)
+
+    if app.config["OCR_RELAY"]:
+        gateway.start_relay()
+        atexit.register(gateway.close)
+    return app

@@ -1,0 +1,94 @@
+"""`run_gateway.py pen` (the upload API under gunicorn) and `run_gateway.py stations add|list`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    pen = sub.add_parser("pen", help="the pen upload API, served by gunicorn on bind:pen_port", parents=[common])
+    pen.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2: one per core)")
+    pen.add_argument("--threads", type=int, default=8,
+                     help="threads per worker (default 8: requests mostly wait on fsync, not the CPU)")
+    pen.add_argument("--access-log", action="store_true", help="log every request to standard error")
+    pen.set_defaults(func=_pen)
+
+    stations = sub.add_parser("stations", help="docking stations allowed to upload", parents=[common])
+    actions = stations.add_subparsers(dest="stations_command", required=True)
+    add = actions.add_parser("add", help="register a station; prints its new secret once, on the last line",
+                             parents=[common])
+    add.add_argument("station_id", help="the station's id, as it sends in X-Remontee-Station")
+    add.set_defaults(func=_stations_add)
+    listing = actions.add_parser("list", help="the registered stations", parents=[common])
+    listing.set_defaults(func=_stations_list)
+
+
+def _registry(settings: Settings) -> Any:
+    from pen_gateway.signing import StationRegistry
+    from returns_queue.journal import Journal
+
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    return StationRegistry(Journal(settings.db_url_resolved), settings.var_dir)
+
+
+def _stations_add(args: argparse.Namespace) -> int:
+    from pen_gateway.signing import StationExists
+
+    registry = _registry(args.settings)
+    try:
+        secret = registry.add(args.station_id)
+    except (StationExists, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"station {args.station_id} registered. Its secret is shown this once: put it in the docking "
+          "station's configuration; the gateway keeps it encrypted.")
+    print(secret, flush=True)
+    return 0
+
+
+def _stations_list(args: argparse.Namespace) -> int:
+    for station_id in _registry(args.settings).station_ids():
+        print(station_id)
+    return 0
+
+
+def _pen(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from pen_gateway.app import create_app
+
+    settings: Settings = args.settings
+
+    class PenServer(BaseApplication):  # type: ignore[misc]
+        """gunicorn with our options and our app, loaded in each worker (each gets its own OCR relay thread)."""
+
+        def load_config(self) -> None:
+            options = {
+                "bind": f"{settings.bind}:{settings.pen_port}",
+                "workers": args.workers,
+                "worker_class": "gthread",
+                "threads": args.threads,
+                "timeout": 60,
+                "graceful_timeout": 10,
+                "keepalive": 5,
+                "accesslog": "-" if args.access_log else None,
+                "errorlog": "-",
+                "proc_name": "remontee-pen",
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return create_app({"SETTINGS": settings, "OCR_RELAY": True})
+
+    log.info("pen upload API on http://%s:%d/api/v1/ (%d workers × %d threads)", settings.bind, settings.pen_port,
+             args.workers, args.threads)
+    PenServer().run()
+    return 0

@@ -1,0 +1,365 @@
+"""Decoding pen uploads: the one place that turns uploaded bytes into a page the OCR can read.
+
+Two kinds of page come from docking stations:
+- an image (PNG, JPEG or TIFF scan or render of the form): decoded to a grayscale `uint8` array,
+  dark ink on a light page;
+- InkML (`application/inkml+xml`, the pen's strokes): decoded to a list of strokes, each an
+  (N, 2) float array of (x, y) in millimetres from the page's top-left corner, x right, y down.
+
+The type is decided by the content (magic bytes, then a parse), never by the declared
+Content-Type alone. Everything that goes wrong raises `DecodeError(code, message)`, whose
+`http_status` the upload API answers with (415 for a type we do not take, 422 for a file we
+cannot or will not read). `probe_upload` is the upload-time check: cheap for images (headers,
+dimensions, checksums), a full parse for InkML; `decode_upload` is the full decode the OCR uses.
+
+XML is parsed with defusedxml, which refuses DTDs, entity declarations and external references:
+a billion-laughs or an external-entity upload is a 422, never an expansion.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from struct import error as struct_error
+from typing import Literal
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml
+import defusedxml.ElementTree
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+PNG = "image/png"
+JPEG = "image/jpeg"
+TIFF = "image/tiff"
+INKML = "application/inkml+xml"
+SUPPORTED_TYPES = (PNG, JPEG, TIFF, INKML)
+
+# An A4 page at 600 dpi is 35 Mpx; anything much larger is not a form but a decompression bomb.
+MAX_PAGE_PIXELS = 40_000_000
+# Pillow's own guard, for every Image.open in this process (it raises past twice this).
+Image.MAX_IMAGE_PIXELS = MAX_PAGE_PIXELS
+# A truncated image is an error, never a silently grey bottom half.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Declared types we treat as "the station did not say": the content decides.
+_UNDECLARED = {"", "application/octet-stream", "binary/octet-stream"}
+_ALIASES = {"image/jpg": JPEG, "image/pjpeg": JPEG, "image/tif": TIFF, "image/x-tiff": TIFF,
+            "application/xml": INKML, "text/xml": INKML, "application/x-inkml+xml": INKML}
+
+INKML_NS = "http://www.w3.org/2003/InkML"
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+MM_PER_UNIT = {"mm": 1.0, "cm": 10.0, "in": 25.4, "m": 1000.0}
+
+
+class DecodeError(Exception):
+    """An upload we cannot or will not read; `code` is machine-readable, `message` says why in plain words."""
+
+    def __init__(self, code: str, message: str, http_status: int = 422) -> None:
+        super().__init__(message)
+        self.code, self.message, self.http_status = code, message, http_status
+
+
+@dataclass(frozen=True)
+class DecodedPage:
+    """One page of an upload: `image` for a scan (kind "image"), `strokes` for InkML (kind "ink")."""
+
+    kind: Literal["image", "ink"]
+    content_type: str
+    image: np.ndarray | None = None  # (height, width) uint8, 0 = black ink, 255 = white paper
+    dpi: float | None = None  # from the image's metadata, when it says
+    strokes: list[np.ndarray] = field(default_factory=list)  # each (N, 2) float64, millimetres
+
+    @property
+    def is_ink(self) -> bool:
+        return self.kind == "ink"
+
+
+@dataclass(frozen=True)
+class ProbedUpload:
+    """What the upload-time check learnt: the real type, and the page's size (pixels, or strokes/points)."""
+
+    content_type: str
+    width: int = 0
+    height: int = 0
+    strokes: int = 0
+    points: int = 0
+
+
+# --- the type, by content ---
+
+def sniff(data: bytes) -> str | None:
+    """The supported type these bytes really are, by their magic bytes; None when none."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if data.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return TIFF
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith((b"<?xml", b"<ink", b"<!DOCTYPE", b"<!--")) or re.match(rb"<[A-Za-z_][\w.-]*:ink[\s>]", head):
+        return INKML
+    return None
+
+
+def real_content_type(data: bytes, declared: str | None) -> str:
+    """The type to decode as: what the bytes are, provided the declared type (if any) agrees."""
+    declared_type = (declared or "").split(";", 1)[0].strip().lower()
+    declared_type = _ALIASES.get(declared_type, declared_type)
+    actual = sniff(data)
+    if actual is None:
+        shown = declared_type or "no declared type"
+        raise DecodeError("UNSUPPORTED_MEDIA_TYPE",
+                          f"the file is not PNG, JPEG, TIFF or InkML ({shown}); those are the formats accepted", 415)
+    if declared_type not in _UNDECLARED and declared_type != actual:
+        if declared_type not in SUPPORTED_TYPES:
+            raise DecodeError("UNSUPPORTED_MEDIA_TYPE",
+                              f"declared type {declared_type} is not accepted; send PNG, JPEG, TIFF or InkML", 415)
+        raise DecodeError("CONTENT_TYPE_MISMATCH", f"declared as {declared_type} but the file is {actual}", 415)
+    return actual
+
+
+# --- images ---
+
+def _open_image(data: bytes, content_type: str) -> Image.Image:
+    fmt = {PNG: "PNG", JPEG: "JPEG", TIFF: "TIFF"}[content_type]
+    try:
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and twice it Pillow only warns: make that an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError("CORRUPT_IMAGE", f"the {fmt} file cannot be read: {exc}") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0 or width * height > MAX_PAGE_PIXELS:
+        raise DecodeError("IMAGE_TOO_LARGE",
+                          f"{width}x{height} pixels is not a form page (at most {MAX_PAGE_PIXELS} pixels)")
+    return image
+
+
+def _probe_image(data: bytes, content_type: str) -> ProbedUpload:
+    image = _open_image(data, content_type)
+    width, height = image.size
+    try:
+        if content_type == PNG:
+            # verify() walks every chunk to IEND and checks its CRC: truncation and bit rot show.
+            image.verify()
+        elif content_type == JPEG:
+            # Decoding at 1/8 scale still reads the whole entropy-coded stream (a truncated or
+            # damaged JPEG fails), for a fraction of a full decode's cost.
+            image.draft("L", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+        else:
+            # TIFF has no cheap whole-file check: decode it (rare from docking stations).
+            _ = image.n_frames  # walks the IFD chain: a broken chain shows here
+            image.load()
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct_error) as exc:
+        raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
+    return ProbedUpload(content_type, width=width, height=height)
+
+
+def _decode_image(data: bytes, content_type: str) -> DecodedPage:
+    image = _open_image(data, content_type)
+    dpi = image.info.get("dpi")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image  # a phone photo's orientation tag
+        gray = _to_gray(image)
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct_error) as exc:
+        raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
+    pixels = np.asarray(gray, dtype=np.uint8)
+    if pixels.size and np.median(pixels) < 128:
+        # A negative scan (white ink on black): the pipeline expects dark ink on a light page.
+        pixels = 255 - pixels
+    dpi_value = float(dpi[0]) if isinstance(dpi, tuple) and dpi and dpi[0] else None
+    return DecodedPage("image", content_type, image=np.ascontiguousarray(pixels), dpi=dpi_value)
+
+
+def _to_gray(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels are paper, not ink: flatten onto white before dropping alpha.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8), "L")
+    return image.convert("L")
+
+
+# --- InkML ---
+
+_VALUE = re.compile(r"""\s*([!'"]?)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)""")
+
+
+def _local(tag: object) -> str:
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _parse_xml(data: bytes) -> Element:
+    try:
+        root = defusedxml.ElementTree.fromstring(data, forbid_dtd=True, forbid_entities=True,
+                                                 forbid_external=True)
+    except defusedxml.DefusedXmlException as exc:
+        raise DecodeError("XML_FORBIDDEN",
+                          f"the InkML declares a DTD, entities or external references, which are refused: {exc!r}"
+                          ) from exc
+    except ParseError as exc:
+        raise DecodeError("BAD_INKML", f"the InkML is not well-formed XML: {exc}") from exc
+    if _local(root.tag) != "ink" or (root.tag.startswith("{") and not root.tag.startswith(f"{{{INKML_NS}}}")):
+        raise DecodeError("BAD_INKML", f"the XML root is <{_local(root.tag)}>, not an InkML <ink> element")
+    return root
+
+
+@dataclass(frozen=True)
+class _Format:
+    """A traceFormat: the channel names in order and the factor that takes X and Y to millimetres."""
+
+    names: tuple[str, ...]
+    x_index: int
+    y_index: int
+    x_scale: float
+    y_scale: float
+
+
+def _trace_format(element: Element) -> _Format:
+    names: list[str] = []
+    scales: dict[str, float] = {}
+    # Only the regular channels (direct children) are in every point; intermittent ones follow
+    # them and may be missing, and we need nothing from them.
+    for channel in element:
+        if _local(channel.tag) != "channel":
+            continue
+        name = channel.get("name", "")
+        units = (channel.get("units") or "mm").strip().lower()
+        if name in ("X", "Y"):
+            if units not in MM_PER_UNIT:
+                raise DecodeError("BAD_INKML", f"channel {name} is in {units!r}; units accepted: mm, cm, in")
+            scales[name] = MM_PER_UNIT[units]
+        names.append(name)
+    if "X" not in names or "Y" not in names:
+        raise DecodeError("BAD_INKML", "the traceFormat has no X and Y channels")
+    return _Format(tuple(names), names.index("X"), names.index("Y"), scales["X"], scales["Y"])
+
+
+_DEFAULT_FORMAT = _Format(("X", "Y"), 0, 1, 1.0, 1.0)
+
+
+def _formats(root: Element) -> tuple[_Format, dict[str, _Format]]:
+    """The document's default trace format, and every format or context by its xml:id."""
+    by_id: dict[str, _Format] = {}
+    default: _Format | None = None
+    for element in root.iter():
+        name = _local(element.tag)
+        if name == "traceFormat":
+            fmt = _trace_format(element)
+            ident = element.get(f"{{{XML_NS}}}id")
+            if ident:
+                by_id[ident] = fmt
+            if default is None:
+                default = fmt
+    for element in root.iter():
+        if _local(element.tag) != "context":
+            continue
+        ident = element.get(f"{{{XML_NS}}}id")
+        inner = next((e for e in element if _local(e.tag) == "traceFormat"), None)
+        ref = (element.get("traceFormatRef") or "").lstrip("#")
+        fmt = _trace_format(inner) if inner is not None else by_id.get(ref)
+        if ident and fmt is not None:
+            by_id[ident] = fmt
+    return default or _DEFAULT_FORMAT, by_id
+
+
+def _trace_points(text: str, fmt: _Format) -> np.ndarray:
+    """One trace's points as an (N, 2) array in millimetres, resolving the ' and " difference encodings."""
+    width = len(fmt.names)
+    value = [0.0] * width
+    velocity = [0.0] * width
+    mode = ["!"] * width
+    rows: list[tuple[float, float]] = []
+    for number, point in enumerate(text.split(",")):
+        if not point.strip():
+            continue
+        tokens = _VALUE.findall(point)
+        consumed = "".join(q + v for q, v in tokens)
+        if consumed != re.sub(r"\s+", "", point) or len(tokens) < max(fmt.x_index, fmt.y_index) + 1:
+            raise DecodeError("BAD_INKML", f"trace point {number + 1} {point.strip()[:40]!r} is not a list of numbers")
+        for i, (qualifier, raw) in enumerate(tokens[:width]):
+            if qualifier:
+                mode[i] = qualifier
+            v = float(raw)
+            if mode[i] == "!":
+                velocity[i] = v - value[i] if number else 0.0
+                value[i] = v
+            elif mode[i] == "'":
+                velocity[i] = v
+                value[i] += v
+            else:  # second difference
+                velocity[i] += v
+                value[i] += velocity[i]
+        rows.append((value[fmt.x_index] * fmt.x_scale, value[fmt.y_index] * fmt.y_scale))
+    points = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(points).all():
+        raise DecodeError("BAD_INKML", "a trace has a coordinate that is not a finite number")
+    return points
+
+
+def _decode_inkml(data: bytes) -> DecodedPage:
+    root = _parse_xml(data)
+    default, by_id = _formats(root)
+    # A trace without its own contextRef takes its enclosing traceGroup's.
+    group_context: dict[int, str] = {}
+    for group in root.iter():
+        if _local(group.tag) == "traceGroup" and group.get("contextRef"):
+            for child in group.iter():
+                group_context[id(child)] = group.get("contextRef", "")  # inner groups come later: they win
+    strokes: list[np.ndarray] = []
+    for trace in root.iter():
+        if _local(trace.tag) != "trace":
+            continue
+        fmt = default
+        ref = (trace.get("contextRef") or group_context.get(id(trace)) or "").lstrip("#")
+        if ref:
+            if ref not in by_id:
+                raise DecodeError("BAD_INKML", f"a trace refers to #{ref}, which the document does not define")
+            fmt = by_id[ref]
+        points = _trace_points(trace.text or "", fmt)
+        if len(points):
+            strokes.append(points)
+    return DecodedPage("ink", INKML, strokes=strokes)
+
+
+# --- the two entry points ---
+
+def probe_upload(data: bytes, content_type: str | None) -> ProbedUpload:
+    """The upload-time check: the real type, and a page that will decode. Raises DecodeError."""
+    if not data:
+        raise DecodeError("EMPTY_FILE", "the uploaded file is empty")
+    actual = real_content_type(data, content_type)
+    if actual == INKML:
+        page = _decode_inkml(data)
+        return ProbedUpload(INKML, strokes=len(page.strokes), points=sum(len(s) for s in page.strokes))
+    return _probe_image(data, actual)
+
+
+def decode_upload(data: bytes, content_type: str | None) -> DecodedPage:
+    """The whole page, for recognition. Raises DecodeError (code, message) for what cannot be read."""
+    if not data:
+        raise DecodeError("EMPTY_FILE", "the uploaded file is empty")
+    actual = real_content_type(data, content_type)
+    if actual == INKML:
+        return _decode_inkml(data)
+    return _decode_image(data, actual)
+

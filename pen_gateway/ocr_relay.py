@@ -1,0 +1,116 @@
+"""The OCR relay: makes sure every acknowledged upload gets its `ocr` job, even if Redis was down at the 202.
+
+The upload API enqueues the job itself right after the journal commit. When that fails (Redis
+down, the process killed in between), the upload stays `queued` with `ocr_enqueued_at` NULL;
+this relay finds such uploads once they are `grace` seconds old, enqueues the missing jobs
+(never one that exists: the job id is derived from the upload id) and marks them. It also
+marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
+write per upload. And it forgets used signatures once they are too old to be replayed.
+
+It runs as a thread in every pen gateway process (the app factory starts it when
+`OCR_RELAY` is set, which `run_gateway.py pen` does); a Redis lock lets one work at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job
+from sqlalchemy.exc import SQLAlchemyError
+
+from pen_gateway.signing import purge_seen_signatures
+from pen_gateway.uploads import mark_ocr_enqueued, ocr_outbox
+from returns_queue.jobs import ocr_job_id, ocr_queue
+from returns_queue.journal import Journal
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "remontee:ocr-relay:lock"
+OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
+
+
+def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
+    # Keep results a day and failures a week: a supervisor may want to see why a page failed.
+    return Queue.prepare_data(
+        job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
+        timeout=600, description=f"recognize upload {upload_id}",
+    )
+
+
+def enqueue_ocr(redis: Redis, upload_id: str, job_path: str = OCR_JOB) -> None:
+    """Put the upload's `ocr` job on RQ (raises RedisError when Redis is away)."""
+    queue = ocr_queue(redis)
+    queue.enqueue_many([ocr_job_data(queue, upload_id, job_path)])
+
+
+class OcrRelay:
+    def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
+                 batch: int = 500) -> None:
+        self.journal, self.redis, self.job_path = journal, redis, job_path
+        self.grace, self.batch = grace, batch
+        self.queue = ocr_queue(redis)
+        self.wakeup = threading.Event()
+        self._last_purge = 0.0
+
+    def relay_once(self, now: float | None = None) -> int:
+        """Enqueue the missing OCR jobs; the number enqueued. Raises RedisError when Redis is away."""
+        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
+        if not lock.acquire():
+            return 0
+        try:
+            enqueued = 0
+            before = (time.time() if now is None else now) - self.grace
+            while upload_ids := ocr_outbox(self.journal, before, self.batch):
+                with self.redis.pipeline() as pipe:
+                    for upload_id in upload_ids:
+                        pipe.exists(Job.key_for(ocr_job_id(upload_id)))
+                    exists = pipe.execute()
+                missing = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
+                if missing:
+                    self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])
+                    log.info("ocr relay: enqueued %d upload(s) acknowledged without a job", len(missing))
+                mark_ocr_enqueued(self.journal, upload_ids)
+                enqueued += len(missing)
+                if len(upload_ids) < self.batch:
+                    break
+            return enqueued
+        finally:
+            with contextlib.suppress(RedisError):  # the lock expires by itself
+                lock.release()
+
+    def _purge(self) -> None:
+        if time.monotonic() - self._last_purge < 60:
+            return
+        self._last_purge = time.monotonic()
+        try:
+            purge_seen_signatures(self.journal)
+        except SQLAlchemyError as exc:
+            log.warning("ocr relay: could not purge old signatures: %s", exc)
+
+    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+        redis_down = False
+        while not stop.is_set():
+            self._purge()
+            try:
+                self.relay_once()
+                if redis_down:
+                    log.warning("ocr relay: Redis is back, pending uploads relayed")
+                redis_down = False
+            except RedisError as exc:
+                if not redis_down:
+                    log.warning("ocr relay: Redis unavailable (%s); uploads stay journaled until it is back", exc)
+                redis_down = True
+            except SQLAlchemyError as exc:
+                log.warning("ocr relay: journal unavailable: %s", exc)
+            self.wakeup.wait(interval)
+            self.wakeup.clear()
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="ocr-relay", daemon=True)
+        thread.start()
+        return thread
