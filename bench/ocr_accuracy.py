@@ -9,8 +9,8 @@ never trained on. Three modes:
 - `scan-pen`: the same strokes printed into the 300 dpi form, then scanned: rotation ±5°,
   scale 90-110 %, offset, grey paper, noise, blur, JPEG 45-90;
 - `scan-mnist`: MNIST's scanned digits pasted into the form, then scanned the same way.
-Every upload goes decode → locate → identify → cut → read → validate (no Redis, no journal:
-the decision is the findings' — an upload with none is accepted).
+Every upload goes decode → locate → identify → cut → read → validate → the reviewer's artefacts
+(no Redis, no journal: the decision is the findings' — an upload with none is accepted).
 
 Figures: digit accuracy (written boxes), empty-box accuracy, field accuracy, straight-through
 share of consistent forms, wrong values accepted without a human (must be 0), suggestions that
@@ -37,7 +37,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from forms import load_election  # noqa: E402
+from pen_gateway.decode import decode_upload  # noqa: E402
 from pen_gateway.recognition.assess import UploadFacts, assess  # noqa: E402
+from pen_gateway.recognition.job import write_artefacts  # noqa: E402
 from pen_gateway.recognition.pipeline import read_page  # noqa: E402
 from registry import load_registry  # noqa: E402
 from registry.demo import generate  # noqa: E402
@@ -53,26 +55,6 @@ from tests.form_fill import (  # noqa: E402
     pen_strokes,
     scan_page,
 )
-
-try:
-    from pen_gateway.decode import decode_upload
-except ImportError:  # before the upload API's decoder lands: the bench decodes the same bytes itself
-    decode_upload = None
-
-
-@dataclass(frozen=True)
-class _Page:
-    kind: str
-    image: np.ndarray | None = None
-    strokes: list[np.ndarray] = field(default_factory=list)
-
-
-def _decode(data: bytes, content_type: str, strokes: list[np.ndarray] | None) -> object:
-    if decode_upload is not None:
-        return decode_upload(data, content_type)
-    if content_type == "application/inkml+xml":
-        return _Page("ink", strokes=strokes or [])
-    return _Page("image", image=cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE))
 
 
 @dataclass
@@ -115,7 +97,7 @@ class Tally:
 
 
 def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, threshold: float,
-        registry_path: Path, election_id: str) -> Tally:
+        registry_path: Path, election_id: str, artefacts_dir: Path) -> Tally:
     election = load_election(election_id)
     registry = load_registry(registry_path)
     bureaux = sorted(registry.bureaux.values(), key=lambda b: b.code)
@@ -139,12 +121,12 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             page, written = scan_page(election, bureau.code, written_counts, hw, rng,
                                       source="pen" if mode == "scan-pen" else "mnist", align=align)
             scanned, _ = distort(page, Distortion.random(rng), rng)
-            strokes = None
             data, content_type = encode_image(scanned, ".jpg", 92), "image/jpeg"
             facts = UploadFacts(f"bench{i}", "bench-station", None, None)
         started = time.process_time()
-        reading = read_page(_decode(data, content_type, strokes), recognizer, election_id)  # type: ignore[arg-type]
+        reading = read_page(decode_upload(data, content_type), recognizer, election_id)  # type: ignore[arg-type]
         outcome = assess(reading, facts, registry, election_id, threshold)
+        write_artefacts(artefacts_dir, f"{mode.replace('-', '')}{i}", reading, outcome, threshold)
         tally.seconds_cpu += time.process_time() - started
 
         tally.forms += 1
@@ -223,14 +205,13 @@ def main() -> int:
     from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD, DigitRecognizer
 
     recognizer = DigitRecognizer()
-    figures: dict[str, object] = {"threshold": RECOMMENDED_THRESHOLD,
-                                  "decoder": "pen_gateway.decode" if decode_upload else "bench-local"}
+    figures: dict[str, object] = {"threshold": RECOMMENDED_THRESHOLD}
     with tempfile.TemporaryDirectory() as tmp:
         registry_path = Path(tmp) / "registry.csv"
         generate(60, registry_path, Path(tmp) / "pins.csv", scrypt_n=2**8)
         for k, mode in enumerate(args.modes.split(",")):
             tally = run(mode, args.forms, args.seed + k, args.error_share, recognizer, RECOMMENDED_THRESHOLD,
-                        registry_path, args.election)
+                        registry_path, args.election, Path(tmp) / "var")
             figures[mode] = tally.report()
             print(f"\n== {mode}: {args.forms} forms ==")
             for key, value in figures[mode].items():  # type: ignore[union-attr]
