@@ -62,6 +62,8 @@ class Tally:
     forms: int = 0
     consistent: int = 0
     accepted_consistent: int = 0
+    read_right_consistent: int = 0  # consistent forms read entirely right: what could go straight through
+    accepted_read_right: int = 0
     erroneous: int = 0
     accepted_erroneous: int = 0
     suggestion_restores: int = 0
@@ -86,6 +88,8 @@ class Tally:
             "empty_box_accuracy_pct": pct(self.empties_right, self.empties),
             "field_accuracy_pct": pct(self.fields_right, self.fields),
             "straight_through_pct": pct(self.accepted_consistent, self.consistent),
+            "read_entirely_right_pct": pct(self.read_right_consistent, self.consistent),
+            "straight_through_of_read_right_pct": pct(self.accepted_read_right, self.read_right_consistent),
             "wrong_values_accepted": self.wrong_accepted,
             "erroneous_forms": self.erroneous,
             "erroneous_accepted": self.accepted_erroneous,
@@ -154,6 +158,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
         if restored_field is None:
             tally.consistent += 1
             tally.accepted_consistent += accepted
+            tally.read_right_consistent += values_right
+            tally.accepted_read_right += accepted and values_right
         else:
             tally.erroneous += 1
             tally.accepted_erroneous += accepted
