@@ -77,7 +77,13 @@ def _edge_runs(run: np.ndarray, horizontal: bool) -> np.ndarray:
     keep = np.zeros(n, dtype=bool)
     for i in range(1, n):
         x, y, bw, bh, _area = (int(v) for v in stats[i])
-        touches = x <= 2 or y <= 2 or x + bw >= w - 2 or y + bh >= h - 2
+        # A border spans the box, so its remnant reaches an end of the crop
+        # along its own direction; a stroke merely touching the near edge
+        # (the bottom of a large 0) does not.
+        if horizontal:
+            touches = x <= 2 or x + bw >= w - 2
+        else:
+            touches = y <= 2 or y + bh >= h - 2
         if horizontal:
             mid, side, length = y + bh / 2, h, bw / w
         else:

@@ -69,8 +69,13 @@ def pen_cell(
     m = _pen_transform(rng, cond.jitter)
     pts = [(a - centre) @ m.T for a in arrays]
     if cond.jitter:
-        # Small per-point tremor, scaled to the digit's size.
         ext = float(np.ptp(allp[:, 1])) or 1.0
+        # A smooth random warp (two low-frequency waves) imitates how other
+        # writers bend the same shape; then a small per-point tremor.
+        k = rng.normal(0, 0.6, (2, 2)) / ext
+        phase = rng.uniform(0, 2 * np.pi, 2)
+        amp = rng.uniform(0, 0.06, 2) * ext
+        pts = [p + amp * np.sin(2 * np.pi * (p @ k.T) + phase) for p in pts]
         pts = [p + rng.normal(0, 0.012 * ext, p.shape) for p in pts]
     allt = np.vstack(pts)
     lo, hi = allt.min(axis=0), allt.max(axis=0)
