@@ -96,9 +96,9 @@ def test_uploads_become_returns_accepted_or_for_review(
     bureaux = sorted(registry.bureaux.values(), key=lambda b: b.code)
     clean = consistent_counts(election_t1, np.random.default_rng(1), inscrits=bureaux[0].inscrits)
     truth, slipped, field = _slip_with_one_fix(election_t1, seed=11)
-    ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, seed=1), "application/inkml+xml",
+    ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, seed=2), "application/inkml+xml",
                           pen_serial=bureaux[0].pen_serials[0])
-    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, seed=11),
+    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, seed=6),
                            "image/jpeg")
     jobs = run_worker(redis, [ink_id, scan_id])
     assert [j.get_status() for j in jobs] == [JobStatus.FINISHED, JobStatus.FINISHED]

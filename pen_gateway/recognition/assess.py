@@ -93,17 +93,127 @@ def resolve_bureau(
     return bureau, how, findings
 
 
+# The prior odds that the president wrote one specific inconsistent form rather than the consistent
+# one we read: about 5 % of forms carry a slip, spread over ~25 digits x 9 wrong values.
+SLIP_PRIOR = 2e-4
+NEGLIGIBLE = 1e-9  # an alternative reading less likely than this, relative to the one read, weighs nothing
+
+
+@dataclass(frozen=True)
+class _Change:
+    """Reading `digit` in one box instead of what was read, and what that does to the form's two sums."""
+
+    field_id: str
+    ratio: float  # p(alternative) / p(what was read)
+    sums: tuple[int, int] | None  # change of (blancs + exprimes - votants, candidates - exprimes); None: emptied
+
+
+def _sum_coefficients(field_id: str, election: Election) -> tuple[int, int]:
+    """How a field enters the form's two sums (validation.check_arithmetic): total, then candidates."""
+    if field_id == "votants":
+        return (-1, 0)
+    if field_id == "blancs_nuls":
+        return (1, 0)
+    if field_id == "exprimes":
+        return (1, -1)
+    return (0, 1) if field_id in election.candidate_ids else (0, 0)
+
+
+def _changes(reading: PageReading, election: Election) -> tuple[list[_Change], dict[str, float]]:
+    """Every alternative the recognizer gave for every box, and per field the probability mass it left out."""
+    changes, left_out = [], dict.fromkeys(reading.fields, 0.0)
+    for fr in reading.fields.values():
+        coefficients = _sum_coefficients(fr.field_id, election)
+        for i, d in enumerate(fr.digits):
+            p0 = max(float(d.confidence), 1e-12)
+            others = [(a, float(p)) for a, p in d.alternatives if a != d.digit and p > 0]
+            # What the top alternatives leave out (a digit read where the box may be empty) is counted
+            # as a change that breaks a sum: it stands only with a slip, conservatively.
+            left_out[fr.field_id] += max(0.0, 1.0 - p0 - sum(p for _, p in others)) / p0
+            for digit, p in others:
+                value = _with_box(fr, i, digit)
+                if value is None or fr.value is None:
+                    sums = None
+                else:
+                    delta = value - fr.value
+                    sums = (coefficients[0] * delta, coefficients[1] * delta)
+                changes.append(_Change(fr.field_id, p / p0, sums))
+    return changes, left_out
+
+
+def checked_confidences(
+    counts: Mapping[str, int | None], reading: PageReading, election: Election, threshold: float
+) -> dict[str, float]:
+    """Each field's probability of being read right, given the digit model's beliefs and the form's sums.
+
+    The form's arithmetic is a checksum. When the figures read make every sum hold, the other
+    readings the model thought possible are weighed against the one read: a reading that
+    changes one box breaks a sum, so it stands only if the president slipped (SLIP_PRIOR);
+    two or three changes in different fields that keep the sums holding (the same misread in
+    votants and exprimes, two candidates off by opposite amounts) are weighed at full odds. A
+    field's confidence is the posterior share of the readings that leave it as read. The
+    probabilities are the recognizer's calibrated ones and the bar is its recommended
+    threshold: the same bar, with the whole form as evidence. When the sums do not hold, a
+    field's confidence is its least confident box.
+    """
+    raw = {fid: fr.confidence for fid, fr in reading.fields.items()}
+    if not raw or any(v is None for v in counts.values()) or check_arithmetic(counts, election):
+        return raw
+    changes, left_out = _changes(reading, election)
+    against = dict.fromkeys(raw, 0.0)
+    total = 1.0  # the reading itself; every weight is relative to it
+    spread = sum(c.ratio for c in changes) + sum(left_out.values())
+    for field_id in raw:
+        mine = sum(c.ratio for c in changes if c.field_id == field_id) + left_out[field_id]
+        # Changes that break a sum need a slip: one change alone, and (bounded from above) any
+        # set of several that does not add up either.
+        weight = SLIP_PRIOR * mine * (1.0 + spread)
+        against[field_id] += weight
+        total += weight
+    # Sets of changes in different fields that keep both sums holding: found through their effect on the sums.
+    by_effect: dict[tuple[int, int], list[int]] = {}
+    for k, c in enumerate(changes):
+        if c.sums is not None:
+            by_effect.setdefault(c.sums, []).append(k)
+    likely = [k for k, c in enumerate(changes) if c.sums is not None and c.ratio >= NEGLIGIBLE]
+    for a_pos, a in enumerate(likely):
+        ca = changes[a]
+        for b in likely[a_pos + 1 :]:
+            cb = changes[b]
+            if cb.field_id == ca.field_id or ca.ratio * cb.ratio < NEGLIGIBLE:
+                continue
+            assert ca.sums is not None and cb.sums is not None
+            pair = (ca.sums[0] + cb.sums[0], ca.sums[1] + cb.sums[1])
+            if pair == (0, 0):
+                weight = ca.ratio * cb.ratio
+                total += weight
+                against[ca.field_id] += weight
+                against[cb.field_id] += weight
+                continue
+            for c in by_effect.get((-pair[0], -pair[1]), ()):
+                cc = changes[c]
+                if c > b and cc.field_id not in (ca.field_id, cb.field_id):
+                    weight = ca.ratio * cb.ratio * cc.ratio
+                    total += weight
+                    for field_id in (ca.field_id, cb.field_id, cc.field_id):
+                        against[field_id] += weight
+    return {fid: max(0.0, 1.0 - against[fid] / total) for fid in raw}
+
+
 def confidence_findings(reading: PageReading, election: Election, threshold: float) -> list[Finding]:
+    counts = {fid: fr.value for fid, fr in reading.fields.items()}
+    checked = checked_confidences(counts, reading, election, threshold) if reading.fields else {}
     findings = []
     for f in election.fields:
         fr = reading.fields.get(f.id)
         if fr is None or fr.value is None:
             continue  # check_return says UNREADABLE for it
-        if fr.confidence < threshold:
+        if checked[f.id] < threshold:
             findings.append(Finding(
                 Reason.LOW_CONFIDENCE, f.id,
-                f"{f.label} : lecture incertaine ({fr.value}, confiance {fr.confidence:.3f})",
-                {"value": fr.value, "confidence": round(fr.confidence, 6), "threshold": threshold},
+                f"{f.label} : lecture incertaine ({fr.value}, confiance {checked[f.id]:.4f})",
+                {"value": fr.value, "confidence": round(checked[f.id], 6), "least_sure_box": round(fr.confidence, 6),
+                 "threshold": threshold},
             ))
         elif fr.gap:
             findings.append(Finding(
@@ -141,9 +251,14 @@ def suggest_fixes(
                     fixes.add((fr.field_id, value))
     if fixes:
         return sorted(fixes) if len(fixes) == 1 else []
-    # Then any digit of the unsure fields, or of any field when the model was sure (a slip of the pen).
-    candidates = suggest_single_digit_fixes(counts, election, fields=[fr.field_id for fr in unsure] or None)
-    return candidates if len(candidates) == 1 else []
+    # Then any digit of the unsure fields; then of any field (the model was right, the president slipped).
+    for fields in ([fr.field_id for fr in unsure], None):
+        if fields == []:
+            continue
+        candidates = suggest_single_digit_fixes(counts, election, fields=fields)
+        if candidates:
+            return candidates if len(candidates) == 1 else []
+    return []
 
 
 def assess(
