@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -62,6 +63,24 @@ def _scan_reading(election: Election, bureau: str, counts: dict[str, int], seed:
     page, _ = scan_page(election, bureau, counts, load_handwriting(), rng, source=source)
     scanned, _ = distort(page, Distortion.random(rng), rng)
     return read_page(decode_upload(encode_image(scanned, ".jpg", 90), "image/jpeg"), recognizer(), ELECTION)
+
+
+def well_read_seed(read: Callable[[int], PageReading], expected: dict[str, int | None], *,
+                   confident: Registry | None = None, bureau: str | None = None) -> int:
+    """The first handwriting draw (seed) the model reads exactly as written (and accepts, given `confident`).
+
+    A test about what happens *after* a right reading (a slip's suggestion, an accepted return)
+    starts from one; the model's own accuracy is measured by the tests above and the bench.
+    """
+    for seed in range(1, 25):
+        reading = read(seed)
+        if {fid: fr.value for fid, fr in reading.fields.items()} != expected:
+            continue
+        if confident is not None and assess(reading, UploadFacts("u", "s", None, bureau), confident, ELECTION,
+                                            threshold()).findings:
+            continue
+        return seed
+    pytest.fail("the digit model read none of 24 handwritten forms as written")
 
 
 # --- pure stages, on plain data ---
@@ -199,7 +218,8 @@ def test_a_form_with_an_arithmetic_error_goes_to_review_with_the_suggestion(
     election_t1: Election, registry: Registry
 ) -> None:
     truth, written, field = _slip_with_one_fix(election_t1, seed=11)
-    reading = _inkml_reading(election_t1, written, seed=4)  # a hand the model reads right, slip included
+    seed = well_read_seed(lambda s: _inkml_reading(election_t1, written, seed=s), written)
+    reading = _inkml_reading(election_t1, written, seed=seed)
     assert {fid: fr.value for fid, fr in reading.fields.items()} == written
     assessment = assess(reading, UploadFacts("u", "s", None, _bureau(registry).code), registry, ELECTION, threshold())
     assert Reason.SUM_MISMATCH in {f.code for f in assessment.findings}

@@ -16,7 +16,9 @@ from ulid import ULID
 
 from forms import Election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
+from pen_gateway.decode import decode_upload
 from pen_gateway.recognition.job import context, process_upload
+from pen_gateway.recognition.pipeline import PageReading, read_page
 from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
 from registry import Registry
 from returns_queue.jobs import RETURNS_QUEUE, ocr_job_id, ocr_queue, return_job_id
@@ -34,7 +36,7 @@ from tests.form_fill import (
     pen_strokes,
     scan_page,
 )
-from tests.test_recognition import _slip_with_one_fix
+from tests.test_recognition import _slip_with_one_fix, recognizer, well_read_seed
 
 pytestmark = pytest.mark.skipif(
     not handwriting_available(),
@@ -81,6 +83,10 @@ def scan_upload(election: Election, bureau: str, counts: dict[str, int], seed: i
     return encode_image(scanned, ".jpg", 85)
 
 
+def read(data: bytes, content_type: str) -> PageReading:
+    return read_page(decode_upload(data, content_type), recognizer(), "primaire-2011-t1")
+
+
 def run_worker(redis: Redis, upload_ids: list[str]) -> list[Job]:
     queue = ocr_queue(redis)
     jobs = [queue.enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id)) for upload_id in upload_ids]
@@ -96,9 +102,14 @@ def test_uploads_become_returns_accepted_or_for_review(
     bureaux = sorted(registry.bureaux.values(), key=lambda b: b.code)
     clean = consistent_counts(election_t1, np.random.default_rng(1), inscrits=bureaux[0].inscrits)
     truth, slipped, field = _slip_with_one_fix(election_t1, seed=11)
-    ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, seed=2), "application/inkml+xml",
+    # Hands the model reads right: what is tested here is what the job does with a reading.
+    ink_seed = well_read_seed(lambda s: read(inkml_upload(election_t1, clean, s), "application/inkml+xml"), clean,
+                              confident=registry, bureau=bureaux[0].code)
+    scan_seed = well_read_seed(lambda s: read(scan_upload(election_t1, bureaux[1].code, slipped, s), "image/jpeg"),
+                               slipped)
+    ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, ink_seed), "application/inkml+xml",
                           pen_serial=bureaux[0].pen_serials[0])
-    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, seed=6),
+    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, scan_seed),
                            "image/jpeg")
     jobs = run_worker(redis, [ink_id, scan_id])
     assert [j.get_status() for j in jobs] == [JobStatus.FINISHED, JobStatus.FINISHED]
