@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ pytestmark = pytest.mark.skipif(
     reason="../shared/data/handwriting is absent: the job is run on forms written with real held-out handwriting",
 )
 JOB = "pen_gateway.recognition.job.recognize_upload"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -197,3 +200,31 @@ def test_stored_bytes_that_changed_fail_the_job_and_say_why(
     assert job.get_status() == JobStatus.FAILED
     upload = get_upload(journal, upload_id)
     assert upload is not None and upload.status == "failed" and "SHA-256" in (upload.error or "")
+
+
+def test_the_operators_worker_forks_a_horse_per_job_with_its_own_flags(
+    journal: Journal, redis: Redis, redis_server, registry: Registry, election_t1: Election,  # type: ignore[no-untyped-def]
+    demo_registry_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`run_gateway.py worker --burst`: a real forking RQ worker, settings given as flags, not environment."""
+    for key in ("REMONTEE_VAR_DIR", "REMONTEE_DB_URL", "REMONTEE_REGISTRY", "REMONTEE_ELECTION", "REMONTEE_REDIS_URL"):
+        monkeypatch.delenv(key, raising=False)
+    create_tables(journal)
+    bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[7]
+    counts = consistent_counts(election_t1, np.random.default_rng(8), inscrits=bureau.inscrits)
+    upload_id = store_upload(journal, tmp_path, inkml_upload(election_t1, counts, seed=8), "application/inkml+xml",
+                             bureau=bureau.code)
+    ocr_queue(redis).enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id))
+    var = tmp_path / "var"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "worker", "--burst", "--queues", "ocr",
+         "--redis-url", redis_server.url, "--db-url", journal.url, "--var-dir", str(var),
+         "--registry", str(demo_registry_files[0]), "--election", "primaire-2011-t1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+    entry = journal.get(upload.return_id)
+    assert entry is not None and entry.ret.bureau == bureau.code and entry.receipt == upload.receipt
+    assert load_reading(var, upload_id) is not None, "artefacts under the worker's --var-dir"

@@ -47,14 +47,25 @@ class AlreadyRecognized(Exception):
 
 @dataclass
 class Context:
-    """What a worker process loads once: the journal, the registry, the digit model."""
+    """What a worker loads once: the journal, the registry, the digit model.
+
+    Built in the RQ worker's main process (`preload`), it is inherited by every forked work
+    horse, so a job pays neither the imports nor the registry load. The journal starts its own
+    commit thread in each process, and the digit model is loaded per process (a cv2.dnn net
+    is not shared across a fork), which costs a few milliseconds.
+    """
 
     settings: Settings
     journal: Journal
-    recognizer: Recognizer
     threshold: float
     _registry: Registry | None = None
     _registry_mtime: float | None = None
+
+    @property
+    def recognizer(self) -> Recognizer:
+        from pen_gateway.digits.recognizer import DigitRecognizer
+
+        return DigitRecognizer()  # cached per process and model by the recognizer module
 
     @property
     def registry(self) -> Registry | None:
@@ -69,28 +80,41 @@ class Context:
         return self._registry
 
 
-_contexts: dict[tuple[int, Settings], Context] = {}
+_contexts: dict[Settings, Context] = {}
 _contexts_lock = threading.Lock()
 
 
 def context(settings: Settings) -> Context:
-    # Keyed by pid: an RQ worker forks a work horse per job, and a forked SQLite engine must not be reused.
-    key = (os.getpid(), settings)
     with _contexts_lock:
-        ctx = _contexts.get(key)
+        ctx = _contexts.get(settings)
         if ctx is None:
-            from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD, DigitRecognizer
+            from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD
 
             journal = Journal(settings.db_url_resolved)
             create_tables(journal)
-            ctx = Context(settings, journal, DigitRecognizer(), RECOMMENDED_THRESHOLD)
-            _contexts[key] = ctx
+            ctx = Context(settings, journal, RECOMMENDED_THRESHOLD)
+            _contexts[settings] = ctx
         return ctx
 
 
+_worker_settings: Settings | None = None
+
+
+def preload(settings: Settings) -> None:
+    """For the RQ worker's main process, before it forks: the pipeline's imports, the journal, the registry.
+
+    The worker's settings (its flags as well as its environment) become the jobs' settings.
+    """
+    global _worker_settings
+    import pen_gateway.decode  # noqa: F401 - imported here so that no job pays for it
+
+    _worker_settings = settings
+    _ = context(settings).registry
+
+
 def recognize_upload(upload_id: str) -> dict[str, Any]:
-    """The RQ job: settings from the environment (`run_gateway.py worker` passes them on)."""
-    return process_upload(upload_id, context(Settings.from_env()))
+    """The RQ job: the worker's settings when it preloaded them, else the environment's."""
+    return process_upload(upload_id, context(_worker_settings or Settings.from_env()))
 
 
 def process_upload(upload_id: str, ctx: Context) -> dict[str, Any]:
