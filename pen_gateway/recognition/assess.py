@@ -43,6 +43,7 @@ class Assessment:
     bureau: str | None = None
     bureau_from: str = "none"  # "qr", "text", "upload", "pen" or "none"
     problem: str | None = None
+    confidences: dict[str, float] = field(default_factory=dict)  # per field, with the form's sums as evidence
 
 
 def resolve_bureau(
@@ -200,9 +201,9 @@ def checked_confidences(
     return {fid: max(0.0, 1.0 - against[fid] / total) for fid in raw}
 
 
-def confidence_findings(reading: PageReading, election: Election, threshold: float) -> list[Finding]:
-    counts = {fid: fr.value for fid, fr in reading.fields.items()}
-    checked = checked_confidences(counts, reading, election, threshold) if reading.fields else {}
+def confidence_findings(
+    reading: PageReading, election: Election, threshold: float, checked: Mapping[str, float]
+) -> list[Finding]:
     findings = []
     for f in election.fields:
         fr = reading.fields.get(f.id)
@@ -289,6 +290,7 @@ def assess(
             {"form": election.id, "configured": configured_election},
         ))
     findings.extend(check_return(ret, election, entry))
-    findings.extend(confidence_findings(reading, election, threshold))
+    checked = checked_confidences({fid: fr.value for fid, fr in reading.fields.items()}, reading, election, threshold)
+    findings.extend(confidence_findings(reading, election, threshold, checked))
     suggestions = suggest_fixes(ret.counts, reading, election, threshold) if not problem else []
-    return Assessment(ret, findings, suggestions, bureau, how, problem)
+    return Assessment(ret, findings, suggestions, bureau, how, problem, checked)

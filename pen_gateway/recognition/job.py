@@ -194,7 +194,10 @@ def _outcome(upload: Upload) -> dict[str, Any]:
 def reading_document(reading: PageReading, assessment: Assessment, threshold: float) -> dict[str, Any]:
     """reading.json, as pen_gateway/artefacts.py describes it, plus how the form was identified and read."""
     return {
-        "fields": {fid: fr.to_dict() for fid, fr in reading.fields.items()},
+        "fields": {
+            fid: {**fr.to_dict(), "checked_confidence": round(assessment.confidences.get(fid, fr.confidence), 6)}
+            for fid, fr in reading.fields.items()
+        },
         "suggestions": [[fid, value] for fid, value in assessment.suggestions],
         "bureau": assessment.bureau,
         "election": reading.election.id if reading.election else None,
