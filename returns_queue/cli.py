@@ -36,6 +36,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 def _worker(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     redis = Redis.from_url(settings.redis_url_resolved)
+    if OCR_QUEUE in args.queues.split(","):
+        # Load the OCR pipeline once, here: each job's forked work horse inherits it instead of paying seconds.
+        from pen_gateway.recognition.job import preload
+
+        preload(settings)
     worker = Worker(args.queues.split(","), connection=redis)
     worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
     return 0
