@@ -80,6 +80,20 @@ def test_duplicate_correction_and_conflict(journal: Journal, election_t2: Electi
     assert [p["return_id"] for p in journal.outbox()] == [first.return_id]
 
 
+def test_a_page_docked_twice_with_low_confidence_is_a_duplicate_of_the_waiting_one(
+    journal: Journal, election_t2: Election
+) -> None:
+    """The second upload of one page carries the OCR's own finding as well: the original is the DUPLICATE's."""
+    from validation import Finding
+
+    unsure = (Finding(Reason.LOW_CONFIDENCE, "aubry", "lecture incertaine", {"confidence": 0.4}),)
+    first = journal.submit(new_return(election_t2, "750120", COUNTS, "pen", {"upload_id": "u1"}), unsure)
+    again = journal.submit(new_return(election_t2, "750120", COUNTS, "pen", {"upload_id": "u2"}), unsure)
+    assert first.status == "review"
+    assert (again.status, again.return_id, again.receipt) == ("review", first.return_id, first.receipt)
+    assert [f.code for f in again.findings] == [Reason.LOW_CONFIDENCE, Reason.DUPLICATE]
+
+
 def test_channel_findings_send_a_return_to_review(journal: Journal, election_t2: Election) -> None:
     from validation import check_return
 
