@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox
-from returns_queue.jobs import ocr_job_id, ocr_queue
+from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,13 @@ OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
     # Keep results a day and failures a week: a supervisor may want to see why a page failed.
+    # Retried like a return's job: a work horse killed in the middle of a job (or a worker lost with
+    # Redis) leaves it failed or abandoned, and the OCR relay never enqueues an upload whose job exists,
+    # so without retries the acknowledged upload would stay `queued` for good. A retry is safe: the
+    # job re-reads the upload's status and journals at most one return per upload.
     return Queue.prepare_data(
         job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
-        timeout=600, description=f"recognize upload {upload_id}",
+        timeout=600, retry=RETRY, description=f"recognize upload {upload_id}",
     )
 
 
