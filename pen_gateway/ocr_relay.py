@@ -3,7 +3,9 @@
 The upload API enqueues the job itself right after the journal commit. When that fails (Redis
 down, the process killed in between), the upload stays `queued` with `ocr_enqueued_at` NULL;
 this relay finds such uploads once they are `grace` seconds old, enqueues the missing jobs
-(never one that exists: the job id is derived from the upload id) and marks them. It also
+(never one that exists: the job id is derived from the upload id) and marks them. Every so often
+it also reconciles: an upload still `queued` a minute after its job was seen on RQ gets its job
+again if Redis has lost it, or holds it as queued in no queue (`returns_queue.jobs.stranded_jobs`). It also
 marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
 write per upload. And it forgets used signatures once they are too old to be replayed.
 
@@ -24,12 +26,12 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
-from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox
-from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue
+from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, uploads
+from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,30 @@ class OcrRelay:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
+    def reconcile(self, now: float | None = None, older_than: float = 60.0) -> int:
+        """Enqueue again the jobs of uploads still queued long after their job was seen on RQ; the number."""
+        before = (time.time() if now is None else now) - older_than
+        with self.journal.read() as conn:
+            upload_ids = [r.upload_id for r in conn.execute(
+                select(uploads.c.upload_id).where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at < before)
+                .order_by(uploads.c.received_at).limit(10 * self.batch))]
+        if not upload_ids:
+            return 0
+        with self.redis.pipeline() as pipe:
+            for upload_id in upload_ids:
+                pipe.exists(Job.key_for(ocr_job_id(upload_id)))
+            exists = pipe.execute()
+        lost = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
+        if lost:
+            self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost])
+        stranded = stranded_jobs(self.queue, [ocr_job_id(u) for u, e in zip(upload_ids, exists, strict=True) if e])
+        for job in stranded:
+            self.queue.enqueue_job(job)
+        if lost or stranded:
+            log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job was in no queue: enqueued "
+                        "again", len(lost), len(stranded))
+        return len(lost) + len(stranded)
+
     def _write(self, fn: Callable[[Connection], Any]) -> Any:
         with self.journal.write() as conn:
             return fn(conn)
@@ -105,12 +131,16 @@ class OcrRelay:
         except (SQLAlchemyError, TimeoutError) as exc:
             log.warning("ocr relay: could not purge old signatures: %s", exc)
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+    def run(self, stop: threading.Event, interval: float = 1.0, reconcile_every: float = 30.0) -> None:
         redis_down = False
+        next_reconcile = time.monotonic() + reconcile_every
         while not stop.is_set():
             self._purge()
             try:
                 self.relay_once()
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + reconcile_every
                 if redis_down:
                     log.warning("ocr relay: Redis is back, pending uploads relayed")
                 redis_down = False

@@ -210,3 +210,23 @@ def test_reconciliation_enqueues_again_what_redis_lost(journal: Journal, redis: 
     assert relay.reconcile() == 1
     assert relay.reconcile() == 0
     assert sorted(queue.job_ids) == sorted([return_job_id(kept.return_id), return_job_id(lost.return_id)])
+
+
+def test_reconciliation_enqueues_again_a_job_popped_just_as_redis_died(
+    journal: Journal, redis: Redis, election_t2: Election
+) -> None:
+    from rq.job import Job
+
+    stranded = submit(journal, election_t2, bureau="3")
+    popped_now = submit(journal, election_t2, bureau="4")
+    relay = Relay(journal, redis, JOB)
+    assert relay.relay_once() == 2
+    queue = Queue("returns", connection=redis)
+    # A worker popped both jobs; Redis died before it recorded either as started (the election-night
+    # simulation saw it): each is `queued` in no queue and no registry, forever.
+    for submission in (stranded, popped_now):
+        redis.lrem(queue.key, 0, return_job_id(submission.return_id))
+    redis.hset(Job.key_for(return_job_id(stranded.return_id)), "enqueued_at", "2011-10-09T20:14:03.000000Z")
+    assert relay.reconcile() == 1  # the one popped a moment ago may still be starting: left alone
+    assert queue.job_ids == [return_job_id(stranded.return_id)]
+    assert relay.reconcile() == 0
