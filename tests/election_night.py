@@ -736,7 +736,8 @@ class NightResult:
             f"{f['uploads_202']} answered 202, {f['upload_retries']} retried attempts "
             f"({f['upload_answers']})",
             f"  time until 95 % of the bureaux consolidated or in review: {_fmt(f['t95_settled'])} s; "
-            f"95 % of those that end consolidated: {_fmt(f['t95_consolidated'])} s; drained at {_fmt(f['drained_at'])} s",
+            f"95 % of those that end consolidated: {_fmt(f['t95_consolidated'])} s; "
+            f"drained at {_fmt(f['drained_at'])} s",
             f"  consolidated {f['consolidated']} bureaux; in review {f['bureaux_in_review']} "
             f"(backlog {f['review_backlog']} items: {f['review_reasons']})",
             f"  AGI turnaround p50/p99/max {f['agi_turnaround_ms'][0]:.1f}/{f['agi_turnaround_ms'][1]:.1f}/"
@@ -824,7 +825,7 @@ async def _drive(plan: NightPlan, bureaux: list[BureauPlan], pages: dict[str, tu
 # --- the end of the night: drain, then the reckoning ---
 
 def drain(gateway: Gateway, plan: NightPlan, clock: NightClock) -> float | None:
-    """Wait until nothing is left to do: RQ queues empty, no job started or scheduled, outbox empty, no upload queued."""
+    """Wait until nothing is left: RQ queues empty, no job started or scheduled, outbox empty, no upload queued."""
     from pen_gateway.uploads import uploads
 
     journal = gateway.journal()
