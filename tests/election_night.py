@@ -421,11 +421,16 @@ class Faults:
         redis = self.gateway.redis()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            horses = self.gateway.horses()
-            if horses:
-                worker, horse = horses[0]
+            for worker, horse in self.gateway.horses():
+                # A return's job lasts milliseconds: wait for a horse that is still at work a moment later.
+                time.sleep(0.05)
+                if (worker, horse) not in self.gateway.horses():
+                    continue
                 started = {q: StartedJobRegistry(q, connection=redis).get_job_ids() for q in (OCR_QUEUE, RETURNS_QUEUE)}
-                os.kill(horse, signal.SIGKILL)
+                try:
+                    os.kill(horse, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
                 running = ", ".join(f"{q}: {' '.join(ids)}" for q, ids in started.items() if ids)
                 self.events.append(FaultEvent(self.clock.now(), "horse",
                                               f"work horse {horse} of worker {worker} killed (SIGKILL) "
