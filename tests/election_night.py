@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1104,13 +1103,3 @@ def measure(plan: NightPlan, bureaux: list[BureauPlan], observed: Observed, verd
                             percentile([u.total * 1000 for u in ok_uploads], 99),
                             max((u.total * 1000 for u in ok_uploads), default=0)),
     }
-
-
-@contextlib.contextmanager
-def quiet_logging() -> Iterator[None]:
-    previous = logging.getLogger().level
-    logging.getLogger().setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.getLogger().setLevel(previous)
