@@ -53,6 +53,8 @@ PLAYING = frozenset({
     "SAY NUMBER", "SAY ALPHA", "SAY PHONETIC", "RECORD FILE", "EXEC",
 })
 _REPLY = re.compile(r"^200 result=(?P<result>\S*)(?P<rest>.*)$")
+# ASCII digits only (str.isdigit() takes "²" too, which int() refuses), and few enough for int().
+_ENDPOS = re.compile(r"-?[0-9]{1,18}")
 _ENV_LINE = re.compile(r"^(agi_[a-z0-9_]+):(?: (?P<value>.*))?$")
 _MAX_ENV_LINES = 200
 _MAX_USAGE_LINES = 100
@@ -132,7 +134,7 @@ def parse_reply(line: str) -> Reply | None:
         data, rest = rest[1:close], rest[close + 1 :].strip()
     for token in rest.split():
         key, _, value = token.partition("=")
-        if key == "endpos" and value.lstrip("-").isdigit():
+        if key == "endpos" and _ENDPOS.fullmatch(value):
             endpos = int(value)
     return Reply(m["result"], data, endpos, line)
 
@@ -148,6 +150,8 @@ def quote(argument: str) -> str:
 
 def _digit(code: int) -> str | None:
     """A result that is a key's ASCII code (55 → "7"), 0 for none."""
+    if code > 127:  # chr() would raise, or make a character no keypad sends
+        raise ProtocolViolation(f"result {code} is not a key's ASCII code")
     return chr(code) if code > 0 else None
 
 

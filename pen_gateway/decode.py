@@ -218,6 +218,10 @@ def _parse_xml(data: bytes) -> Element:
                           ) from exc
     except ParseError as exc:
         raise DecodeError("BAD_INKML", f"the InkML is not well-formed XML: {exc}") from exc
+    except (LookupError, ValueError) as exc:
+        # The XML declaration names an encoding expat cannot use: unknown ("foo"), not a text
+        # codec ("rot13"), or multi-byte ("shift_jis", "utf-7"), which pyexpat refuses with ValueError.
+        raise DecodeError("BAD_INKML", f"the InkML declares an encoding that cannot be read: {exc}") from exc
     if _local(root.tag) != "ink" or (root.tag.startswith("{") and not root.tag.startswith(f"{{{INKML_NS}}}")):
         raise DecodeError("BAD_INKML", f"the XML root is <{_local(root.tag)}>, not an InkML <ink> element")
     return root
