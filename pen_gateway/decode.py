@@ -123,6 +123,12 @@ def real_content_type(data: bytes, declared: str | None) -> str:
 
 # --- images ---
 
+# What Pillow raises on a damaged file besides OSError: its plugins index tables with values read
+# from the file, so a corrupt one also shows as KeyError/IndexError (an unknown TIFF compression
+# code in a later IFD), arithmetic errors, struct.error or TypeError (fuzz/image.py found these).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, TypeError, struct_error, LookupError, ArithmeticError)
+
+
 def _open_image(data: bytes, content_type: str) -> Image.Image:
     fmt = {PNG: "PNG", JPEG: "JPEG", TIFF: "TIFF"}[content_type]
     try:
@@ -132,7 +138,7 @@ def _open_image(data: bytes, content_type: str) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (UnidentifiedImageError, *_CORRUPT) as exc:
         raise DecodeError("CORRUPT_IMAGE", f"the {fmt} file cannot be read: {exc}") from exc
     width, height = image.size
     if width <= 0 or height <= 0 or width * height > MAX_PAGE_PIXELS:
@@ -159,7 +165,7 @@ def _probe_image(data: bytes, content_type: str) -> ProbedUpload:
             image.load()
     except Image.DecompressionBombError as exc:
         raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct_error) as exc:
+    except _CORRUPT as exc:
         raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
     return ProbedUpload(content_type, width=width, height=height)
 
@@ -173,7 +179,7 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
         gray = _to_gray(image)
     except Image.DecompressionBombError as exc:
         raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct_error) as exc:
+    except _CORRUPT as exc:
         raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
     pixels = np.asarray(gray, dtype=np.uint8)
     if pixels.size and np.median(pixels) < 128:

@@ -7,6 +7,7 @@ test next to it states the bug in plain terms in case a target's input layout ch
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from fuzz import agi as agi_target
+from fuzz import image as image_target
 from fuzz import inkml as inkml_target
+from fuzz.seeds import seed_images
 from fuzz.upload import STATION, UploadTarget
 from ivr.agi import AGIChannel, FastAGIFactory, ProtocolViolation, parse_reply
 from pen_gateway.decode import INKML, DecodeError, decode_upload, probe_upload
 
+CRASHES = Path(__file__).resolve().parent / "fuzz_crashes"  # crashing inputs too long to quote here
 ENV = b"agi_network: yes\nagi_network_script: results\nagi_uniqueid: 1318183200.7\n\n"
 
 
@@ -133,4 +137,41 @@ def test_the_upload_endpoint_answers_422_to_an_inkml_in_shift_jis_and_keeps_noth
     before = upload_target.state()
     response = upload_target.client.post("/api/v1/uploads", data=body, headers=headers)
     assert response.status_code == 422 and response.get_json()["code"] == "BAD_INKML"
+    assert upload_target.state() == before
+
+
+# --- images (fuzz/image.py) ---
+
+# 4. A two-page TIFF whose second IFD names compression 64001: probe_upload walks the IFD chain
+#    (`n_frames`) and Pillow looked the code up in its table, raising KeyError (a 500 at the endpoint).
+def test_image_crashing_input_replays_clean() -> None:
+    image_target.test_one_input((CRASHES / "image-tiff-unknown-compression-in-second-ifd").read_bytes())
+
+
+def _second_ifd_compression(tiff: bytes, code: int) -> bytes:
+    """The little-endian TIFF with its second IFD's Compression tag (259, a SHORT) set to `code`."""
+    first = struct.unpack("<I", tiff[4:8])[0]
+    count = struct.unpack("<H", tiff[first : first + 2])[0]
+    second = struct.unpack("<I", tiff[first + 2 + 12 * count : first + 6 + 12 * count])[0]
+    for i in range(struct.unpack("<H", tiff[second : second + 2])[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack("<H", tiff[entry : entry + 2])[0] == 259:
+            return tiff[: entry + 8] + struct.pack("<HH", code, 0) + tiff[entry + 12 :]
+    raise AssertionError("no Compression tag in the second IFD")
+
+
+@pytest.mark.parametrize("code", [64001, 65535, 40000])
+def test_a_tiff_page_with_an_unknown_compression_is_a_corrupt_image(code: int) -> None:
+    tiff = _second_ifd_compression(seed_images()["two-pages.tif"], code)
+    with pytest.raises(DecodeError) as raised:
+        probe_upload(tiff, "image/tiff")
+    assert raised.value.code == "CORRUPT_IMAGE" and raised.value.http_status == 422
+
+
+def test_the_upload_endpoint_answers_422_to_that_tiff_and_keeps_nothing(upload_target: Any) -> None:
+    tiff = _second_ifd_compression(seed_images()["two-pages.tif"], 64001)
+    body, headers = signed_upload(STATION, upload_target.secret, tiff, "image/tiff", "PEN-0042")
+    before = upload_target.state()
+    response = upload_target.client.post("/api/v1/uploads", data=body, headers=headers)
+    assert response.status_code == 422 and response.get_json()["code"] == "CORRUPT_IMAGE"
     assert upload_target.state() == before
