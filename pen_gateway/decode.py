@@ -19,6 +19,7 @@ a billion-laughs or an external-entity upload is a 422, never an expansion.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -185,8 +186,21 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
     if pixels.size and np.median(pixels) < 128:
         # A negative scan (white ink on black): the pipeline expects dark ink on a light page.
         pixels = 255 - pixels
-    dpi_value = float(dpi[0]) if isinstance(dpi, tuple) and dpi and dpi[0] else None
-    return DecodedPage("image", content_type, image=np.ascontiguousarray(pixels), dpi=dpi_value)
+    return DecodedPage("image", content_type, image=np.ascontiguousarray(pixels), dpi=_dpi(dpi))
+
+
+def _dpi(value: object) -> float | None:
+    """The horizontal resolution the metadata states, when it is a usable number.
+
+    A TIFF's XResolution is whatever type the file says: a text ("\x01"), a rational with a zero
+    denominator (NaN), a negative number; none of them is a resolution (fuzz/image.py found these)."""
+    if not isinstance(value, tuple) or not value:
+        return None
+    try:
+        dpi = float(value[0])
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    return dpi if math.isfinite(dpi) and dpi > 0 else None
 
 
 def _to_gray(image: Image.Image) -> Image.Image:

@@ -26,6 +26,8 @@ from fuzz.upload import STATION, UploadTarget
 from ivr.agi import AGIChannel, FastAGIFactory, ProtocolViolation, parse_reply
 from pen_gateway.decode import INKML, DecodeError, decode_upload, probe_upload
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the damaged TIFFs below
+
 CRASHES = Path(__file__).resolve().parent / "fuzz_crashes"  # crashing inputs too long to quote here
 ENV = b"agi_network: yes\nagi_network_script: results\nagi_uniqueid: 1318183200.7\n\n"
 
@@ -175,3 +177,40 @@ def test_the_upload_endpoint_answers_422_to_that_tiff_and_keeps_nothing(upload_t
     response = upload_target.client.post("/api/v1/uploads", data=body, headers=headers)
     assert response.status_code == 422 and response.get_json()["code"] == "CORRUPT_IMAGE"
     assert upload_target.state() == before
+
+
+# 5. A TIFF whose XResolution (tag 282) is stored as the text "\x01": decode_upload turned the dpi into a float
+#    outside its error handling and raised ValueError. A rational with a zero denominator (NaN) or a negative
+#    resolution came through as the page's dpi.
+def test_dpi_crashing_input_replays_clean() -> None:
+    image_target.test_one_input((CRASHES / "image-tiff-xresolution-as-text").read_bytes())
+
+
+def _first_ifd_tag(tiff: bytes, tag: int, kind: int, value: bytes) -> bytes:
+    """The little-endian TIFF with its first IFD's `tag` rewritten as one value of TIFF type `kind`.
+
+    Values of 4 bytes or fewer sit in the entry; a rational's 8 bytes go at the end of the file."""
+    first = struct.unpack("<I", tiff[4:8])[0]
+    for i in range(struct.unpack("<H", tiff[first : first + 2])[0]):
+        entry = first + 2 + 12 * i
+        if struct.unpack("<H", tiff[entry : entry + 2])[0] == tag:
+            inline = value if len(value) <= 4 else struct.pack("<I", len(tiff))
+            patched = tiff[: entry + 2] + struct.pack("<HI", kind, 1) + inline.ljust(4, b"\0") + tiff[entry + 12 :]
+            return patched + (value if len(value) > 4 else b"")
+    raise AssertionError(f"no tag {tag} in the first IFD")
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [(2, b"\x01"), (5, struct.pack("<II", 300, 0)), (10, struct.pack("<ii", -300, 1)), (5, struct.pack("<II", 0, 1))],
+    ids=["text", "zero-denominator", "negative", "zero"],
+)
+def test_a_resolution_that_is_not_a_positive_number_gives_no_dpi(kind: int, value: bytes) -> None:
+    tiff = _first_ifd_tag(seed_images()["gray-lzw.tif"], 282, kind, value)
+    page = decode_upload(tiff, "image/tiff")
+    assert page.dpi is None and page.image is not None and page.image.shape == (28, 40)
+
+
+def test_a_stated_resolution_is_still_read() -> None:
+    assert decode_upload(seed_images()["gray-lzw.tif"], "image/tiff").dpi == pytest.approx(300, abs=0.01)
+    assert decode_upload(seed_images()["rgb-progressive.jpg"], "image/jpeg").dpi == 200
