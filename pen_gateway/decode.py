@@ -343,25 +343,27 @@ def _trace_points(text: str, fmt: _Format) -> np.ndarray:
 def _decode_inkml(data: bytes) -> DecodedPage:
     root = _parse_xml(data)
     default, by_id = _formats(root)
-    # A trace without its own contextRef takes its enclosing traceGroup's.
-    group_context: dict[int, str] = {}
-    for group in root.iter():
-        if _local(group.tag) == "traceGroup" and group.get("contextRef"):
-            for child in group.iter():
-                group_context[id(child)] = group.get("contextRef", "")  # inner groups come later: they win
+    # A trace without its own contextRef takes its nearest enclosing traceGroup's. One walk down the
+    # tree, in document order, carrying the inherited reference: scanning every group's descendants
+    # instead was quadratic in the nesting depth (12,000 nested groups, 0.5 MB: 11 s of CPU).
     strokes: list[np.ndarray] = []
-    for trace in root.iter():
-        if _local(trace.tag) != "trace":
-            continue
-        fmt = default
-        ref = (trace.get("contextRef") or group_context.get(id(trace)) or "").lstrip("#")
-        if ref:
-            if ref not in by_id:
-                raise DecodeError("BAD_INKML", f"a trace refers to #{ref}, which the document does not define")
-            fmt = by_id[ref]
-        points = _trace_points(trace.text or "", fmt)
-        if len(points):
-            strokes.append(points)
+    walk: list[tuple[Element, str]] = [(root, "")]
+    while walk:
+        element, inherited = walk.pop()
+        name = _local(element.tag)
+        if name == "traceGroup" and element.get("contextRef"):
+            inherited = element.get("contextRef", "")
+        elif name == "trace":
+            fmt = default
+            ref = (element.get("contextRef") or inherited).lstrip("#")
+            if ref:
+                if ref not in by_id:
+                    raise DecodeError("BAD_INKML", f"a trace refers to #{ref}, which the document does not define")
+                fmt = by_id[ref]
+            points = _trace_points(element.text or "", fmt)
+            if len(points):
+                strokes.append(points)
+        walk.extend((child, inherited) for child in reversed(element))
     return DecodedPage("ink", INKML, strokes=strokes)
 
 

@@ -214,3 +214,32 @@ def test_a_resolution_that_is_not_a_positive_number_gives_no_dpi(kind: int, valu
 def test_a_stated_resolution_is_still_read() -> None:
     assert decode_upload(seed_images()["gray-lzw.tif"], "image/tiff").dpi == pytest.approx(300, abs=0.01)
     assert decode_upload(seed_images()["rgb-progressive.jpg"], "image/jpeg").dpi == 200
+
+
+# 6. Nested traceGroups with a contextRef: each group scanned all its descendants, so the work grew with the
+#    square of the depth (12,000 groups, 0.5 MB of InkML: 11 s of one worker's CPU; a 20 MB upload, hours).
+#    Found by a structure-aware probe of the InkML target's check beyond libFuzzer's 4 KB inputs. This test
+#    cannot fail on time (tests assert no timings); with the quadratic walk back it takes minutes, not 0.2 s.
+def test_deeply_nested_trace_groups_decode_in_one_walk() -> None:
+    depth = 40_000
+    document = (b'<ink xmlns="http://www.w3.org/2003/InkML"><definitions><context xml:id="c"><traceFormat>'
+                b'<channel name="X" units="cm"/><channel name="Y" units="cm"/></traceFormat></context></definitions>'
+                + b'<traceGroup contextRef="#c">' * depth + b"<trace>1 2, 3 4</trace>" + b"</traceGroup>" * depth
+                + b"</ink>")
+    page = decode_upload(document, INKML)
+    assert [s.tolist() for s in page.strokes] == [[[10.0, 20.0], [30.0, 40.0]]]
+
+
+def test_a_trace_takes_its_own_context_else_its_nearest_group_s_in_document_order() -> None:
+    document = (b'<ink xmlns="http://www.w3.org/2003/InkML"><definitions>'
+                b'<context xml:id="cm"><traceFormat><channel name="X" units="cm"/><channel name="Y" units="cm"/>'
+                b'</traceFormat></context>'
+                b'<context xml:id="in"><traceFormat><channel name="X" units="in"/><channel name="Y" units="in"/>'
+                b'</traceFormat></context></definitions>'
+                b"<trace>1 1</trace>"
+                b'<traceGroup contextRef="#cm"><trace>1 1</trace>'
+                b'<traceGroup contextRef="#in"><trace>1 1</trace><trace contextRef="#cm">2 2</trace></traceGroup>'
+                b"<traceGroup><trace>3 3</trace></traceGroup></traceGroup><trace>4 4</trace></ink>")
+    page = decode_upload(document, INKML)
+    assert [s[0].tolist() for s in page.strokes] == [[1.0, 1.0], [10.0, 10.0], [25.4, 25.4], [20.0, 20.0],
+                                                     [30.0, 30.0], [4.0, 4.0]]
