@@ -231,7 +231,8 @@ def test_deeply_nested_trace_groups_decode_in_one_walk() -> None:
 
 
 def test_a_trace_takes_its_own_context_else_its_nearest_group_s_in_document_order() -> None:
-    document = (b'<ink xmlns="http://www.w3.org/2003/InkML"><definitions>'
+    document = (b'<ink xmlns="http://www.w3.org/2003/InkML">'
+                b'<traceFormat><channel name="X"/><channel name="Y"/></traceFormat><definitions>'  # default: mm
                 b'<context xml:id="cm"><traceFormat><channel name="X" units="cm"/><channel name="Y" units="cm"/>'
                 b'</traceFormat></context>'
                 b'<context xml:id="in"><traceFormat><channel name="X" units="in"/><channel name="Y" units="in"/>'
