@@ -298,6 +298,9 @@ def test_one_input(data: bytes) -> None:
     if _target is None:
         _target = start_private_target()
     _target.check(request_from_bytes(data, _target.secret))
+    seen = sum(_target.statuses.values())
+    if seen % 10_000 == 0:  # how deep the inputs get: libFuzzer's log shows no statuses of its own
+        print(f"statuses after {seen} requests: {dict(sorted(_target.statuses.items()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
