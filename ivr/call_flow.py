@@ -292,11 +292,12 @@ async def check_pin(call: Call) -> None:
     for _ in range(PIN_ATTEMPTS):
         pin = await call.ask(PIN, preface=preface)
         if await call.pin_matches(pin):
+            metrics.IVR_PIN_CHECKS.labels("right").inc()
             await call.redis("pin accepted", state.pin_accepted, code, default=None)
             return
         locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
         log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
-        metrics.IVR_PIN_FAILURES.inc()
+        metrics.IVR_PIN_CHECKS.labels("wrong").inc()
         for kind in locked:
             metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
         if "bureau" in locked:

@@ -144,7 +144,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["pen_gateway"] = gateway
     # /metrics (counts only, no signature asked: Prometheus scrapes it) and request durations;
     # the state it reads at scrape time is the pen's own: uploads by status, the OCR relay, `ocr`.
-    install_flask(app, [StateCollector(gateway.journal, gateway.redis, queues=(OCR_QUEUE,), parts={"uploads"})])
+    install_flask(app, "pen", [StateCollector(gateway.journal, gateway.redis, queues=(OCR_QUEUE,), parts={"uploads"})])
     app.register_blueprint(api_blueprint)
 
     @app.errorhandler(HTTPException)

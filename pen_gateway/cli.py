@@ -70,8 +70,6 @@ def _pen(args: argparse.Namespace) -> int:
 
     from gunicorn.app.base import BaseApplication
 
-    from pen_gateway.app import create_app
-
     class PenServer(BaseApplication):  # type: ignore[misc]
         """gunicorn with our options and our app, loaded in each worker (each gets its own OCR relay thread)."""
 
@@ -88,12 +86,15 @@ def _pen(args: argparse.Namespace) -> int:
                 "errorlog": "-",
                 "proc_name": "remontee-pen",
                 "logconfig_dict": logs.logging_dict("pen", settings.log_format),
+                "logger_class": "telemetry.access_log.AccessLogger",
                 "child_exit": multiprocess.child_exit,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            from pen_gateway.app import create_app  # in the worker: the master never creates a metric
+
             return create_app({"SETTINGS": settings, "OCR_RELAY": True, "OCR_RELAY_GRACE": args.ocr_relay_grace})
 
     log.info("pen upload API on http://%s:%d/api/v1/ (%d workers × %d threads)", settings.bind, settings.pen_port,

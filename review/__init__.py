@@ -157,7 +157,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from telemetry.state import StateCollector
 
     # Before the blueprints: its timer starts ahead of their before_request hooks (the login check).
-    install_flask(app, [StateCollector(journal, redis)])
+    install_flask(app, "review", [StateCollector(journal, redis)])
 
     from review import audit, auth, items, progress
     from review.review_items import CHANNEL_LABELS, REASON_LABELS, RETURN_STATUS_LABELS, STATE_LABELS

@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                 # Built before the fork: one secret key, one schema creation, the workers share them.
                 "preload_app": True,
                 "logconfig_dict": logs.logging_dict("review", settings.log_format),
+                "logger_class": "telemetry.access_log.AccessLogger",
                 "child_exit": multiprocess.child_exit,
             }
             for key, value in options.items():

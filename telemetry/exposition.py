@@ -52,17 +52,18 @@ def render(collectors: Iterable[Collector], accept: str = "") -> tuple[bytes, st
 
 # --- Flask ---
 
-def install_flask(app: Any, collectors: Iterable[Collector] = ()) -> None:
+def install_flask(app: Any, service: str, collectors: Iterable[Collector] = ()) -> None:
     """`/metrics`, request durations by endpoint and status code, and a fresh log context per request."""
     from flask import Response, g, request
 
     scraped = list(collectors)
+    in_progress = metrics.HTTP_IN_PROGRESS.labels(service)
 
     @app.before_request
     def _started() -> None:
         g.remontee_started = time.perf_counter()
         g.remontee_log_token = logs.bind()  # whatever the request binds (an upload id) ends with it
-        metrics.HTTP_IN_PROGRESS.inc()
+        in_progress.inc()
 
     @app.after_request
     def _status(response: Any) -> Any:
@@ -74,11 +75,12 @@ def install_flask(app: Any, collectors: Iterable[Collector] = ()) -> None:
         started = g.pop("remontee_started", None)
         if started is None:
             return  # a before_request above ours answered first
-        metrics.HTTP_IN_PROGRESS.dec()
+        in_progress.dec()
         rule = request.url_rule
         endpoint = rule.endpoint if rule is not None else "unmatched"
         code = str(g.pop("remontee_status", 500))
-        metrics.HTTP_SECONDS.labels(endpoint, code).observe(time.perf_counter() - started)
+        metrics.HTTP_SECONDS.labels(service, endpoint, code).observe(time.perf_counter() - started)
+        request.environ[logs.ENVIRON_KEY] = dict(logs.current())  # for gunicorn's access line (access_log.py)
         token = g.pop("remontee_log_token", None)
         if token is not None:
             # ValueError: bound in another context (a streamed response finished elsewhere): nothing to undo.

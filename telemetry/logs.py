@@ -36,6 +36,7 @@ T = TypeVar("T")
 # The ids a line may carry, in the order a text line shows them.
 FIELDS = ("call_id", "upload_id", "job_id", "return_id", "bureau", "request_id")
 FORMATS = ("json", "text")
+ENVIRON_KEY = "remontee.log_fields"  # where a WSGI request leaves its ids for the server's access line
 
 _NOTHING: Mapping[str, str] = MappingProxyType({})
 _work: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("remontee_log_fields", default=_NOTHING)
@@ -89,7 +90,8 @@ def in_context(f: Callable[..., T]) -> Callable[..., T]:
 
 def record_fields(record: logging.LogRecord) -> dict[str, str]:
     """The ids of a record: the context's when it was made, overridden by `extra=ids(...)`."""
-    fields = dict(getattr(record, "remontee_fields", None) or _work.get())
+    captured = getattr(record, "remontee_fields", None)  # by ContextFilter, in the thread that logged
+    fields = dict(_work.get() if captured is None else captured)
     for key in FIELDS:
         value = getattr(record, f"remontee_{key}", None)
         if value:

@@ -28,7 +28,7 @@ OCR_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 
 IVR_CALLS = Counter("remontee_ivr_calls", "Calls ended, by outcome (accepted, operator, declined, hangup, error)",
                     ["outcome"])
 IVR_HANDOFFS = Counter("remontee_ivr_handoffs", "Calls handed to an operator, by reason", ["reason"])
-IVR_PIN_FAILURES = Counter("remontee_ivr_pin_failures", "Wrong PINs keyed")
+IVR_PIN_CHECKS = Counter("remontee_ivr_pin_checks", "PINs checked, by result (right, wrong)", ["result"])
 IVR_PIN_LOCKOUTS = Counter("remontee_ivr_pin_lockouts",
                            "Lockouts set by wrong PINs (kind: bureau or caller id)", ["kind"])
 IVR_RETURNS = Counter("remontee_ivr_returns", "Returns journaled by phone, by journal status", ["status"])
@@ -40,9 +40,10 @@ IVR_TURNAROUND = Histogram(
 
 # --- HTTP services (gunicorn workers: multiprocess) ---
 
+# Labelled by service (pen, review) so that a process that serves no HTTP exports none of them.
 HTTP_SECONDS = Histogram("remontee_http_request_seconds", "HTTP request duration, by Flask endpoint and status code",
-                         ["endpoint", "code"], buckets=REQUEST_BUCKETS)
-HTTP_IN_PROGRESS = Gauge("remontee_http_requests_in_progress", "HTTP requests being answered",
+                         ["service", "endpoint", "code"], buckets=REQUEST_BUCKETS)
+HTTP_IN_PROGRESS = Gauge("remontee_http_requests_in_progress", "HTTP requests being answered", ["service"],
                          multiprocess_mode="livesum")
 
 # --- pen uploads and their recognition ---
