@@ -150,12 +150,19 @@ def ensure_demo_registry(settings: Settings, bureaux: int) -> None:
 
 
 class Supervisor:
-    """Runs the services as child processes, restarts one that dies, stops them all on a signal."""
+    """Runs the services as child processes, restarts one that dies, stops them all on a signal.
 
-    def __init__(self, settings: Settings, services: list[Service]) -> None:
-        self.settings, self.services = settings, services
+    The private redis-server, when there is one, is supervised too: restarted first (its AOF
+    brings the queues back) and stopped last, once nothing uses it.
+    """
+
+    def __init__(self, settings: Settings, services: list[Service], private_redis: bool = False) -> None:
+        self.settings, self.services, self.private_redis = settings, services, private_redis
+        self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.restarts: dict[str, tuple[int, float]] = {}
+        self.failures: dict[str, int] = {}  # consecutive quick deaths, for the back-off
+        self.started_at: dict[str, float] = {}
+        self.restart_due: dict[str, float] = {}
         self.stopping = False
 
     def _env(self) -> dict[str, str]:
@@ -181,27 +188,41 @@ class Supervisor:
     def start(self, service: Service) -> None:
         argv = [sys.executable, str(Path(__file__).resolve()), *service.argv]
         self.children[service.name] = subprocess.Popen(argv, env=self._env(), preexec_fn=_die_with_parent)
+        self.started_at[service.name] = time.monotonic()
 
     def run(self) -> int:
-        for service in self.services:
-            self.start(service)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop)
+        if self.private_redis:
+            self.redis = start_private_redis(self.settings)
+        for service in self.services:
+            self.start(service)
         while not self.stopping:
-            for service in self.services:
-                child = self.children[service.name]
-                if child.poll() is not None and not self.stopping:
-                    self._restart(service, child.returncode)
+            self._watch()
             time.sleep(0.5)
         return self.shutdown()
 
-    def _restart(self, service: Service, code: int) -> None:
-        count, _ = self.restarts.get(service.name, (0, 0.0))
-        delay = min(30.0, 2.0**count)
-        log.warning("%s exited with %s; restarting in %.0f s", service.name, code, delay)
-        time.sleep(delay)
-        self.restarts[service.name] = (count + 1, time.time())
-        self.start(service)
+    def _watch(self) -> None:
+        if self.redis is not None and self.redis.poll() is not None:
+            log.warning("redis-server exited with %s; restarting it", self.redis.returncode)
+            self.redis = start_private_redis(self.settings)
+        now = time.monotonic()
+        for service in self.services:
+            name = service.name
+            if name in self.restart_due:
+                if now >= self.restart_due[name]:
+                    del self.restart_due[name]
+                    self.start(service)
+                continue
+            child = self.children[name]
+            if child.poll() is None:
+                continue
+            # A service that ran a while before dying is restarted at once; one that keeps dying waits longer.
+            quick = now - self.started_at[name] < 60
+            self.failures[name] = self.failures.get(name, 0) + 1 if quick else 0
+            delay = min(30.0, 2.0 ** self.failures[name]) if quick else 0.0
+            log.warning("%s exited with %s; restarting in %.0f s", name, child.returncode, delay)
+            self.restart_due[name] = now + delay
 
     def _stop(self, *_: object) -> None:
         self.stopping = True
@@ -218,31 +239,26 @@ class Supervisor:
                 log.warning("%s did not stop within %.0f s: killed", name, grace)
                 child.kill()
                 child.wait()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(10)
         return 0
 
 
 def run_everything(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    redis_process = None
-    if settings.redis_url is None:
-        redis_process = start_private_redis(settings)
-    try:
-        ensure_demo_registry(settings, args.demo_bureaux)
-        supervisor = Supervisor(settings, SERVICES)
-        print("Remontée is starting; Ctrl-C stops everything.", flush=True)
-        print(f"  {'redis':<10} {settings.redis_url_resolved}"
-              + (" (private, AOF under var/redis/)" if redis_process else ""))
-        print(f"  {'journal':<10} {settings.db_url_resolved}")
-        print(f"  {'registry':<10} {settings.registry_path}")
-        for service in SERVICES:
-            print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
-        print(f"  {'metrics':<10} " + "  ".join(METRICS_ENDPOINTS).format(s=settings), flush=True)
-        return supervisor.run()
-    finally:
-        if redis_process is not None:
-            redis_process.terminate()
-            redis_process.wait(10)
+    ensure_demo_registry(settings, args.demo_bureaux)
+    supervisor = Supervisor(settings, SERVICES, private_redis=settings.redis_url is None)
+    print("Remontée is starting; Ctrl-C stops everything.", flush=True)
+    print(f"  {'redis':<10} {settings.redis_url_resolved}"
+          + (" (private, AOF under var/redis/)" if supervisor.private_redis else ""))
+    print(f"  {'journal':<10} {settings.db_url_resolved}")
+    print(f"  {'registry':<10} {settings.registry_path}")
+    for service in SERVICES:
+        print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
+    print(f"  {'metrics':<10} " + "  ".join(METRICS_ENDPOINTS).format(s=settings), flush=True)
+    return supervisor.run()
 
 
 if __name__ == "__main__":
