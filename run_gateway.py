@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from settings import Settings
+from telemetry.logs import configure_logging
 
 log = logging.getLogger("remontee")
 
@@ -48,6 +49,11 @@ SERVICES = [
 ]
 
 
+# Where Prometheus scrapes each part (README, "Operations").
+METRICS_ENDPOINTS = ["http://{s.bind}:{s.pen_port}/metrics", "http://{s.bind}:{s.review_port}/metrics",
+                     "http://{s.bind}:{s.ivr_metrics_port}/metrics", "http://{s.bind}:{s.worker_metrics_port}/metrics"]
+
+
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("settings (each also from REMONTEE_<NAME>)")
@@ -61,6 +67,12 @@ def common_parser() -> argparse.ArgumentParser:
     group.add_argument("--election", default=argparse.SUPPRESS, help="election id from forms/elections/")
     group.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help="bureau registry CSV")
     group.add_argument("--consolidate-job", default=argparse.SUPPRESS, help="function path of the returns job")
+    group.add_argument("--ivr-metrics-port", type=int, default=argparse.SUPPRESS,
+                       help="the IVR's Prometheus listener (default 9573; 0: none)")
+    group.add_argument("--worker-metrics-port", type=int, default=argparse.SUPPRESS,
+                       help="the RQ workers' Prometheus listener (default 9574; 0: none)")
+    group.add_argument("--log-format", choices=("json", "text"), metavar="json|text", default=argparse.SUPPRESS,
+                       help="log lines as JSON objects (default) or text")
     return common
 
 
@@ -79,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["all", *(argv if argv is not None else sys.argv[1:])])
     overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
     args.settings = Settings.from_env(**overrides)
+    # Every part's log lines as one JSON object each, tagged with the part (telemetry/logs.py).
+    configure_logging(args.command, args.settings.log_format)
     return int(args.func(args) or 0)
 
 
@@ -137,12 +150,19 @@ def ensure_demo_registry(settings: Settings, bureaux: int) -> None:
 
 
 class Supervisor:
-    """Runs the services as child processes, restarts one that dies, stops them all on a signal."""
+    """Runs the services as child processes, restarts one that dies, stops them all on a signal.
 
-    def __init__(self, settings: Settings, services: list[Service]) -> None:
-        self.settings, self.services = settings, services
+    The private redis-server, when there is one, is supervised too: restarted first (its AOF
+    brings the queues back) and stopped last, once nothing uses it.
+    """
+
+    def __init__(self, settings: Settings, services: list[Service], private_redis: bool = False) -> None:
+        self.settings, self.services, self.private_redis = settings, services, private_redis
+        self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.restarts: dict[str, tuple[int, float]] = {}
+        self.failures: dict[str, int] = {}  # consecutive quick deaths, for the back-off
+        self.started_at: dict[str, float] = {}
+        self.restart_due: dict[str, float] = {}
         self.stopping = False
 
     def _env(self) -> dict[str, str]:
@@ -159,33 +179,50 @@ class Supervisor:
             "REMONTEE_PEN_PORT": str(s.pen_port),
             "REMONTEE_REVIEW_PORT": str(s.review_port),
             "REMONTEE_CONSOLIDATE_JOB": s.consolidate_job,
+            "REMONTEE_IVR_METRICS_PORT": str(s.ivr_metrics_port),
+            "REMONTEE_WORKER_METRICS_PORT": str(s.worker_metrics_port),
+            "REMONTEE_LOG_FORMAT": s.log_format,
         })
         return env
 
     def start(self, service: Service) -> None:
         argv = [sys.executable, str(Path(__file__).resolve()), *service.argv]
         self.children[service.name] = subprocess.Popen(argv, env=self._env(), preexec_fn=_die_with_parent)
+        self.started_at[service.name] = time.monotonic()
 
     def run(self) -> int:
-        for service in self.services:
-            self.start(service)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop)
+        if self.private_redis:
+            self.redis = start_private_redis(self.settings)
+        for service in self.services:
+            self.start(service)
         while not self.stopping:
-            for service in self.services:
-                child = self.children[service.name]
-                if child.poll() is not None and not self.stopping:
-                    self._restart(service, child.returncode)
+            self._watch()
             time.sleep(0.5)
         return self.shutdown()
 
-    def _restart(self, service: Service, code: int) -> None:
-        count, _ = self.restarts.get(service.name, (0, 0.0))
-        delay = min(30.0, 2.0**count)
-        log.warning("%s exited with %s; restarting in %.0f s", service.name, code, delay)
-        time.sleep(delay)
-        self.restarts[service.name] = (count + 1, time.time())
-        self.start(service)
+    def _watch(self) -> None:
+        if self.redis is not None and self.redis.poll() is not None:
+            log.warning("redis-server exited with %s; restarting it", self.redis.returncode)
+            self.redis = start_private_redis(self.settings)
+        now = time.monotonic()
+        for service in self.services:
+            name = service.name
+            if name in self.restart_due:
+                if now >= self.restart_due[name]:
+                    del self.restart_due[name]
+                    self.start(service)
+                continue
+            child = self.children[name]
+            if child.poll() is None:
+                continue
+            # A service that ran a while before dying is restarted at once; one that keeps dying waits longer.
+            quick = now - self.started_at[name] < 60
+            self.failures[name] = self.failures.get(name, 0) + 1 if quick else 0
+            delay = min(30.0, 2.0 ** self.failures[name]) if quick else 0.0
+            log.warning("%s exited with %s; restarting in %.0f s", name, child.returncode, delay)
+            self.restart_due[name] = now + delay
 
     def _stop(self, *_: object) -> None:
         self.stopping = True
@@ -202,30 +239,26 @@ class Supervisor:
                 log.warning("%s did not stop within %.0f s: killed", name, grace)
                 child.kill()
                 child.wait()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(10)
         return 0
 
 
 def run_everything(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    redis_process = None
-    if settings.redis_url is None:
-        redis_process = start_private_redis(settings)
-    try:
-        ensure_demo_registry(settings, args.demo_bureaux)
-        supervisor = Supervisor(settings, SERVICES)
-        print("Remontée is starting; Ctrl-C stops everything.", flush=True)
-        print(f"  {'redis':<10} {settings.redis_url_resolved}"
-              + (" (private, AOF under var/redis/)" if redis_process else ""))
-        print(f"  {'journal':<10} {settings.db_url_resolved}")
-        print(f"  {'registry':<10} {settings.registry_path}")
-        for service in SERVICES:
-            print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
-        return supervisor.run()
-    finally:
-        if redis_process is not None:
-            redis_process.terminate()
-            redis_process.wait(10)
+    ensure_demo_registry(settings, args.demo_bureaux)
+    supervisor = Supervisor(settings, SERVICES, private_redis=settings.redis_url is None)
+    print("Remontée is starting; Ctrl-C stops everything.", flush=True)
+    print(f"  {'redis':<10} {settings.redis_url_resolved}"
+          + (" (private, AOF under var/redis/)" if supervisor.private_redis else ""))
+    print(f"  {'journal':<10} {settings.db_url_resolved}")
+    print(f"  {'registry':<10} {settings.registry_path}")
+    for service in SERVICES:
+        print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
+    print(f"  {'metrics':<10} " + "  ".join(METRICS_ENDPOINTS).format(s=settings), flush=True)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

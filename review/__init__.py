@@ -5,6 +5,9 @@
 `Settings` (journal, Redis, registry, election) from `test_config["SETTINGS"]` or the
 environment. Blueprints: `auth` (login, logout, users), `items` (the queue and decisions),
 `audit` (the trail and its CSV export), `progress` (the dashboard).
+
+`/metrics` (telemetry/) needs no login: Prometheus scrapes it, and it holds counts only (request
+durations, decisions, queue depths, backlogs, review items and uploads by status).
 """
 
 from __future__ import annotations
@@ -147,6 +150,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         redis, RegistryCache(settings.registry_path), tz,
     )
     csrf.init_app(app)
+
+    # Imported here, not at the top: run_gateway.py imports this package before gunicorn's
+    # multiprocess mode is set up, and prometheus_client must not be loaded before that.
+    from telemetry.exposition import install_flask
+    from telemetry.state import StateCollector
+
+    # Before the blueprints: its timer starts ahead of their before_request hooks (the login check).
+    install_flask(app, "review", [StateCollector(journal, redis)])
 
     from review import audit, auth, items, progress
     from review.review_items import CHANNEL_LABELS, REASON_LABELS, RETURN_STATUS_LABELS, STATE_LABELS

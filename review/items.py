@@ -36,6 +36,7 @@ from review.review_items import (
     ItemUnavailable,
     ReviewItem,
 )
+from telemetry import logs, metrics
 from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
 
 bp = Blueprint("items", __name__)
@@ -114,6 +115,9 @@ def _get(item_id: int) -> ReviewItem:
     item = context().items.get(item_id)
     if item is None:
         abort(404)
+    # The rest of the request's lines carry the return (and the upload, for a pen return) it is about.
+    logs.bind(return_id=item.return_id, bureau=item.bureau,
+              upload_id=item.ret.source.get("upload_id") if item.channel == "pen" else None)
     return item
 
 
@@ -260,6 +264,9 @@ def approve(item_id: int) -> Any:
         flash("Correction non enregistrée : les chiffres ne sont pas cohérents (voir ci-dessous).", "error")
         return _item_page(item, submitted=submitted, approve_findings=outcome.findings, bureau_value=bureau,
                           status=422)
+    metrics.REVIEW_DECISIONS.labels("approve").inc()
+    if item.channel == "pen" and item.ret.source.get("upload_id"):
+        metrics.UPLOADS.labels("accepted").inc()
     flash(
         f"Correction approuvée pour le bureau {outcome.ret.bureau} : retour {outcome.submission.return_id} "
         f"accepté, reçu {outcome.submission.receipt}.",
@@ -280,6 +287,9 @@ def reject(item_id: int) -> Any:
     except ItemUnavailable as exc:
         flash(f"Rejet impossible : {exc}.", "error")
         return _item_page(_get(item_id), status=409)
+    metrics.REVIEW_DECISIONS.labels("reject").inc()
+    if item.channel == "pen" and item.ret.source.get("upload_id"):
+        metrics.UPLOADS.labels("rejected").inc()
     flash(f"Retour du bureau {item.bureau} rejeté.", "success")
     return redirect(url_for("items.queue"), 303)
 

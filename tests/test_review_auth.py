@@ -73,6 +73,7 @@ def test_every_route_is_listed(env: ReviewEnv) -> None:
                "GET") for p in GET_ROUTES}
     listed |= {(p.replace("{item}", "<int:item_id>").replace("bob", "<username>"), "POST") for p in POST_ROUTES}
     listed |= {("/login", "GET")}
+    listed |= {("/metrics", "GET")}  # no login on purpose: Prometheus scrapes it, counts only (test_telemetry_review)
     assert rules == listed
 
 
