@@ -23,13 +23,12 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.job import Job
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox
-from returns_queue.jobs import ocr_job_id, ocr_queue
+from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -39,9 +38,11 @@ OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
     # Keep results a day and failures a week: a supervisor may want to see why a page failed.
+    # A form takes well under a second; a worker killed in the middle leaves the job abandoned,
+    # found once its timeout has passed and retried (the job is idempotent per upload).
     return Queue.prepare_data(
         job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
-        timeout=600, description=f"recognize upload {upload_id}",
+        timeout=120, retry=RETRY, description=f"recognize upload {upload_id}",
     )
 
 
@@ -71,10 +72,7 @@ class OcrRelay:
             enqueued = 0
             before = (time.time() if now is None else now) - self.grace
             while upload_ids := ocr_outbox(self.journal, before, self.batch):
-                with self.redis.pipeline() as pipe:
-                    for upload_id in upload_ids:
-                        pipe.exists(Job.key_for(ocr_job_id(upload_id)))
-                    exists = pipe.execute()
+                exists = jobs_exist(self.redis, [ocr_job_id(u) for u in upload_ids])
                 missing = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
                 if missing:
                     self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])

@@ -6,6 +6,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue, Retry
+from rq.job import Job
 
 RETURNS_QUEUE = "returns"
 OCR_QUEUE = "ocr"
@@ -18,6 +19,14 @@ def return_job_id(return_id: str) -> str:
 
 def ocr_job_id(upload_id: str) -> str:
     return f"ocr-{upload_id}"
+
+
+def jobs_exist(redis: Redis, job_ids: list[str]) -> list[bool]:
+    """Whether RQ still holds each job, in one round trip: what a relay checks before enqueueing again."""
+    with redis.pipeline() as pipe:
+        for job_id in job_ids:
+            pipe.exists(Job.key_for(job_id))
+        return [bool(e) for e in pipe.execute()]
 
 
 def returns_queue(connection: Redis) -> Queue:

@@ -20,9 +20,8 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.job import Job
 
-from returns_queue.jobs import prepare_return_job, return_job_id, returns_queue
+from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,7 @@ class Relay:
             relayed = 0
             while payloads := self.journal.outbox(self.batch):
                 # A job that exists was enqueued by a relay that died before marking the outbox.
-                with self.redis.pipeline() as pipe:
-                    for p in payloads:
-                        pipe.exists(Job.key_for(return_job_id(p["return_id"])))
-                    exists = pipe.execute()
+                exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in payloads])
                 fresh = [p for p, e in zip(payloads, exists, strict=True) if not e]
                 if fresh:
                     self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in fresh])
@@ -64,10 +60,7 @@ class Relay:
         """Enqueue again the recently relayed returns whose job Redis has lost; the number re-enqueued."""
         lost = []
         for chunk in _chunks(self.journal.relayed_since(time.time() - window), self.batch):
-            with self.redis.pipeline() as pipe:
-                for p in chunk:
-                    pipe.exists(Job.key_for(return_job_id(p["return_id"])))
-                exists = pipe.execute()
+            exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in chunk])
             lost += [p for p, e in zip(chunk, exists, strict=True) if not e]
         if lost:
             log.warning("relay: %d relayed returns were missing from Redis; enqueued again", len(lost))
