@@ -1,0 +1,14 @@
+"""Handwritten digit recognition for the boxes of Remontée's paper forms.
+
+This package owns reading one digit per comb-field box, from digital-pen
+strokes rendered to pixels or from scans: ``recognizer`` (run-time API, numpy +
+OpenCV), ``preprocess`` (the crop -> model-input function shared by training
+and run time), ``strokes`` (rendering pen strokes), ``synth``/``data``/
+``evaluation`` (training and held-out data), and ``train`` (PyTorch, training
+time only). Data sources and licences: ``ATTRIBUTION.md``.
+"""
+
+from .recognizer import RECOMMENDED_THRESHOLD, DigitReading, DigitRecognizer
+from .strokes import render_strokes
+
+__all__ = ["RECOMMENDED_THRESHOLD", "DigitReading", "DigitRecognizer", "render_strokes"]

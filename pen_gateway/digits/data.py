@@ -1,0 +1,82 @@
+"""Loading of the shared handwriting development data and its fixed splits.
+
+This module owns where the development data lives (``shared/data/handwriting``
+beside the repository), how it is read and how it is split for validation:
+pendigits by *writer* (1-24 train, 25-30 held out) and MNIST by a fixed index
+slice (0-3999 train, 4000-4999 held out). The data itself is never copied into
+the repository; see ``ATTRIBUTION.md``. Only numpy is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PENDIGITS_FILE = "pendigits-dev.jsonl"
+MNIST_FILE = "mnist-dev.npz"
+PEN_VAL_WRITERS = frozenset(range(25, 31))
+MNIST_VAL_SLICE = slice(4000, 5000)
+MNIST_TRAIN_SLICE = slice(0, 4000)
+
+
+def default_data_dir() -> Path:
+    """``<repo>/../shared/data/handwriting``: the shared folder beside the repository."""
+    repo = Path(__file__).resolve().parents[2]
+    return repo.parent / "shared" / "data" / "handwriting"
+
+
+@dataclass(frozen=True)
+class PenSample:
+    label: int
+    writer: int
+    sample: int
+    strokes: tuple[np.ndarray, ...]  # each (n, 2) float, tablet units, y down
+
+
+def load_pendigits(data_dir: Path | None = None) -> list[PenSample]:
+    path = (data_dir or default_data_dir()) / PENDIGITS_FILE
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            strokes = tuple(
+                np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in rec["strokes"]
+            )
+            out.append(
+                PenSample(
+                    int(rec["label"]), int(rec["writer"]), int(rec["sample"]), strokes
+                )
+            )
+    return out
+
+
+def split_pendigits(
+    samples: list[PenSample],
+) -> tuple[list[PenSample], list[PenSample]]:
+    """(train: writers 1-24, held out: writers 25-30)."""
+    train = [s for s in samples if s.writer not in PEN_VAL_WRITERS]
+    val = [s for s in samples if s.writer in PEN_VAL_WRITERS]
+    return train, val
+
+
+def load_mnist(data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 28, 28) white ink on black, labels uint8 (N,))."""
+    with np.load((data_dir or default_data_dir()) / MNIST_FILE) as z:
+        return z["images"], z["labels"]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_hashes(data_dir: Path | None = None) -> dict[str, str]:
+    d = data_dir or default_data_dir()
+    return {name: sha256_file(d / name) for name in (PENDIGITS_FILE, MNIST_FILE)}

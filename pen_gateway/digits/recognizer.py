@@ -1,0 +1,143 @@
+"""Run-time digit recognition for form boxes (numpy + OpenCV only, no torch).
+
+This module owns the public API the pen gateway and the scan pipeline call:
+``DigitRecognizer.read`` turns grayscale box crops (dark ink on light paper)
+into calibrated ``DigitReading``s, and ``RECOMMENDED_THRESHOLD`` is the
+confidence above which a reading may be auto-accepted (chosen on held-out
+writers so that no wrong value was accepted; see ``digits.json``).
+
+The ONNX network (``digits.onnx``, trained by ``train.py``) is loaded once per
+process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
+every forward pass holds that net's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import preprocess
+
+MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
+# Copied from digits.json ("recommended_threshold") of the shipped model; a
+# test keeps the two equal.
+RECOMMENDED_THRESHOLD: float = 0.9999
+_BATCH = 256  # cells per cv2.dnn forward pass
+
+__all__ = ["MODEL_PATH", "RECOMMENDED_THRESHOLD", "DigitReading", "DigitRecognizer"]
+
+
+@dataclass(frozen=True)
+class DigitReading:
+    digit: int | None  # None = empty box
+    confidence: float  # calibrated probability of `digit` (or of emptiness)
+    alternatives: tuple[
+        tuple[int, float], ...
+    ]  # other digits by probability, best first (top 3)
+
+
+@dataclass
+class _Loaded:
+    net: cv2.dnn.Net
+    lock: threading.Lock
+    temperature: float
+    empty_class: int
+
+
+_cache: dict[tuple[int, str], _Loaded] = {}
+_cache_lock = threading.Lock()
+
+
+def _load(path: Path) -> _Loaded:
+    # Keyed by pid too: a forked worker must not share its parent's net.
+    key = (os.getpid(), str(path.resolve()))
+    with _cache_lock:
+        loaded = _cache.get(key)
+        if loaded is None:
+            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            if int(meta["input"]["size"]) != preprocess.INPUT_SIZE:
+                raise ValueError(
+                    f"{path}: model input {meta['input']['size']} != {preprocess.INPUT_SIZE}"
+                )
+            net = cv2.dnn.readNetFromONNX(str(path))
+            loaded = _Loaded(
+                net,
+                threading.Lock(),
+                float(meta["temperature"]),
+                int(meta["empty_class"]),
+            )
+            _cache[key] = loaded
+        return loaded
+
+
+class DigitRecognizer:
+    """Reads single handwritten digits from form-box crops."""
+
+    def __init__(self, model_path: Path | None = None) -> None:
+        self._model = _load(Path(model_path) if model_path is not None else MODEL_PATH)
+
+    @property
+    def temperature(self) -> float:
+        return self._model.temperature
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (N, 11) for preprocessed inputs (N, 1, S, S)."""
+        out = []
+        m = self._model
+        for i in range(0, len(inputs), _BATCH):
+            blob = np.ascontiguousarray(inputs[i : i + _BATCH], dtype=np.float32)
+            with m.lock:
+                m.net.setInput(blob)
+                logits = np.array(m.net.forward(), dtype=np.float64).reshape(
+                    len(blob), -1
+                )
+            z = logits / m.temperature
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            out.append(e / e.sum(axis=1, keepdims=True))
+        return np.concatenate(out) if out else np.zeros((0, m.empty_class + 1))
+
+    def is_empty(self, cell: np.ndarray) -> bool:
+        """True when the box holds no digit (only paper, noise, border remnants)."""
+        p = preprocess.prepare(cell)
+        if p.empty:
+            return True
+        probs = self.probabilities(p.image[None, None])
+        return int(probs[0].argmax()) == self._model.empty_class
+
+    def read(self, cells: Sequence[np.ndarray]) -> list[DigitReading]:
+        """Read a batch of cells; one reading per cell, in order."""
+        if len(cells) == 0:
+            return []
+        inputs, rule_empty = preprocess.prepare_batch(cells)
+        probs = self.probabilities(inputs)
+        empty = self._model.empty_class
+        readings = []
+        for p, by_rule in zip(probs, rule_empty, strict=True):
+            digits = np.argsort(-p[:empty], kind="stable")
+            best = int(p.argmax())
+            if by_rule or best == empty:
+                # A rule-empty cell reaches the net as a blank input; its
+                # p(empty) is still the calibrated number we report.
+                readings.append(
+                    DigitReading(
+                        None,
+                        float(p[empty]),
+                        tuple((int(d), float(p[d])) for d in digits[:3]),
+                    )
+                )
+            else:
+                others = [int(d) for d in digits if d != best][:3]
+                readings.append(
+                    DigitReading(
+                        best, float(p[best]), tuple((d, float(p[d])) for d in others)
+                    )
+                )
+        return readings

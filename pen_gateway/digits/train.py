@@ -1,0 +1,384 @@
+"""Train the form-box digit CNN, calibrate it and export it to ONNX (training time only).
+
+This module owns the training recipe of the shipped model ``digits.onnx`` and
+its metadata ``digits.json`` (temperature, recommended threshold, held-out
+accuracies, data hashes). It is the only module that needs PyTorch; run time
+reads the ONNX file with OpenCV (see ``recognizer.py``).
+
+Data (see ``ATTRIBUTION.md``): UCI pendigits writers 1-24 rendered as pen
+strokes into box-sized cells, MNIST images 0-3999 put into cells (inverted,
+elastic distortions), and synthetic empty boxes, each with scan-like
+augmentation, and every cell passed through ``preprocess.prepare``, the same
+function run time uses. Held out, never trained on: pendigits writers 25-30,
+MNIST 4000-4999 (see ``evaluation.py``).
+
+Reproduce the shipped model (about 20 min on 2 CPU cores)::
+
+    python3 -m venv /work/torchvenv
+    /work/torchvenv/bin/pip install torch==2.13.0 numpy opencv-python-headless onnx
+    cd <repo> && PYTHONPATH=. /work/torchvenv/bin/python -m pen_gateway.digits.train
+
+``--quick`` trains a tiny model into a temporary folder to test the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from . import data, evaluation, preprocess, synth
+from .evaluation import EMPTY
+
+HERE = Path(__file__).resolve().parent
+SEED = 20260
+PEN_ONLY = synth.Condition("pen", jitter=True, borders=0.3, scan=0.0)
+
+# Filled in the parent before the worker pool forks, so workers inherit them.
+_PEN: list[data.PenSample] = []
+_MNIST: np.ndarray = np.zeros((0, 28, 28), np.uint8)
+_MNIST_LABELS: np.ndarray = np.zeros(0, np.uint8)
+
+
+class DigitNet(nn.Module):
+    """A small VGG-style CNN: 28x28 -> 11 logits (digits 0-9, empty). ~290k weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(i: int, o: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(i, o, 3, padding=1, bias=False),
+                nn.BatchNorm2d(o),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.features = nn.Sequential(
+            *block(1, 32),
+            *block(32, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            *block(64, 64),
+            nn.MaxPool2d(2),
+            *block(64, 128),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(128 * 3 * 3, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(128, len(evaluation.CLASSES)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _make_chunk(
+    job: tuple[str, int, int, int, int],
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Render and preprocess one chunk of training cells (runs in a worker)."""
+    kind, start, stop, variants, seed = job
+    cv2.setNumThreads(1)  # one worker per core; OpenCV's own threads would only contend
+    rng = np.random.default_rng(seed)
+    xs, ys, dropped = [], [], 0
+    for idx in range(start, stop):
+        for v in range(variants):
+            cond = PEN_ONLY if v % 3 == 0 else synth.TRAIN
+            if kind == "pen":
+                s = _PEN[idx]
+                cell, label = synth.pen_cell(s.strokes, rng, cond), s.label
+            elif kind == "mnist":
+                cell, label = (
+                    synth.mnist_cell(_MNIST[idx], rng, cond, distort=True),
+                    int(_MNIST_LABELS[idx]),
+                )
+            else:
+                cell, label = synth.empty_cell(rng, synth.TRAIN), EMPTY
+            p = preprocess.prepare(cell)
+            if p.empty and label != EMPTY:
+                dropped += 1  # the rule already calls it empty; zeros labelled as a digit would only confuse
+                continue
+            xs.append(np.rint(p.image * 255).astype(np.uint8))
+            ys.append(label)
+    return np.array(xs, np.uint8).reshape(-1, 28, 28), np.array(ys, np.int64), dropped
+
+
+def build_training_set(
+    pen_variants: int, mnist_variants: int, n_empty: int, seed: int, workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    global _PEN, _MNIST, _MNIST_LABELS
+    pen_train, _ = data.split_pendigits(data.load_pendigits())
+    images, labels = data.load_mnist()
+    _PEN, _MNIST, _MNIST_LABELS = (
+        pen_train,
+        images[data.MNIST_TRAIN_SLICE],
+        labels[data.MNIST_TRAIN_SLICE],
+    )
+    jobs: list[tuple[str, int, int, int, int]] = []
+    step = 250
+    for kind, n, variants in (
+        ("pen", len(_PEN), pen_variants),
+        ("mnist", len(_MNIST), mnist_variants),
+        ("empty", n_empty, 1),
+    ):
+        for a in range(0, n, step):
+            jobs.append((kind, a, min(a + step, n), variants, seed + 7919 * len(jobs)))
+    with mp.get_context("fork").Pool(workers) as pool:
+        parts = pool.map(
+            _make_chunk, jobs, chunksize=1
+        )  # map keeps order: reproducible
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    print(
+        f"training cells: {len(y)} (dropped {sum(p[2] for p in parts)} digit cells the rule called empty); "
+        f"per class {np.bincount(y, minlength=11).tolist()}",
+        flush=True,
+    )
+    return x, y
+
+
+def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i : i + batch])).numpy())
+    return (
+        np.concatenate(out)
+        if out
+        else np.zeros((0, len(evaluation.CLASSES)), np.float32)
+    )
+
+
+def export_onnx(model: nn.Module, path: Path) -> None:
+    model.eval()
+    dummy = torch.zeros(1, 1, preprocess.INPUT_SIZE, preprocess.INPUT_SIZE)
+    # The TorchScript exporter (dynamo=False) folds BatchNorm into the
+    # convolutions and emits only Conv/Relu/MaxPool/Flatten/Gemm, which
+    # cv2.dnn reads; the batch axis stays dynamic for batched reads.
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+        do_constant_folding=True,
+    )
+
+
+def cv2_logits(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    net = cv2.dnn.readNetFromONNX(str(path))
+    out = []
+    for i in range(0, len(x), batch):
+        net.setInput(np.ascontiguousarray(x[i : i + batch]))
+        out.append(np.array(net.forward()).reshape(len(x[i : i + batch]), -1))
+    return np.concatenate(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--epochs", type=int, default=9)
+    ap.add_argument("--pen-variants", type=int, default=10)
+    ap.add_argument("--mnist-variants", type=int, default=12)
+    ap.add_argument("--empty", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--out-dir", type=Path, default=HERE)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run into a temp dir, to test the pipeline",
+    )
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.pen_variants, args.mnist_variants, args.empty = 1, 1, 1, 500
+        args.out_dir = Path(tempfile.mkdtemp(prefix="digits-quick-"))
+    t0 = time.time()
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    workers = min(2, os.cpu_count() or 1)
+
+    x_u8, y = build_training_set(
+        args.pen_variants, args.mnist_variants, args.empty, args.seed, workers
+    )
+    t_data = time.time() - t0
+    print(f"data built in {t_data:.0f} s", flush=True)
+
+    print("rendering held-out sets...", flush=True)
+    sets = evaluation.heldout_sets(
+        limit=200 if args.quick else None, n_empty=200 if args.quick else 1000
+    )
+    val_x, val_empty_rule, val_y, val_names = [], [], [], []
+    for s in sets:
+        xb, eb = preprocess.prepare_batch(s.cells)
+        val_x.append(xb)
+        val_empty_rule.append(eb)
+        val_y.append(s.labels)
+        val_names += [s.name] * len(s.labels)
+    vx, vy = np.concatenate(val_x), np.concatenate(val_y)
+    names = np.array(val_names)
+
+    model = DigitNet().to(memory_format=torch.channels_last)
+    batch = 128
+    steps = (len(y) + batch - 1) // batch
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=3e-3, total_steps=args.epochs * steps, pct_start=0.2
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    xt = torch.from_numpy(x_u8)
+    yt = torch.from_numpy(y)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(yt), generator=gen)
+        total, te = 0.0, time.time()
+        for i in range(steps):
+            idx = perm[i * batch : (i + 1) * batch]
+            xb = (
+                (xt[idx].float() / 255.0)
+                .unsqueeze(1)
+                .contiguous(memory_format=torch.channels_last)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yt[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        # Monitoring only: the schedule is fixed, the last epoch's model is shipped (no selection on held-out).
+        acc = float((predict_logits(model, vx).argmax(1) == vy).mean())
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {total / len(yt):.4f}, held-out acc {acc:.4f}, "
+            f"{time.time() - te:.0f} s",
+            flush=True,
+        )
+    model.eval()
+    t_train = time.time() - t0
+
+    logits = predict_logits(model, vx)
+    temperature = evaluation.fit_temperature(logits, vy)
+    probs = evaluation.softmax(logits, temperature)
+    pred, conf = probs.argmax(1), probs.max(1)
+    ids = np.array([i for s in sets for i in s.ids])
+    trusted = ~np.isin(ids, list(evaluation.KNOWN_LABEL_ERRORS))
+    threshold = evaluation.pick_threshold(pred[trusted], conf[trusted], vy[trusted])
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out_dir / "digits.onnx"
+    export_onnx(model.to(memory_format=torch.contiguous_format), onnx_path)
+    cv_logits = cv2_logits(onnx_path, vx)
+    max_diff = float(np.abs(cv_logits - logits).max())
+    same_argmax = float((cv_logits.argmax(1) == logits.argmax(1)).mean())
+    print(
+        f"ONNX {onnx_path.stat().st_size / 1e6:.2f} MB; cv2.dnn vs torch: max |logit diff| {max_diff:.2e}, "
+        f"same argmax {same_argmax:.4%}",
+        flush=True,
+    )
+    if max_diff > 1e-3 or same_argmax < 1.0:
+        print("cv2.dnn disagrees with torch", file=sys.stderr)
+        return 1
+
+    heldout = {}
+    for s in sets:
+        sel = names == s.name
+        heldout[s.name] = {
+            "n": int(sel.sum()),
+            "accuracy": round(float((pred[sel] == vy[sel]).mean()), 5),
+        }
+    groups = {
+        "all held-out cells": np.ones(len(vy), bool),
+        "pendigits w25-30": np.char.startswith(names, "pendigits"),
+        "mnist 4000-4999": np.char.startswith(names, "mnist"),
+        "empty boxes": names == "empty boxes",
+    }
+    table = {
+        g: [
+            vars(evaluation.reliability(pred[sel], conf[sel], vy[sel], t))
+            for t in evaluation.THRESHOLDS
+        ]
+        for g, sel in groups.items()
+    }
+    meta = {
+        "model": "digits.onnx",
+        "input": {
+            "size": preprocess.INPUT_SIZE,
+            "digit_size": preprocess.DIGIT_SIZE,
+            "layout": "NCHW float32, ink 1 on 0",
+            "preprocess": "pen_gateway.digits.preprocess.prepare",
+        },
+        "classes": list(evaluation.CLASSES),
+        "empty_class": EMPTY,
+        "temperature": round(temperature, 5),
+        "recommended_threshold": threshold,
+        "threshold_rule": "lowest candidate with no accepted error on all held-out cells, one step up; "
+        "known label errors ignored for this choice only",
+        "known_label_errors": evaluation.KNOWN_LABEL_ERRORS,
+        "heldout_accuracy": heldout,
+        "reliability": table,
+        "cv2_vs_torch_max_logit_diff": max_diff,
+        "training": {
+            "command": "PYTHONPATH=. /work/torchvenv/bin/python -m pen_gateway.digits.train "
+            + " ".join(
+                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+            ),
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "pen_variants": args.pen_variants,
+            "mnist_variants": args.mnist_variants,
+            "empty_cells": args.empty,
+            "cells": len(y),
+            "data_build_s": round(t_data),
+            "duration_s": round(t_train),
+            "torch": torch.__version__,
+            "opencv": cv2.__version__,
+            "train_split": "pendigits writers 1-24, MNIST dev images 0-3999",
+            "heldout_split": "pendigits writers 25-30, MNIST dev images 4000-4999",
+            "data_sha256": data.data_hashes(),
+        },
+    }
+    (args.out_dir / "digits.json").write_text(
+        json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+    )
+    print(
+        json.dumps(
+            {
+                k: meta[k]
+                for k in ("temperature", "recommended_threshold", "heldout_accuracy")
+            },
+            indent=2,
+        )
+    )
+    for g, rows in table.items():
+        print(g)
+        for r in rows:
+            rel = evaluation.Reliability(**r)
+            print(
+                f"  p>={rel.threshold:<7} coverage {rel.coverage:7.2%}  wrong {rel.wrong:4d}/{rel.accepted:5d}"
+                f"  error {rel.error_rate:.3%}"
+            )
+    print(f"wrote {args.out_dir}; total {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
