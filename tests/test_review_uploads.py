@@ -8,9 +8,12 @@ import html
 import json
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from playwright.sync_api import expect
 from review_support import (
     ReviewEnv,
     bureau_codes,
@@ -18,10 +21,12 @@ from review_support import (
     item_id_for,
     login,
     record_stray_upload,
+    sqlite_journal,
 )
 from rq import SimpleWorker
 from rq.job import Job, JobStatus
 from sqlalchemy import func, select, update
+from test_review_browser import _log_in, _shot, _watch_console, browser, screenshots, served
 
 from pen_gateway.ocr_relay import OcrRelay
 from pen_gateway.uploads import get_upload, uploads
@@ -30,7 +35,7 @@ from returns_queue.journal import audit, returns
 from review.review_items import ItemUnavailable
 from tests.form_fill import consistent_counts, handwriting_available
 
-__all__ = ["env"]
+__all__ = ["browser", "env", "screenshots", "served", "sqlite_journal"]  # the fixtures, imported for pytest
 UPLOAD = "01JNOBUREAU000000000000000A"
 
 
@@ -312,3 +317,34 @@ def test_an_inkml_upload_with_no_bureau_reaches_the_journal_once_a_supervisor_as
     assert relay.relay_once(now=time.time() + 60) == 0
     with env.journal.read() as conn:
         assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
+
+
+def test_in_a_browser_a_supervisor_assigns_the_bureau_of_an_upload(
+    browser: Any, served: tuple[str, ReviewEnv], screenshots: Path
+) -> None:
+    """Chromium against the app served on loopback: the section, the upload's page, an unknown bureau refused,
+    then the right one; no console error (the page keeps the content security policy)."""
+    base, env = served
+    record_stray_upload(env.journal, UPLOAD, var_dir=env.settings.var_dir, received_at=time.time() - 1500,
+                        pen_serial="AJX-00C0FE")
+    page = browser.new_context(viewport={"width": 1366, "height": 900}, locale="fr-FR").new_page()
+    errors = _watch_console(page)
+    _log_in(page, base, "alice")
+    expect(page.get_by_role("heading", name="Envois sans bureau identifié")).to_be_visible()
+    _shot(page, screenshots / "12-queue-uploads-without-bureau.png")
+    page.get_by_role("link", name=f"Ouvrir l'envoi {UPLOAD} de la station station-3").click()
+    page.wait_for_url(f"{base}/uploads/{UPLOAD}")
+    expect(page.get_by_text("Réservé par vous")).to_be_visible()
+    assert page.locator(".page-image img").evaluate("img => img.naturalWidth") == 300  # the PNG was served
+    page.get_by_label("Code du bureau").fill("999999")
+    page.get_by_role("button", name="Rattacher et relire").click()
+    expect(page.get_by_text("le bureau 999999 est inconnu du registre")).to_be_visible()
+    _shot(page, screenshots / "13-upload-unknown-bureau.png")
+    code = bureau_codes(env.registry)[0]
+    page.get_by_label("Code du bureau").fill(code)
+    page.get_by_role("button", name="Rattacher et relire").click()
+    page.wait_for_url(f"{base}/items")
+    expect(page.get_by_text(f"rattaché au bureau {code}")).to_be_visible()
+    assert get_upload(env.journal, UPLOAD).bureau == code
+    # Chromium reports the refusal's status (422) on the console; nothing else may appear there.
+    assert [e for e in errors if "status of 422" not in e] == []
