@@ -3,9 +3,9 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the system needs, as "command:package".
+# Debian packages the system needs, as "command:package" (or "/path/of/a/file:package" for data packages).
 SYSTEM_DEPS := redis-server:redis-server tesseract:tesseract-ocr espeak-ng:espeak-ng sox:sox chromium:chromium \
-               pg_lsclusters:postgresql
+               pg_lsclusters:postgresql /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
 
 .PHONY: run test setup system-deps lint clean
 
@@ -20,7 +20,7 @@ setup: system-deps $(VENV)/.installed
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do \
-	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	  { command -v "$${pair%%:*}" || test -e "$${pair%%:*}"; } >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -28,7 +28,7 @@ from telemetry.logs import configure_logging
 log = logging.getLogger("remontee")
 
 # The parts whose `cli.add_commands` contribute subcommands.
-PARTS = ["registry.cli", "returns_queue.cli", "ivr.cli", "review.cli", "pen_gateway.cli"]
+PARTS = ["registry.cli", "returns_queue.cli", "ivr.cli", "review.cli", "pen_gateway.cli", "forms.cli"]
 
 
 @dataclass(frozen=True)

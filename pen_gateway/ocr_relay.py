@@ -3,7 +3,10 @@
 The upload API enqueues the job itself right after the journal commit. When that fails (Redis
 down, the process killed in between), the upload stays `queued` with `ocr_enqueued_at` NULL;
 this relay finds such uploads once they are `grace` seconds old, enqueues the missing jobs
-(never one that exists: the job id is derived from the upload id) and marks them. It also
+(never one that exists: the job id is derived from the upload id) and marks them. An upload a
+supervisor sends back to be read again (the review UI assigns the bureau its page did not name)
+is `queued` and unmarked again while its first job, ended, still holds the job id: that job is
+replaced by a new one. It also
 marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
 write per upload. And it forgets used signatures once they are too old to be replayed.
 
@@ -23,17 +26,21 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
-from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox
-from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue
+from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among
+from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "remontee:ocr-relay:lock"
 OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
+# The statuses of a job that will not run again, as RQ writes them in the job's hash.
+ENDED = frozenset(s.value for s in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED))
 
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
@@ -72,8 +79,13 @@ class OcrRelay:
             enqueued = 0
             before = (time.time() if now is None else now) - self.grace
             while upload_ids := ocr_outbox(self.journal, before, self.batch):
-                exists = jobs_exist(self.redis, [ocr_job_id(u) for u in upload_ids])
-                missing = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
+                with self.redis.pipeline() as pipe:
+                    for upload_id in upload_ids:
+                        pipe.hget(Job.key_for(ocr_job_id(upload_id)), "status")
+                    statuses = [s.decode() if isinstance(s, bytes) else s for s in pipe.execute()]
+                missing = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
+                missing += self._replace_ended(
+                    [u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
                 if missing:
                     self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])
                     log.info("ocr relay: enqueued %d upload(s) acknowledged without a job", len(missing))
@@ -85,6 +97,20 @@ class OcrRelay:
         finally:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
+
+    def _replace_ended(self, upload_ids: list[str]) -> list[str]:
+        """Of the uploads whose job has ended, those queued to be read again; their old job is deleted.
+
+        The rows are read after the jobs' statuses, and a job writes its upload's row before it
+        ends: an upload whose first job has just finished is no longer `queued`, and is not read twice.
+        """
+        again = sorted(queued_among(self.journal, upload_ids))
+        for upload_id in again:
+            with contextlib.suppress(NoSuchJobError):  # expired meanwhile: nothing to replace
+                Job.fetch(ocr_job_id(upload_id), connection=self.redis).delete()
+        if again:
+            log.info("ocr relay: %d upload(s) sent back to be read again", len(again))
+        return again
 
     def _write(self, fn: Callable[[Connection], Any]) -> Any:
         with self.journal.write() as conn:

@@ -47,6 +47,11 @@ def _worker(args: argparse.Namespace) -> int:
     from telemetry.worker import MeasuredWorker
 
     redis = Redis.from_url(settings.redis_url_resolved)
+    if OCR_QUEUE in args.queues.split(","):
+        # Load the OCR pipeline once, here: each job's forked work horse inherits it instead of paying seconds.
+        from pen_gateway.recognition.job import preload
+
+        preload(settings)
     listener = None
     if settings.worker_metrics_port > 0:
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,

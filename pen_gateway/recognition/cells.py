@@ -1,0 +1,116 @@
+"""Cutting the comb boxes out of a page: one grayscale crop per box, dark ink on light paper, at 300 dpi.
+
+A scan's box is cut straight through the fitted homography and inset so the printed border
+stays out. An InkML page has no border and no distortion: each stroke goes to the box its
+middle lies in, and the box is drawn from its own strokes (a digit that spills over the
+printed line is kept whole), with the pen width of a ballpoint, as the digit model saw in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from forms.layout import CELL_GAP_MM, Box, FieldLayout, FormLayout
+from pen_gateway.digits.strokes import render_strokes
+from pen_gateway.recognition.align import Alignment, warp_region
+
+CELL_PX_PER_MM = 300 / 25.4  # the digit model was trained on boxes cut from 300 dpi pages
+CELL_INSET_MM = 0.7  # border line (0.3 mm) + alignment error (< 0.1 mm measured) + margin
+PEN_WIDTH_MM = 0.5
+STROKE_REACH_MM = (CELL_GAP_MM / 2, 3.0)  # how far outside a box a stroke's middle may lie and still be its own
+FIELD_MARGIN_MM = 2.0  # around a field's boxes in the reviewer's crop
+PAGE_PX_PER_MM = 5.0  # page.png: enough for a reviewer to read the form, small enough to send quickly
+
+
+def inset(box: Box, by: float) -> Box:
+    x, y, w, h = box
+    return (x + by, y + by, w - 2 * by, h - 2 * by)
+
+
+def grow(box: Box, by: float) -> Box:
+    return inset(box, -by)
+
+
+def scan_cells(gray: np.ndarray, alignment: Alignment, field: FieldLayout) -> list[np.ndarray]:
+    return [warp_region(gray, alignment, inset(cell, CELL_INSET_MM), CELL_PX_PER_MM) for cell in field.cells]
+
+
+def scan_field_crop(gray: np.ndarray, alignment: Alignment, field: FieldLayout) -> np.ndarray:
+    return warp_region(gray, alignment, grow(field.bounds, FIELD_MARGIN_MM), CELL_PX_PER_MM / 2)
+
+
+def scan_page_image(gray: np.ndarray, alignment: Alignment, layout: FormLayout) -> np.ndarray:
+    """The straightened page, for the reviewer."""
+    return warp_region(gray, alignment, (0.0, 0.0, layout.width_mm, layout.height_mm), PAGE_PX_PER_MM)
+
+
+def assign_strokes(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[tuple[str, int], list[np.ndarray]]:
+    """{(field id, box index): the strokes written in that box}; strokes outside every box (a signature) are dropped."""
+    boxes = [((f.id, i), cell) for f in layout.fields for i, cell in enumerate(f.cells)]
+    centres = np.array([(x + w / 2, y + h / 2) for _, (x, y, w, h) in boxes])
+    half = np.array([(w / 2 + STROKE_REACH_MM[0], h / 2 + STROKE_REACH_MM[1]) for _, (_, _, w, h) in boxes])
+    out: dict[tuple[str, int], list[np.ndarray]] = {}
+    for stroke in strokes:
+        if len(stroke) == 0:
+            continue
+        middle = (stroke.min(axis=0) + stroke.max(axis=0)) / 2
+        offset = np.abs(centres - middle)
+        inside = np.all(offset <= half, axis=1)
+        if not inside.any():
+            continue
+        # Boxes' reaches overlap by design (gaps and rows): the nearest centre wins.
+        distance = np.where(inside, np.hypot(offset[:, 0], offset[:, 1]), np.inf)
+        out.setdefault(boxes[int(np.argmin(distance))][0], []).append(stroke)
+    return out
+
+
+def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:
+    """One box drawn from its strokes: the inset box, grown to hold every stroke assigned to it."""
+    x0, y0, w, h = inset(cell, CELL_INSET_MM)
+    x1, y1 = x0 + w, y0 + h
+    pad = PEN_WIDTH_MM
+    for s in strokes:
+        lo, hi = s.min(axis=0), s.max(axis=0)
+        x0, y0 = min(x0, lo[0] - pad), min(y0, lo[1] - pad)
+        x1, y1 = max(x1, hi[0] + pad), max(y1, hi[1] + pad)
+    size = (max(1, round((x1 - x0) * CELL_PX_PER_MM)), max(1, round((y1 - y0) * CELL_PX_PER_MM)))
+    if not strokes:
+        return np.full((size[1], size[0]), 255, np.uint8)
+    placed = [(s - (x0, y0)) * CELL_PX_PER_MM for s in strokes]
+    return render_strokes(placed, size, PEN_WIDTH_MM * CELL_PX_PER_MM)
+
+
+def ink_cells(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[str, list[np.ndarray]]:
+    assigned = assign_strokes(strokes, layout)
+    return {
+        f.id: [ink_cell(cell, assigned.get((f.id, i), [])) for i, cell in enumerate(f.cells)] for f in layout.fields
+    }
+
+
+def ink_page_image(strokes: Sequence[np.ndarray], layout: FormLayout) -> np.ndarray:
+    """The InkML page drawn over the form's outline (boxes and markers in light grey), for the reviewer."""
+    r = PAGE_PX_PER_MM
+    page = np.full((round(layout.height_mm * r), round(layout.width_mm * r)), 255, np.uint8)
+    outline = [*(f.box for f in layout.fiducials), *(c for f in layout.fields for c in f.cells), layout.signature_box]
+    for x, y, w, h in outline:
+        cv2.rectangle(page, (round(x * r), round(y * r)), (round((x + w) * r), round((y + h) * r)), 190, 1)
+    for s in strokes:
+        if len(s):
+            pts = np.round(s * r * 16).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(page, [pts], False, 0, max(1, round(PEN_WIDTH_MM * r)), cv2.LINE_AA, 4)
+    return page
+
+
+def ink_field_crop(field: FieldLayout, cells: Sequence[np.ndarray]) -> np.ndarray:
+    """The field as the reviewer sees it: its boxes side by side, outlined, at half the reading resolution."""
+    height = max(c.shape[0] for c in cells)
+    parts = []
+    for c in cells:
+        c = cv2.copyMakeBorder(c, 0, height - c.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=255)
+        c = cv2.copyMakeBorder(c, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=0)
+        parts.append(cv2.copyMakeBorder(c, 0, 0, 0, 12, cv2.BORDER_CONSTANT, value=255))
+    joined = np.hstack(parts)
+    return cv2.resize(joined, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)

@@ -1,0 +1,243 @@
+"""The `ocr` RQ job: one stored pen upload → decoded, read, checked, journaled, its upload row updated.
+
+`recognize_upload(upload_id)` is the function path the upload API enqueues (DESIGN.md: queue
+`ocr`, argument the upload id). It reads the raw bytes the API stored, runs the pipeline,
+keeps the reviewer's artefacts (pen_gateway/artefacts.py), and submits the return to the
+journal with the upload row's new status in the same transaction. An accepted return is
+then the journal's to relay onto `returns`; a doubtful one is a review item.
+
+Running twice for the same upload never makes two returns: an upload already past `queued`
+is answered from its row, and the row is checked again inside the journal's transaction, so
+two workers racing on one upload leave exactly one return (the loser's transaction rolls back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from sqlalchemy import Connection, select
+
+from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
+from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
+from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
+from pen_gateway.uploads import Upload, create_tables, get_upload, set_upload_status, uploads
+from registry import Registry, load_registry
+from returns_queue.journal import Journal, Submission
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Statuses from which a run (first, retried, or asked again by a supervisor) recognizes the upload.
+TO_RECOGNIZE = ("queued", "recognized", "failed")
+UPLOAD_STATUS_FOR = {"accepted": "accepted", "review": "review", "rejected": "rejected"}
+
+
+class AlreadyRecognized(Exception):
+    """Another run finished this upload while we were reading it: ours is rolled back."""
+
+
+@dataclass
+class Context:
+    """What a worker loads once: the journal, the registry, the digit model.
+
+    Built in the RQ worker's main process (`preload`), it is inherited by every forked work
+    horse, so a job pays neither the imports nor the registry load. The journal starts its own
+    commit thread in each process, and the digit model is loaded per process (a cv2.dnn net
+    is not shared across a fork), which costs a few milliseconds.
+    """
+
+    settings: Settings
+    journal: Journal
+    threshold: float
+    _registry: Registry | None = None
+    _registry_mtime: float | None = None
+
+    @property
+    def recognizer(self) -> Recognizer:
+        from pen_gateway.digits.recognizer import DigitRecognizer
+
+        return DigitRecognizer()  # cached per process and model by the recognizer module
+
+    @property
+    def registry(self) -> Registry | None:
+        """The registry, reloaded when its file changes (bureaux added on the night), None when there is none."""
+        path = self.settings.registry_path
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if self._registry is None or mtime != self._registry_mtime:
+            self._registry, self._registry_mtime = load_registry(path), mtime
+        return self._registry
+
+
+_contexts: dict[Settings, Context] = {}
+_contexts_lock = threading.Lock()
+
+
+def context(settings: Settings) -> Context:
+    with _contexts_lock:
+        ctx = _contexts.get(settings)
+        if ctx is None:
+            from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD
+
+            journal = Journal(settings.db_url_resolved)
+            create_tables(journal)
+            ctx = Context(settings, journal, RECOMMENDED_THRESHOLD)
+            _contexts[settings] = ctx
+        return ctx
+
+
+_worker_settings: Settings | None = None
+
+
+def preload(settings: Settings) -> None:
+    """For the RQ worker's main process, before it forks: the pipeline's imports, the journal, the registry.
+
+    The worker's settings (its flags as well as its environment) become the jobs' settings.
+    """
+    global _worker_settings
+    import pen_gateway.decode  # noqa: F401 - imported here so that no job pays for it
+
+    _worker_settings = settings
+    _ = context(settings).registry
+
+
+def recognize_upload(upload_id: str) -> dict[str, Any]:
+    """The RQ job: the worker's settings when it preloaded them, else the environment's."""
+    return process_upload(upload_id, context(_worker_settings or Settings.from_env()))
+
+
+def process_upload(upload_id: str, ctx: Context) -> dict[str, Any]:
+    upload = get_upload(ctx.journal, upload_id)
+    if upload is None:
+        raise LookupError(f"no upload {upload_id!r} in the journal")
+    if upload.status not in TO_RECOGNIZE:
+        log.info("upload %s already %s: nothing to do", upload_id, upload.status)
+        return _outcome(upload)
+    try:
+        return _recognize(upload, ctx)
+    except Exception as exc:
+        # Recognition itself broke: say so on the row (the raw bytes stay) and let RQ keep the traceback.
+        with ctx.journal.write() as conn:
+            if _status(conn, upload_id) in TO_RECOGNIZE:
+                set_upload_status(conn, upload_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+
+
+def _recognize(upload: Upload, ctx: Context) -> dict[str, Any]:
+    from pen_gateway.decode import DecodeError, decode_upload
+
+    settings = ctx.settings
+    data = upload.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != upload.sha256:
+        raise OSError(f"stored bytes of upload {upload.upload_id} do not match their SHA-256")
+    try:
+        page = decode_upload(data, upload.content_type)
+        reading = read_page(page, ctx.recognizer, settings.election)
+    except DecodeError as exc:
+        # The API's probe let it in, the full decode does not: a page nobody can read, for a human.
+        reading = PageReading("image", None, None, "none", None, None, problem=f"fichier illisible : {exc.message}")
+    facts = UploadFacts(upload.upload_id, upload.station_id, upload.pen_serial, upload.bureau)
+    assessment = assess(reading, facts, ctx.registry, settings.election, ctx.threshold)
+    write_artefacts(settings.var_dir, upload.upload_id, reading, assessment, ctx.threshold)
+    if assessment.ret is None:
+        with ctx.journal.write() as conn:
+            if _status(conn, upload.upload_id) not in TO_RECOGNIZE:
+                return _outcome(_refetch(ctx, upload))
+            set_upload_status(conn, upload.upload_id, "review", error=assessment.problem)
+        log.warning("upload %s: %s", upload.upload_id, assessment.problem)
+        return {"upload_id": upload.upload_id, "status": "review", "return_id": None, "receipt": None,
+                "error": assessment.problem}
+
+    def also(conn: Connection, submission: Submission) -> None:
+        if _status(conn, upload.upload_id) not in TO_RECOGNIZE:
+            raise AlreadyRecognized(upload.upload_id)
+        set_upload_status(conn, upload.upload_id, UPLOAD_STATUS_FOR.get(submission.status, "review"),
+                          return_id=submission.return_id, receipt=submission.receipt)
+
+    try:
+        submission = ctx.journal.submit(assessment.ret, assessment.findings, also=also)
+    except AlreadyRecognized:
+        return _outcome(_refetch(ctx, upload))
+    log.info("upload %s → return %s (%s, receipt %s)", upload.upload_id, submission.return_id, submission.status,
+             submission.receipt)
+    return {"upload_id": upload.upload_id, "status": UPLOAD_STATUS_FOR.get(submission.status, "review"),
+            "return_id": submission.return_id, "receipt": submission.receipt,
+            "reasons": sorted({str(f.code) for f in submission.findings})}
+
+
+def _status(conn: Connection, upload_id: str) -> str | None:
+    return conn.execute(select(uploads.c.status).where(uploads.c.upload_id == upload_id)).scalar_one_or_none()
+
+
+def _refetch(ctx: Context, upload: Upload) -> Upload:
+    return get_upload(ctx.journal, upload.upload_id) or upload
+
+
+def _outcome(upload: Upload) -> dict[str, Any]:
+    return {"upload_id": upload.upload_id, "status": upload.status, "return_id": upload.return_id,
+            "receipt": upload.receipt, "error": upload.error}
+
+
+# --- the reviewer's artefacts ---
+
+def reading_document(reading: PageReading, assessment: Assessment, threshold: float) -> dict[str, Any]:
+    """reading.json, as pen_gateway/artefacts.py describes it, plus how the form was identified and read."""
+    return {
+        "fields": {
+            fid: {**fr.to_dict(), "checked_confidence": round(assessment.confidences.get(fid, fr.confidence), 6)}
+            for fid, fr in reading.fields.items()
+        },
+        "suggestions": [[fid, value] for fid, value in assessment.suggestions],
+        "bureau": assessment.bureau,
+        "election": reading.election.id if reading.election else None,
+        "qr": reading.qr_text if reading.identified_by == "qr" else None,
+        "identified_by": reading.identified_by,
+        "printed_text": reading.qr_text if reading.identified_by != "qr" else None,
+        "bureau_from": assessment.bureau_from,
+        "kind": reading.kind,
+        "problem": assessment.problem,
+        "threshold": threshold,
+        "alignment": None if reading.alignment is None else {
+            "markers": list(reading.alignment.markers),
+            "residual_mm": round(reading.alignment.residual_mm, 4),
+            "px_per_mm": round(reading.alignment.px_per_mm, 3),
+        },
+        "findings": [f.to_dict() for f in assessment.findings],
+    }
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])  # speed over a few kB
+    if not ok:
+        raise ValueError("cannot encode the artefact as PNG")
+    return buf.tobytes()
+
+
+def write_artefacts(
+    var_dir: Path, upload_id: str, reading: PageReading, assessment: Assessment, threshold: float
+) -> None:
+    """page.png, field-<id>.png and reading.json, each replaced whole so the review UI never sees half a file."""
+    artefact_dir(var_dir, upload_id).mkdir(parents=True, exist_ok=True)
+    if reading.page_image is not None:
+        _write_atomically(page_path(var_dir, upload_id), _png(reading.page_image))
+    for field_id, image in reading.field_images.items():
+        _write_atomically(field_crop_path(var_dir, upload_id, field_id), _png(image))
+    document = reading_document(reading, assessment, threshold)
+    _write_atomically(reading_path(var_dir, upload_id), json.dumps(document, ensure_ascii=False, indent=1).encode())

@@ -1,0 +1,262 @@
+"""The recognition pipeline on forms filled with real held-out handwriting, and the decision it leads to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import pytest
+
+from forms import Election
+from pen_gateway.decode import DecodedPage, decode_upload
+from pen_gateway.recognition.assess import UploadFacts, assess, suggest_fixes
+from pen_gateway.recognition.pipeline import PageReading, field_reading, read_page
+from registry import Registry
+from tests.form_fill import (
+    Distortion,
+    consistent_counts,
+    distort,
+    encode_image,
+    handwriting_available,
+    inkml_document,
+    load_handwriting,
+    pen_strokes,
+    scan_page,
+)
+from validation import Reason, check_arithmetic, suggest_single_digit_fixes
+
+needs_handwriting = pytest.mark.skipif(
+    not handwriting_available(),
+    reason="../shared/data/handwriting is absent: these tests write real held-out handwriting into forms",
+)
+ELECTION = "primaire-2011-t1"
+
+
+@cache
+def recognizer():  # type: ignore[no-untyped-def]
+    from pen_gateway.digits.recognizer import DigitRecognizer
+
+    return DigitRecognizer()
+
+
+@cache
+def threshold() -> float:
+    from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD
+
+    return RECOMMENDED_THRESHOLD
+
+
+def _bureau(registry: Registry, i: int = 0):  # type: ignore[no-untyped-def]
+    return sorted(registry.bureaux.values(), key=lambda b: b.code)[i]
+
+
+def _inkml_reading(election: Election, counts: dict[str, int | None], seed: int, align: str = "right") -> PageReading:
+    strokes, _ = pen_strokes(election, counts, load_handwriting(), np.random.default_rng(seed), align=align)
+    page = decode_upload(inkml_document(strokes), "application/inkml+xml")
+    return read_page(page, recognizer(), ELECTION)
+
+
+def _scan_reading(election: Election, bureau: str, counts: dict[str, int], seed: int, source: str) -> PageReading:
+    rng = np.random.default_rng(seed)
+    page, _ = scan_page(election, bureau, counts, load_handwriting(), rng, source=source)
+    scanned, _ = distort(page, Distortion.random(rng), rng)
+    return read_page(decode_upload(encode_image(scanned, ".jpg", 90), "image/jpeg"), recognizer(), ELECTION)
+
+
+def well_read_seed(read: Callable[[int], PageReading], expected: dict[str, int | None], *,
+                   confident: Registry | None = None, bureau: str | None = None) -> int:
+    """The first handwriting draw (seed) the model reads exactly as written (and accepts, given `confident`).
+
+    A test about what happens *after* a right reading (a slip's suggestion, an accepted return)
+    starts from one; the model's own accuracy is measured by the tests above and the bench.
+    """
+    for seed in range(1, 25):
+        reading = read(seed)
+        if {fid: fr.value for fid, fr in reading.fields.items()} != expected:
+            continue
+        if confident is not None and assess(reading, UploadFacts("u", "s", None, bureau), confident, ELECTION,
+                                            threshold()).findings:
+            continue
+        return seed
+    pytest.fail("the digit model read none of 24 handwritten forms as written")
+
+
+# --- pure stages, on plain data ---
+
+@dataclass(frozen=True)
+class Box:
+    digit: int | None
+    confidence: float = 0.9999
+    alternatives: tuple[tuple[int, float], ...] = ()
+
+
+def test_a_number_is_the_concatenation_of_its_non_empty_boxes() -> None:
+    right = field_reading("votants", [Box(None), Box(4), Box(1), Box(2)])
+    left = field_reading("votants", [Box(4), Box(1), Box(2), Box(None, 0.98)])
+    assert right.value == left.value == 412
+    assert not right.gap and not left.gap
+    assert left.confidence == 0.98, "an empty box's doubt counts: a faint 1 taken for paper is a wrong number"
+    gap = field_reading("votants", [Box(4), Box(None), Box(2), Box(None)])
+    assert gap.value == 42 and gap.gap
+    assert field_reading("votants", [Box(None)] * 4).value is None
+
+
+def test_the_recognizers_alternatives_give_the_one_fix_that_makes_the_sums_hold(election_t1: Election) -> None:
+    truth = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
+             "montebourg": 60, "royal": 30, "valls": 25}
+    read = {**truth, "hollande": 100}  # its 6 read as 0, unsure, with 6 as the runner-up
+    reading = PageReading("ink", election_t1, None, "none", None, None)
+    for fid, value in read.items():
+        boxes = [Box(None)] * (4 - len(str(value))) + [Box(int(ch)) for ch in str(value)]
+        if fid == "hollande":
+            boxes[2] = Box(0, 0.6, ((6, 0.35), (8, 0.04)))
+        reading.fields[fid] = field_reading(fid, boxes)
+    assert suggest_fixes(read, reading, election_t1, 0.999) == [("hollande", 160)]
+    # Consistent figures need no suggestion, however unsure a box was.
+    assert suggest_fixes(truth, reading, election_t1, 0.999) == []
+
+
+def _reading(election: Election, values: dict[str, int], unsure: dict[tuple[str, int], Box]) -> PageReading:
+    reading = PageReading("ink", election, None, "none", None, None)
+    for fid, value in values.items():
+        boxes = [Box(None, 0.999998)] * (4 - len(str(value))) + [Box(int(ch)) for ch in str(value)]
+        for (field_id, index), box in unsure.items():
+            if field_id == fid:
+                boxes[index] = box
+        reading.fields[fid] = field_reading(fid, boxes)
+    return reading
+
+
+def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds_up(election_t1: Election) -> None:
+    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
+              "montebourg": 60, "royal": 30, "valls": 25}
+    facts = UploadFacts("u", "s", None, "750120")
+    # One unsure box (a 1 at 0.95, maybe a 7): any other reading of it breaks a sum, so the sums vouch for it.
+    alone = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),))})
+    assert not [f for f in assess(alone, facts, None, ELECTION, 0.9999).findings if f.code == Reason.LOW_CONFIDENCE]
+    # Two unsure candidates: Aubry 170 and Hollande 110 add up as well as 120 and 160 do. A human decides.
+    twice = _reading(election_t1, values, {("aubry", 2): Box(2, 0.95, ((7, 0.045),)),
+                                           ("hollande", 2): Box(6, 0.95, ((1, 0.045),))})
+    findings = assess(twice, facts, None, ELECTION, 0.9999).findings
+    assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"aubry", "hollande"}
+    # The same doubts on votants and blancs_nuls (472 and 67: the total holds too).
+    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
+                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    findings = assess(total, facts, None, ELECTION, 0.9999).findings
+    assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"votants", "blancs_nuls"}
+    # A box the model can hardly tell (0.55) is never vouched for by the sums alone.
+    coin = _reading(election_t1, values, {("aubry", 1): Box(1, 0.55, ((7, 0.44),))})
+    findings = assess(coin, facts, None, ELECTION, 0.9999).findings
+    assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"aubry"}
+
+
+# --- the whole pipeline on real handwriting ---
+
+@needs_handwriting
+def test_real_handwritten_forms_are_read_and_nothing_wrong_is_accepted(
+    election_t1: Election, registry: Registry
+) -> None:
+    rng = np.random.default_rng(20111009)
+    outcomes = []
+    for i, mode in enumerate(["ink", "ink", "ink", "pen", "pen", "mnist", "mnist", "ink"]):
+        bureau = _bureau(registry, i)
+        counts = consistent_counts(election_t1, rng, inscrits=bureau.inscrits)
+        if mode == "ink":
+            reading = _inkml_reading(election_t1, counts, seed=100 + i)
+            facts = UploadFacts(f"up{i}", "station", None, bureau.code)
+        else:
+            reading = _scan_reading(election_t1, bureau.code, counts, seed=100 + i, source=mode)
+            facts = UploadFacts(f"up{i}", "station")
+            assert reading.identified_by == "qr"
+        assessment = assess(reading, facts, registry, ELECTION, threshold())
+        assert assessment.bureau == bureau.code
+        read = {fid: fr.value for fid, fr in reading.fields.items()}
+        outcomes.append((not assessment.findings, read == counts, sum(read[k] == v for k, v in counts.items())))
+    accepted_wrong = [o for o in outcomes if o[0] and not o[1]]
+    assert not accepted_wrong, "a misread form was accepted without a human"
+    assert sum(o[2] for o in outcomes) >= 0.9 * len(outcomes) * len(election_t1.fields)
+    # Each misread box breaks a sum (review), so with ~2 % of boxes misread about half the forms go straight through.
+    assert sum(o[0] for o in outcomes) >= 3, "clean forms read right should need no human"
+
+
+@needs_handwriting
+def test_left_aligned_numbers_and_blank_fields(election_t1: Election, registry: Registry) -> None:
+    counts: dict[str, int | None] = consistent_counts(election_t1, np.random.default_rng(4), inscrits=900)
+    counts["baylet"] = None  # the president left the row blank
+    reading = _inkml_reading(election_t1, counts, seed=4, align="left")
+    blank = reading.fields["baylet"]
+    assert blank.value is None and all(d.digit is None for d in blank.digits)
+    read = {fid: fr.value for fid, fr in reading.fields.items()}
+    assert sum(read[k] == v for k, v in counts.items()) >= len(counts) - 1
+    for fid, value in counts.items():
+        if value is not None and read[fid] == value:
+            # Left-aligned: the digits fill the first boxes, the rest read as empty.
+            digits = [d.digit for d in reading.fields[fid].digits]
+            assert digits[len(str(value)):] == [None] * (4 - len(str(value)))
+    assessment = assess(reading, UploadFacts("u", "s", None, _bureau(registry).code), registry, ELECTION, threshold())
+    assert (Reason.UNREADABLE, "baylet") in {(f.code, f.field) for f in assessment.findings}
+
+
+def _slip_with_one_fix(election: Election, seed: int) -> tuple[dict[str, int], dict[str, int], str]:
+    """Figures with one candidate's digit miswritten such that exactly one single-digit change restores them."""
+    rng = np.random.default_rng(seed)
+    while True:
+        truth = consistent_counts(election, rng, inscrits=1200)
+        field = election.candidates[int(rng.integers(len(election.candidates)))].id
+        if truth[field] < 100:
+            continue
+        text = str(truth[field])
+        wrong = {**truth, field: int(text[0] + str((int(text[1]) + 1 + int(rng.integers(8))) % 10) + text[2:])}
+        if check_arithmetic(wrong, election) and suggest_single_digit_fixes(wrong, election) == [(field, truth[field])]:
+            return truth, wrong, field
+
+
+@needs_handwriting
+def test_a_form_with_an_arithmetic_error_goes_to_review_with_the_suggestion(
+    election_t1: Election, registry: Registry
+) -> None:
+    truth, written, field = _slip_with_one_fix(election_t1, seed=11)
+    seed = well_read_seed(lambda s: _inkml_reading(election_t1, written, seed=s), written)
+    reading = _inkml_reading(election_t1, written, seed=seed)
+    assert {fid: fr.value for fid, fr in reading.fields.items()} == written
+    assessment = assess(reading, UploadFacts("u", "s", None, _bureau(registry).code), registry, ELECTION, threshold())
+    assert Reason.SUM_MISMATCH in {f.code for f in assessment.findings}
+    assert assessment.suggestions == [(field, truth[field])]
+    assert assessment.ret is not None and assessment.ret.counts[field] == written[field], "never applied alone"
+
+
+def test_a_page_that_is_not_the_form_is_unreadable_for_a_human(registry: Registry) -> None:
+    page = DecodedPage("image", "image/png", image=np.full((3508, 2480), 240, np.uint8))
+    reading = read_page(page, recognizer(), ELECTION)
+    assert reading.problem and "repères" in reading.problem
+    bureau = _bureau(registry).code
+    assessment = assess(reading, UploadFacts("u", "s", None, bureau), registry, ELECTION, threshold())
+    assert assessment.ret is not None and assessment.ret.bureau == bureau
+    assert all(v is None for v in assessment.ret.counts.values())
+    assert (Reason.UNREADABLE, None) in {(f.code, f.field) for f in assessment.findings}
+    nobody = assess(reading, UploadFacts("u", "s"), registry, ELECTION, threshold())
+    assert nobody.ret is None and nobody.problem
+
+
+@needs_handwriting
+def test_the_bureau_of_an_ink_page_comes_from_the_upload_or_the_pen(election_t1: Election, registry: Registry) -> None:
+    counts = consistent_counts(election_t1, np.random.default_rng(5), inscrits=900)
+    reading = _inkml_reading(election_t1, counts, seed=5)
+    first, second = _bureau(registry, 0), _bureau(registry, 1)
+    by_pen = assess(reading, UploadFacts("u", "s", first.pen_serials[0], None), registry, ELECTION, threshold())
+    assert (by_pen.bureau, by_pen.bureau_from) == (first.code, "pen")
+    disagree = assess(reading, UploadFacts("u", "s", first.pen_serials[0], second.code), registry, ELECTION, 0.999)
+    assert disagree.bureau == second.code
+    assert any(f.code == Reason.LOW_CONFIDENCE and f.field is None for f in disagree.findings)
+
+
+@needs_handwriting
+def test_a_scan_whose_qr_disagrees_with_the_upload_goes_to_review(election_t1: Election, registry: Registry) -> None:
+    bureau, other = _bureau(registry, 2), _bureau(registry, 3)
+    counts = consistent_counts(election_t1, np.random.default_rng(6), inscrits=bureau.inscrits)
+    reading = _scan_reading(election_t1, bureau.code, counts, seed=6, source="pen")
+    assessment = assess(reading, UploadFacts("u", "s", None, other.code), registry, ELECTION, threshold())
+    assert assessment.bureau == bureau.code, "the form's own QR wins, a human settles the disagreement"
+    assert any(f.code == Reason.LOW_CONFIDENCE and f.field is None for f in assessment.findings)

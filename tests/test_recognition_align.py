@@ -1,0 +1,134 @@
+"""Locating and identifying the form on a page: rotated, scaled, noisy, JPEG'd, upside down, QR damaged."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+import pytest
+
+from forms import load_election
+from forms.layout import QR_BOX, FormIdentity, form_layout
+from forms.render import px_per_mm, render_form
+from pen_gateway.recognition.align import AlignmentError, align_page
+from pen_gateway.recognition.cells import assign_strokes, scan_cells
+from pen_gateway.recognition.identify import closest_election, identify_scan, parse_printed_text
+from tests.form_fill import Distortion, distort, page_mm_to_scan
+
+TOLERANCE_MM = 0.3  # the box crops are inset by 0.7 mm: a third of that is still a clean cut
+
+
+@cache
+def blank_form(bureau: str = "750120") -> np.ndarray:
+    return np.array(render_form(load_election("primaire-2011-t1"), bureau), dtype=np.uint8)
+
+
+def _cell_corners_mm() -> np.ndarray:
+    layout = form_layout(load_election("primaire-2011-t1"))
+    points = []
+    for f in layout.fields:
+        for x, y, w, h in f.cells:
+            points += [(x, y), (x + w, y + h)]
+    return np.array(points, dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "distortion",
+    [
+        Distortion(rotation_deg=5.0, scale=1.0, jpeg_quality=None, noise=0, blur=0),
+        Distortion(rotation_deg=-5.0, scale=0.9, shift_mm=(3, -2)),
+        Distortion(rotation_deg=2.5, scale=1.1, shift_mm=(-4, 4), noise=8, blur=1.2, jpeg_quality=40),
+        Distortion(rotation_deg=-3.0, scale=0.95, paper=225, noise=6, blur=0.8, jpeg_quality=55),
+        Distortion(rotation_deg=180.0 + 1.5, scale=1.0),  # fed upside down
+    ],
+    ids=["rot+5", "rot-5-scale90", "rot+2.5-scale110-noisy-jpeg40", "grey-paper", "upside-down"],
+)
+def test_the_boxes_are_found_where_they_are_on_a_distorted_scan(distortion: Distortion) -> None:
+    rng = np.random.default_rng(7)
+    scan, matrix = distort(blank_form(), distortion, rng)
+    alignment = align_page(scan)
+    assert alignment.markers == (0, 1, 2, 3)
+    expected = cv2.perspectiveTransform(_cell_corners_mm().reshape(-1, 1, 2), page_mm_to_scan(matrix)).reshape(-1, 2)
+    found = alignment.to_image(_cell_corners_mm())
+    error_mm = np.linalg.norm(found - expected, axis=1).max() / (px_per_mm() * distortion.scale)
+    assert error_mm < TOLERANCE_MM
+    assert alignment.px_per_mm == pytest.approx(px_per_mm() * distortion.scale, rel=0.01)
+
+
+def test_cut_boxes_of_a_blank_form_hold_no_ink() -> None:
+    """An inset crop leaves the printed border out: every box of a blank, rotated, JPEG'd form is paper only."""
+    distortion = Distortion(rotation_deg=-4.0, scale=1.05, jpeg_quality=60)
+    scan, _ = distort(blank_form(), distortion, np.random.default_rng(3))
+    alignment = align_page(scan)
+    for f in form_layout(load_election("primaire-2011-t1")).fields:
+        for cell in scan_cells(scan, alignment, f):
+            assert cell.shape == (102, 78)  # 6.6 x 8.6 mm at 300 dpi
+            assert cell.min() > 150, f"printed border or dirt left in a box of {f.id}"
+
+
+def test_a_page_that_is_not_the_form_is_refused_with_a_reason() -> None:
+    blank = np.full((3508, 2480), 250, np.uint8)
+    cv2.putText(blank, "Lettre au maire", (300, 600), cv2.FONT_HERSHEY_SIMPLEX, 4, 0, 8)
+    with pytest.raises(AlignmentError, match="repères"):
+        align_page(blank)
+
+
+def test_one_corner_torn_off_still_aligns() -> None:
+    page = blank_form().copy()
+    s = px_per_mm()
+    page[: round(40 * s), : round(40 * s)] = 255  # the top-left marker is gone
+    scan, matrix = distort(page, Distortion(rotation_deg=3.0, scale=0.97), np.random.default_rng(5))
+    alignment = align_page(scan)
+    assert alignment.markers == (1, 2, 3)
+    expected = cv2.perspectiveTransform(_cell_corners_mm().reshape(-1, 1, 2), page_mm_to_scan(matrix)).reshape(-1, 2)
+    assert np.linalg.norm(alignment.to_image(_cell_corners_mm()) - expected, axis=1).max() / s < TOLERANCE_MM
+
+
+def test_the_qr_names_the_election_the_bureau_and_the_version() -> None:
+    scan, _ = distort(blank_form("4401203"), Distortion(rotation_deg=-2.0, scale=0.92), np.random.default_rng(1))
+    found = identify_scan(scan, align_page(scan))
+    assert found.how == "qr"
+    assert (found.identity.election, found.identity.bureau, found.identity.form_version) == (
+        "primaire-2011-t1", "4401203", 1)
+
+
+def test_a_damaged_qr_falls_back_on_tesseract_reading_the_printed_text() -> None:
+    page = blank_form("5931007").copy()
+    s = px_per_mm()
+    x, y, _w, _h = QR_BOX
+    # A pen scribble and a coffee stain over the QR: too much for its error correction.
+    cv2.rectangle(page, (round((x + 4) * s), round((y + 4) * s)), (round((x + 26) * s), round((y + 20) * s)), 0, -1)
+    cv2.circle(page, (round((x + 15) * s), round((y + 22) * s)), round(6 * s), 120, -1)
+    scan, _ = distort(page, Distortion(rotation_deg=4.0, scale=1.05, jpeg_quality=70), np.random.default_rng(2))
+    found = identify_scan(scan, align_page(scan))
+    assert found.how == "text"
+    assert found.identity is not None
+    assert found.identity.bureau == "5931007"
+    assert found.identity.election == "primaire-2011-t1"
+
+
+def test_tesseract_slips_in_the_printed_text_are_forgiven_only_when_unambiguous() -> None:
+    assert parse_printed_text("primaire-2011-tl\njureau5931007formulaire") == FormIdentity(
+        "primaire-2011-t1", "5931007", 1)
+    assert parse_printed_text("primaire-2011-t2 bureau 12 formulaire 3") == FormIdentity("primaire-2011-t2", "12", 3)
+    assert parse_printed_text("primaire-2011-t\nbureau 5931007 formulaire 1") is None
+    assert parse_printed_text("~~~ 5931007") is None
+    assert closest_election("primaire-2011-t1") == "primaire-2011-t1"
+    assert closest_election("primaire-2011-tl") == "primaire-2011-t1"  # l for 1
+    assert closest_election("prirnaire-2011-t2") == "primaire-2011-t2"
+    assert closest_election("primaire-2011-t") is None  # t1 or t2: not for us to guess
+    assert closest_election("legislatives-2012") is None
+
+
+def test_each_pen_stroke_goes_to_the_box_it_was_written_in() -> None:
+    layout = form_layout(load_election("primaire-2011-t1"))
+    votants = layout.field("votants").cells
+    x, y, _w, h = votants[2]
+    inside = np.array([[x + 2, y + 2], [x + 5, y + 8]])
+    spilling = np.array([[x + 3, y + 1], [x + 4, y + h + 1.5]])  # a 7 whose tail crosses the bottom line
+    x, y, _w, h = layout.signature_box
+    signature = np.array([[x + 5, y + 5], [x + 60, y + 10]])
+    assigned = assign_strokes([inside, spilling, signature], layout)
+    assert set(assigned) == {("votants", 2)}
+    assert len(assigned["votants", 2]) == 2

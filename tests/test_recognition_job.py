@@ -1,0 +1,230 @@
+"""The `ocr` RQ job end to end: stored upload rows, a real Redis, a real RQ worker, the journal and the relay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redis import Redis
+from rq import SimpleWorker
+from rq.job import Job, JobStatus
+from sqlalchemy import func, select
+from ulid import ULID
+
+from forms import Election
+from pen_gateway.artefacts import field_crop_path, load_reading, page_path
+from pen_gateway.decode import decode_upload
+from pen_gateway.recognition.job import context, process_upload
+from pen_gateway.recognition.pipeline import PageReading, read_page
+from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
+from registry import Registry
+from returns_queue.jobs import RETURNS_QUEUE, ocr_job_id, ocr_queue, return_job_id
+from returns_queue.journal import Journal, returns, review_items
+from returns_queue.relay import Relay
+from settings import Settings
+from tests.form_fill import (
+    Distortion,
+    consistent_counts,
+    distort,
+    encode_image,
+    handwriting_available,
+    inkml_document,
+    load_handwriting,
+    pen_strokes,
+    scan_page,
+)
+from tests.test_recognition import _slip_with_one_fix, recognizer, well_read_seed
+
+pytestmark = pytest.mark.skipif(
+    not handwriting_available(),
+    reason="../shared/data/handwriting is absent: the job is run on forms written with real held-out handwriting",
+)
+JOB = "pen_gateway.recognition.job.recognize_upload"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, journal: Journal, demo_registry_files: tuple[Path, Path],
+             monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The worker's settings come from the environment, as `run_gateway.py worker` passes them."""
+    env = {"REMONTEE_VAR_DIR": str(tmp_path / "var"), "REMONTEE_DB_URL": journal.url,
+           "REMONTEE_REGISTRY": str(demo_registry_files[0]), "REMONTEE_ELECTION": "primaire-2011-t1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    create_tables(journal)
+    return Settings.from_env()
+
+
+def store_upload(journal: Journal, directory: Path, data: bytes, content_type: str, *,
+                 bureau: str | None = None, pen_serial: str | None = None) -> str:
+    """What the upload API leaves behind before its 202: the raw bytes on disk and a `queued` row."""
+    upload_id = str(ULID())
+    sha = hashlib.sha256(data).hexdigest()
+    path = directory / "raw" / sha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    with journal.write() as conn:
+        record_upload(conn, Upload(upload_id, sha, path, content_type, len(data), "station-7", pen_serial, bureau,
+                                   None, "queued", None, None, None, 0.0))
+    return upload_id
+
+
+def inkml_upload(election: Election, counts: dict[str, int], seed: int) -> bytes:
+    strokes, _ = pen_strokes(election, counts, load_handwriting(), np.random.default_rng(seed))
+    return inkml_document(strokes)
+
+
+def scan_upload(election: Election, bureau: str, counts: dict[str, int], seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    page, _ = scan_page(election, bureau, counts, load_handwriting(), rng, source="pen")
+    scanned, _ = distort(page, Distortion(rotation_deg=-2.0, scale=0.95, jpeg_quality=80), rng)
+    return encode_image(scanned, ".jpg", 85)
+
+
+def read(data: bytes, content_type: str) -> PageReading:
+    return read_page(decode_upload(data, content_type), recognizer(), "primaire-2011-t1")
+
+
+def run_worker(redis: Redis, upload_ids: list[str]) -> list[Job]:
+    queue = ocr_queue(redis)
+    jobs = [queue.enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id)) for upload_id in upload_ids]
+    SimpleWorker([queue], connection=redis).work(burst=True)
+    for job in jobs:
+        job.refresh()
+    return jobs
+
+
+def test_uploads_become_returns_accepted_or_for_review(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    bureaux = sorted(registry.bureaux.values(), key=lambda b: b.code)
+    clean = consistent_counts(election_t1, np.random.default_rng(1), inscrits=bureaux[0].inscrits)
+    truth, slipped, field = _slip_with_one_fix(election_t1, seed=11)
+    # Hands the model reads right: what is tested here is what the job does with a reading.
+    ink_seed = well_read_seed(lambda s: read(inkml_upload(election_t1, clean, s), "application/inkml+xml"), clean,
+                              confident=registry, bureau=bureaux[0].code)
+    scan_seed = well_read_seed(lambda s: read(scan_upload(election_t1, bureaux[1].code, slipped, s), "image/jpeg"),
+                               slipped)
+    ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, ink_seed), "application/inkml+xml",
+                          pen_serial=bureaux[0].pen_serials[0])
+    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, scan_seed),
+                           "image/jpeg")
+    jobs = run_worker(redis, [ink_id, scan_id])
+    assert [j.get_status() for j in jobs] == [JobStatus.FINISHED, JobStatus.FINISHED]
+
+    ink = get_upload(journal, ink_id)
+    assert ink is not None and ink.status == "accepted", jobs[0].return_value()
+    entry = journal.get(ink.return_id)
+    assert entry is not None and entry.status == "accepted" and entry.receipt == ink.receipt
+    assert entry.ret.bureau == bureaux[0].code and entry.ret.channel == "pen"
+    assert dict(entry.ret.counts) == clean
+    assert entry.ret.source == {"upload_id": ink_id, "station_id": "station-7", "pen_serial": bureaux[0].pen_serials[0]}
+
+    scan = get_upload(journal, scan_id)
+    assert scan is not None and scan.status == "review"
+    entry = journal.get(scan.return_id)
+    assert entry is not None and entry.ret.bureau == bureaux[1].code
+    assert "SUM_MISMATCH" in {str(f.code) for f in entry.findings}
+    with journal.read() as conn:
+        reasons = conn.execute(select(review_items.c.reasons).where(review_items.c.return_id == scan.return_id))
+        assert "SUM_MISMATCH" in json.loads(reasons.scalar_one())
+
+    # The reviewer's artefacts.
+    var = settings.var_dir
+    for upload_id in (ink_id, scan_id):
+        assert page_path(var, upload_id).stat().st_size > 1000
+        assert all(field_crop_path(var, upload_id, f.id).is_file() for f in election_t1.fields)
+    reading = load_reading(var, scan_id)
+    assert reading is not None
+    assert reading["bureau"] == bureaux[1].code and reading["election"] == "primaire-2011-t1"
+    assert reading["qr"] == f"primaire-2011-t1 bureau {bureaux[1].code} formulaire 1"
+    assert reading["suggestions"] == [[field, truth[field]]]
+    assert set(reading["fields"]) == {f.id for f in election_t1.fields}
+    assert len(reading["fields"]["votants"]["digits"]) == 4
+
+    # The relay puts the accepted one, and only it, on the returns queue.
+    Relay(journal, redis, settings.consolidate_job).relay_once()
+    assert redis.exists(f"rq:job:{return_job_id(ink.return_id)}")
+    assert not redis.exists(f"rq:job:{return_job_id(scan.return_id)}")
+    assert redis.llen(f"rq:queue:{RETURNS_QUEUE}") == 1
+
+
+def test_a_job_run_twice_makes_one_return(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[5]
+    counts = consistent_counts(election_t1, np.random.default_rng(2), inscrits=bureau.inscrits)
+    upload_id = store_upload(journal, tmp_path, inkml_upload(election_t1, counts, seed=2), "application/inkml+xml",
+                             bureau=bureau.code)
+    first = run_worker(redis, [upload_id])[0].return_value()
+    redis.flushdb()  # a second job for the same upload (a retry, a supervisor's "read again")
+    second = run_worker(redis, [upload_id])[0].return_value()
+    third = process_upload(upload_id, context(settings))
+    assert first["return_id"] == second["return_id"] == third["return_id"]
+    assert first["receipt"] == second["receipt"] == third["receipt"]
+    with journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
+
+
+def test_a_page_with_no_bureau_anywhere_waits_for_a_human(
+    settings: Settings, journal: Journal, redis: Redis, election_t1: Election, tmp_path: Path
+) -> None:
+    counts = consistent_counts(election_t1, np.random.default_rng(3), inscrits=800)
+    upload_id = store_upload(journal, tmp_path, inkml_upload(election_t1, counts, seed=3), "application/inkml+xml",
+                             pen_serial="UNREGISTERED-PEN")
+    job = run_worker(redis, [upload_id])[0]
+    assert job.get_status() == JobStatus.FINISHED
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "review" and upload.return_id is None
+    assert upload.error and "bureau introuvable" in upload.error
+    with journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 0
+    reading = load_reading(settings.var_dir, upload_id)
+    assert reading is not None and reading["fields"]["votants"]["value"] == counts["votants"]
+
+
+def test_stored_bytes_that_changed_fail_the_job_and_say_why(
+    settings: Settings, journal: Journal, redis: Redis, tmp_path: Path
+) -> None:
+    upload_id = store_upload(journal, tmp_path, b"<ink xmlns='http://www.w3.org/2003/InkML'></ink>",
+                             "application/inkml+xml", bureau="010101")
+    upload = get_upload(journal, upload_id)
+    assert upload is not None
+    upload.path.write_bytes(b"bit rot")
+    job = run_worker(redis, [upload_id])[0]
+    assert job.get_status() == JobStatus.FAILED
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "failed" and "SHA-256" in (upload.error or "")
+
+
+def test_the_operators_worker_forks_a_horse_per_job_with_its_own_flags(
+    journal: Journal, redis: Redis, redis_server, registry: Registry, election_t1: Election,  # type: ignore[no-untyped-def]
+    demo_registry_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`run_gateway.py worker --burst`: a real forking RQ worker, settings given as flags, not environment."""
+    for key in ("REMONTEE_VAR_DIR", "REMONTEE_DB_URL", "REMONTEE_REGISTRY", "REMONTEE_ELECTION", "REMONTEE_REDIS_URL"):
+        monkeypatch.delenv(key, raising=False)
+    create_tables(journal)
+    bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[7]
+    counts = consistent_counts(election_t1, np.random.default_rng(8), inscrits=bureau.inscrits)
+    upload_id = store_upload(journal, tmp_path, inkml_upload(election_t1, counts, seed=8), "application/inkml+xml",
+                             bureau=bureau.code)
+    ocr_queue(redis).enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id))
+    var = tmp_path / "var"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "worker", "--burst", "--queues", "ocr",
+         "--redis-url", redis_server.url, "--db-url", journal.url, "--var-dir", str(var),
+         "--registry", str(demo_registry_files[0]), "--election", "primaire-2011-t1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+    entry = journal.get(upload.return_id)
+    assert entry is not None and entry.ret.bureau == bureau.code and entry.receipt == upload.receipt
+    assert load_reading(var, upload_id) is not None, "artefacts under the worker's --var-dir"
