@@ -42,8 +42,8 @@ class Service:
 SERVICES = [
     Service("relay", ("relay",), "journal outbox → RQ 'returns'"),
     Service("ivr", ("ivr",), "agi://{s.bind}:{s.agi_port}/results"),
-    Service("worker-1", ("worker",), "RQ queues ocr, returns"),
-    Service("worker-2", ("worker",), "RQ queues ocr, returns"),
+    Service("worker-1", ("worker",), "RQ queues returns, then ocr"),
+    Service("worker-2", ("worker",), "RQ queues returns, then ocr"),
     Service("review", ("review",), "http://{s.bind}:{s.review_port}/"),
     Service("pen", ("pen",), "http://{s.bind}:{s.pen_port}/api/v1/"),
 ]

@@ -6,7 +6,9 @@ this relay finds such uploads once they are `grace` seconds old, enqueues the mi
 (never one that exists: the job id is derived from the upload id) and marks them. An upload a
 supervisor sends back to be read again (the review UI assigns the bureau its page did not name)
 is `queued` and unmarked again while its first job, ended, still holds the job id: that job is
-replaced by a new one. It also
+replaced by a new one. Every so often it also reconciles: an upload still `queued` a minute
+after its job was seen on RQ gets its job again if Redis has lost it, or holds it as queued in
+no queue (`returns_queue.jobs.stranded_jobs`). It also
 marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
 write per upload. And it forgets used signatures once they are too old to be replayed.
 
@@ -28,12 +30,12 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
-from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among
-from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue
+from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
+from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,10 @@ ENDED = frozenset(s.value for s in (JobStatus.FINISHED, JobStatus.FAILED, JobSta
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
     # Keep results a day and failures a week: a supervisor may want to see why a page failed.
-    # A form takes well under a second; a worker killed in the middle leaves the job abandoned,
-    # found once its timeout has passed and retried (the job is idempotent per upload).
+    # Retried like a return's job: a work horse killed in the middle of a job (or a worker lost with
+    # Redis) leaves it failed or abandoned, and the OCR relay never enqueues an upload whose job exists,
+    # so without retries the acknowledged upload would stay `queued` for good. A retry is safe: the
+    # job re-reads the upload's status and journals at most one return per upload.
     return Queue.prepare_data(
         job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
         timeout=120, retry=RETRY, description=f"recognize upload {upload_id}",
@@ -112,6 +116,27 @@ class OcrRelay:
             log.info("ocr relay: %d upload(s) sent back to be read again", len(again))
         return again
 
+    def reconcile(self, now: float | None = None, older_than: float = 60.0) -> int:
+        """Enqueue again the jobs of uploads still queued long after their job was seen on RQ; the number."""
+        before = (time.time() if now is None else now) - older_than
+        with self.journal.read() as conn:
+            upload_ids = [r.upload_id for r in conn.execute(
+                select(uploads.c.upload_id).where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at < before)
+                .order_by(uploads.c.received_at).limit(10 * self.batch))]
+        if not upload_ids:
+            return 0
+        exists = jobs_exist(self.redis, [ocr_job_id(u) for u in upload_ids])
+        lost = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
+        if lost:
+            self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost])
+        stranded = stranded_jobs(self.queue, [ocr_job_id(u) for u, e in zip(upload_ids, exists, strict=True) if e])
+        for job in stranded:
+            self.queue.enqueue_job(job)
+        if lost or stranded:
+            log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job was in no queue: enqueued "
+                        "again", len(lost), len(stranded))
+        return len(lost) + len(stranded)
+
     def _write(self, fn: Callable[[Connection], Any]) -> Any:
         with self.journal.write() as conn:
             return fn(conn)
@@ -125,12 +150,16 @@ class OcrRelay:
         except (SQLAlchemyError, TimeoutError) as exc:
             log.warning("ocr relay: could not purge old signatures: %s", exc)
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+    def run(self, stop: threading.Event, interval: float = 1.0, reconcile_every: float = 30.0) -> None:
         redis_down = False
+        next_reconcile = time.monotonic() + reconcile_every
         while not stop.is_set():
             self._purge()
             try:
                 self.relay_once()
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + reconcile_every
                 if redis_down:
                     log.warning("ocr relay: Redis is back, pending uploads relayed")
                 redis_down = False

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     worker = sub.add_parser("worker", help="an RQ worker for the ocr and returns queues", parents=[common])
-    worker.add_argument("--queues", default=f"{OCR_QUEUE},{RETURNS_QUEUE}", help="comma-separated queue names")
+    # In priority order: a return's job takes milliseconds and is what the back office counts, an OCR
+    # job a good part of a second; OCR first kept every phone return waiting behind the pen backlog.
+    worker.add_argument("--queues", default=f"{RETURNS_QUEUE},{OCR_QUEUE}",
+                        help="comma-separated queue names, in priority order (default returns,ocr)")
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     worker.set_defaults(func=_worker)
     relay = sub.add_parser("relay", help="relay accepted returns from the journal to RQ", parents=[common])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
 from rq import Queue, Retry
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 RETURNS_QUEUE = "returns"
 OCR_QUEUE = "ocr"
@@ -54,3 +56,44 @@ def prepare_return_job(queue: Queue, job_path: str, payload: dict[str, Any]) -> 
         retry=RETRY,
         description=f"consolidate {payload['election']}/{payload['bureau']} {payload['return_id']}",
     )
+
+
+# A job is not stranded before this many seconds: a worker sets its status a few milliseconds after popping it.
+STRANDED_AFTER = 30.0
+
+
+def stranded_jobs(queue: Queue, job_ids: Sequence[str], older_than: float = STRANDED_AFTER) -> list[Job]:
+    """Jobs Redis holds as `queued` that are in no queue: lost between a worker's pop and its start.
+
+    RQ pops a job off its queue, then records it as started in a second step; when Redis (or the
+    worker) dies in between, the job stays `queued` in no queue and no registry, and no worker
+    will ever see it again. Seen in the election-night simulation with Redis killed mid-run.
+    A job popped at the very moment of the check may be taken for stranded and run twice: the
+    jobs are idempotent (the consolidation counts a return once, the OCR makes one return an upload).
+    """
+    candidates = _queued(queue.connection, job_ids)
+    if not candidates:
+        return []
+    in_queue = set(queue.get_job_ids())
+    now = datetime.now(UTC)
+    stranded = []
+    for job in Job.fetch_many([j for j in candidates if j not in in_queue], connection=queue.connection):
+        if job is None:
+            continue
+        enqueued = job.enqueued_at or now
+        if enqueued.tzinfo is None:
+            enqueued = enqueued.replace(tzinfo=UTC)
+        if (now - enqueued).total_seconds() >= older_than:
+            stranded.append(job)
+    # Checked again now that the queue was read: one a worker has started since is not stranded.
+    still = set(_queued(queue.connection, [job.id for job in stranded]))
+    return [job for job in stranded if job.id in still]
+
+
+def _queued(connection: Redis, job_ids: Sequence[str]) -> list[str]:
+    with connection.pipeline() as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        statuses = pipe.execute()
+    return [job_id for job_id, status in zip(job_ids, statuses, strict=True)
+            if status is not None and status.decode() == JobStatus.QUEUED.value]

@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 
-from validation import Finding, Return, check_history, decide
+from validation import Finding, Reason, Return, check_history, decide
 
 metadata = MetaData()
 MAX_GROUP_COMMIT = 256
@@ -313,7 +313,8 @@ class Journal:
             "supersedes": ret.supersedes,
         }
         if status == "duplicate":
-            original_id = next(f.details["return_id"] for f in all_findings)
+            # The channel's own findings (LOW_CONFIDENCE, a broken sum) may come first: the original is the DUPLICATE's.
+            original_id = next(f.details["return_id"] for f in all_findings if f.code == Reason.DUPLICATE)
             original = conn.execute(
                 select(returns.c.receipt, returns.c.status).where(returns.c.return_id == original_id)
             ).one()

@@ -6,7 +6,8 @@ lets one work at a time, and a job that already exists is never enqueued again.
 Redis acknowledges an enqueue before its append-only file reaches the disk (appendfsync
 everysec), so a Redis crash can lose the last second of jobs after the relay has marked them.
 The relay therefore reconciles: every so often it looks up the jobs of the returns it relayed
-within the last hour, and enqueues again any that Redis no longer has.
+within the last hour, and enqueues again any that Redis no longer has, or holds as queued in no
+queue (popped by a worker just as Redis died: see `returns_queue.jobs.stranded_jobs`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue
+from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue, stranded_jobs
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,22 @@ class Relay:
                 lock.release()
 
     def reconcile(self, window: float = 3600.0) -> int:
-        """Enqueue again the recently relayed returns whose job Redis has lost; the number re-enqueued."""
-        lost = []
+        """Enqueue again the recently relayed returns whose job Redis has lost or stranded; the number re-enqueued."""
+        lost, kept = [], []
         for chunk in _chunks(self.journal.relayed_since(time.time() - window), self.batch):
             exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in chunk])
             lost += [p for p, e in zip(chunk, exists, strict=True) if not e]
+            kept += [return_job_id(p["return_id"]) for p, e in zip(chunk, exists, strict=True) if e]
         if lost:
             log.warning("relay: %d relayed returns were missing from Redis; enqueued again", len(lost))
             self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in lost])
-        return len(lost)
+        stranded = stranded_jobs(self.queue, kept)
+        for job in stranded:
+            self.queue.enqueue_job(job)
+        if stranded:
+            log.warning("relay: %d return jobs were queued in no queue (lost at a Redis restart); enqueued again",
+                        len(stranded))
+        return len(lost) + len(stranded)
 
     def run(self, stop: threading.Event, interval: float = 0.25, reconcile_every: float = 30.0) -> None:
         """Relay until `stop` is set; wakes early when `wakeup` is set after a submission."""

@@ -80,6 +80,20 @@ def test_duplicate_correction_and_conflict(journal: Journal, election_t2: Electi
     assert [p["return_id"] for p in journal.outbox()] == [first.return_id]
 
 
+def test_a_page_docked_twice_with_low_confidence_is_a_duplicate_of_the_waiting_one(
+    journal: Journal, election_t2: Election
+) -> None:
+    """The second upload of one page carries the OCR's own finding as well: the original is the DUPLICATE's."""
+    from validation import Finding
+
+    unsure = (Finding(Reason.LOW_CONFIDENCE, "aubry", "lecture incertaine", {"confidence": 0.4}),)
+    first = journal.submit(new_return(election_t2, "750120", COUNTS, "pen", {"upload_id": "u1"}), unsure)
+    again = journal.submit(new_return(election_t2, "750120", COUNTS, "pen", {"upload_id": "u2"}), unsure)
+    assert first.status == "review"
+    assert (again.status, again.return_id, again.receipt) == ("review", first.return_id, first.receipt)
+    assert [f.code for f in again.findings] == [Reason.LOW_CONFIDENCE, Reason.DUPLICATE]
+
+
 def test_channel_findings_send_a_return_to_review(journal: Journal, election_t2: Election) -> None:
     from validation import check_return
 
@@ -196,3 +210,23 @@ def test_reconciliation_enqueues_again_what_redis_lost(journal: Journal, redis: 
     assert relay.reconcile() == 1
     assert relay.reconcile() == 0
     assert sorted(queue.job_ids) == sorted([return_job_id(kept.return_id), return_job_id(lost.return_id)])
+
+
+def test_reconciliation_enqueues_again_a_job_popped_just_as_redis_died(
+    journal: Journal, redis: Redis, election_t2: Election
+) -> None:
+    from rq.job import Job
+
+    stranded = submit(journal, election_t2, bureau="3")
+    popped_now = submit(journal, election_t2, bureau="4")
+    relay = Relay(journal, redis, JOB)
+    assert relay.relay_once() == 2
+    queue = Queue("returns", connection=redis)
+    # A worker popped both jobs; Redis died before it recorded either as started (the election-night
+    # simulation saw it): each is `queued` in no queue and no registry, forever.
+    for submission in (stranded, popped_now):
+        redis.lrem(queue.key, 0, return_job_id(submission.return_id))
+    redis.hset(Job.key_for(return_job_id(stranded.return_id)), "enqueued_at", "2011-10-09T20:14:03.000000Z")
+    assert relay.reconcile() == 1  # the one popped a moment ago may still be starting: left alone
+    assert queue.job_ids == [return_job_id(stranded.return_id)]
+    assert relay.reconcile() == 0

@@ -396,6 +396,27 @@ def test_upload_while_redis_is_down_is_enqueued_when_it_is_back(pen: Gateway, re
     assert ocr_queue(client).count == 1
 
 
+def test_an_ocr_job_lost_or_stranded_at_a_redis_restart_is_enqueued_again(pen: Gateway, redis: Redis,
+                                                                          page_png: bytes) -> None:
+    from pen_gateway.ocr_relay import OcrRelay
+
+    ids = [pen.client.upload(page_png, "image/png", pen_serial="PEN-1", bureau=bureau).json["upload_id"]
+           for bureau in ("750120", "750121", "750122")]
+    relay = OcrRelay(pen.gateway.journal, redis, OCR_JOB, grace=0.0)
+    relay.relay_once(now=time.time() + 1)  # marks the jobs the API enqueued as seen
+    queue = ocr_queue(redis)
+    # What a Redis kill can leave: one job gone (lost in the fsync window), one popped by a worker
+    # that recorded nothing before Redis died (queued in no queue), one waiting as it should.
+    lost, stranded, waiting = (ocr_job_id(u) for u in ids)
+    redis.lrem(queue.key, 0, lost)
+    redis.delete(Job.key_for(lost))
+    redis.lrem(queue.key, 0, stranded)
+    redis.hset(Job.key_for(stranded), "enqueued_at", "2011-10-09T20:14:03.000000Z")
+    assert relay.reconcile(now=time.time() + 120) == 2
+    assert sorted(queue.job_ids) == sorted([lost, stranded, waiting])
+    assert relay.reconcile(now=time.time() + 120) == 0
+
+
 def test_an_upload_survives_a_restart_of_the_gateway_and_of_redis(tmp_path: Path, redis: Redis, redis_server: Any,
                                                                   page_png: bytes) -> None:
     var_dir = tmp_path / "var"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy import Connection, select
 from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
 from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
+from pen_gateway.storage import FULL_ERRNOS
 from pen_gateway.uploads import Upload, create_tables, get_upload, set_upload_status, uploads
 from registry import Registry, load_registry
 from returns_queue.journal import Journal, Submission
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 # Statuses from which a run (first, retried, or asked again by a supervisor) recognizes the upload.
 TO_RECOGNIZE = ("queued", "recognized", "failed")
 UPLOAD_STATUS_FOR = {"accepted": "accepted", "review": "review", "rejected": "rejected"}
+# A full upload directory is a passing state on the night (the API answers 507 meanwhile): a job
+# waits this long for room for its artefacts, rather than failing an acknowledged upload at once.
+ROOM_WAIT_SECONDS = 300.0
 
 
 class AlreadyRecognized(Exception):
@@ -219,8 +224,12 @@ def reading_document(reading: PageReading, assessment: Assessment, threshold: fl
 
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a half-written file must not take the room others need
+        raise
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -234,6 +243,24 @@ def write_artefacts(
     var_dir: Path, upload_id: str, reading: PageReading, assessment: Assessment, threshold: float
 ) -> None:
     """page.png, field-<id>.png and reading.json, each replaced whole so the review UI never sees half a file."""
+    waited, delay = 0.0, 1.0
+    while True:
+        try:
+            _write_artefact_files(var_dir, upload_id, reading, assessment, threshold)
+            return
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS or waited >= ROOM_WAIT_SECONDS:
+                raise
+            log.warning("upload %s: no room for its artefacts (%s); trying again in %.0f s", upload_id,
+                        os.strerror(exc.errno or 0), delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, 15.0)
+
+
+def _write_artefact_files(
+    var_dir: Path, upload_id: str, reading: PageReading, assessment: Assessment, threshold: float
+) -> None:
     artefact_dir(var_dir, upload_id).mkdir(parents=True, exist_ok=True)
     if reading.page_image is not None:
         _write_atomically(page_path(var_dir, upload_id), _png(reading.page_image))
