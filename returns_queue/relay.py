@@ -21,6 +21,7 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue, stranded_jobs
 from returns_queue.journal import Journal
@@ -92,6 +93,9 @@ class Relay:
                 if not redis_down:
                     log.warning("relay: Redis unavailable (%s); returns stay journaled until it is back", exc)
                 redis_down = True
+            except (SQLAlchemyError, TimeoutError) as exc:
+                # A journal briefly locked or unreachable must not end the relay thread: try again.
+                log.warning("relay: journal unavailable: %s", exc)
             self.wakeup.wait(interval if not redis_down else 1.0)
             self.wakeup.clear()
 
