@@ -90,7 +90,7 @@ def test_upload_page_shows_the_page_or_says_there_is_none(env: ReviewEnv) -> Non
     assert 'name="bureau"' in page and "Réservé par vous" in page
     png = client.get(f"/uploads/{UPLOAD}/page.png")
     assert png.status_code == 200 and png.mimetype == "image/png"
-    assert png.data == (env.settings.var_dir / "uploads" / "work" / UPLOAD / "page.png").read_bytes()
+    assert png.data == (env.settings.var_dir / "uploads" / "artefacts" / UPLOAD / "page.png").read_bytes()
     bare = text(client.get("/uploads/01JNOBUREAU0000000000NOPAGE"))
     assert "Pas d'image de page disponible" in bare and "page.png" not in bare
     assert client.get("/uploads/01JNOBUREAU0000000000NOPAGE/page.png").status_code == 404
