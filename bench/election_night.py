@@ -34,10 +34,11 @@ def main() -> int:
     parser.add_argument("--bureaux", type=int, default=10_000)
     parser.add_argument("--window", type=float, default=1200.0, help="seconds the night's hour is compressed into")
     parser.add_argument("--prompt-seconds", type=float, default=0.5, help="the caller's time over each prompt")
-    parser.add_argument("--scan-share", type=float, default=0.1, help="share of pen pages sent as scans")
+    parser.add_argument("--scan-share", type=float, default=0.05, help="share of pen pages sent as scans")
     parser.add_argument("--stations", type=int, default=8)
     parser.add_argument("--disk-full-seconds", type=float, default=60.0)
-    parser.add_argument("--tmpfs-mb", type=int, default=1024)
+    parser.add_argument("--tmpfs-mb", type=int, default=3072,
+                        help="the upload directory: room for ~5,000 raw pages and their artefacts (~1.5 GB)")
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=2011)
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temporary one)")
