@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from settings import Settings
+from telemetry.logs import configure_logging
 
 log = logging.getLogger("remontee")
 
@@ -48,6 +49,11 @@ SERVICES = [
 ]
 
 
+# Where Prometheus scrapes each part (README, "Operations").
+METRICS_ENDPOINTS = ["http://{s.bind}:{s.pen_port}/metrics", "http://{s.bind}:{s.review_port}/metrics",
+                     "http://{s.bind}:{s.ivr_metrics_port}/metrics", "http://{s.bind}:{s.worker_metrics_port}/metrics"]
+
+
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("settings (each also from REMONTEE_<NAME>)")
@@ -61,6 +67,12 @@ def common_parser() -> argparse.ArgumentParser:
     group.add_argument("--election", default=argparse.SUPPRESS, help="election id from forms/elections/")
     group.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help="bureau registry CSV")
     group.add_argument("--consolidate-job", default=argparse.SUPPRESS, help="function path of the returns job")
+    group.add_argument("--ivr-metrics-port", type=int, default=argparse.SUPPRESS,
+                       help="the IVR's Prometheus listener (default 9573; 0: none)")
+    group.add_argument("--worker-metrics-port", type=int, default=argparse.SUPPRESS,
+                       help="the RQ workers' Prometheus listener (default 9574; 0: none)")
+    group.add_argument("--log-format", choices=("json", "text"), metavar="json|text", default=argparse.SUPPRESS,
+                       help="log lines as JSON objects (default) or text")
     return common
 
 
@@ -79,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["all", *(argv if argv is not None else sys.argv[1:])])
     overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
     args.settings = Settings.from_env(**overrides)
+    # Every part's log lines as one JSON object each, tagged with the part (telemetry/logs.py).
+    configure_logging(args.command, args.settings.log_format)
     return int(args.func(args) or 0)
 
 
@@ -166,6 +179,9 @@ class Supervisor:
             "REMONTEE_PEN_PORT": str(s.pen_port),
             "REMONTEE_REVIEW_PORT": str(s.review_port),
             "REMONTEE_CONSOLIDATE_JOB": s.consolidate_job,
+            "REMONTEE_IVR_METRICS_PORT": str(s.ivr_metrics_port),
+            "REMONTEE_WORKER_METRICS_PORT": str(s.worker_metrics_port),
+            "REMONTEE_LOG_FORMAT": s.log_format,
         })
         return env
 
@@ -241,6 +257,7 @@ def run_everything(args: argparse.Namespace) -> int:
     print(f"  {'registry':<10} {settings.registry_path}")
     for service in SERVICES:
         print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)
+    print(f"  {'metrics':<10} " + "  ".join(METRICS_ENDPOINTS).format(s=settings), flush=True)
     return supervisor.run()
 
 

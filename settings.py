@@ -28,6 +28,9 @@ class Settings:
     consolidate_job: str = "returns_queue.consolidation.consolidate"
     secret_key: str | None = None  # review UI sessions; None: generated once into var/secret_key
     max_upload_bytes: int = 20 * 1024 * 1024
+    ivr_metrics_port: int = 9573  # the FastAGI server's Prometheus listener; 0: none
+    worker_metrics_port: int = 9574  # the RQ workers' Prometheus listener (one per machine serves them all); 0: none
+    log_format: str = "json"  # json (one object a line) or text (for a terminal)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

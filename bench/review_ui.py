@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark of the review UI at election-night size: the queue, an item, approvals, the dashboard.
+"""Benchmark of the review UI at election-night size: the queue, an item, approvals, the dashboard, and the
+pen uploads the OCR could attach to no bureau (listed with the queue, given a bureau one by one).
 
 Builds a registry of N bureaux, journals returns through `Journal.submit` (a share of them
 breaking the arithmetic, so they wait in review), then times the app's pages in process with
@@ -7,6 +8,7 @@ Flask's test client (no network: this measures the app, the journal and Redis, n
 Prints figures; asserts nothing.
 
     .venv/bin/python bench/review_ui.py [--bureaux 10000] [--returns 10000] [--review 1000] [--approvals 200]
+                                        [--uploads 5000] [--no-bureau 300]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from argon2 import PasswordHasher  # noqa: E402
 from redis import Redis  # noqa: E402
 
 from forms import Election, load_election  # noqa: E402
+from pen_gateway.uploads import Upload, create_tables, record_upload, set_upload_status  # noqa: E402
 from registry import RegistryError, load_registry  # noqa: E402
 from registry.demo import generate  # noqa: E402
 from returns_queue.journal import Journal  # noqa: E402
@@ -71,12 +74,32 @@ def summary(name: str, samples: list[float]) -> None:
     print(f"  {name:<44} p50 {statistics.median(samples):7.1f} ms   p95 {p95:7.1f} ms   (n={len(samples)})")
 
 
+def record_uploads(journal: Journal, n: int, without_bureau: int) -> list[str]:
+    """`n` upload rows as the OCR leaves them: most accepted, `without_bureau` waiting with no bureau and no return."""
+    create_tables(journal)
+    stray = []
+    with journal.write() as conn:
+        for i in range(n):
+            upload_id = f"01JBENCHUPLOAD{i:012d}"
+            record_upload(conn, Upload(upload_id, "0" * 64, Path("/nonexistent"), "application/inkml+xml", 10,
+                                       f"station-{i % 97}", f"PEN-{i:06d}", None, None, "queued", None, None, None,
+                                       time.time() - n + i))
+            if i % max(1, n // max(1, without_bureau)) == 0 and len(stray) < without_bureau:
+                set_upload_status(conn, upload_id, "review", error="bureau introuvable")
+                stray.append(upload_id)
+            else:
+                set_upload_status(conn, upload_id, "accepted", return_id=f"R{i}", receipt=f"{i:08d}")
+    return stray
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bureaux", type=int, default=10_000)
     parser.add_argument("--returns", type=int, default=10_000)
     parser.add_argument("--review", type=int, default=1_000, help="how many of the returns break the arithmetic")
     parser.add_argument("--approvals", type=int, default=200)
+    parser.add_argument("--uploads", type=int, default=5_000, help="pen upload rows in the journal")
+    parser.add_argument("--no-bureau", type=int, default=300, help="how many of them the OCR found no bureau for")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="review-bench-"))
@@ -161,6 +184,19 @@ def main() -> int:
         summary("POST /items/<id>/approve (one transaction)", approvals)
         print(f"  {len(items)} items opened and approved in {elapsed:.1f} s by one supervisor "
               f"({len(items) / elapsed:.0f} per second, open + approve)")
+        stray = record_uploads(journal, args.uploads, args.no_bureau)
+        print(f"  {args.uploads} upload rows, {len(stray)} of them without a bureau:")
+        summary("GET /items (queue + uploads without bureau)", timed(lambda: client.get("/items"), 50))
+        summary("GET /uploads/<id> (claim + render)", timed(lambda: client.get(f"/uploads/{stray[0]}"), 50))
+        summary("GET /progress.json (uncached, uploads counted)", timed(progress, 20))
+        assigns = []
+        for upload_id, code in zip(stray[:args.approvals], codes, strict=False):
+            client.get(f"/uploads/{upload_id}")
+            t0 = time.perf_counter()
+            response = client.post(f"/uploads/{upload_id}/assign", data={"csrf_token": token, "bureau": code})
+            assigns.append((time.perf_counter() - t0) * 1000)
+            assert response.status_code == 303, response.status_code
+        summary("POST /uploads/<id>/assign (one transaction)", assigns)
         summary("GET /audit (100 per page)", timed(lambda: client.get("/audit"), 20))
         started = time.perf_counter()
         size = len(client.get("/audit.csv").get_data())

@@ -40,6 +40,8 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from telemetry.logs import ids
+
 log = logging.getLogger(__name__)
 
 # Commands res_agi runs on a dead channel (its `dead` flag); every other one is answered 511.
@@ -53,6 +55,8 @@ PLAYING = frozenset({
     "SAY NUMBER", "SAY ALPHA", "SAY PHONETIC", "RECORD FILE", "EXEC",
 })
 _REPLY = re.compile(r"^200 result=(?P<result>\S*)(?P<rest>.*)$")
+# ASCII digits only (str.isdigit() takes "²" too, which int() refuses), and few enough for int().
+_ENDPOS = re.compile(r"-?[0-9]{1,18}")
 _ENV_LINE = re.compile(r"^(agi_[a-z0-9_]+):(?: (?P<value>.*))?$")
 _MAX_ENV_LINES = 200
 _MAX_USAGE_LINES = 100
@@ -132,7 +136,7 @@ def parse_reply(line: str) -> Reply | None:
         data, rest = rest[1:close], rest[close + 1 :].strip()
     for token in rest.split():
         key, _, value = token.partition("=")
-        if key == "endpos" and value.lstrip("-").isdigit():
+        if key == "endpos" and _ENDPOS.fullmatch(value):
             endpos = int(value)
     return Reply(m["result"], data, endpos, line)
 
@@ -148,6 +152,8 @@ def quote(argument: str) -> str:
 
 def _digit(code: int) -> str | None:
     """A result that is a key's ASCII code (55 → "7"), 0 for none."""
+    if code > 127:  # chr() would raise, or make a character no keypad sends
+        raise ProtocolViolation(f"result {code} is not a key's ASCII code")
     return chr(code) if code > 0 else None
 
 
@@ -159,8 +165,10 @@ class AGIStats:
     are kept apart, so the protocol's own latency and the blocking work can be read separately.
     """
 
-    def __init__(self, timer: Callable[[], float] = time.perf_counter, max_samples: int = 5_000_000) -> None:
+    def __init__(self, timer: Callable[[], float] = time.perf_counter, max_samples: int = 5_000_000,
+                 observer: Callable[[float, bool], None] | None = None) -> None:
         self.timer, self.max_samples = timer, max_samples
+        self.observer = observer  # also given every sample (telemetry: the turnaround histogram)
         self.calls_started = self.calls_finished = self.calls_active = 0
         self.violations = self.timeouts = self.commands = 0
         self.turnaround = array("d")  # seconds, commands that followed the previous answer directly
@@ -171,6 +179,8 @@ class AGIStats:
         samples = self.turnaround_after_thread if after_thread else self.turnaround
         if len(samples) < self.max_samples:
             samples.append(seconds)
+        if self.observer is not None:
+            self.observer(seconds, after_thread)
 
     def snapshot(self, reset: bool = False) -> dict[str, Any]:
         def summary(samples: array) -> dict[str, float | int]:
@@ -399,7 +409,7 @@ class AGIChannel(LineReceiver):
         self._timer = None
         self.factory.stats.timeouts += 1
         log.warning("agi %s %s: no answer to %r within %.0f s; closing this connection",
-                    self.peer, self.uniqueid, command.line, command.timeout)
+                    self.peer, self.uniqueid, command.line, command.timeout, extra=ids(call_id=self.uniqueid))
         self._close(CommandTimeout(f"{command.name}: no answer within {command.timeout:.0f} s"))
 
     # --- receiving ---
@@ -501,7 +511,8 @@ class AGIChannel(LineReceiver):
 
     def _violation(self, why: str) -> None:
         self.factory.stats.violations += 1
-        log.warning("agi %s %s: %s; closing this connection", self.peer, self.uniqueid or "(no uniqueid)", why)
+        log.warning("agi %s %s: %s; closing this connection", self.peer, self.uniqueid or "(no uniqueid)", why,
+                    extra=ids(call_id=self.uniqueid))
         self._close(ProtocolViolation(why))
 
     def _close(self, reason: Exception) -> None:
@@ -567,7 +578,8 @@ class FastAGIFactory(ServerFactory):
         application = self.applications.get(channel.script)
         if application is None:
             log.warning("agi %s %s: no application for script %r (known: %s); closing",
-                        channel.peer, channel.uniqueid, channel.script, ", ".join(sorted(self.applications)))
+                        channel.peer, channel.uniqueid, channel.script, ", ".join(sorted(self.applications)),
+                        extra=ids(call_id=channel.uniqueid))
             channel.application_done()
             return
         self.stats.calls_started += 1
@@ -577,15 +589,17 @@ class FastAGIFactory(ServerFactory):
         d.addBoth(self._application_done, channel)
 
     def _application_failed(self, failure: Failure, channel: AGIChannel) -> None:
+        # Errbacks run outside the call's own context: the call id goes with each line.
+        extra = ids(call_id=channel.uniqueid)
         if failure.check(ChannelHungUp):
-            log.info("agi %s: the caller hung up", channel.uniqueid)
+            log.info("agi %s: the caller hung up", channel.uniqueid, extra=extra)
         elif failure.check(ProtocolViolation, CommandTimeout):
             pass  # said when the connection was closed
         elif failure.check(AGIError):
-            log.warning("agi %s: %s", channel.uniqueid, failure.getErrorMessage())
+            log.warning("agi %s: %s", channel.uniqueid, failure.getErrorMessage(), extra=extra)
         else:
             log.error("agi %s: the application failed", channel.uniqueid,
-                      exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+                      exc_info=(failure.type, failure.value, failure.getTracebackObject()), extra=extra)
 
     def _application_done(self, _: object, channel: AGIChannel) -> None:
         self.stats.calls_finished += 1

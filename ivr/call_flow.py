@@ -27,6 +27,8 @@ from ivr.call_state import ANONYMOUS, CallState, Partial
 from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
 from registry import Bureau, Registry, verify_pin
 from returns_queue.journal import Journal, Submission
+from telemetry import metrics
+from telemetry.logs import bound, ids, in_context
 from validation import Reason, check_arithmetic, check_return, new_return
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,16 @@ class ResultsLine:
         self.line_input = line_input(election)
 
     async def __call__(self, agi: AGIChannel) -> None:
-        await results_call(Call(self, agi))
+        call = Call(self, agi)
+        # The coroutine runs in its own copy of the context (Twisted's ensureDeferred): every line
+        # logged while this call is served, here or in the threads it hands work to, has its id.
+        with bound(call_id=call.call_id):
+            failed = True
+            try:
+                await results_call(call)
+                failed = False
+            finally:
+                metrics.IVR_CALLS.labels(call.outcome or ("error" if failed else HUNG_UP)).inc()
 
 
 class Call:
@@ -131,12 +142,12 @@ class Call:
     async def blocking(self, f: Callable[..., T], *args: Any) -> T:
         """Run `f(*args)` in a thread: the reactor keeps serving the other calls."""
         self.agi.note_thread_hop()
-        return await self.line.run_blocking(f, *args)
+        return await self.line.run_blocking(in_context(f), *args)
 
     async def pin_matches(self, pin: str) -> bool:
         assert self.bureau is not None
         self.agi.note_thread_hop()
-        return bool(await self.line.run_pin_check(verify_pin, pin, self.bureau.pin_hash))
+        return bool(await self.line.run_pin_check(in_context(verify_pin), pin, self.bureau.pin_hash))
 
     async def redis(self, what: str, f: Callable[..., T], *args: Any, default: T) -> T:
         """A Redis read the call can live without: when Redis is away the call goes on with `default`."""
@@ -158,10 +169,13 @@ class Call:
         self._after_saves(self.line.state.clear_partial, self.election.id, self.bureau.code)
 
     def _after_saves(self, f: Callable[..., None], *args: Any) -> None:
+        work = in_context(f)  # bound now: `run` is called back from whichever context fires the chain
+
         def run(_: object) -> defer.Deferred[None]:
-            d = self.line.run_blocking(f, *args)
+            d = self.line.run_blocking(work, *args)
             return d.addErrback(lambda failure: log.warning("call %s: Redis write failed: %s",
-                                                            self.call_id, failure.getErrorMessage()))
+                                                            self.call_id, failure.getErrorMessage(),
+                                                            extra=ids(call_id=self.call_id)))
 
         self._saves = self._saves.addBoth(run)
 
@@ -246,6 +260,7 @@ async def results_call(call: Call) -> None:
     except (NoInput, TooManyErrors, Handoff) as exc:
         reason = exc.reason if isinstance(exc, Handoff) else f"{type(exc).__name__}:{exc.name}"
         log.info("call %s: to an operator (%s)", call.call_id, reason)
+        metrics.IVR_HANDOFFS.labels(reason).inc()
         with contextlib.suppress(ChannelHungUp):
             await call.play(P.TO_OPERATOR)
         await call.set_outcome(OPERATOR, REMONTEE_HANDOFF=reason)
@@ -277,10 +292,14 @@ async def check_pin(call: Call) -> None:
     for _ in range(PIN_ATTEMPTS):
         pin = await call.ask(PIN, preface=preface)
         if await call.pin_matches(pin):
+            metrics.IVR_PIN_CHECKS.labels("right").inc()
             await call.redis("pin accepted", state.pin_accepted, code, default=None)
             return
         locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
         log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
+        metrics.IVR_PIN_CHECKS.labels("wrong").inc()
+        for kind in locked:
+            metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
         if "bureau" in locked:
             await call.play(P.PIN_WRONG, P.BUREAU_LOCKED)
             raise Handoff("bureau-locked")
@@ -383,6 +402,7 @@ async def submit(call: Call) -> Submission:
         raise Handoff("journal-error") from exc
     log.info("call %s: bureau %s journaled as %s, receipt %s", call.call_id, bureau.code, submission.status,
              submission.receipt)
+    metrics.IVR_RETURNS.labels(submission.status).inc()
     if submission.status == "accepted":
         call.line.on_accepted()
     call.clear_partial()

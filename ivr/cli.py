@@ -37,10 +37,12 @@ def _ivr(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor, task
 
     from ivr.server import PhoneService
+    from telemetry.logs import route_twisted_logs
 
     settings: Settings = args.settings
     if not settings.registry_path.exists():
         raise SystemExit(f"no registry at {settings.registry_path}: `run_gateway.py registry generate` makes one")
+    route_twisted_logs()
     service = PhoneService(settings)
     reactor.suggestThreadPoolSize(args.threads)  # type: ignore[attr-defined]
 
@@ -56,6 +58,12 @@ def _ivr(args: argparse.Namespace) -> int:
         reactor.callFromThread(lambda: defer.ensureDeferred(stopping()))  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(service.start)  # type: ignore[attr-defined]
+    if settings.ivr_metrics_port > 0:
+        try:
+            service.start_metrics()
+        except OSError as exc:  # calls matter more than their figures: serve them all the same
+            log.error("ivr: no metrics listener on %s:%d (%s); serving calls without it", settings.bind,
+                      settings.ivr_metrics_port, exc.strerror)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(print_stats))  # type: ignore[attr-defined]

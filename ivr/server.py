@@ -3,6 +3,7 @@
 `PhoneService` loads the registry and the election once, opens the journal and Redis, starts the
 relay thread (woken after each accepted return), and listens for FastAGI connections. `cli.py`
 runs it under the reactor; the tests run it on a reactor in a background thread.
+`start_metrics()` adds the Prometheus listener (`REMONTEE_IVR_METRICS_PORT`, telemetry/).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from ivr.agi import AGIStats, FastAGIFactory
 from ivr.call_flow import ResultsLine
 from ivr.call_state import CallState
 from registry import load_registry
+from returns_queue.jobs import RETURNS_QUEUE
 from returns_queue.journal import Journal
 from returns_queue.relay import Relay
 from settings import Settings
+from telemetry.exposition import MetricsListener
+from telemetry.ivr import AGIStatsCollector, observe_turnaround
+from telemetry.state import StateCollector
 
 log = logging.getLogger(__name__)
 SCRIPT = "results"  # agi://host:port/results (DESIGN.md)
@@ -38,7 +43,7 @@ class PhoneService:
     relay: bool = True  # tests that watch the outbox turn it off
     command_timeout: float = 15.0
     playback_timeout: float = 180.0
-    stats: AGIStats = field(default_factory=AGIStats)
+    stats: AGIStats = field(default_factory=lambda: AGIStats(observer=observe_turnaround))
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -60,6 +65,18 @@ class PhoneService:
         self.factory = FastAGIFactory({SCRIPT: self.line}, command_timeout=self.command_timeout,
                                       playback_timeout=self.playback_timeout, stats=self.stats)
         self.port: IListeningPort | None = None
+        self.metrics: MetricsListener | None = None
+
+    def start_metrics(self, port: int | None = None) -> MetricsListener:
+        """The Prometheus listener, on its own thread; `port` 0 picks a free one, None the configured one.
+
+        Besides the calls it serves the returns relay's backlog and the `returns` queue: the state
+        this server's relay owns."""
+        state = StateCollector(self.journal, self.redis, queues=(RETURNS_QUEUE,), parts={"returns"})
+        listen_port = self.settings.ivr_metrics_port if port is None else port
+        self.metrics = MetricsListener(self.settings.bind, listen_port, [AGIStatsCollector(self.stats), state])
+        log.info("ivr: metrics on %s", self.metrics.url)
+        return self.metrics
 
     def wake_relay(self) -> None:
         if self._relay is not None:
@@ -102,6 +119,9 @@ class PhoneService:
         await threads.deferToThread(self.pin_checker.stop)  # lets a check in progress finish
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self.journal.dispose()
         self.redis.close()
 

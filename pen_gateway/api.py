@@ -48,6 +48,7 @@ from pen_gateway.signing import (
 )
 from pen_gateway.storage import FULL_ERRNOS, StorageFull, StoredFile
 from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload
+from telemetry import logs, metrics
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -134,6 +135,7 @@ def _same_upload(first: Upload, sha256: str, pen_serial: str, bureau: str | None
 
 def _retry(gateway: PenGateway, signed: SignedRequest, first: Upload, sha256: str, pen_serial: str,
            bureau: str | None, key: str) -> Any:
+    logs.bind(upload_id=first.upload_id)
     if not _same_upload(first, sha256, pen_serial, bureau):
         raise ApiError("IDEMPOTENCY_KEY_REUSED", f"Idempotency-Key {key!r} was used for another upload "
                        f"({first.upload_id}); use a new key for a new page", 409)
@@ -191,8 +193,10 @@ def create_upload() -> Any:
     probed = probe_upload(data, page.mimetype or None)
     # The directory's fsync is left to the recorder: one for the whole batch, before its commit.
     stored: StoredFile = gateway.store.put(data, sha256, sync_directory=False)
+    upload_id = str(ULID())
+    logs.bind(upload_id=upload_id)  # every later line of this request carries it (undone at its end)
     upload = Upload(
-        upload_id=str(ULID()), sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
+        upload_id=upload_id, sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
         station_id=signed.station_id, pen_serial=pen_serial, bureau=bureau, idempotency_key=key, status="queued",
         return_id=None, receipt=None, error=None, received_at=time.time(),
     )
@@ -219,6 +223,7 @@ def create_upload() -> Any:
             gateway.store.discard(stored)
         return _retry(gateway, signed, recorded.first, sha256, pen_serial, bureau, key or "")
 
+    metrics.UPLOADS.labels("queued").inc()
     gateway.enqueue_ocr(upload.upload_id)
     return _first_answer(upload)
 
@@ -226,6 +231,8 @@ def create_upload() -> Any:
 @bp.get("/uploads/<upload_id>")
 def upload_status(upload_id: str) -> Any:
     gateway = _gateway()
+    if upload_id.isalnum() and len(upload_id) <= 40:
+        logs.bind(upload_id=upload_id)
     signed, _body = _signed_request(gateway)
     try:
         claim_signature(signed, gateway.redis, gateway.journal, scope=request.path)

@@ -31,8 +31,11 @@ from pen_gateway.recorder import UploadRecorder
 from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
 from pen_gateway.storage import RawStore
 from pen_gateway.uploads import create_tables
+from returns_queue.jobs import OCR_QUEUE
 from returns_queue.journal import Journal
 from settings import Settings
+from telemetry.exposition import install_flask
+from telemetry.state import StateCollector
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     gateway = PenGateway(settings, ocr_job=app.config["OCR_JOB"], signature_window=app.config["SIGNATURE_WINDOW"],
                          relay_grace=float(app.config["OCR_RELAY_GRACE"]))
     app.extensions["pen_gateway"] = gateway
+    # /metrics (counts only, no signature asked: Prometheus scrapes it) and request durations;
+    # the state it reads at scrape time is the pen's own: uploads by status, the OCR relay, `ocr`.
+    install_flask(app, "pen", [StateCollector(gateway.journal, gateway.redis, queues=(OCR_QUEUE,), parts={"uploads"})])
     app.register_blueprint(api_blueprint)
 
     @app.errorhandler(HTTPException)

@@ -1,6 +1,6 @@
 """Per-upload recognition artefacts kept for the review UI: the contract between the OCR and review.
 
-Under `<var>/uploads/work/<upload_id>/`:
+Under `<var>/uploads/artefacts/<upload_id>/`:
 - `page.png`: the straightened page (or the rendered InkML page), grayscale;
 - `field-<field_id>.png`: each field's crop (all its boxes), as the reviewer sees it;
 - `reading.json`: {"fields": {"<field_id>": {"value": int | null, "confidence": float,
@@ -19,7 +19,7 @@ from typing import Any
 def artefact_dir(var_dir: Path, upload_id: str) -> Path:
     if not upload_id.isalnum():
         raise ValueError(f"bad upload id {upload_id!r}")
-    return var_dir / "uploads" / "work" / upload_id
+    return var_dir / "uploads" / "artefacts" / upload_id
 
 
 def page_path(var_dir: Path, upload_id: str) -> Path:

@@ -61,11 +61,14 @@ def _stations_list(args: argparse.Namespace) -> int:
 
 
 def _pen(args: argparse.Namespace) -> int:
-    from gunicorn.app.base import BaseApplication
-
-    from pen_gateway.app import create_app
+    from telemetry import logs, multiprocess
 
     settings: Settings = args.settings
+    # Before anything imports prometheus_client: the workers' metrics go to files under var/metrics/pen/,
+    # emptied now (a previous run's counts would otherwise be added to this one's).
+    multiprocess.enable(multiprocess.directory_for(settings.var_dir, "pen"), wipe=True)
+
+    from gunicorn.app.base import BaseApplication
 
     class PenServer(BaseApplication):  # type: ignore[misc]
         """gunicorn with our options and our app, loaded in each worker (each gets its own OCR relay thread)."""
@@ -82,11 +85,16 @@ def _pen(args: argparse.Namespace) -> int:
                 "accesslog": "-" if args.access_log else None,
                 "errorlog": "-",
                 "proc_name": "remontee-pen",
+                "logconfig_dict": logs.logging_dict("pen", settings.log_format),
+                "logger_class": "telemetry.access_log.AccessLogger",
+                "child_exit": multiprocess.child_exit,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            from pen_gateway.app import create_app  # in the worker: the master never creates a metric
+
             return create_app({"SETTINGS": settings, "OCR_RELAY": True, "OCR_RELAY_GRACE": args.ocr_relay_grace})
 
     log.info("pen upload API on http://%s:%d/api/v1/ (%d workers × %d threads)", settings.bind, settings.pen_port,

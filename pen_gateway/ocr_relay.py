@@ -3,9 +3,12 @@
 The upload API enqueues the job itself right after the journal commit. When that fails (Redis
 down, the process killed in between), the upload stays `queued` with `ocr_enqueued_at` NULL;
 this relay finds such uploads once they are `grace` seconds old, enqueues the missing jobs
-(never one that exists: the job id is derived from the upload id) and marks them. Every so often
-it also reconciles: an upload still `queued` a minute after its job was seen on RQ gets its job
-again if Redis has lost it, or holds it as queued in no queue (`returns_queue.jobs.stranded_jobs`). It also
+(never one that exists: the job id is derived from the upload id) and marks them. An upload a
+supervisor sends back to be read again (the review UI assigns the bureau its page did not name)
+is `queued` and unmarked again while its first job, ended, still holds the job id: that job is
+replaced by a new one. Every so often it also reconciles: an upload still `queued` a minute
+after its job was seen on RQ gets its job again if Redis has lost it, or holds it as queued in
+no queue (`returns_queue.jobs.stranded_jobs`). It also
 marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
 write per upload. And it forgets used signatures once they are too old to be replayed.
 
@@ -25,18 +28,21 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.job import Job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
-from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, uploads
-from returns_queue.jobs import RETRY, ocr_job_id, ocr_queue, stranded_jobs
+from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
+from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "remontee:ocr-relay:lock"
 OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
+# The statuses of a job that will not run again, as RQ writes them in the job's hash.
+ENDED = frozenset(s.value for s in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED))
 
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
@@ -47,7 +53,7 @@ def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> objec
     # job re-reads the upload's status and journals at most one return per upload.
     return Queue.prepare_data(
         job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
-        timeout=600, retry=RETRY, description=f"recognize upload {upload_id}",
+        timeout=120, retry=RETRY, description=f"recognize upload {upload_id}",
     )
 
 
@@ -79,9 +85,11 @@ class OcrRelay:
             while upload_ids := ocr_outbox(self.journal, before, self.batch):
                 with self.redis.pipeline() as pipe:
                     for upload_id in upload_ids:
-                        pipe.exists(Job.key_for(ocr_job_id(upload_id)))
-                    exists = pipe.execute()
-                missing = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
+                        pipe.hget(Job.key_for(ocr_job_id(upload_id)), "status")
+                    statuses = [s.decode() if isinstance(s, bytes) else s for s in pipe.execute()]
+                missing = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
+                missing += self._replace_ended(
+                    [u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
                 if missing:
                     self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])
                     log.info("ocr relay: enqueued %d upload(s) acknowledged without a job", len(missing))
@@ -94,6 +102,20 @@ class OcrRelay:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
+    def _replace_ended(self, upload_ids: list[str]) -> list[str]:
+        """Of the uploads whose job has ended, those queued to be read again; their old job is deleted.
+
+        The rows are read after the jobs' statuses, and a job writes its upload's row before it
+        ends: an upload whose first job has just finished is no longer `queued`, and is not read twice.
+        """
+        again = sorted(queued_among(self.journal, upload_ids))
+        for upload_id in again:
+            with contextlib.suppress(NoSuchJobError):  # expired meanwhile: nothing to replace
+                Job.fetch(ocr_job_id(upload_id), connection=self.redis).delete()
+        if again:
+            log.info("ocr relay: %d upload(s) sent back to be read again", len(again))
+        return again
+
     def reconcile(self, now: float | None = None, older_than: float = 60.0) -> int:
         """Enqueue again the jobs of uploads still queued long after their job was seen on RQ; the number."""
         before = (time.time() if now is None else now) - older_than
@@ -103,10 +125,7 @@ class OcrRelay:
                 .order_by(uploads.c.received_at).limit(10 * self.batch))]
         if not upload_ids:
             return 0
-        with self.redis.pipeline() as pipe:
-            for upload_id in upload_ids:
-                pipe.exists(Job.key_for(ocr_job_id(upload_id)))
-            exists = pipe.execute()
+        exists = jobs_exist(self.redis, [ocr_job_id(u) for u in upload_ids])
         lost = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
         if lost:
             self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost])

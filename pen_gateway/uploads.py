@@ -2,7 +2,9 @@
 
 Shares the journal's database (and its durability): a row is committed before the 202.
 Statuses: queued → recognized → accepted | review | rejected; `failed` when recognition
-itself broke (the raw bytes stay, a supervisor or a retry picks it up).
+itself broke (the raw bytes stay, a supervisor or a retry picks it up). `review` with no return
+means no bureau was found: a supervisor assigns one in the review UI and the upload is `queued`
+again, its outbox mark cleared (review/unassigned_uploads.py), or rejects it.
 
 It is also the OCR outbox: `ocr_enqueued_at` stays NULL until the OCR relay has seen the upload's
 `ocr` job on RQ, so an upload acknowledged while Redis was down is enqueued when Redis is back.
@@ -46,7 +48,8 @@ uploads = Table(
     Column("size", Integer, nullable=False),
     Column("station_id", String(64), nullable=False),
     Column("pen_serial", String(64)),
-    Column("bureau", String(10)),  # as given in the upload's form field, if any
+    # As given in the upload's form field, if any; or assigned by a supervisor when the page named none (audited).
+    Column("bureau", String(10)),
     Column("idempotency_key", String(128)),
     Column("status", String(12), nullable=False),
     Column("return_id", String(40)),
@@ -131,6 +134,17 @@ def ocr_outbox(journal: Journal, received_before: float, limit: int = 500) -> li
             .limit(limit)
         )
         return [r.upload_id for r in rows]
+
+
+def queued_among(journal: Journal, upload_ids: Sequence[str]) -> set[str]:
+    """Those of `upload_ids` that are `queued` now."""
+    if not upload_ids:
+        return set()
+    with journal.read() as conn:
+        rows = conn.execute(
+            select(uploads.c.upload_id).where(uploads.c.upload_id.in_(list(upload_ids)), uploads.c.status == "queued")
+        )
+        return {r.upload_id for r in rows}
 
 
 def mark_ocr_enqueued(journal: Journal, upload_ids: Sequence[str]) -> None:

@@ -37,15 +37,34 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from telemetry import multiprocess
+
     settings: Settings = args.settings
+    # The work horses RQ forks write their metrics under var/metrics/worker/, shared by this machine's
+    # workers (not emptied: another worker may be running); telemetry.worker measures each job.
+    directory = multiprocess.enable(multiprocess.directory_for(settings.var_dir, "worker"), wipe=False)
+    multiprocess.absorb_dead_processes(directory)
+
+    from telemetry.exposition import RetryingListener
+    from telemetry.state import StateCollector
+    from telemetry.worker import MeasuredWorker
+
     redis = Redis.from_url(settings.redis_url_resolved)
     if OCR_QUEUE in args.queues.split(","):
         # Load the OCR pipeline once, here: each job's forked work horse inherits it instead of paying seconds.
         from pen_gateway.recognition.job import preload
 
         preload(settings)
-    worker = Worker(args.queues.split(","), connection=redis)
-    worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+    listener = None
+    if settings.worker_metrics_port > 0:
+        listener = RetryingListener(settings.bind, settings.worker_metrics_port,
+                                    [StateCollector(None, redis, queues=args.queues.split(","), parts=())])
+    worker: Worker = MeasuredWorker(args.queues.split(","), connection=redis)
+    try:
+        worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 

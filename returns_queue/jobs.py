@@ -23,6 +23,14 @@ def ocr_job_id(upload_id: str) -> str:
     return f"ocr-{upload_id}"
 
 
+def jobs_exist(redis: Redis, job_ids: list[str]) -> list[bool]:
+    """Whether RQ still holds each job, in one round trip: what a relay checks before enqueueing again."""
+    with redis.pipeline() as pipe:
+        for job_id in job_ids:
+            pipe.exists(Job.key_for(job_id))
+        return [bool(e) for e in pipe.execute()]
+
+
 def returns_queue(connection: Redis) -> Queue:
     return Queue(RETURNS_QUEUE, connection=connection)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.job import Job
+from sqlalchemy.exc import SQLAlchemyError
 
-from returns_queue.jobs import prepare_return_job, return_job_id, returns_queue, stranded_jobs
+from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue, stranded_jobs
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,7 @@ class Relay:
             relayed = 0
             while payloads := self.journal.outbox(self.batch):
                 # A job that exists was enqueued by a relay that died before marking the outbox.
-                with self.redis.pipeline() as pipe:
-                    for p in payloads:
-                        pipe.exists(Job.key_for(return_job_id(p["return_id"])))
-                    exists = pipe.execute()
+                exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in payloads])
                 fresh = [p for p, e in zip(payloads, exists, strict=True) if not e]
                 if fresh:
                     self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in fresh])
@@ -65,10 +62,7 @@ class Relay:
         """Enqueue again the recently relayed returns whose job Redis has lost or stranded; the number re-enqueued."""
         lost, kept = [], []
         for chunk in _chunks(self.journal.relayed_since(time.time() - window), self.batch):
-            with self.redis.pipeline() as pipe:
-                for p in chunk:
-                    pipe.exists(Job.key_for(return_job_id(p["return_id"])))
-                exists = pipe.execute()
+            exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in chunk])
             lost += [p for p, e in zip(chunk, exists, strict=True) if not e]
             kept += [return_job_id(p["return_id"]) for p, e in zip(chunk, exists, strict=True) if e]
         if lost:
@@ -99,6 +93,9 @@ class Relay:
                 if not redis_down:
                     log.warning("relay: Redis unavailable (%s); returns stay journaled until it is back", exc)
                 redis_down = True
+            except (SQLAlchemyError, TimeoutError) as exc:
+                # A journal briefly locked or unreachable must not end the relay thread: try again.
+                log.warning("relay: journal unavailable: %s", exc)
             self.wakeup.wait(interval if not redis_down else 1.0)
             self.wakeup.clear()
 

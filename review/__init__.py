@@ -3,8 +3,12 @@
 `create_app(test_config=None)` builds it: configuration from the defaults below, then the
 `test_config` mapping (tests) or `REMONTEE_REVIEW_*` environment variables, and the
 `Settings` (journal, Redis, registry, election) from `test_config["SETTINGS"]` or the
-environment. Blueprints: `auth` (login, logout, users), `items` (the queue and decisions),
-`audit` (the trail and its CSV export), `progress` (the dashboard).
+environment. Blueprints: `auth` (login, logout, users), `items` (the queue and decisions, and the
+pen uploads the OCR could not attach to a bureau), `audit` (the trail and its CSV export),
+`progress` (the dashboard).
+
+`/metrics` (telemetry/) needs no login: Prometheus scrapes it, and it holds counts only (request
+durations, decisions, queue depths, backlogs, review items and uploads by status).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from registry import Registry, load_registry
 from returns_queue.journal import Journal
 from review.accounts import Accounts, LockoutPolicy, SessionPolicy
 from review.review_items import ReviewItems
+from review.unassigned_uploads import UnassignedUploads
 from settings import Settings
 
 csrf = CSRFProtect()
@@ -103,6 +108,7 @@ class ReviewContext:
     journal: Journal
     accounts: Accounts
     items: ReviewItems
+    uploads: UnassignedUploads
     redis: Redis
     registry_cache: RegistryCache
     tz: ZoneInfo
@@ -144,9 +150,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     tz = ZoneInfo(app.config["TIMEZONE"])
     app.extensions["remontee_review"] = ReviewContext(
         settings, journal, accounts, ReviewItems(journal, app.config["CLAIM_SECONDS"]),
-        redis, RegistryCache(settings.registry_path), tz,
+        UnassignedUploads(journal, app.config["CLAIM_SECONDS"]), redis, RegistryCache(settings.registry_path), tz,
     )
     csrf.init_app(app)
+
+    # Imported here, not at the top: run_gateway.py imports this package before gunicorn's
+    # multiprocess mode is set up, and prometheus_client must not be loaded before that.
+    from telemetry.exposition import install_flask
+    from telemetry.state import StateCollector
+
+    # Before the blueprints: its timer starts ahead of their before_request hooks (the login check).
+    install_flask(app, "review", [StateCollector(journal, redis)])
 
     from review import audit, auth, items, progress
     from review.review_items import CHANNEL_LABELS, REASON_LABELS, RETURN_STATUS_LABELS, STATE_LABELS

@@ -27,6 +27,8 @@ bp.before_request(require_admin)
 ACTION_LABELS = {
     "approve": "approbation",
     "reject": "rejet",
+    "assign_bureau": "bureau attribué à un envoi",
+    "reject_upload": "rejet d'un envoi",
     "login": "connexion",
     "login_failed": "échec de connexion",
     "login_locked": "connexion bloquée",

@@ -89,12 +89,16 @@ def _list_users(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gunicorn.app.base import BaseApplication
-
-    from review import create_app
+    from telemetry import logs, multiprocess
 
     settings: Settings = args.settings
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything imports prometheus_client (the app is preloaded in this process, then forked).
+    multiprocess.enable(multiprocess.directory_for(settings.var_dir, "review"), wipe=True)
+
+    from gunicorn.app.base import BaseApplication
+
+    from review import create_app
 
     class ReviewServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -109,6 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
                 "proc_name": "remontee-review",
                 # Built before the fork: one secret key, one schema creation, the workers share them.
                 "preload_app": True,
+                "logconfig_dict": logs.logging_dict("review", settings.log_format),
+                "logger_class": "telemetry.access_log.AccessLogger",
+                "child_exit": multiprocess.child_exit,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)

@@ -1,5 +1,9 @@
 """The `items` blueprint: the queue of review items, one item (claimed on opening), approve and reject,
-and the pen artefacts (page and field crops), served only to a logged-in supervisor."""
+and the pen artefacts (page and field crops), served only to a logged-in supervisor.
+
+The queue also lists, in a section of their own, the pen uploads the OCR could not attach to any
+bureau (review/unassigned_uploads.py): an upload's page, claimed on opening like an item, where a
+supervisor assigns the bureau (the upload is read again) or rejects it."""
 
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from review.review_items import (
     ItemUnavailable,
     ReviewItem,
 )
+from review.unassigned_uploads import UPLOAD_STATUS_LABELS, BureauRefused, UploadEntry
+from telemetry import logs, metrics
 from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
 
 bp = Blueprint("items", __name__)
@@ -94,10 +100,16 @@ def queue() -> str:
     items, total = context().items.list(filters, limit=per_page, offset=(page - 1) * per_page)
     registry = context().registry()
     now = time.time()
+    # Uploads without a bureau have no reason code, department or decision yet: a filter on those hides them.
+    show_uploads = (chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen")
+                    and not chosen["department"] and chosen["reason"] in ("", Reason.UNKNOWN_BUREAU))
+    uploads, uploads_total = context().uploads.list(limit=per_page) if show_uploads else ([], 0)
     return render_template(
         "queue.html",
         items=items,
         total=total,
+        uploads=uploads,
+        uploads_total=uploads_total,
         page=page,
         pages=max(1, math.ceil(total / per_page)),
         chosen=chosen,
@@ -114,6 +126,9 @@ def _get(item_id: int) -> ReviewItem:
     item = context().items.get(item_id)
     if item is None:
         abort(404)
+    # The rest of the request's lines carry the return (and the upload, for a pen return) it is about.
+    logs.bind(return_id=item.return_id, bureau=item.bureau,
+              upload_id=item.ret.source.get("upload_id") if item.channel == "pen" else None)
     return item
 
 
@@ -260,6 +275,9 @@ def approve(item_id: int) -> Any:
         flash("Correction non enregistrée : les chiffres ne sont pas cohérents (voir ci-dessous).", "error")
         return _item_page(item, submitted=submitted, approve_findings=outcome.findings, bureau_value=bureau,
                           status=422)
+    metrics.REVIEW_DECISIONS.labels("approve").inc()
+    if item.channel == "pen" and item.ret.source.get("upload_id"):
+        metrics.UPLOADS.labels("accepted").inc()
     flash(
         f"Correction approuvée pour le bureau {outcome.ret.bureau} : retour {outcome.submission.return_id} "
         f"accepté, reçu {outcome.submission.receipt}.",
@@ -280,6 +298,9 @@ def reject(item_id: int) -> Any:
     except ItemUnavailable as exc:
         flash(f"Rejet impossible : {exc}.", "error")
         return _item_page(_get(item_id), status=409)
+    metrics.REVIEW_DECISIONS.labels("reject").inc()
+    if item.channel == "pen" and item.ret.source.get("upload_id"):
+        metrics.UPLOADS.labels("rejected").inc()
     flash(f"Retour du bureau {item.bureau} rejeté.", "success")
     return redirect(url_for("items.queue"), 303)
 
@@ -305,6 +326,110 @@ def field_image(item_id: int, field_id: str) -> Response:
     if field_id not in {f.id for f in load_election(item.election).fields}:
         abort(404)
     path = field_crop_path(context().settings.var_dir, _upload_id(item), field_id)
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+
+
+# --- pen uploads the OCR could not attach to a bureau ---
+
+def _get_upload(upload_id: str) -> UploadEntry:
+    if not upload_id.isalnum() or len(upload_id) > 40:
+        abort(404)
+    entry = context().uploads.get(upload_id)
+    if entry is None:
+        abort(404)
+    logs.bind(upload_id=upload_id)
+    return entry
+
+
+def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 200) -> tuple[str, int]:
+    ctx = context()
+    return render_template(
+        "upload.html",
+        upload=entry,
+        page_exists=page_path(ctx.settings.var_dir, entry.upload_id).is_file(),
+        decision=None if entry.waiting else ctx.uploads.decision(entry.upload_id),
+        editable=entry.waiting and not entry.held_by_other(g.user.username),
+        bureau_value=bureau_value,
+        status_labels=UPLOAD_STATUS_LABELS,
+        now=time.time(),
+    ), status
+
+
+@bp.get("/uploads/<upload_id>")
+def upload(upload_id: str) -> Any:
+    entry = _get_upload(upload_id)
+    fresh = (entry.claimed_by == g.user.username and entry.claimed_until is not None
+             and entry.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
+    if entry.waiting and not fresh:  # a reload within the claim costs no write
+        try:
+            entry = context().uploads.claim(upload_id, g.user.username)
+        except ItemUnavailable as exc:
+            flash(f"Consultation seule : {exc}.", "warning")
+            entry = _get_upload(upload_id)
+    return _upload_page(entry)
+
+
+@bp.post("/uploads/<upload_id>/claim")
+def renew_upload_claim(upload_id: str) -> Any:
+    _get_upload(upload_id)
+    try:
+        entry = context().uploads.claim(upload_id, g.user.username)
+    except ItemUnavailable as exc:
+        return jsonify(claimed=False, message=str(exc)), 409
+    until = datetime.fromtimestamp(entry.claimed_until or 0, context().tz).strftime("%H:%M")
+    return jsonify(claimed=True, claimed_until=entry.claimed_until, until=until)
+
+
+@bp.post("/uploads/<upload_id>/release")
+def release_upload(upload_id: str) -> Response:
+    _get_upload(upload_id)
+    context().uploads.release(upload_id, g.user.username)
+    flash("Envoi libéré : un autre superviseur peut le prendre.", "info")
+    return redirect(url_for("items.queue"), 303)
+
+
+@bp.post("/uploads/<upload_id>/assign")
+def assign_bureau(upload_id: str) -> Any:
+    entry = _get_upload(upload_id)
+    bureau = request.form.get("bureau", "")
+    try:
+        code = context().uploads.assign(upload_id, g.user.username, bureau, context().registry())
+    except BureauRefused as exc:
+        flash(f"Bureau refusé : {exc}. Rien n'a été modifié.", "error")
+        return _upload_page(entry, bureau_value=bureau.strip(), status=422)
+    except ItemUnavailable as exc:
+        flash(f"Attribution impossible : {exc}.", "error")
+        return _upload_page(_get_upload(upload_id), status=409)
+    metrics.REVIEW_DECISIONS.labels("assign_bureau").inc()
+    metrics.UPLOADS.labels("queued").inc()
+    flash(f"Envoi {upload_id} rattaché au bureau {code} : il repart à la lecture automatique ; "
+          "son retour arrivera dans la file s'il faut le vérifier.", "success")
+    return redirect(url_for("items.queue"), 303)
+
+
+@bp.post("/uploads/<upload_id>/reject")
+def reject_upload(upload_id: str) -> Any:
+    entry = _get_upload(upload_id)
+    reason = request.form.get("reason", "")
+    if not reason.strip():
+        flash("Un motif est obligatoire pour rejeter.", "error")
+        return _upload_page(entry, status=400)
+    try:
+        context().uploads.reject(upload_id, g.user.username, reason)
+    except ItemUnavailable as exc:
+        flash(f"Rejet impossible : {exc}.", "error")
+        return _upload_page(_get_upload(upload_id), status=409)
+    metrics.REVIEW_DECISIONS.labels("reject_upload").inc()
+    metrics.UPLOADS.labels("rejected").inc()
+    flash(f"Envoi {upload_id} rejeté.", "success")
+    return redirect(url_for("items.queue"), 303)
+
+
+@bp.get("/uploads/<upload_id>/page.png")
+def upload_page_image(upload_id: str) -> Response:
+    path = page_path(context().settings.var_dir, _get_upload(upload_id).upload_id)
     if not path.is_file():
         abort(404)
     return send_file(path, mimetype="image/png", max_age=300, conditional=True)

@@ -27,7 +27,8 @@ def current_progress() -> Progress:
         cached = ctx.progress_cache.get(election)
         if cached and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
-        progress = compute_progress(ctx.journal, ctx.registry(), ctx.redis, election)
+        progress = compute_progress(ctx.journal, ctx.registry(), ctx.redis, election,
+                                    uploads_waiting=ctx.uploads.count())
         ctx.progress_cache[election] = (time.monotonic(), progress)
         return progress
 

@@ -2,7 +2,8 @@
 
 A bureau has reported when it has an accepted return in the journal (the journal, not the
 consolidation, is the record of what was acknowledged). Its channel is the one of its latest
-accepted return, so a bureau corrected by a supervisor counts under `review`.
+accepted return, so a bureau corrected by a supervisor counts under `review`. What waits for a
+supervisor is the open review items plus the pen uploads the OCR could attach to no bureau.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Progress:
     returns_total: int
     items_open: int
     items_claimed: int
+    uploads_waiting: int  # pen uploads with no bureau and no return (review/unassigned_uploads.py)
     queues: list[QueueDepth]
     outbox_backlog: int
     redis_ok: bool
@@ -104,7 +106,8 @@ def bucket_size(span: float) -> int:
 
 
 def compute_progress(
-    journal: Journal, registry: Registry | None, redis: Redis, election: str, now: float | None = None
+    journal: Journal, registry: Registry | None, redis: Redis, election: str, now: float | None = None,
+    uploads_waiting: int = 0,
 ) -> Progress:
     now = time.time() if now is None else now
     with journal.read() as conn:
@@ -167,6 +170,7 @@ def compute_progress(
         returns_total=len(received),
         items_open=len(open_items),
         items_claimed=sum(1 for r in open_items if r.claimed_until and r.claimed_until > now),
+        uploads_waiting=uploads_waiting,
         queues=queues,
         outbox_backlog=journal.outbox_backlog(),
         redis_ok=redis_ok,

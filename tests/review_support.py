@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from redis import Redis
 
 from forms import Election
 from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
+from pen_gateway.uploads import Upload, create_tables, record_upload, set_upload_status
 from registry import Registry
 from returns_queue.journal import Journal, Submission
 from review import create_app
@@ -215,3 +217,24 @@ def write_pen_artefacts(var_dir: Path, upload_id: str, election: Election, burea
         "fields": fields, "suggestions": [list(s) for s in suggestions], "bureau": bureau,
         "election": election.id, "qr": f"remontee:{election.id}:{bureau}",
     }), encoding="utf-8")
+
+
+def record_stray_upload(journal: Journal, upload_id: str, *, var_dir: Path | None = None, received_at: float = 0.0,
+                        station_id: str = "station-3", pen_serial: str | None = "PEN-INCONNU",
+                        error: str = "bureau introuvable : ni QR lisible, ni bureau dans l'envoi, "
+                                     "ni stylo enregistré") -> None:
+    """An upload as the OCR job leaves it when it found no bureau: `review`, the reason in `error`, no return.
+
+    With `var_dir`, its page.png too (a blank form, as the reviewer would see it).
+    """
+    create_tables(journal)
+    with journal.write() as conn:
+        record_upload(conn, Upload(upload_id, "0" * 64, Path("/nonexistent"), "application/inkml+xml", 10,
+                                   station_id, pen_serial, None, None, "queued", None, None, None,
+                                   received_at or time.time()))
+        set_upload_status(conn, upload_id, "review", error=error)
+    if var_dir is not None:
+        page = Canvas(300, 420)
+        page.rect(20, 20, 260, 8, 40)
+        artefact_dir(var_dir, upload_id).mkdir(parents=True, exist_ok=True)
+        page_path(var_dir, upload_id).write_bytes(page.png())

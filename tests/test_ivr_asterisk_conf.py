@@ -58,18 +58,23 @@ def substitute(text: str) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: globals_().get(m[1], m[0]), text)
 
 
-def test_the_hotline_calls_the_configured_fastagi_server() -> None:
-    hotline = dialplan()["hotline"]["s"]
-    agi = [a for a in hotline if a.startswith("AGI(")]
+def test_the_hotline_calls_the_configured_fastagi_server_then_the_standby() -> None:
+    hotline = dialplan()["hotline"]
+    agi = [a for a in hotline["s"] if a.startswith("AGI(")]
     defaults = Settings()
     assert agi == [f"AGI(agi://{defaults.bind}:{defaults.agi_port}/{SCRIPT})"]
-    assert hotline.index("Answer()") < hotline.index(agi[0])
-    assert "Set(CHANNEL(language)=fr)" in hotline  # the prompts live under sounds/fr/
+    assert hotline["s"].index("Answer()") < hotline["s"].index(agi[0])
+    assert "Set(CHANNEL(language)=fr)" in hotline["s"]  # the prompts live under sounds/fr/
+    after = hotline["s"][hotline["s"].index(agi[0]) + 1 :]
+    assert after == ['GotoIf($["${AGISTATUS}" = "FAILURE"]?standby,1)', "Goto(outcome,1)"]
+    standby = [a for a in hotline["standby"] if a.startswith("AGI(")]
+    assert standby == [f"AGI(agi://{defaults.bind}:{defaults.agi_port + 1}/{SCRIPT})"]
+    assert hotline["standby"][-1] == "Goto(outcome,1)"
 
 
 def test_unreachable_server_and_operator_outcome_go_to_the_operators() -> None:
     hotline = dialplan()["hotline"]
-    after = hotline["s"][hotline["s"].index(f"AGI(agi://127.0.0.1:4573/{SCRIPT})") + 1:]
+    after = hotline["outcome"]
     branches: dict[tuple[str, str], str] = {}
     for application in after:
         m = re.match(r'GotoIf\(\$\["\$\{(\w+)\}" = "(\w+)"\]\?(\w+),1\)', application)

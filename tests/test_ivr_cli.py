@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from agi_peer import AsteriskPeer, press
+from agi_peer import HANGUP, AsteriskPeer, press
 from redis import Redis
 from rq.job import Job
 
@@ -94,3 +94,51 @@ def test_ivr_is_a_service_of_run_all() -> None:
     from settings import Settings
 
     assert service.where.format(s=Settings()) == "agi://127.0.0.1:4573/results"
+
+
+def test_two_fastagi_servers_share_state_so_a_caller_cut_off_on_one_resumes_on_the_other(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis, demo_registry_files: tuple[Path, Path],
+    pins: dict[str, str],
+) -> None:
+    """The dialplan's primary and standby servers: two real processes on one Redis and one journal."""
+    db_url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+           "REMONTEE_DB_URL": db_url, "REMONTEE_REGISTRY": str(demo_registry_files[0]),
+           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_IVR_METRICS_PORT": "0",
+           "REMONTEE_LOG_FORMAT": "text"}
+    servers = [subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr", "--agi-port", str(port)],
+                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for port in ports]
+    try:
+        for port, server in zip(ports, servers, strict=True):
+            _wait_for_port(port, server)
+        code = sorted(pins)[-2]
+        keys = [press(code + "#"), press(pins[code] + "#")]
+        counts = [press(f"{n}#") for n in COUNTS]
+        sounds = frozenset(P.catalog())
+        cut = AsteriskPeer([*keys, *counts[:4], HANGUP], sounds=sounds).call_sync("127.0.0.1", ports[0])
+        assert cut.outcome != "accepted"
+        # The primary goes down (Asterisk now gets AGISTATUS=FAILURE there and tries the standby).
+        servers[0].send_signal(signal.SIGTERM)
+        servers[0].wait(15)
+        resumed = AsteriskPeer([*keys, press("1"), *counts[4:], press("1")], sounds=sounds).call_sync(
+            "127.0.0.1", ports[1])
+        assert P.RESUME_OFFER in resumed.played and P.ASK_CONFIRM_RESUME in resumed.prompts_asked()
+        assert resumed.outcome == "accepted" and resumed.missing == []
+        journal = Journal(db_url)
+        [entry] = journal.entries("primaire-2011-t1", code)
+        assert entry.receipt == resumed.receipt and list(entry.ret.counts.values()) == COUNTS
+        deadline = time.monotonic() + 10
+        while not redis.exists(Job.key_for(return_job_id(entry.ret.return_id))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis.exists(Job.key_for(return_job_id(entry.ret.return_id)))
+        journal.dispose()
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(15)
+                except subprocess.TimeoutExpired:
+                    server.kill()

@@ -230,3 +230,28 @@ def test_reconciliation_enqueues_again_a_job_popped_just_as_redis_died(
     assert relay.reconcile() == 1  # the one popped a moment ago may still be starting: left alone
     assert queue.job_ids == [return_job_id(stranded.return_id)]
     assert relay.reconcile() == 0
+
+
+def test_the_relay_thread_outlives_a_journal_it_cannot_read(
+    tmp_path: Path, redis: Redis, election_t2: Election
+) -> None:
+    journal = Journal(f"sqlite:///{tmp_path / 'j.sqlite3'}")
+    relay = Relay(journal, redis, JOB)
+    with journal.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE returns RENAME TO returns_away")  # every outbox read now fails
+    stop = threading.Event()
+    thread = relay.start(stop)
+    try:
+        time.sleep(0.5)
+        assert thread.is_alive()
+        with journal.write() as conn:
+            conn.exec_driver_sql("ALTER TABLE returns_away RENAME TO returns")
+        submission = submit(journal, election_t2)
+        relay.wakeup.set()
+        _wait(lambda: journal.outbox_backlog() == 0)
+        assert Queue("returns", connection=redis).job_ids == [return_job_id(submission.return_id)]
+    finally:
+        stop.set()
+        relay.wakeup.set()
+        thread.join(5)
+        journal.dispose()

@@ -21,6 +21,7 @@ from review_support import (
     env,
     item_id_for,
     login,
+    record_stray_upload,
     sqlite_journal,
     submit,
     write_pen_artefacts,
@@ -39,12 +40,15 @@ __all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
 GET_ROUTES = {
     "/": "login", "/items": "login", "/items/{item}": "login", "/items/{item}/page.png": "login",
     "/items/{item}/fields/votants.png": "login", "/progress": "login", "/progress/panel": "login",
-    "/progress.json": "login", "/account/password": "login",
+    "/progress.json": "login", "/account/password": "login", "/uploads/{upload}": "login",
+    "/uploads/{upload}/page.png": "login",
     "/audit": "admin", "/audit.csv": "admin", "/users": "admin",
 }
 POST_ROUTES = {
     "/items/{item}/claim": "login", "/items/{item}/release": "login", "/items/{item}/approve": "login",
-    "/items/{item}/reject": "login", "/account/password": "login", "/logout": "any",
+    "/items/{item}/reject": "login", "/uploads/{upload}/claim": "login", "/uploads/{upload}/release": "login",
+    "/uploads/{upload}/assign": "login", "/uploads/{upload}/reject": "login",
+    "/account/password": "login", "/logout": "any",
     "/users": "admin", "/users/bob/role": "admin", "/users/bob/active": "admin", "/users/bob/password": "admin",
     "/login": "any",
 }
@@ -62,21 +66,33 @@ def pen_item(env: ReviewEnv) -> int:
     return item_id_for(env.journal, sub.return_id)
 
 
+# A pen upload the OCR could attach to no bureau (review/unassigned_uploads.py), for the /uploads/ routes.
+STRAY_UPLOAD = "01JSTRAYUPLOAD00000000000A"
+
+
+@pytest.fixture
+def stray_upload(env: ReviewEnv) -> str:
+    record_stray_upload(env.journal, STRAY_UPLOAD, var_dir=env.settings.var_dir)
+    return STRAY_UPLOAD
+
+
 def _path(template: str, item: int) -> str:
-    return template.format(item=item)
+    return template.format(item=item, upload=STRAY_UPLOAD)
 
 
 def test_every_route_is_listed(env: ReviewEnv) -> None:
     rules = {(r.rule, m) for r in env.app.url_map.iter_rules() if r.endpoint != "static"
              for m in r.methods - {"HEAD", "OPTIONS"}}
-    listed = {(p.replace("{item}", "<int:item_id>").replace("votants", "<field_id>").replace("bob", "<username>"),
-               "GET") for p in GET_ROUTES}
-    listed |= {(p.replace("{item}", "<int:item_id>").replace("bob", "<username>"), "POST") for p in POST_ROUTES}
+    listed = {(p.replace("{item}", "<int:item_id>").replace("{upload}", "<upload_id>").replace("votants", "<field_id>")
+               .replace("bob", "<username>"), "GET") for p in GET_ROUTES}
+    listed |= {(p.replace("{item}", "<int:item_id>").replace("{upload}", "<upload_id>").replace("bob", "<username>"),
+                "POST") for p in POST_ROUTES}
     listed |= {("/login", "GET")}
+    listed |= {("/metrics", "GET")}  # no login on purpose: Prometheus scrapes it, counts only (test_telemetry_review)
     assert rules == listed
 
 
-def test_anonymous_is_sent_to_login_everywhere(env: ReviewEnv, pen_item: int) -> None:
+def test_anonymous_is_sent_to_login_everywhere(env: ReviewEnv, pen_item: int, stray_upload: str) -> None:
     client = env.client()
     for template in GET_ROUTES:
         response = client.get(_path(template, pen_item))
@@ -90,7 +106,8 @@ def test_anonymous_is_sent_to_login_everywhere(env: ReviewEnv, pen_item: int) ->
         assert response.status_code == 302 and response.headers["Location"].startswith("/login"), template
 
 
-def test_supervisor_gets_403_on_admin_pages_and_admin_gets_them(env: ReviewEnv, pen_item: int) -> None:
+def test_supervisor_gets_403_on_admin_pages_and_admin_gets_them(env: ReviewEnv, pen_item: int,
+                                                                stray_upload: str) -> None:
     supervisor, admin = env.client(), env.client()
     s_token, a_token = login(supervisor, "alice"), login(admin, "root")
     for template, who in GET_ROUTES.items():
@@ -109,7 +126,7 @@ def test_supervisor_gets_403_on_admin_pages_and_admin_gets_them(env: ReviewEnv, 
     assert env.app.extensions["remontee_review"].accounts.get_user("bob").role == "admin"
 
 
-def test_a_post_without_csrf_token_is_400_and_changes_nothing(env: ReviewEnv, pen_item: int) -> None:
+def test_a_post_without_csrf_token_is_400_and_changes_nothing(env: ReviewEnv, pen_item: int, stray_upload: str) -> None:
     client = env.client()
     login(client, "root")
     before = _audit_count(env.journal)
@@ -123,6 +140,7 @@ def test_a_post_without_csrf_token_is_400_and_changes_nothing(env: ReviewEnv, pe
     assert client.post(f"/items/{pen_item}/reject", data={"csrf_token": "forged", "reason": "x"}).status_code == 400
     assert _audit_count(env.journal) == before
     assert env.app.extensions["remontee_review"].items.get(pen_item).state == "open"
+    assert env.app.extensions["remontee_review"].uploads.get(stray_upload).waiting
     assert env.app.extensions["remontee_review"].accounts.get_user("bob").active
 
 

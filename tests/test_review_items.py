@@ -291,7 +291,7 @@ def test_pen_item_shows_the_page_the_crops_the_reading_and_suggestions(env: Revi
     assert "(45 %)" in page
     png = client.get(f"/items/{item}/page.png")
     assert png.status_code == 200 and png.mimetype == "image/png"
-    assert png.data == (env.settings.var_dir / "uploads" / "work" / upload_id / "page.png").read_bytes()
+    assert png.data == (env.settings.var_dir / "uploads" / "artefacts" / upload_id / "page.png").read_bytes()
     crop = client.get(f"/items/{item}/fields/hollande.png")
     assert crop.status_code == 200 and crop.data.startswith(b"\x89PNG")
     assert client.get(f"/items/{item}/fields/nonsense.png").status_code == 404

@@ -38,6 +38,13 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
 def command_of(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
@@ -101,8 +108,9 @@ def test_all_starts_every_part_consolidates_and_stops_cleanly(tmp_path: Path) ->
 
         # Kill Redis and the workers outright: the supervisor brings them back, the AOF the totals.
         # redis-server rewrites its process title ("redis-server *:0"), hence the prefix test.
-        victims = [pid for pid in descendants(process.pid)
-                   if command_of(pid)[0].startswith("redis-server") or command_of(pid)[-1] == "worker"]
+        # The supervisor's own children only: a worker's work horse (a fork, same command line) may be finishing.
+        victims = [pid for pid in descendants(process.pid) if parent_of(pid) == process.pid
+                   and (command_of(pid)[0].startswith("redis-server") or command_of(pid)[-1] == "worker")]
         assert len(victims) == 3
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

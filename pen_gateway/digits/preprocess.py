@@ -82,11 +82,9 @@ def _edge_runs(run: np.ndarray, horizontal: bool) -> np.ndarray:
         # (the bottom of a large 0) does not.
         if horizontal:
             touches = x <= 2 or x + bw >= w - 2
-        else:
-            touches = y <= 2 or y + bh >= h - 2
-        if horizontal:
             mid, side, length = y + bh / 2, h, bw / w
         else:
+            touches = y <= 2 or y + bh >= h - 2
             mid, side, length = x + bw / 2, w, bh / h
         edge_dist = min(mid, side - mid) / side
         # Long runs may sit anywhere in the band; shorter ones only hugging the

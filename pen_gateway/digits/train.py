@@ -14,9 +14,9 @@ MNIST 4000-4999 (see ``evaluation.py``).
 
 Reproduce the shipped model (about 20 min on 2 CPU cores)::
 
-    python3 -m venv /work/torchvenv
-    /work/torchvenv/bin/pip install torch==2.13.0 numpy opencv-python-headless onnx
-    cd <repo> && PYTHONPATH=. /work/torchvenv/bin/python -m pen_gateway.digits.train
+    python3 -m venv .torchvenv
+    .torchvenv/bin/pip install torch==2.13.0 numpy opencv-python-headless onnx
+    cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train
 
 ``--quick`` trains a tiny model into a temporary folder to test the pipeline.
 """
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "reliability": table,
         "cv2_vs_torch_max_logit_diff": max_diff,
         "training": {
-            "command": "PYTHONPATH=. /work/torchvenv/bin/python -m pen_gateway.digits.train "
+            "command": "PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train "
             + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
             ),

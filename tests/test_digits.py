@@ -1,0 +1,183 @@
+"""Tests of the shipped digit model and its run-time API (pen_gateway.digits).
+
+Held-out handwriting comes from ``shared/data/handwriting`` beside the
+repository; tests needing it skip with a message when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pen_gateway.digits import evaluation, preprocess, synth
+from pen_gateway.digits.recognizer import (
+    MODEL_PATH,
+    RECOMMENDED_THRESHOLD,
+    DigitRecognizer,
+)
+from pen_gateway.digits.strokes import render_strokes
+
+DATA_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "handwriting"
+)
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "pendigits-dev.jsonl").exists()
+    or not (DATA_DIR / "mnist-dev.npz").exists(),
+    reason=f"handwriting data not found at {DATA_DIR}",
+)
+SAMPLE = 300  # per source: enough for the floors below, fast enough for a few seconds
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> DigitRecognizer:
+    return DigitRecognizer()
+
+
+@pytest.fixture(scope="module")
+def heldout_sample() -> list[evaluation.EvalSet]:
+    return evaluation.heldout_sets(
+        DATA_DIR, conditions=(synth.CLEAN, synth.SCAN), limit=SAMPLE, n_empty=0
+    )
+
+
+def test_model_loads_in_cv2_dnn() -> None:
+    assert MODEL_PATH.stat().st_size < 2_000_000
+    net = cv2.dnn.readNetFromONNX(str(MODEL_PATH))
+    net.setInput(
+        np.zeros((3, 1, preprocess.INPUT_SIZE, preprocess.INPUT_SIZE), np.float32)
+    )
+    out = np.array(net.forward())
+    assert out.reshape(3, -1).shape == (3, len(evaluation.CLASSES))
+
+
+def test_threshold_matches_model_metadata() -> None:
+    meta = json.loads(MODEL_PATH.with_suffix(".json").read_text(encoding="utf-8"))
+    assert meta["recommended_threshold"] == RECOMMENDED_THRESHOLD
+    assert meta["input"]["size"] == preprocess.INPUT_SIZE
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = "import sys, pen_gateway.digits.recognizer; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    assert (
+        subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode
+        == 0
+    )
+
+
+# Floors sit a little under the full held-out figures in digits.json
+# (clean: pendigits 99.0 %, MNIST 99.2 %; scan: 97.5 %, 98.3 %).
+FLOORS = {synth.CLEAN.name: 0.97, synth.SCAN.name: 0.95}
+
+
+@needs_data
+@pytest.mark.parametrize("source", ["pendigits", "mnist"])
+@pytest.mark.parametrize("condition", list(FLOORS))
+def test_heldout_accuracy_and_threshold(
+    recognizer: DigitRecognizer,
+    heldout_sample: list[evaluation.EvalSet],
+    source: str,
+    condition: str,
+) -> None:
+    name = next(
+        s.name
+        for s in heldout_sample
+        if s.name.startswith(source) and s.name.endswith(condition)
+    )
+    s = next(s for s in heldout_sample if s.name == name)
+    readings = recognizer.read(s.cells)
+    pred = np.array([-1 if r.digit is None else r.digit for r in readings])
+    conf = np.array([r.confidence for r in readings])
+    accuracy = float((pred == s.labels).mean())
+    assert accuracy >= FLOORS[condition], f"{s.name}: accuracy {accuracy:.3f}"
+    accepted = conf >= RECOMMENDED_THRESHOLD
+    wrong = accepted & (pred != s.labels)
+    assert not wrong.any(), (
+        f"{s.name}: {int(wrong.sum())} wrong digits above the threshold"
+    )
+    assert accepted.mean() >= 0.3, f"{s.name}: coverage {accepted.mean():.3f}"
+
+
+def _paper(h: int = 105, w: int = 80, level: int = 245) -> np.ndarray:
+    return np.full((h, w), level, np.uint8)
+
+
+def _empty_cells() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    white = _paper(level=255)
+    noisy = np.clip(_paper(level=225) + rng.normal(0, 10, (105, 80)), 0, 255).astype(
+        np.uint8
+    )
+    framed = _paper()
+    cv2.rectangle(
+        framed, (1, 2), (78, 103), 30, 3
+    )  # the whole box border left in the crop
+    partial = noisy.copy()
+    cv2.line(partial, (0, 3), (79, 5), 60, 2)  # top border, slightly tilted
+    cv2.line(partial, (76, 30), (77, 104), 90, 3)  # part of the right border
+    cv2.circle(partial, (40, 50), 1, 120, -1)  # a speck of dust
+    ok, jpg = cv2.imencode(".jpg", partial, [cv2.IMWRITE_JPEG_QUALITY, 30])
+    assert ok
+    scanned = cv2.imdecode(jpg, cv2.IMREAD_GRAYSCALE)
+    small = cv2.resize(
+        framed, (40, 52), interpolation=cv2.INTER_AREA
+    )  # other resolution
+    synthetic = [
+        synth.empty_cell(np.random.default_rng(i), synth.HARSH) for i in range(20)
+    ]
+    return [white, noisy, framed, partial, scanned, small, *synthetic]
+
+
+def test_empty_boxes_are_empty(recognizer: DigitRecognizer) -> None:
+    cells = _empty_cells()
+    assert all(recognizer.is_empty(c) for c in cells)
+    readings = recognizer.read(cells)
+    assert all(r.digit is None for r in readings)
+    assert all(r.confidence > 0.5 for r in readings)
+
+
+def test_drawn_digit_is_not_empty(recognizer: DigitRecognizer) -> None:
+    # A plain "7" drawn into a framed box: read, not empty, border ignored.
+    cell = render_strokes(
+        [[(22, 25), (58, 25), (36, 85)]], (80, 105), 6.0, smooth=False
+    )
+    cv2.rectangle(cell, (0, 0), (79, 104), 40, 2)
+    assert not recognizer.is_empty(cell)
+    (reading,) = recognizer.read([cell])
+    assert reading.digit == 7
+    assert len(reading.alternatives) == 3
+    assert all(d != 7 for d, _ in reading.alternatives)
+    probs = [p for _, p in reading.alternatives]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_preprocessing_is_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    cell = synth.finish(
+        render_strokes([[(20, 30), (60, 30), (60, 80)]], (80, 105), 5.0),
+        rng,
+        synth.HARSH,
+    )
+    before = cell.copy()
+    a, b = preprocess.prepare(cell), preprocess.prepare(cell)
+    assert np.array_equal(cell, before)  # the caller's crop is not modified
+    assert a.image.dtype == np.float32
+    assert a.image.shape == (preprocess.INPUT_SIZE, preprocess.INPUT_SIZE)
+    assert np.array_equal(a.image, b.image)
+    assert a.empty == b.empty
+    assert not a.empty
+
+
+def test_render_strokes_dark_on_white() -> None:
+    img = render_strokes([[(10, 10), (50, 60)], [(30, 30)]], (64, 72), 3.5)
+    assert img.shape == (72, 64)
+    assert img.dtype == np.uint8
+    assert img.max() == 255
+    assert img.min() < 40
+    assert img[0, 63] == 255

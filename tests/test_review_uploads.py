@@ -1,0 +1,350 @@
+"""Pen uploads the OCR could attach to no bureau, in the review UI: listed apart in the queue, shown with their
+page, claimed on opening, given a registered bureau (the upload is read again: the OCR relay re-enqueues its job)
+or rejected; and end to end, a real InkML upload with no bureau from its OCR job to its return in the journal."""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from playwright.sync_api import expect
+from review_support import (
+    ReviewEnv,
+    bureau_codes,
+    env,
+    item_id_for,
+    login,
+    record_stray_upload,
+    sqlite_journal,
+)
+from rq import SimpleWorker
+from rq.job import Job, JobStatus
+from sqlalchemy import func, select, update
+from test_review_browser import _log_in, _shot, _watch_console, browser, screenshots, served
+
+from pen_gateway.ocr_relay import OcrRelay
+from pen_gateway.uploads import get_upload, uploads
+from returns_queue.jobs import ocr_job_id, ocr_queue
+from returns_queue.journal import audit, returns
+from review.review_items import ItemUnavailable
+from tests.form_fill import consistent_counts, handwriting_available
+
+__all__ = ["browser", "env", "screenshots", "served", "sqlite_journal"]  # the fixtures, imported for pytest
+UPLOAD = "01JNOBUREAU000000000000000A"
+
+
+def text(response) -> str:
+    return html.unescape(response.get_data(as_text=True))
+
+
+def desk(env: ReviewEnv):  # the UnassignedUploads of the app
+    return env.app.extensions["remontee_review"].uploads
+
+
+def audit_rows(env: ReviewEnv, action: str) -> list:
+    with env.journal.read() as conn:
+        return conn.execute(select(audit).where(audit.c.action == action)).all()
+
+
+def ocr_mark(env: ReviewEnv, upload_id: str) -> float | None:
+    with env.journal.read() as conn:
+        return conn.execute(select(uploads.c.ocr_enqueued_at).where(uploads.c.upload_id == upload_id)).scalar_one()
+
+
+def test_queue_lists_uploads_without_bureau_apart_oldest_first(env: ReviewEnv) -> None:
+    now = time.time()
+    record_stray_upload(env.journal, "01JNOBUREAU00000000000000B", received_at=now - 120, station_id="station-B",
+                        pen_serial="AJX-B")
+    record_stray_upload(env.journal, "01JNOBUREAU00000000000000A", received_at=now - 3 * 3600, station_id="station-A",
+                        pen_serial="AJX-A", error="page InkML sans aucun trait")
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get("/items"))
+    assert "Envois sans bureau identifié" in page and "2 envois" in page
+    section = page.split("Envois sans bureau identifié", 1)[1]
+    assert section.index("station-A") < section.index("station-B")  # oldest first
+    assert "AJX-A" in section and "AJX-B" in section
+    assert "page InkML sans aucun trait" in section and "bureau introuvable" in section
+    assert "3 h 00" in section and "2 min" in section  # how long each has waited
+    assert "/uploads/01JNOBUREAU00000000000000A" in section
+    assert "Aucun élément ne correspond" in page  # no review item: the uploads are not counted as items
+    # A filter that cannot match an upload without a bureau hides the section; the default shows it.
+    assert "Envois sans bureau identifié" not in text(client.get("/items?channel=ivr"))
+    assert "Envois sans bureau identifié" not in text(client.get("/items?state=approved"))
+    assert "Envois sans bureau identifié" in text(client.get("/items?channel=pen"))
+
+
+def test_upload_page_shows_the_page_or_says_there_is_none(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD, var_dir=env.settings.var_dir, pen_serial="AJX-00C0FE")
+    record_stray_upload(env.journal, "01JNOBUREAU0000000000NOPAGE")
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get(f"/uploads/{UPLOAD}"))
+    assert f"/uploads/{UPLOAD}/page.png" in page and "AJX-00C0FE" in page and "bureau introuvable" in page
+    assert 'name="bureau"' in page and "Réservé par vous" in page
+    png = client.get(f"/uploads/{UPLOAD}/page.png")
+    assert png.status_code == 200 and png.mimetype == "image/png"
+    assert png.data == (env.settings.var_dir / "uploads" / "artefacts" / UPLOAD / "page.png").read_bytes()
+    bare = text(client.get("/uploads/01JNOBUREAU0000000000NOPAGE"))
+    assert "Pas d'image de page disponible" in bare and "page.png" not in bare
+    assert client.get("/uploads/01JNOBUREAU0000000000NOPAGE/page.png").status_code == 404
+    assert client.get("/uploads/01JUNKNOWN").status_code == 404
+    assert client.get("/uploads/..%2Fsecret").status_code == 404
+
+
+def test_assigning_a_registered_bureau_sends_the_upload_back_to_be_read_and_is_audited(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD, var_dir=env.settings.var_dir)
+    with env.journal.write() as conn:  # the OCR relay had marked its first job
+        conn.execute(update(uploads).where(uploads.c.upload_id == UPLOAD).values(ocr_enqueued_at=time.time()))
+    code = bureau_codes(env.registry)[0]
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/uploads/{UPLOAD}")
+    response = client.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": token, "bureau": f" {code} "})
+    assert response.status_code == 303
+    assert f"rattaché au bureau {code}" in text(client.get("/items"))
+    upload = get_upload(env.journal, UPLOAD)
+    assert upload.status == "queued" and upload.bureau == code and upload.return_id is None
+    assert upload.error is None  # the station's status read no longer shows the old reason
+    assert ocr_mark(env, UPLOAD) is None  # the OCR relay's to-do again
+    [row] = audit_rows(env, "assign_bureau")
+    assert row.actor == "alice" and row.subject == UPLOAD
+    assert json.loads(row.before) == {"bureau": None} and json.loads(row.after) == {"bureau": code}
+    assert "Envois sans bureau identifié" not in text(client.get("/items"))
+    decided = text(client.get(f"/uploads/{UPLOAD}"))
+    assert f'Rattaché au bureau <span class="mono">{code}</span> par alice' in decided
+    assert 'name="bureau"' not in decided
+    assert "en attente de lecture" in decided
+    # The audit trail names the action for people.
+    admin = env.client()
+    login(admin, "root")
+    assert "bureau attribué à un envoi" in text(admin.get("/audit?action=assign_bureau"))
+
+
+@pytest.mark.parametrize("typed", ["999999", "75A01", ""])
+def test_an_unknown_or_malformed_bureau_is_refused_and_changes_nothing(env: ReviewEnv, typed: str) -> None:
+    record_stray_upload(env.journal, UPLOAD)
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/uploads/{UPLOAD}")
+    response = client.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": token, "bureau": typed})
+    assert response.status_code == 422
+    page = text(response)
+    assert "Bureau refusé" in page and "Rien n'a été modifié" in page
+    if typed == "999999":
+        assert "inconnu du registre" in page and 'value="999999"' in page  # kept for the next try
+    upload = get_upload(env.journal, UPLOAD)
+    assert upload.status == "review" and upload.bureau is None and upload.error
+    assert audit_rows(env, "assign_bureau") == []
+
+
+def test_assigning_twice_yields_one_change(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD)
+    first, second = bureau_codes(env.registry)[:2]
+    client = env.client()
+    token = login(client, "alice")
+    assert client.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": token, "bureau": first}).status_code == 303
+    again = client.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": token, "bureau": second})
+    assert again.status_code == 409 and f"déjà été rattaché au bureau {first} par alice" in text(again)
+    assert get_upload(env.journal, UPLOAD).bureau == first
+    assert len(audit_rows(env, "assign_bureau")) == 1
+    rejected = client.post(f"/uploads/{UPLOAD}/reject", data={"csrf_token": token, "reason": "doublon"})
+    assert rejected.status_code == 409 and get_upload(env.journal, UPLOAD).status == "queued"
+
+
+def test_two_supervisors_assigning_at_once_yield_one_change(env: ReviewEnv) -> None:
+    """Both pass the early checks; the conditional UPDATE inside the transaction lets one through."""
+    record_stray_upload(env.journal, UPLOAD)
+    codes = dict(zip(("alice", "bob"), bureau_codes(env.registry)[:2], strict=True))
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def assign(who: str) -> None:
+        barrier.wait()
+        try:
+            outcomes[who] = desk(env).assign(UPLOAD, who, codes[who], env.registry)
+        except ItemUnavailable as exc:
+            outcomes[who] = exc
+
+    threads = [threading.Thread(target=assign, args=(who,)) for who in codes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [who for who, o in outcomes.items() if not isinstance(o, ItemUnavailable)]
+    assert len(winners) == 1 and len(outcomes) == 2
+    assert get_upload(env.journal, UPLOAD).bureau == codes[winners[0]]
+    [row] = audit_rows(env, "assign_bureau")
+    assert row.actor == winners[0]
+
+
+def test_opening_an_upload_claims_it_and_a_second_supervisor_only_reads(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD)
+    alice, bob = env.client(), env.client()
+    alice_token = login(alice, "alice")
+    bob_token = login(bob, "bob")
+    assert "Réservé par vous" in text(alice.get(f"/uploads/{UPLOAD}"))
+    assert desk(env).get(UPLOAD).claimed_by == "alice"
+    assert "réservé par alice" in text(bob.get("/items"))
+    bob_page = text(bob.get(f"/uploads/{UPLOAD}"))
+    assert "Consultation seule" in bob_page and "traitement par alice" in bob_page
+    assert 'name="bureau"' not in bob_page
+    code = bureau_codes(env.registry)[0]
+    refused = bob.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": bob_token, "bureau": code})
+    assert refused.status_code == 409 and "traitement par alice" in text(refused)
+    assert bob.post(f"/uploads/{UPLOAD}/reject", data={"csrf_token": bob_token, "reason": "non"}).status_code == 409
+    assert bob.post(f"/uploads/{UPLOAD}/claim", data={"csrf_token": bob_token}).status_code == 409
+    assert get_upload(env.journal, UPLOAD).status == "review"
+    # Alice's heartbeat keeps it; releasing lets bob take it.
+    beat = alice.post(f"/uploads/{UPLOAD}/claim", data={"csrf_token": alice_token})
+    assert beat.status_code == 200 and beat.json["claimed"] is True
+    assert alice.post(f"/uploads/{UPLOAD}/release", data={"csrf_token": alice_token}).status_code == 303
+    assert "Réservé par vous" in text(bob.get(f"/uploads/{UPLOAD}"))
+    assert bob.post(f"/uploads/{UPLOAD}/assign", data={"csrf_token": bob_token, "bureau": code}).status_code == 303
+
+
+def test_reject_needs_a_reason_and_is_audited(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD)
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/uploads/{UPLOAD}")
+    blank = client.post(f"/uploads/{UPLOAD}/reject", data={"csrf_token": token, "reason": "  "})
+    assert blank.status_code == 400 and "motif est obligatoire" in text(blank)
+    assert get_upload(env.journal, UPLOAD).status == "review"
+    reason = "page d'essai, pas un procès-verbal"
+    assert client.post(f"/uploads/{UPLOAD}/reject", data={"csrf_token": token, "reason": reason}).status_code == 303
+    upload = get_upload(env.journal, UPLOAD)
+    assert upload.status == "rejected" and upload.return_id is None and upload.bureau is None
+    [row] = audit_rows(env, "reject_upload")
+    assert row.actor == "alice" and row.subject == UPLOAD
+    assert json.loads(row.after) == {"status": "rejected", "note": reason}
+    decided = text(client.get(f"/uploads/{UPLOAD}"))
+    assert "Rejeté par alice" in decided and reason in decided and "Rejeter cet envoi" not in decided
+    assert "Envois sans bureau identifié" not in text(client.get("/items"))
+
+
+def test_progress_counts_uploads_without_bureau_as_waiting(env: ReviewEnv) -> None:
+    record_stray_upload(env.journal, UPLOAD)
+    record_stray_upload(env.journal, "01JNOBUREAU00000000000000C")
+    client = env.client()
+    login(client, "alice")
+    data = client.get("/progress.json").json
+    assert data["uploads_waiting"] == 2 and data["items_open"] == 0
+    panel = text(client.get("/progress/panel"))
+    assert 'data-figure="items">2<' in panel and 'data-figure="uploads-waiting">2</span> envois sans bureau' in panel
+
+
+def test_the_ocr_relay_replaces_the_ended_job_of_an_upload_sent_back(env: ReviewEnv) -> None:
+    """The first job's id (derived from the upload id) is still taken by the finished job: the relay replaces it,
+    but only for an upload that is queued again, and never a job that is still waiting or running."""
+    record_stray_upload(env.journal, UPLOAD)
+    record_stray_upload(env.journal, "01JNOBUREAU0000000000WAITS")
+    queue = ocr_queue(env.redis)
+    for upload_id in (UPLOAD, "01JNOBUREAU0000000000WAITS"):
+        queue.enqueue("builtins.len", "x", job_id=ocr_job_id(upload_id))  # stands for the first recognition
+    SimpleWorker([queue], connection=env.redis).work(burst=True)
+    assert Job.fetch(ocr_job_id(UPLOAD), connection=env.redis).get_status() == JobStatus.FINISHED
+    relay = OcrRelay(env.journal, env.redis, "builtins.str", grace=0)
+    assert relay.relay_once() == 0  # nothing queued: the finished jobs stay
+    for code, upload_id in zip(bureau_codes(env.registry), (UPLOAD, "01JNOBUREAU0000000000WAITS"), strict=False):
+        desk(env).assign(upload_id, "alice", code, env.registry)
+    queue.enqueue("builtins.len", "y", job_id=ocr_job_id("01JNOBUREAU0000000000WAITS"))  # its new job, waiting
+    assert relay.relay_once(now=time.time() + 1) == 1
+    job = Job.fetch(ocr_job_id(UPLOAD), connection=env.redis)
+    assert job.func_name == "builtins.str" and job.args == (UPLOAD,) and job.get_status() == JobStatus.QUEUED
+    assert Job.fetch(ocr_job_id("01JNOBUREAU0000000000WAITS"), connection=env.redis).args == ("y",)
+    assert ocr_mark(env, UPLOAD) is not None and relay.relay_once(now=time.time() + 1) == 0
+    assert sorted(queue.job_ids) == sorted(ocr_job_id(u) for u in (UPLOAD, "01JNOBUREAU0000000000WAITS"))
+    # An ended job whose upload is no longer queued (its first run has just written the row) is left alone.
+    record_stray_upload(env.journal, "01JNOBUREAU0000000000STAYS")
+    queue.enqueue("builtins.len", "z", job_id=ocr_job_id("01JNOBUREAU0000000000STAYS"))
+    SimpleWorker([queue], connection=env.redis).work(burst=True)
+    assert relay._replace_ended(["01JNOBUREAU0000000000STAYS"]) == []
+    assert Job.fetch(ocr_job_id("01JNOBUREAU0000000000STAYS"), connection=env.redis).args == ("z",)
+
+
+@pytest.mark.skipif(not handwriting_available(),
+                    reason="../shared/data/handwriting is absent: the page is written with real held-out handwriting")
+def test_an_inkml_upload_with_no_bureau_reaches_the_journal_once_a_supervisor_assigns_it(
+    env: ReviewEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_recognition_job import inkml_upload, run_worker, store_upload
+
+    # The worker's settings: the review UI's journal, registry and var/ (where the reviewer's artefacts go).
+    for key, value in {"REMONTEE_VAR_DIR": env.settings.var_dir, "REMONTEE_DB_URL": env.journal.url,
+                       "REMONTEE_REGISTRY": env.settings.registry_path, "REMONTEE_ELECTION": env.election.id}.items():
+        monkeypatch.setenv(key, str(value))
+    bureau = env.registry.get(bureau_codes(env.registry)[10])
+    counts = consistent_counts(env.election, np.random.default_rng(21), inscrits=bureau.inscrits)
+    # Strokes carry no QR; no `bureau` field; a pen the registry does not know.
+    upload_id = store_upload(env.journal, env.settings.var_dir.parent, inkml_upload(env.election, counts, seed=21),
+                             "application/inkml+xml", pen_serial="AJX-UNREGISTERED")
+    [first] = run_worker(env.redis, [upload_id])
+    assert first.get_status() == JobStatus.FINISHED
+    upload = get_upload(env.journal, upload_id)
+    assert upload.status == "review" and upload.return_id is None and "bureau introuvable" in upload.error
+
+    client = env.client()
+    token = login(client, "alice")
+    queue_page = text(client.get("/items"))
+    assert "Envois sans bureau identifié" in queue_page and "AJX-UNREGISTERED" in queue_page
+    page = text(client.get(f"/uploads/{upload_id}"))
+    assert "Page rendue" in page and client.get(f"/uploads/{upload_id}/page.png").status_code == 200
+    assigned = client.post(f"/uploads/{upload_id}/assign", data={"csrf_token": token, "bureau": bureau.code})
+    assert assigned.status_code == 303
+
+    # The pen gateway's OCR relay sees the upload queued again and puts a new job on `ocr`; a worker reads it.
+    relay = OcrRelay(env.journal, env.redis)
+    assert relay.relay_once(now=time.time() + 60) == 1
+    SimpleWorker([ocr_queue(env.redis)], connection=env.redis).work(burst=True)
+    upload = get_upload(env.journal, upload_id)
+    assert upload.status in ("accepted", "review") and upload.return_id and upload.receipt
+    entry = env.journal.get(upload.return_id)
+    assert entry.ret.bureau == bureau.code and entry.ret.channel == "pen" and entry.receipt == upload.receipt
+    assert entry.ret.source == {"upload_id": upload_id, "station_id": "station-7", "pen_serial": "AJX-UNREGISTERED"}
+    assert entry.status == ("accepted" if upload.status == "accepted" else "review")
+    queue_page = text(client.get("/items"))
+    assert "Envois sans bureau identifié" not in queue_page
+    if entry.status == "review":  # the figures wait for a supervisor as any pen return's do
+        assert f"/items/{item_id_for(env.journal, upload.return_id)}" in queue_page
+    # Relaying again reads it no more; one return for the upload.
+    assert relay.relay_once(now=time.time() + 60) == 0
+    with env.journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
+
+
+def test_in_a_browser_a_supervisor_assigns_the_bureau_of_an_upload(
+    browser: Any, served: tuple[str, ReviewEnv], screenshots: Path
+) -> None:
+    """Chromium against the app served on loopback: the section, the upload's page, an unknown bureau refused,
+    then the right one; no console error (the page keeps the content security policy)."""
+    base, env = served
+    record_stray_upload(env.journal, UPLOAD, var_dir=env.settings.var_dir, received_at=time.time() - 1500,
+                        pen_serial="AJX-00C0FE")
+    page = browser.new_context(viewport={"width": 1366, "height": 900}, locale="fr-FR").new_page()
+    errors = _watch_console(page)
+    _log_in(page, base, "alice")
+    expect(page.get_by_role("heading", name="Envois sans bureau identifié")).to_be_visible()
+    _shot(page, screenshots / "12-queue-uploads-without-bureau.png")
+    page.get_by_role("link", name=f"Ouvrir l'envoi {UPLOAD} de la station station-3").click()
+    page.wait_for_url(f"{base}/uploads/{UPLOAD}")
+    expect(page.get_by_text("Réservé par vous")).to_be_visible()
+    assert page.locator(".page-image img").evaluate("img => img.naturalWidth") == 300  # the PNG was served
+    page.get_by_label("Code du bureau").fill("999999")
+    page.get_by_role("button", name="Rattacher et relire").click()
+    expect(page.get_by_text("le bureau 999999 est inconnu du registre")).to_be_visible()
+    _shot(page, screenshots / "13-upload-unknown-bureau.png")
+    code = bureau_codes(env.registry)[0]
+    page.get_by_label("Code du bureau").fill(code)
+    page.get_by_role("button", name="Rattacher et relire").click()
+    page.wait_for_url(f"{base}/items")
+    expect(page.get_by_text(f"rattaché au bureau {code}")).to_be_visible()
+    assert get_upload(env.journal, UPLOAD).bureau == code
+    # Chromium reports the refusal's status (422) on the console; nothing else may appear there.
+    assert [e for e in errors if "status of 422" not in e] == []

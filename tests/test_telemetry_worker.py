@@ -1,0 +1,100 @@
+"""The RQ workers' operations: `run_gateway.py worker` for real (forking a work horse per job), its metrics
+listener scraped after real jobs, the horses' metric files folded away, and each job's ids on its log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from telemetry_helpers import scrape, value
+
+from conftest import ROOT, free_port
+from forms import Election
+from registry import Registry
+from returns_queue.jobs import ocr_job_id
+from returns_queue.journal import Journal
+from returns_queue.relay import Relay
+from validation import check_return, new_return
+
+GOOD_T1 = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "aubry": 70, "baylet": 5, "hollande": 90,
+           "montebourg": 40, "royal": 25, "valls": 15}
+
+
+def test_worker_metrics_and_log_lines(tmp_path: Path, redis: Redis, redis_server: Any, registry: Registry,
+                                      election_t1: Election) -> None:
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+    codes = sorted(registry.bureaux)[:3]
+    for code in codes:
+        ret = new_return(election_t1, code, GOOD_T1, "ivr", {"call_id": f"c-{code}", "caller_id": "anonymous"})
+        assert journal.submit(ret, check_return(ret, election_t1, registry.get(code))).status == "accepted"
+    assert Relay(journal, redis, "returns_queue.consolidation.consolidate").relay_once() == 3
+    ocr = Queue("ocr", connection=redis)
+    for upload_id in ("01JWORKERUPLOADA00000000000", "01JWORKERUPLOADB00000000000"):
+        ocr.enqueue("telemetry_jobs.recognized_for_review", upload_id, job_id=ocr_job_id(upload_id))
+    broken = "01JWORKERUPLOADC00000000000"
+    ocr.enqueue("telemetry_jobs.broken", broken, job_id=ocr_job_id(broken))
+
+    port = free_port()
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+           "REMONTEE_DB_URL": journal.url, "REMONTEE_WORKER_METRICS_PORT": str(port), "REMONTEE_BIND": "127.0.0.1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker"], env=env, cwd=tmp_path,
+                                  stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 30
+            samples: dict[Any, float] = {}
+            while time.monotonic() < deadline:
+                try:
+                    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+                except (urllib.error.URLError, ConnectionError):
+                    samples = {}
+                if value(samples, "remontee_rq_job_seconds_count", queue="returns", outcome="ok") == 3 and value(
+                        samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="failed") == 1:
+                    break
+                assert worker.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            assert value(samples, "remontee_rq_job_seconds_count", queue="returns", outcome="ok") == 3
+            assert value(samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="ok") == 2
+            assert value(samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="failed") == 1
+            assert value(samples, "remontee_ocr_seconds_count", status="review") == 2
+            assert value(samples, "remontee_ocr_seconds_count", status="failed") == 1
+            assert value(samples, "remontee_ocr_seconds_bucket", status="review", le="+Inf") == 2
+            assert value(samples, "remontee_uploads_total", status="review") == 2
+            assert value(samples, "remontee_uploads_total", status="failed") == 1
+            # Queue state read from the real Redis at scrape time.
+            assert value(samples, "remontee_rq_failed_jobs", default=None, queue="ocr") == 1
+            assert value(samples, "remontee_rq_queued_jobs", default=None, queue="ocr") == 0
+            assert value(samples, "remontee_rq_queued_jobs", default=None, queue="returns") == 0
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(20)
+    # Six horses, six exits: their files were folded into the archive after each job.
+    files = sorted(p.name for p in (tmp_path / "metrics" / "worker").glob("*.db"))
+    assert files == ["counter_archive.db", "histogram_archive.db"], files
+
+    lines = [json.loads(raw) for raw in log_path.read_text().splitlines() if raw.startswith("{")]
+    assert lines and all(line["part"] == "worker" for line in lines)
+    read = [line for line in lines if line["logger"] == "pen_gateway.recognition.job"]
+    assert sorted(line["upload_id"] for line in read) == [
+        "01JWORKERUPLOADA00000000000", "01JWORKERUPLOADB00000000000", "01JWORKERUPLOADC00000000000"]
+    assert all(line["msg"].startswith(f"upload {line['upload_id']}:") for line in read)
+    assert all(line["job_id"] == ocr_job_id(line["upload_id"]) for line in read)
+    # RQ's own lines about a job, from the worker and its horse, carry the job's ids too.
+    about_ocr = [line for line in lines if line["logger"].startswith("rq") and "ocr-01JWORKERUPLOAD" in line["msg"]
+                 and "upload_id" in line]
+    assert about_ocr and all(ocr_job_id(line["upload_id"]) in line["msg"] for line in about_ocr)
+    consolidated = [line for line in lines if line.get("return_id")]
+    assert {line["bureau"] for line in consolidated} == set(codes)
+    journal.dispose()
