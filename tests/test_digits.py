@@ -91,7 +91,7 @@ def test_heldout_accuracy_and_threshold(
         if s.name.startswith(source) and s.name.endswith(condition)
     )
     s = next(s for s in heldout_sample if s.name == name)
-    readings = recognizer.read(s.cells)
+    readings = recognizer.read(s.cells, borders=s.borders)
     pred = np.array([-1 if r.digit is None else r.digit for r in readings])
     conf = np.array([r.confidence for r in readings])
     accuracy = float((pred == s.labels).mean())
@@ -181,3 +181,29 @@ def test_render_strokes_dark_on_white() -> None:
     assert img.max() == 255
     assert img.min() < 40
     assert img[0, 63] == 255
+
+
+def _seven_running_into_the_top_edge() -> np.ndarray:
+    # The bar of a 7 written so close to the box's top that the inset crop cuts through it.
+    return render_strokes([[(14, 2), (77, 2), (38, 95)]], (80, 105), 6.0, smooth=False)
+
+
+def test_ink_at_the_edge_of_an_inset_crop_is_the_digit_not_a_border() -> None:
+    cell = _seven_running_into_the_top_edge()
+    framed = preprocess.prepare(cell)  # the rule for crops that may hold border remnants
+    inset = preprocess.prepare(cell, borders=False)
+    assert not inset.empty
+    assert inset.ink_pixels > 1.5 * framed.ink_pixels  # the bar survives
+    # ... at the top of the model's input, where a 7's bar belongs
+    top = slice(0, preprocess.INPUT_SIZE // 3)
+    assert inset.image[top].sum() > 2 * framed.image[top].sum()
+
+
+def test_a_whole_border_line_is_still_removed_from_an_inset_crop() -> None:
+    # A page aligned badly enough to bring the printed border into the crop: not a digit.
+    cell = np.full((105, 80), 245, np.uint8)
+    cv2.line(cell, (0, 3), (79, 4), 40, 3)
+    assert preprocess.prepare(cell, borders=False).empty
+    cell = np.full((105, 80), 245, np.uint8)
+    cv2.line(cell, (2, 0), (3, 104), 40, 3)
+    assert preprocess.prepare(cell, borders=False).empty

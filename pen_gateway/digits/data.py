@@ -2,8 +2,11 @@
 
 This module owns where the development data lives (``shared/data/handwriting``
 beside the repository), how it is read and how it is split for validation:
-pendigits by *writer* (1-24 train, 25-30 held out) and MNIST by a fixed index
-slice (0-3999 train, 4000-4999 held out). The data itself is never copied into
+pendigits by *writer* (1-20 train, 21-24 calibration, 25-30 held out) and
+MNIST by a fixed index slice (0-3499 train, 3500-3999 calibration, 4000-4999
+held out). The calibration writers are never trained on: the temperature and
+the auto-accept threshold are chosen on them, so the held-out writers only
+ever measure. The data itself is never copied into
 the repository; see ``ATTRIBUTION.md``. Only numpy is needed.
 """
 
@@ -18,9 +21,11 @@ import numpy as np
 
 PENDIGITS_FILE = "pendigits-dev.jsonl"
 MNIST_FILE = "mnist-dev.npz"
-PEN_VAL_WRITERS = frozenset(range(25, 31))
+PEN_VAL_WRITERS = frozenset(range(25, 31))  # held out: measured on, never trained or tuned on
+PEN_CALIB_WRITERS = frozenset(range(21, 25))  # carved out of the training writers to fit T and the threshold
 MNIST_VAL_SLICE = slice(4000, 5000)
-MNIST_TRAIN_SLICE = slice(0, 4000)
+MNIST_CALIB_SLICE = slice(3500, 4000)
+MNIST_TRAIN_SLICE = slice(0, 3500)
 
 
 def default_data_dir() -> Path:
@@ -61,6 +66,16 @@ def split_pendigits(
     train = [s for s in samples if s.writer not in PEN_VAL_WRITERS]
     val = [s for s in samples if s.writer in PEN_VAL_WRITERS]
     return train, val
+
+
+def calibration_pendigits(samples: list[PenSample]) -> list[PenSample]:
+    """Writers 21-24: out of training, used only to choose the temperature and the threshold."""
+    return [s for s in samples if s.writer in PEN_CALIB_WRITERS]
+
+
+def training_pendigits(samples: list[PenSample]) -> list[PenSample]:
+    """Writers 1-20."""
+    return [s for s in samples if s.writer not in PEN_VAL_WRITERS | PEN_CALIB_WRITERS]
 
 
 def load_mnist(data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,12 @@ numbers in ``digits.json`` and the benchmark are computed, so that training
 (which fits the temperature and picks the threshold) and the benchmark (which
 re-measures through ``DigitRecognizer``) use exactly the same cells:
 
-* pendigits writers 25-30 and MNIST images 4000-4999, never trained on;
-* each rendered under the conditions ``clean pen``, ``scan`` and ``harsh scan``
-  with a fixed seed per (source, condition);
+* pendigits writers 25-30 and MNIST images 4000-4999, never trained on nor
+  tuned on (``heldout_sets``);
+* pendigits writers 21-24 and MNIST images 3500-3999, never trained on, on
+  which the temperature and the threshold are chosen (``calibration_sets``);
+* each rendered under the conditions ``clean pen``, ``scan``, ``harsh scan``
+  and ``inset crop`` with a fixed seed per (source, condition);
 * generated empty boxes (class ``EMPTY``) with their own seeds.
 
 numpy and OpenCV only.
@@ -26,7 +29,7 @@ from . import data, synth
 
 EMPTY = 10  # class index of "empty box"; digits are 0-9
 CLASSES = (*[str(d) for d in range(10)], "empty")
-CONDITIONS = (synth.CLEAN, synth.SCAN, synth.HARSH)
+CONDITIONS = (synth.CLEAN, synth.SCAN, synth.HARSH, synth.CROP)
 THRESHOLDS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999)
 # Held-out samples whose label is wrong on inspection (the drawing is
 # unambiguously another digit). They stay in every reported figure; only the
@@ -42,6 +45,7 @@ class EvalSet:
     cells: list[np.ndarray]
     labels: np.ndarray  # int64, 0-9 or EMPTY
     ids: tuple[str, ...]  # e.g. "pendigits w30 s79", "mnist 4123", "empty 7"
+    borders: bool = True  # whether the crops may hold box-border remnants (``preprocess.prepare(borders=)``)
 
 
 def _seed(*parts: str, salt: int = 0) -> int:
@@ -58,8 +62,36 @@ def heldout_sets(
 ) -> list[EvalSet]:
     """Render the held-out samples; ``salt`` != 0 gives fresh renders of the same samples."""
     _, pen_val = data.split_pendigits(data.load_pendigits(data_dir))
+    return _render_sets(pen_val, data.MNIST_VAL_SLICE, "w25-30", "4000-4999", data_dir,
+                        conditions=conditions, limit=limit, n_empty=n_empty, salt=salt)
+
+
+def calibration_sets(
+    data_dir: Path | None = None,
+    *,
+    conditions: Sequence[synth.Condition] = CONDITIONS,
+    n_empty: int = 1000,
+) -> list[EvalSet]:
+    """The calibration writers (pendigits 21-24, MNIST 3500-3999), rendered like the held-out ones."""
+    pen_cal = data.calibration_pendigits(data.load_pendigits(data_dir))
+    return _render_sets(pen_cal, data.MNIST_CALIB_SLICE, "w21-24", "3500-3999", data_dir,
+                        conditions=conditions, limit=None, n_empty=n_empty, salt=7)
+
+
+def _render_sets(
+    pen_val: list[data.PenSample],
+    mnist_slice: slice,
+    pen_tag: str,
+    mnist_tag: str,
+    data_dir: Path | None,
+    *,
+    conditions: Sequence[synth.Condition],
+    limit: int | None,
+    n_empty: int,
+    salt: int,
+) -> list[EvalSet]:
     images, labels = data.load_mnist(data_dir)
-    mn_idx = np.arange(len(images))[data.MNIST_VAL_SLICE]
+    mn_idx = np.arange(len(images))[mnist_slice]
     if limit is not None:
         # An even spread over writers/indices, not the first ones only.
         pen_val = [
@@ -75,11 +107,11 @@ def heldout_sets(
         rng = np.random.default_rng(_seed("pendigits", cond.name, salt=salt))
         cells = [synth.pen_cell(s.strokes, rng, cond) for s in pen_val]
         sets.append(
-            EvalSet(f"pendigits w25-30 / {cond.name}", cells, pen_labels, pen_ids)
+            EvalSet(f"pendigits {pen_tag} / {cond.name}", cells, pen_labels, pen_ids, cond.crop_has_borders)
         )
         rng = np.random.default_rng(_seed("mnist", cond.name, salt=salt))
         cells = [synth.mnist_cell(images[i], rng, cond) for i in mn_idx]
-        sets.append(EvalSet(f"mnist 4000-4999 / {cond.name}", cells, mn_labels, mn_ids))
+        sets.append(EvalSet(f"mnist {mnist_tag} / {cond.name}", cells, mn_labels, mn_ids, cond.crop_has_borders))
     if n_empty:
         rng = np.random.default_rng(_seed("empty", salt=salt))
         kinds = (synth.TRAIN, synth.HARSH)

@@ -70,8 +70,8 @@ def _rescale(gray: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (new_w, WORK_HEIGHT), interpolation=interp)
 
 
-def _edge_runs(run: np.ndarray, horizontal: bool) -> np.ndarray:
-    """Keep the runs that touch the crop edge and lie in an edge band."""
+def _edge_runs(run: np.ndarray, horizontal: bool, whole_only: bool = False) -> np.ndarray:
+    """Keep the runs that touch the crop edge and lie in an edge band (``whole_only``: that span the crop)."""
     h, w = run.shape
     n, labels, stats, _ = cv2.connectedComponentsWithStats(run, connectivity=8)
     keep = np.zeros(n, dtype=bool)
@@ -89,7 +89,7 @@ def _edge_runs(run: np.ndarray, horizontal: bool) -> np.ndarray:
         edge_dist = min(mid, side - mid) / side
         # Long runs may sit anywhere in the band; shorter ones only hugging the
         # edge (a tilted border leaves the crop through the near edge quickly).
-        if edge_dist < EDGE_HUG:
+        if edge_dist < EDGE_HUG and not whole_only:
             keep[i] = touches and length >= LINE_MIN_LENGTH
         else:
             # Further in, only a border seen whole (edge to edge) counts: the
@@ -103,7 +103,7 @@ def _edge_runs(run: np.ndarray, horizontal: bool) -> np.ndarray:
     return keep[labels].astype(np.uint8)
 
 
-def _border_lines(mask: np.ndarray) -> np.ndarray:
+def _border_lines(mask: np.ndarray, whole_only: bool = False) -> np.ndarray:
     """Pixels of box-border remnants: long straight runs at the crop edges.
 
     A printed box border spans the whole box, so whatever part of it a crop
@@ -120,19 +120,26 @@ def _border_lines(mask: np.ndarray) -> np.ndarray:
         cv2.MORPH_OPEN,
         np.ones((1, max(3, round(LINE_MIN_LENGTH * w))), np.uint8),
     )
-    lines = cv2.dilate(_edge_runs(run, horizontal=True), grow)
+    lines = cv2.dilate(_edge_runs(run, horizontal=True, whole_only=whole_only), grow)
     smear = cv2.dilate(mask, np.ones((1, 5), np.uint8))
     run = cv2.morphologyEx(
         smear,
         cv2.MORPH_OPEN,
         np.ones((max(3, round(LINE_MIN_LENGTH * h)), 1), np.uint8),
     )
-    lines |= cv2.dilate(_edge_runs(run, horizontal=False), grow)
+    lines |= cv2.dilate(_edge_runs(run, horizontal=False, whole_only=whole_only), grow)
     return lines
 
 
-def prepare(cell: np.ndarray) -> Prepared:
-    """Turn one cell into a network input and decide whether it is empty."""
+def prepare(cell: np.ndarray, *, borders: bool = True) -> Prepared:
+    """Turn one cell into a network input and decide whether it is empty.
+
+    ``borders=False`` says the crop was cut inside the box's printed border (the pipeline's
+    scan and ink cells): ink touching an edge is then the digit running past the crop and is
+    kept whole, not mistaken for a border remnant (that rule cut the bar off many 2s and 7s
+    written close to the box's edge). Only a straight line spanning the whole crop near an
+    edge, which no digit draws, is still taken for a border (a page aligned badly).
+    """
     gray = _rescale(_to_gray(cell)).astype(np.float32)
     h, w = gray.shape
     smooth = cv2.GaussianBlur(
@@ -145,7 +152,7 @@ def prepare(cell: np.ndarray) -> Prepared:
     # Borders are found on a lower threshold: printed lines are often lighter
     # than pen ink and would otherwise survive as broken dashes.
     faint = (darkness > max(0.2 * contrast, MIN_INK_DELTA)).astype(np.uint8)
-    mask &= 1 - _border_lines(faint)
+    mask &= 1 - _border_lines(faint, whole_only=not borders)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     band_h, band_w = EDGE_BAND * h, EDGE_BAND * w
     keep = np.zeros(n, dtype=bool)
@@ -154,7 +161,7 @@ def prepare(cell: np.ndarray) -> Prepared:
         if area < MIN_COMPONENT_AREA:
             continue
         # Fragments lying wholly in one edge band are border corners or ticks.
-        if x + bw <= band_w or x >= w - band_w or y + bh <= band_h or y >= h - band_h:
+        if borders and (x + bw <= band_w or x >= w - band_w or y + bh <= band_h or y >= h - band_h):
             continue
         keep[i] = True
     kept = keep[labels]
@@ -190,9 +197,9 @@ def prepare(cell: np.ndarray) -> Prepared:
     return Prepared(out, False, ink_pixels)
 
 
-def prepare_batch(cells: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def prepare_batch(cells: Sequence[np.ndarray], *, borders: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(inputs float32 (N, 1, INPUT_SIZE, INPUT_SIZE), empty bool (N,))."""
-    prepared = [prepare(c) for c in cells]
+    prepared = [prepare(c, borders=borders) for c in cells]
     x = np.zeros((len(prepared), 1, INPUT_SIZE, INPUT_SIZE), np.float32)
     for i, p in enumerate(prepared):
         x[i, 0] = p.image

@@ -32,12 +32,22 @@ class Condition:
     jitter: bool = True  # random size, position, slant, pen width, cell size
     borders: float = 0.0  # probability that box borders are left in the crop
     scan: float = 0.0  # strength of the scan simulation, 0..1
+    fill: tuple[float, float] = (0.5, 0.85)  # the digit's height as a share of the cell's, when jittered
+    clip: bool = False  # the digit may run into the crop's edges (the pipeline's inset crops)
+
+    @property
+    def crop_has_borders(self) -> bool:
+        """Whether preprocessing must look for box-border remnants (``preprocess.prepare(borders=...)``)."""
+        return self.borders > 0
 
 
 CLEAN = Condition("clean pen", jitter=False)
 SCAN = Condition("scan", jitter=True, borders=0.7, scan=0.6)
 HARSH = Condition("harsh scan", jitter=True, borders=0.9, scan=1.0)
 TRAIN = Condition("train", jitter=True, borders=0.5, scan=1.0)
+# A box cut inside its printed border, as the pipeline cuts scans: no border, the digit often
+# touching or running past the crop's edges.
+CROP = Condition("inset crop", jitter=True, borders=0.0, scan=1.0, fill=(0.55, 1.0), clip=True)
 
 
 def _cell_size(rng: np.random.Generator, jitter: bool) -> tuple[int, int]:
@@ -80,12 +90,17 @@ def pen_cell(
     allt = np.vstack(pts)
     lo, hi = allt.min(axis=0), allt.max(axis=0)
     ext = np.maximum(hi - lo, 1e-6)
-    frac = rng.uniform(0.5, 0.85) if cond.jitter else 0.7
-    scale = min(frac * h / ext[1], 0.8 * w / ext[0])
+    frac = rng.uniform(*cond.fill) if cond.jitter else 0.7
+    scale = min(frac * h / ext[1], (0.95 if cond.clip else 0.8) * w / ext[0])
     pen = PEN_WIDTH_PX * (rng.uniform(0.5, 1.6) if cond.jitter else 1.0)
     size = ext * scale
-    free = np.maximum(np.array([w, h]) - size - pen, 0)
-    offset = rng.uniform(0.2, 0.8, 2) * free if cond.jitter else free / 2
+    free = np.array([w, h]) - size - pen
+    if cond.clip:
+        # Anywhere from flush against one edge to a little past it.
+        offset = rng.uniform(-0.08, 1.08, 2) * np.maximum(free, 0) + np.minimum(free, 0) * rng.uniform(0, 1, 2)
+    else:
+        free = np.maximum(free, 0)
+        offset = rng.uniform(0.2, 0.8, 2) * free if cond.jitter else free / 2
     origin = offset + pen / 2 - lo * scale
     placed = [p * scale + origin for p in pts]
     img = render_strokes(placed, (w, h), pen, ink=0, paper=255)
@@ -133,7 +148,7 @@ def mnist_cell(
             img = cv2.dilate(img, np.ones((2, 2), np.uint8))
     w, h = _cell_size(rng, cond.jitter)
     # MNIST digits fill a 20 px box inside 28 px.
-    frac = rng.uniform(0.5, 0.85) if cond.jitter else 0.7
+    frac = rng.uniform(*cond.fill) if cond.jitter else 0.7
     s = frac * h / 20.0
     big = cv2.resize(
         img,
@@ -146,7 +161,10 @@ def mnist_cell(
     # Place the 28-px frame so the 20-px digit lands inside the cell.
     pad = 4 * s
     free_x, free_y = w - 20 * s, h - 20 * s
-    if cond.jitter:
+    if cond.clip:
+        ox = -pad + rng.uniform(-0.08, 1.08) * max(free_x, 0) + min(free_x, 0) * rng.uniform(0, 1)
+        oy = -pad + rng.uniform(-0.08, 1.08) * max(free_y, 0) + min(free_y, 0) * rng.uniform(0, 1)
+    elif cond.jitter:
         ox = -pad + rng.uniform(0.2, 0.8) * max(free_x, 0)
         oy = -pad + rng.uniform(0.2, 0.8) * max(free_y, 0)
     else:
@@ -190,9 +208,9 @@ def empty_cell(rng: np.random.Generator, cond: Condition = TRAIN) -> np.ndarray:
             -1,
             cv2.LINE_AA,
         )
-    cond = Condition(
-        cond.name, jitter=True, borders=max(cond.borders, 0.8), scan=max(cond.scan, 0.3)
-    )
+    # An inset crop (``cond.clip``) keeps no border; any other crop mostly does.
+    borders = 0.0 if cond.clip else max(cond.borders, 0.8)
+    cond = Condition(cond.name, jitter=True, borders=borders, scan=max(cond.scan, 0.3), clip=cond.clip)
     return finish(img, rng, cond)
 
 
