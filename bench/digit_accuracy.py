@@ -39,10 +39,10 @@ THRESHOLDS = (0.9, 0.99, 0.999, RECOMMENDED_THRESHOLD)
 
 
 def answers(
-    rec: DigitRecognizer, cells: list[np.ndarray]
+    rec: DigitRecognizer, cells: list[np.ndarray], borders: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """(class 0-9 or EMPTY, confidence) per cell, exactly as ``read`` reports them."""
-    readings = rec.read(cells)
+    readings = rec.read(cells, borders=borders)
     pred = np.array(
         [evaluation.EMPTY if r.digit is None else r.digit for r in readings]
     )
@@ -79,7 +79,7 @@ def run_sets(
     rec: DigitRecognizer, sets: list[evaluation.EvalSet]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pred, conf, labels, set names) over all cells of ``sets``."""
-    out = [answers(rec, s.cells) for s in sets]
+    out = [answers(rec, s.cells, s.borders) for s in sets]
     labels = np.concatenate([s.labels for s in sets])
     names = np.concatenate([[s.name] * len(s.labels) for s in sets])
     return (
