@@ -31,11 +31,13 @@ EMPTY = 10  # class index of "empty box"; digits are 0-9
 CLASSES = (*[str(d) for d in range(10)], "empty")
 CONDITIONS = (synth.CLEAN, synth.SCAN, synth.HARSH, synth.CROP)
 THRESHOLDS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999)
-# Held-out samples whose label is wrong on inspection (the drawing is
-# unambiguously another digit). They stay in every reported figure; only the
-# threshold choice ignores them, since no threshold can "fix" a wrong label.
+# Samples whose label is wrong on inspection (the drawing is unambiguously
+# another digit). They stay in every reported figure; only the threshold
+# choice (on the calibration writers) ignores them, since no threshold can
+# "fix" a wrong label.
 KNOWN_LABEL_ERRORS = {
-    "pendigits w30 s79": "labelled 3, drawn as a clear 2",
+    "pendigits w30 s79": "labelled 3, drawn as a clear 2 (held out)",
+    "pendigits w24 s168": "labelled 6, drawn as a clear 5 (calibration)",
 }
 
 
