@@ -47,7 +47,7 @@ class DigitReading:
 
 @dataclass
 class _Loaded:
-    net: cv2.dnn.Net
+    nets: list[cv2.dnn.Net]  # one per ensemble member; their logits are averaged
     lock: threading.Lock
     temperature: float
     empty_class: int
@@ -68,9 +68,10 @@ def _load(path: Path) -> _Loaded:
                 raise ValueError(
                     f"{path}: model input {meta['input']['size']} != {preprocess.INPUT_SIZE}"
                 )
-            net = cv2.dnn.readNetFromONNX(str(path))
+            # An ensemble's digits.json lists its members (ONNX files beside it), the first being `path`.
+            members = [path.with_name(name) for name in meta.get("members", [path.name])]
             loaded = _Loaded(
-                net,
+                [cv2.dnn.readNetFromONNX(str(member)) for member in members],
                 threading.Lock(),
                 float(meta["temperature"]),
                 int(meta["empty_class"]),
@@ -97,11 +98,12 @@ class DigitRecognizer:
         m = self._model
         for i in range(0, len(inputs), _BATCH):
             blob = np.ascontiguousarray(inputs[i : i + _BATCH], dtype=np.float32)
+            logits = np.zeros((len(blob), m.empty_class + 1))
             with m.lock:
-                m.net.setInput(blob)
-                logits = np.array(m.net.forward(), dtype=np.float64).reshape(
-                    len(blob), -1
-                )
+                for net in m.nets:
+                    net.setInput(blob)
+                    logits += np.array(net.forward(), dtype=np.float64).reshape(len(blob), -1)
+            logits /= len(m.nets)
             z = logits / m.temperature
             z -= z.max(axis=1, keepdims=True)
             e = np.exp(z)

@@ -22,6 +22,12 @@ Reproduce the shipped model (about 25 min on 2 quiet CPU cores)::
     cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train
 
 ``--quick`` trains a tiny model into a temporary folder to test the pipeline.
+
+An ensemble: train members with other ``--seed``s into other folders, then
+``--ensemble A/digits.onnx B/digits.onnx --out-dir D`` copies them into ``D``
+(``digits.onnx``, ``digits-2.onnx``, ...) and writes a ``digits.json`` whose
+temperature and threshold are fitted, by the same rules, on the members'
+averaged logits.
 """
 
 from __future__ import annotations
@@ -205,6 +211,77 @@ def _prepared(sets: list[evaluation.EvalSet]) -> tuple[np.ndarray, np.ndarray, n
     return np.concatenate(xs), np.concatenate([s.labels for s in sets]), names
 
 
+def calibrate(
+    cal_logits: np.ndarray, cy: np.ndarray, cal_ids: np.ndarray
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(temperature, threshold, calibration predictions, confidences), from the calibration cells only.
+
+    A wrong label the model reads right would pull the temperature up (flatter, less useful
+    probabilities): known label errors are left out of both fits, and counted in every figure.
+    """
+    trusted = ~np.isin(cal_ids, list(evaluation.KNOWN_LABEL_ERRORS))
+    temperature = evaluation.fit_temperature(cal_logits[trusted], cy[trusted])
+    probs = evaluation.softmax(cal_logits, temperature)
+    pred, conf = probs.argmax(1), probs.max(1)
+    threshold = evaluation.pick_threshold(pred[trusted], conf[trusted], cy[trusted])
+    return temperature, threshold, pred, conf
+
+
+def ensemble_main(members: list[Path], out_dir: Path) -> int:
+    """Copy trained members into ``out_dir`` and calibrate their averaged logits (no training)."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ["digits.onnx"] + [f"digits-{k + 1}.onnx" for k in range(1, len(members))]
+    metas = [json.loads(m.with_suffix(".json").read_text(encoding="utf-8")) for m in members]
+    for src, name in zip(members, names, strict=True):
+        if src.resolve() != (out_dir / name).resolve():
+            shutil.copyfile(src, out_dir / name)
+
+    def mean_logits(x: np.ndarray) -> np.ndarray:
+        return np.mean([cv2_logits(out_dir / n, x) for n in names], axis=0)
+
+    sets = evaluation.heldout_sets()
+    vx, vy, vnames = _prepared(sets)
+    cal_sets = evaluation.calibration_sets()
+    cx, cy, cal_names = _prepared(cal_sets)
+    cal_ids = np.array([i for s in cal_sets for i in s.ids])
+    temperature, threshold, cal_pred, cal_conf = calibrate(mean_logits(cx), cy, cal_ids)
+    probs = evaluation.softmax(mean_logits(vx), temperature)
+    pred, conf = probs.argmax(1), probs.max(1)
+    meta = dict(metas[0])
+    meta.update({
+        "members": names,
+        "temperature": round(temperature, 5),
+        "recommended_threshold": threshold,
+        "known_label_errors": evaluation.KNOWN_LABEL_ERRORS,
+        "heldout_accuracy": {
+            s.name: {"n": len(s.labels), "accuracy": round(float((pred[vnames == s.name] == s.labels).mean()), 5)}
+            for s in sets
+        },
+        "reliability": {
+            g: [vars(evaluation.reliability(pred[sel], conf[sel], vy[sel], t)) for t in evaluation.THRESHOLDS]
+            for g, sel in {
+                "all held-out cells": np.ones(len(vy), bool),
+                "pendigits w25-30": np.char.startswith(vnames, "pendigits"),
+                "mnist 4000-4999": np.char.startswith(vnames, "mnist"),
+                "empty boxes": vnames == "empty boxes",
+            }.items()
+        },
+        "calibration_accuracy": {
+            s.name: round(float((cal_pred[cal_names == s.name] == s.labels).mean()), 5) for s in cal_sets
+        },
+        "calibration_reliability": [
+            vars(evaluation.reliability(cal_pred, cal_conf, cy, t)) for t in evaluation.THRESHOLDS
+        ],
+        "training": [m["training"] for m in metas],
+    })
+    meta.pop("cv2_vs_torch_max_logit_diff", None)
+    (out_dir / "digits.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: meta[k] for k in ("temperature", "recommended_threshold", "heldout_accuracy")}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny run into a temp dir, to test the pipeline",
     )
+    ap.add_argument("--ensemble", type=Path, nargs="+", help="calibrate these trained members together")
     args = ap.parse_args(argv)
+    if args.ensemble:
+        return ensemble_main(args.ensemble, args.out_dir)
     if args.quick:
         args.epochs, args.pen_variants, args.mnist_variants, args.empty = 1, 1, 1, 500
         args.out_dir = Path(tempfile.mkdtemp(prefix="digits-quick-"))
@@ -283,15 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t0
 
     # Temperature and threshold from the calibration writers only; the held-out ones only measure.
-    # A wrong label the model reads right would pull the temperature up (flatter, less useful
-    # probabilities): known label errors are left out of both fits, and counted in every figure.
     cal_ids = np.array([i for s in cal_sets for i in s.ids])
-    trusted = ~np.isin(cal_ids, list(evaluation.KNOWN_LABEL_ERRORS))
-    cal_logits = predict_logits(model, cx)
-    temperature = evaluation.fit_temperature(cal_logits[trusted], cy[trusted])
-    cal_probs = evaluation.softmax(cal_logits, temperature)
-    cal_pred, cal_conf = cal_probs.argmax(1), cal_probs.max(1)
-    threshold = evaluation.pick_threshold(cal_pred[trusted], cal_conf[trusted], cy[trusted])
+    temperature, threshold, cal_pred, cal_conf = calibrate(predict_logits(model, cx), cy, cal_ids)
     logits = predict_logits(model, vx)
     probs = evaluation.softmax(logits, temperature)
     pred, conf = probs.argmax(1), probs.max(1)
