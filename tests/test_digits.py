@@ -207,3 +207,21 @@ def test_a_whole_border_line_is_still_removed_from_an_inset_crop() -> None:
     cell = np.full((105, 80), 245, np.uint8)
     cv2.line(cell, (2, 0), (3, 104), 40, 3)
     assert preprocess.prepare(cell, borders=False).empty
+
+
+def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:
+    # Two copies of the shipped net: the average of equal logits is those logits, so the reading is the same.
+    meta = json.loads(MODEL_PATH.with_suffix(".json").read_text(encoding="utf-8"))
+    members = meta.get("members", [MODEL_PATH.name])
+    for name in members:
+        (tmp_path / name).write_bytes(MODEL_PATH.with_name(name).read_bytes())
+    (tmp_path / "twice.onnx").write_bytes(MODEL_PATH.read_bytes())
+    meta["members"] = [*members, "twice.onnx"] if len(members) == 1 else members
+    (tmp_path / "digits.json").write_text(json.dumps(meta), encoding="utf-8")
+    cell = render_strokes([[(22, 25), (58, 25), (36, 85)]], (80, 105), 6.0, smooth=False)
+    single = DigitRecognizer().read([cell])[0]
+    ensemble = DigitRecognizer(tmp_path / "digits.onnx")
+    assert len(ensemble._model.nets) == len(meta["members"])
+    if len(members) == 1:
+        assert ensemble.read([cell])[0].confidence == pytest.approx(single.confidence, rel=1e-6)
+    assert ensemble.read([cell])[0].digit == single.digit == 7
