@@ -6,8 +6,9 @@ into calibrated ``DigitReading``s, and ``RECOMMENDED_THRESHOLD`` is the
 confidence above which a reading may be auto-accepted (chosen on held-out
 writers so that no wrong value was accepted; see ``digits.json``).
 
-The ONNX network (``digits.onnx``, trained by ``train.py``) is loaded once per
-process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
+The ONNX networks (``digits.onnx`` and the other ensemble members that
+``digits.json`` lists, trained by ``train.py``; their logits are averaged) are
+loaded once per process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
 every forward pass holds that net's lock. When a box's pen strokes are known (an
 InkML page), the trajectory model (``trajectory.py``) reads them too and the two
 answers are combined into one calibrated probability.
