@@ -26,14 +26,15 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, enqueue_ocr
+from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, ocr_job_data
 from pen_gateway.recorder import UploadRecorder
 from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
 from pen_gateway.storage import RawStore
-from pen_gateway.uploads import create_tables
-from returns_queue.jobs import OCR_QUEUE
+from pen_gateway.uploads import Upload, create_tables
+from returns_queue.jobs import OCR_QUEUE, ocr_queue
 from returns_queue.journal import Journal
 from settings import Settings
+from telemetry import logs
 from telemetry.exposition import install_flask
 from telemetry.state import StateCollector
 
@@ -69,9 +70,10 @@ class PenGateway:
         create_tables(self.journal)
         self.stations = StationRegistry(self.journal, settings.var_dir)
         self.store = RawStore(settings.var_dir)
-        self.recorder = UploadRecorder(self.journal, settings.var_dir / "journal.lock" if self.journal.sqlite else None)
         # Short timeouts: a hung Redis must not hold an upload whose bytes are already journaled.
         self.redis = Redis.from_url(settings.redis_url_resolved, socket_timeout=2, socket_connect_timeout=1)
+        self.recorder = UploadRecorder(self.journal, settings.var_dir / "journal.lock" if self.journal.sqlite else None,
+                                       store=self.store, after_commit=self._enqueue_recorded)
         self.ocr_job, self.signature_window, self.relay_grace = ocr_job, signature_window, relay_grace
         self._redis_down_until = 0.0
         self._stop = threading.Event()
@@ -79,15 +81,26 @@ class PenGateway:
 
     def enqueue_ocr(self, upload_id: str) -> bool:
         """Best effort, after the journal commit: False leaves the job to the OCR relay."""
+        return self.enqueue_ocr_many([upload_id])
+
+    def enqueue_ocr_many(self, upload_ids: list[str]) -> bool:
+        """The `ocr` jobs of uploads just committed, in one Redis round trip; False leaves them to the OCR relay."""
         if time.monotonic() < self._redis_down_until:
             return False  # Redis failed a moment ago: don't make every upload wait for it to fail again
         try:
-            enqueue_ocr(self.redis, upload_id, self.ocr_job)
+            queue = ocr_queue(self.redis)
+            queue.enqueue_many([ocr_job_data(queue, upload_id, self.ocr_job) for upload_id in upload_ids])
             return True
         except RedisError as exc:
             self._redis_down_until = time.monotonic() + 1.0
-            log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it", upload_id, exc)
+            for upload_id in upload_ids:  # a line per upload, each carrying its id (as a request's lines do)
+                with logs.bound(upload_id=upload_id):
+                    log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it",
+                                upload_id, exc)
             return False
+
+    def _enqueue_recorded(self, recorded: list[Upload]) -> None:
+        self.enqueue_ocr_many([upload.upload_id for upload in recorded])
 
     def journal_disk_full(self) -> bool:
         """Whether the SQLite journal's filesystem is out of room (SQLite often reports that as an I/O error)."""
