@@ -13,6 +13,7 @@ the relay takes it over from the API); `SIGNATURE_WINDOW` (seconds a timestamp m
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from pen_gateway.multipart import parse_form_data
 from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, ocr_job_data
 from pen_gateway.recorder import UploadRecorder
 from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
@@ -49,14 +51,24 @@ HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 4
 
 
 class PenRequest(Request):
-    """Keeps file parts in memory: the whole body is already in memory (bounded by MAX_CONTENT_LENGTH),
-    and Werkzeug would otherwise spool each part over 500 KB to a temporary file on disk."""
+    """Parses an upload's multipart body from memory (`pen_gateway.multipart`) when it is well formed, and
+    keeps file parts in memory when Werkzeug parses it: the whole body is already in memory (bounded by
+    MAX_CONTENT_LENGTH), and Werkzeug would otherwise spool each part over 500 KB to a temporary file."""
 
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None) -> Any:
-        import io
-
         return io.BytesIO()
+
+    def _load_form_data(self) -> None:
+        body = getattr(self, "_cached_data", None)  # the signature check read it (get_data(cache=True))
+        if "form" not in self.__dict__ and isinstance(body, bytes) and self.mimetype == "multipart/form-data":
+            parsed = parse_form_data(body, self.mimetype_params.get("boundary", ""),
+                                     max_field_bytes=self.max_form_memory_size, max_parts=self.max_form_parts)
+            if parsed is not None:
+                self.__dict__["stream"] = io.BytesIO()
+                self.__dict__["form"], self.__dict__["files"] = parsed
+                return
+        super()._load_form_data()
 
 
 class PenGateway:
