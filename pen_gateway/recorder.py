@@ -5,8 +5,8 @@ An upload is acknowledged only once its raw bytes are on disk and its row is com
 waits for the data of every file written meanwhile), and SQLite takes one writer at a time, whose
 waiters otherwise poll with sleeps of up to 100 ms. So each gateway process has one recorder
 thread that takes every upload waiting to be journaled and, for the whole batch: makes the raw
-files durable (`RawStore.make_durable`: one fdatasync each, their writeback already started by
-the request threads, then one fsync per directory), checks and inserts the rows in a single
+files' names durable (`RawStore.make_durable`: one fsync per directory, all at once; the request
+threads have synced the bytes themselves, in parallel), checks and inserts the rows in a single
 transaction on one long-lived connection, commits once, and hands the batch to a second thread
 that runs `after_commit` on the recorded uploads (the gateway enqueues their `ocr` jobs there, in
 one Redis round trip, while the recorder goes on with the next batch: a slow Redis never holds up
@@ -206,7 +206,7 @@ class UploadRecorder:
 
     def _commit(self, batch: list[_Intent]) -> None:
         try:
-            # The batch's raw files first: bytes, names and directories, before the rows that point at them.
+            # The batch's raw files first (their directories), before the rows that point at them.
             failed = self.store.make_durable([i.file for i in batch if i.file is not None])
             for intent in batch:
                 if intent.file is not None and intent.file in failed:

@@ -1,19 +1,18 @@
 """Raw upload storage: the bytes exactly as the docking station sent them, content-addressed and on disk.
 
 A file lives at `<var>/uploads/raw/<first two hex digits>/<sha256>`. Storing is two steps, so
-that many uploads share one round of disk flushes (group commit for files, as the recorder does
-for rows):
+that many uploads share the directory flushes (group commit for names, as the recorder does for
+rows):
 
-- `RawStore.write` (in the request's thread) writes the bytes to a temporary file in the final
-  directory and starts their writeback, without waiting for it;
-- `RawStore.make_durable` (in the recorder's thread, for a whole batch) fdatasyncs each file,
-  renames it into place and fsyncs each directory once.
+- `RawStore.write` (in the request's thread, many at once) writes the bytes to a temporary file
+  in the final directory, fdatasyncs it and renames it into place: a file at its final name
+  always holds its whole content;
+- `RawStore.make_durable` (in the recorder's thread, for a whole batch) fsyncs each directory the
+  batch renamed into once, all of them at the same time, so that their flushes overlap.
 
-A file is renamed into place only once its bytes are on disk, so a file at its final name always
-holds its whole content; its name is durable once the directory is synced, which the recorder
-does before the commit of the rows that point at it. `put` does both steps for one file. The
-API answers 202 only after both (and after the journal commit). Identical bytes are stored once,
-whoever sent them.
+The recorder does the second step before the commit of the rows that point at the files; the
+API answers 202 only after both (and after the journal commit). `put` does both for one file.
+Identical bytes are stored once, whoever sent them.
 
 A full disk (ENOSPC, EDQUOT) raises `StorageFull` and leaves nothing behind: the temporary file
 is removed, and a file is never renamed into place unless it was completely written and synced.
@@ -22,32 +21,18 @@ is removed, and a file is never renamed into place unless it was completely writ
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the dirty pages, do not wait
-
-
-def _writeback_starter() -> object:
-    """sync_file_range(2) (not in Python's os module): starts a file's writeback at once, so that by the time
-    the recorder fdatasyncs a batch most of its bytes are already on their way (fdatasync alone would
-    write them one file after the other). A no-op where the C library lacks it."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _writeback_starter()
+# Directories synced at once by make_durable: one thread each (they wait on the disk, not the CPU).
+DIRECTORY_SYNC_THREADS = 16
 
 
 class StorageFull(OSError):
@@ -59,13 +44,6 @@ class StoredFile:
     sha256: str
     path: Path
     created: bool  # False when identical bytes were already stored
-    # While written but not yet durable: the temporary file and its open descriptor.
-    temporary: Path | None = field(default=None, repr=False)
-    fd: int | None = field(default=None, repr=False)
-
-    @property
-    def pending(self) -> bool:
-        return self.temporary is not None
 
 
 def fsync_directory(path: Path) -> None:
@@ -75,6 +53,14 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_directory(directory: Path) -> OSError | None:
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _full(exc: OSError, what: str) -> OSError:
@@ -88,6 +74,9 @@ class RawStore:
 
     def __init__(self, var_dir: Path) -> None:
         self.root = (Path(var_dir) / "uploads" / "raw").resolve()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = 0
+        self._executor_lock = threading.Lock()
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -108,11 +97,11 @@ class RawStore:
             raise
 
     def write(self, data: bytes, sha256: str | None = None) -> StoredFile:
-        """Write `data` next to its final place and start its writeback; `make_durable` finishes the job.
+        """Write `data`, sync it and rename it into place; its name is durable once `make_durable` has run.
 
         Raises StorageFull when the disk is full (nothing kept). Identical bytes already stored
-        give a file that is not pending: only its directory is left to sync (the process that
-        renamed it may have died before syncing it)."""
+        are not written again; their directory is synced by make_durable all the same (the
+        process that renamed them may have died before syncing it)."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         self._ensure_directory(final.parent)
@@ -121,54 +110,50 @@ class RawStore:
         temporary = final.parent / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if _sync_file_range is not None:
-                _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                # Data and size only: the name is made durable by the directory's fsync.
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, final)
         except OSError as exc:
-            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
             raise _full(exc, "the upload") from exc
-        return StoredFile(digest, final, created=True, temporary=temporary, fd=fd)
+        return StoredFile(digest, final, created=True)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None or self._executor_pid != os.getpid():  # none yet, or a parent's
+            with self._executor_lock:
+                if self._executor is None or self._executor_pid != os.getpid():
+                    self._executor = ThreadPoolExecutor(DIRECTORY_SYNC_THREADS, thread_name_prefix="raw-dir-sync")
+                    self._executor_pid = os.getpid()
+        return self._executor
 
     def make_durable(self, files: Iterable[StoredFile]) -> dict[StoredFile, OSError]:
-        """Sync the bytes of every pending file, rename it into place, then sync each directory once.
+        """Fsync, all at once, each directory the files were renamed into: their names become durable.
 
-        Returns the files that could not be made durable, with why (StorageFull for a full disk);
-        those left nothing behind. The others are durable, names included."""
-        failed: dict[StoredFile, OSError] = {}
+        Returns the files whose directory could not be synced, with why (StorageFull for a full
+        disk); those this request created are removed (nothing half-kept)."""
         directories: dict[Path, list[StoredFile]] = {}
         for stored in files:
             directories.setdefault(stored.path.parent, []).append(stored)
-            if stored.temporary is None or stored.fd is None:
+        if len(directories) == 1:
+            outcomes = {directory: _sync_directory(directory) for directory in directories}
+        else:
+            outcomes = dict(zip(directories, self._pool().map(_sync_directory, directories), strict=True))
+        failed: dict[StoredFile, OSError] = {}
+        for directory, error in outcomes.items():
+            if error is None:
                 continue
-            try:
-                try:
-                    os.fdatasync(stored.fd)
-                finally:
-                    os.close(stored.fd)
-                    stored.fd = None
-                os.replace(stored.temporary, stored.path)
-                stored.temporary = None
-            except OSError as exc:
-                with contextlib.suppress(FileNotFoundError):
-                    stored.temporary.unlink()
-                stored.temporary, stored.created = None, False  # nothing of this request's is left
-                failed[stored] = _full(exc, "the upload")
-        for directory, stored_there in directories.items():
-            if all(s in failed for s in stored_there):
-                continue
-            try:
-                fsync_directory(directory)
-            except OSError as exc:  # the names are not durable: none of these files is kept
-                for stored in stored_there:
-                    if stored not in failed:
-                        failed[stored] = _full(exc, "the upload")
-                        self.discard(stored)
-                        stored.created = False
+            for stored in directories[directory]:
+                failed[stored] = _full(error, "the upload")
+                self.discard(stored)
+                stored.created = False  # removed: nothing of this request's is left to discard
         return failed
 
     def put(self, data: bytes, sha256: str | None = None) -> StoredFile:
@@ -181,15 +166,6 @@ class RawStore:
 
     def discard(self, stored: StoredFile) -> None:
         """Remove a file this request created, when the journal could not record it (nothing half-kept)."""
-        if stored.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(stored.fd)
-            stored.fd = None
-        if stored.temporary is not None:
-            with contextlib.suppress(FileNotFoundError):
-                stored.temporary.unlink()
-            stored.temporary = None
-            return
         if stored.created:
             with contextlib.suppress(FileNotFoundError):
                 stored.path.unlink()
