@@ -4,13 +4,18 @@ An upload is acknowledged only once its raw bytes are on disk and its row is com
 `synchronous=FULL`. Every flush waits for the disk (and on ext4 in ordered mode a commit also
 waits for the data of every file written meanwhile), and SQLite takes one writer at a time, whose
 waiters otherwise poll with sleeps of up to 100 ms. So each gateway process has one recorder
-thread that takes every upload waiting to be journaled and, for the whole batch: makes the raw
-files' names durable (`RawStore.make_durable`: one fsync per directory, all at once; the request
-threads have synced the bytes themselves, in parallel), checks and inserts the rows in a single
-transaction on one long-lived connection, commits once, and hands the batch to a second thread
-that runs `after_commit` on the recorded uploads (the gateway enqueues their `ocr` jobs there, in
-one Redis round trip, while the recorder goes on with the next batch: a slow Redis never holds up
-the journal) and then wakes the request threads with what became of each:
+pipeline of three threads that take every upload waiting to be journaled, a batch at a time, each
+stage taking at once everything the stage before it has finished (so batches grow when the disk
+is slow, and the stages overlap: the directories of one batch are synced while the rows of the
+one before are committed):
+
+1. the file stage makes the batch's raw file names durable (`RawStore.make_durable`: one fsync per
+   directory, all at once; the request threads have synced the bytes themselves, in parallel);
+2. the commit stage checks and inserts the rows in a single transaction on one long-lived
+   connection and commits once;
+3. the after-commit stage runs `after_commit` on the recorded uploads (the gateway enqueues their
+   `ocr` jobs there, in one Redis round trip: a slow Redis never holds up the journal) and then
+   wakes the request threads with what became of each:
 
 - `recorded`: the row and the signature are committed;
 - `first`: an upload under the same Idempotency-Key (from this station) was committed before;
@@ -18,7 +23,7 @@ the journal) and then wakes the request threads with what became of each:
 
 Processes of one gateway (gunicorn workers) take turns through an flock on `<var>/journal.lock`,
 which hands over at once where SQLite's own busy wait would sleep (up to 100 ms a nap). The
-gateway's other writes (the OCR relay's marks) go through the same thread (`write`), so they
+gateway's other writes (the OCR relay's marks) go through the commit stage (`write`), so they
 never make a batch wait on SQLite's lock. The long-lived connection also
 keeps the WAL open, so closing the per-request read connections never has to checkpoint it.
 """
@@ -87,9 +92,10 @@ class UploadRecorder:
         # request threads are woken; best effort (what it raises is logged, the uploads stay recorded).
         self.after_commit = after_commit
         self._queue: queue.SimpleQueue[_Intent | _Call | None] = queue.SimpleQueue()
+        self._synced: queue.SimpleQueue[list[_Intent] | _Call | None] = queue.SimpleQueue()
         self._committed: queue.SimpleQueue[list[_Intent] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._thread: threading.Thread | None = None
-        self._after_thread: threading.Thread | None = None
         self._pid = 0
         self._conn: Connection | None = None
         self._start_lock = threading.Lock()
@@ -125,12 +131,10 @@ class UploadRecorder:
 
     def close(self) -> None:
         if self._thread is not None and self._pid == os.getpid():
-            self._queue.put(None)
-            self._thread.join(10)
-            self._committed.put(None)
-            if self._after_thread is not None:
-                self._after_thread.join(10)
-        self._thread = self._after_thread = None
+            self._queue.put(None)  # each stage passes it on to the next once done with what came before
+            for thread in self._threads:
+                thread.join(10)
+        self._thread, self._threads = None, []
 
     # --- the recorder thread ---
 
@@ -140,12 +144,15 @@ class UploadRecorder:
         with self._start_lock:
             if self._thread is None or self._pid != os.getpid():  # none yet, or inherited through fork
                 self._pid, self._conn = os.getpid(), None
-                self._queue, self._committed = queue.SimpleQueue(), queue.SimpleQueue()  # not a parent's
-                self._after_thread = threading.Thread(target=self._run_after_commit, name="upload-after-commit",
-                                                      daemon=True)
-                self._after_thread.start()
-                self._thread = threading.Thread(target=self._run, name="upload-recorder", daemon=True)
-                self._thread.start()
+                # Not a parent's queues (after a fork, their items are nobody's).
+                self._queue, self._synced = queue.SimpleQueue(), queue.SimpleQueue()
+                self._committed = queue.SimpleQueue()
+                self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in (
+                    (self._run_after_commit, "upload-after-commit"), (self._run_commits, "upload-commit"),
+                    (self._run, "upload-files"))]
+                for thread in self._threads:
+                    thread.start()
+                self._thread = self._threads[-1]
 
     def _run(self) -> None:
         while True:
@@ -164,17 +171,64 @@ class UploadRecorder:
                     break
                 waiting.append(more)
             batch = [w for w in waiting if isinstance(w, _Intent)]
-            calls = [w for w in waiting if isinstance(w, _Call)]
+            if batch:
+                batch = self._sync_files(batch)
+                if batch:
+                    self._synced.put(batch)
+            for call in waiting:
+                if isinstance(call, _Call):
+                    self._synced.put(call)
+            if stop:
+                break
+        self._synced.put(None)
+
+    def _sync_files(self, batch: list[_Intent]) -> list[_Intent]:
+        """The file stage: the batch's raw files made durable; those that cannot be are answered here."""
+        try:
+            failed = self.store.make_durable([i.file for i in batch if i.file is not None])
+        except BaseException as exc:  # every waiting request hears of it, none is left hanging
+            for intent in batch:
+                intent.outcome, intent.error = None, exc
+                intent.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return []
+        for intent in batch:
+            if intent.file is not None and intent.file in failed:
+                intent.outcome, intent.error = None, failed[intent.file]
+                intent.done.set()
+        return [i for i in batch if not i.done.is_set()]
+
+    def _run_commits(self) -> None:
+        """The commit stage: every batch whose files are synced, in one transaction; the gateway's other writes."""
+        while True:
+            first = self._synced.get()
+            if first is None:
+                break
+            waiting = [first]
+            stop = False
+            while True:
+                try:
+                    more = self._synced.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                waiting.append(more)
+            batch = [i for w in waiting if isinstance(w, list) for i in w]
             if batch:
                 self._commit(batch)
-            for call in calls:
-                self._call(call)
+            for call in waiting:
+                if isinstance(call, _Call):
+                    self._call(call)
             if stop:
                 break
         if self._conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 self._conn.close()
             self._conn = None
+        self._committed.put(None)
 
     def _call(self, call: _Call) -> None:
         try:
@@ -206,15 +260,6 @@ class UploadRecorder:
 
     def _commit(self, batch: list[_Intent]) -> None:
         try:
-            # The batch's raw files first (their directories), before the rows that point at them.
-            failed = self.store.make_durable([i.file for i in batch if i.file is not None])
-            for intent in batch:
-                if intent.file is not None and intent.file in failed:
-                    intent.outcome, intent.error = None, failed[intent.file]
-                    intent.done.set()
-            batch = [i for i in batch if not i.done.is_set()]
-            if not batch:
-                return
             with self._process_lock():
                 try:
                     self._transaction(batch)
