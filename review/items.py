@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from flask import (
     Blueprint,
@@ -48,6 +50,7 @@ bp = Blueprint("items", __name__)
 bp.before_request(require_login)
 
 MAX_SUGGESTIONS = 4
+Claimed = TypeVar("Claimed", ReviewItem, UploadEntry)  # what a supervisor claims by opening its page
 
 
 @dataclass
@@ -223,30 +226,63 @@ def _item_page(
     ), status
 
 
+def _claim_on_opening(entry: Claimed, open_: bool, claim: Callable[[], Claimed],
+                      reread: Callable[[], Claimed]) -> Claimed:
+    """Opening the page of an item or upload still to decide claims it; a reload within the claim costs no write."""
+    fresh = (entry.claimed_by == g.user.username and entry.claimed_until is not None
+             and entry.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
+    if not open_ or fresh:
+        return entry
+    try:
+        return claim()
+    except ItemUnavailable as exc:
+        flash(f"Consultation seule : {exc}.", "warning")
+        return reread()
+
+
+def _renew(claim: Callable[[], Claimed]) -> Any:
+    """Called by a page every few minutes while it stays open, so the claim lasts as long as the work."""
+    try:
+        entry = claim()
+    except ItemUnavailable as exc:
+        return jsonify(claimed=False, message=str(exc)), 409
+    until = datetime.fromtimestamp(entry.claimed_until or 0, context().tz).strftime("%H:%M")
+    return jsonify(claimed=True, claimed_until=entry.claimed_until, until=until)
+
+
+def _reject(entry: Claimed, decide: Callable[[str], None], page: Callable[..., tuple[str, int]],
+            reread: Callable[[], Claimed]) -> tuple[str, int] | None:
+    """Refuse `entry` with the reason typed; None once done, else the page to answer with."""
+    reason = request.form.get("reason", "")
+    if not reason.strip():
+        flash("Un motif est obligatoire pour rejeter.", "error")
+        return page(entry, status=400)
+    try:
+        decide(reason)
+    except ItemUnavailable as exc:
+        flash(f"Rejet impossible : {exc}.", "error")
+        return page(reread(), status=409)
+    return None
+
+
+def _png(path: Path) -> Response:
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+
+
 @bp.get("/items/<int:item_id>")
 def show(item_id: int) -> Any:
     item = _get(item_id)
-    fresh = (item.claimed_by == g.user.username and item.claimed_until is not None
-             and item.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
-    if item.state == "open" and not fresh:  # a reload within the claim costs no write
-        try:
-            item = context().items.claim(item_id, g.user.username)
-        except ItemUnavailable as exc:
-            flash(f"Consultation seule : {exc}.", "warning")
-            item = _get(item_id)
+    item = _claim_on_opening(item, item.state == "open", lambda: context().items.claim(item_id, g.user.username),
+                             lambda: _get(item_id))
     return _item_page(item)
 
 
 @bp.post("/items/<int:item_id>/claim")
 def renew_claim(item_id: int) -> Any:
-    """Called by the item page every few minutes while it stays open, so the claim lasts as long as the work."""
     _get(item_id)
-    try:
-        item = context().items.claim(item_id, g.user.username)
-    except ItemUnavailable as exc:
-        return jsonify(claimed=False, message=str(exc)), 409
-    until = datetime.fromtimestamp(item.claimed_until or 0, context().tz).strftime("%H:%M")
-    return jsonify(claimed=True, claimed_until=item.claimed_until, until=until)
+    return _renew(lambda: context().items.claim(item_id, g.user.username))
 
 
 @bp.post("/items/<int:item_id>/release")
@@ -289,15 +325,10 @@ def approve(item_id: int) -> Any:
 @bp.post("/items/<int:item_id>/reject")
 def reject(item_id: int) -> Any:
     item = _get(item_id)
-    reason = request.form.get("reason", "")
-    if not reason.strip():
-        flash("Un motif est obligatoire pour rejeter.", "error")
-        return _item_page(item, status=400)
-    try:
-        context().items.reject(item_id, g.user.username, reason)
-    except ItemUnavailable as exc:
-        flash(f"Rejet impossible : {exc}.", "error")
-        return _item_page(_get(item_id), status=409)
+    refused = _reject(item, lambda reason: context().items.reject(item_id, g.user.username, reason), _item_page,
+                      lambda: _get(item_id))
+    if refused is not None:
+        return refused
     metrics.REVIEW_DECISIONS.labels("reject").inc()
     if item.channel == "pen" and item.ret.source.get("upload_id"):
         metrics.UPLOADS.labels("rejected").inc()
@@ -314,10 +345,7 @@ def _upload_id(item: ReviewItem) -> str:
 
 @bp.get("/items/<int:item_id>/page.png")
 def page_image(item_id: int) -> Response:
-    path = page_path(context().settings.var_dir, _upload_id(_get(item_id)))
-    if not path.is_file():
-        abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return _png(page_path(context().settings.var_dir, _upload_id(_get(item_id))))
 
 
 @bp.get("/items/<int:item_id>/fields/<field_id>.png")
@@ -325,10 +353,7 @@ def field_image(item_id: int, field_id: str) -> Response:
     item = _get(item_id)
     if field_id not in {f.id for f in load_election(item.election).fields}:
         abort(404)
-    path = field_crop_path(context().settings.var_dir, _upload_id(item), field_id)
-    if not path.is_file():
-        abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return _png(field_crop_path(context().settings.var_dir, _upload_id(item), field_id))
 
 
 # --- pen uploads the OCR could not attach to a bureau ---
@@ -360,26 +385,15 @@ def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 20
 @bp.get("/uploads/<upload_id>")
 def upload(upload_id: str) -> Any:
     entry = _get_upload(upload_id)
-    fresh = (entry.claimed_by == g.user.username and entry.claimed_until is not None
-             and entry.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
-    if entry.waiting and not fresh:  # a reload within the claim costs no write
-        try:
-            entry = context().uploads.claim(upload_id, g.user.username)
-        except ItemUnavailable as exc:
-            flash(f"Consultation seule : {exc}.", "warning")
-            entry = _get_upload(upload_id)
+    entry = _claim_on_opening(entry, entry.waiting, lambda: context().uploads.claim(upload_id, g.user.username),
+                              lambda: _get_upload(upload_id))
     return _upload_page(entry)
 
 
 @bp.post("/uploads/<upload_id>/claim")
 def renew_upload_claim(upload_id: str) -> Any:
     _get_upload(upload_id)
-    try:
-        entry = context().uploads.claim(upload_id, g.user.username)
-    except ItemUnavailable as exc:
-        return jsonify(claimed=False, message=str(exc)), 409
-    until = datetime.fromtimestamp(entry.claimed_until or 0, context().tz).strftime("%H:%M")
-    return jsonify(claimed=True, claimed_until=entry.claimed_until, until=until)
+    return _renew(lambda: context().uploads.claim(upload_id, g.user.username))
 
 
 @bp.post("/uploads/<upload_id>/release")
@@ -412,15 +426,10 @@ def assign_bureau(upload_id: str) -> Any:
 @bp.post("/uploads/<upload_id>/reject")
 def reject_upload(upload_id: str) -> Any:
     entry = _get_upload(upload_id)
-    reason = request.form.get("reason", "")
-    if not reason.strip():
-        flash("Un motif est obligatoire pour rejeter.", "error")
-        return _upload_page(entry, status=400)
-    try:
-        context().uploads.reject(upload_id, g.user.username, reason)
-    except ItemUnavailable as exc:
-        flash(f"Rejet impossible : {exc}.", "error")
-        return _upload_page(_get_upload(upload_id), status=409)
+    refused = _reject(entry, lambda reason: context().uploads.reject(upload_id, g.user.username, reason),
+                      _upload_page, lambda: _get_upload(upload_id))
+    if refused is not None:
+        return refused
     metrics.REVIEW_DECISIONS.labels("reject_upload").inc()
     metrics.UPLOADS.labels("rejected").inc()
     flash(f"Envoi {upload_id} rejeté.", "success")
@@ -429,7 +438,4 @@ def reject_upload(upload_id: str) -> Any:
 
 @bp.get("/uploads/<upload_id>/page.png")
 def upload_page_image(upload_id: str) -> Response:
-    path = page_path(context().settings.var_dir, _get_upload(upload_id).upload_id)
-    if not path.is_file():
-        abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return _png(page_path(context().settings.var_dir, _get_upload(upload_id).upload_id))

@@ -43,7 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from pen_gateway.uploads import create_tables, uploads
 from registry import Registry
 from returns_queue.journal import Journal, audit
-from review.review_items import CLAIM_SECONDS, ItemUnavailable
+from review.review_items import CLAIM_SECONDS, Claimable, ItemUnavailable, claimed
 from validation.normalize import normalize_bureau_code
 
 ASSIGN, REJECT = "assign_bureau", "reject_upload"  # the audit trail's actions, subject the upload id
@@ -77,7 +77,7 @@ class BureauRefused(ValueError):
 
 
 @dataclass(frozen=True)
-class UploadEntry:
+class UploadEntry(Claimable):
     """An upload as the supervisor sees it: where it came from, why it waits, who holds it."""
 
     upload_id: str
@@ -96,15 +96,6 @@ class UploadEntry:
     @property
     def waiting(self) -> bool:
         return self.status == "review" and self.return_id is None
-
-    def held_by_other(self, username: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return (
-            self.claimed_by is not None
-            and self.claimed_by != username
-            and self.claimed_until is not None
-            and self.claimed_until > now
-        )
 
 
 @dataclass(frozen=True)
@@ -180,12 +171,7 @@ class UnassignedUploads:
         with self.journal.write() as conn:
             waiting = conn.execute(select(uploads.c.upload_id).where(uploads.c.upload_id == upload_id, _waiting()))
             done = waiting.first() is not None and self._take(conn, upload_id, username, now + self.claim_seconds)
-        entry = self.get(upload_id)
-        if entry is None:
-            raise ItemUnavailable("envoi inconnu")
-        if not done:
-            raise ItemUnavailable(self._why_unavailable(entry, username))
-        return entry
+        return claimed(done, self.get(upload_id), "envoi inconnu", lambda e: self._why_unavailable(e, username))
 
     def release(self, upload_id: str, username: str) -> None:
         with self.journal.write() as conn:
