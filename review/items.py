@@ -32,6 +32,7 @@ from werkzeug.wrappers import Response
 
 from forms import Election, load_election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
+from pen_gateway.uploads import get_upload
 from review import context
 from review.auth import require_login
 from review.review_items import (
@@ -42,7 +43,7 @@ from review.review_items import (
     ItemUnavailable,
     ReviewItem,
 )
-from review.unassigned_uploads import UPLOAD_STATUS_LABELS, BureauRefused, UploadEntry
+from review.unassigned_uploads import ENTER, UPLOAD_STATUS_LABELS, BureauRefused, UploadEntry
 from telemetry import logs, metrics
 from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
 
@@ -107,12 +108,17 @@ def queue() -> str:
     show_uploads = (chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen")
                     and not chosen["department"] and chosen["reason"] in ("", Reason.UNKNOWN_BUREAU))
     uploads, uploads_total = context().uploads.list(limit=per_page) if show_uploads else ([], 0)
+    # Uploads whose recognition broke: never hidden by a filter that could match them, so none is forgotten.
+    show_failed = chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen") and not chosen["department"]
+    failed, failed_total = context().uploads.list(limit=per_page, failed=True) if show_failed else ([], 0)
     return render_template(
         "queue.html",
         items=items,
         total=total,
         uploads=uploads,
         uploads_total=uploads_total,
+        failed=failed,
+        failed_total=failed_total,
         page=page,
         pages=max(1, math.ceil(total / per_page)),
         chosen=chosen,
@@ -368,8 +374,20 @@ def _get_upload(upload_id: str) -> UploadEntry:
     return entry
 
 
-def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 200) -> tuple[str, int]:
+def _upload_page(entry: UploadEntry, *, bureau_value: str = "", submitted: dict[str, str] | None = None,
+                 findings: list[Finding] | None = None, status: int = 200) -> tuple[str, int]:
     ctx = context()
+    rows: list[FieldRow] = []
+    reading = None
+    if entry.failed:
+        # What the OCR made of the page before it broke, if it got that far: a hint, never a figure typed for them.
+        reading = load_reading(ctx.settings.var_dir, entry.upload_id)
+        invalid = {f.field for f in findings or [] if f.field}
+        for f in load_election(ctx.settings.election).fields:
+            rf = ((reading or {}).get("fields") or {}).get(f.id) or {}
+            rows.append(FieldRow(id=f.id, label=f.label, candidate=f.candidate, max_digits=f.max_digits,
+                                 original=None, value=(submitted or {}).get(f.id, ""), invalid=f.id in invalid,
+                                 read_value=rf.get("value"), confidence=rf.get("confidence")))
     return render_template(
         "upload.html",
         upload=entry,
@@ -377,6 +395,9 @@ def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 20
         decision=None if entry.waiting else ctx.uploads.decision(entry.upload_id),
         editable=entry.waiting and not entry.held_by_other(g.user.username),
         bureau_value=bureau_value,
+        rows=rows,
+        reading=reading,
+        findings=findings or [],
         status_labels=UPLOAD_STATUS_LABELS,
         now=time.time(),
     ), status
@@ -423,6 +444,39 @@ def assign_bureau(upload_id: str) -> Any:
     return redirect(url_for("items.queue"), 303)
 
 
+@bp.post("/uploads/<upload_id>/counts")
+def enter_upload_counts(upload_id: str) -> Any:
+    """The counts of an upload whose recognition failed, typed by the supervisor from its page."""
+    entry = _get_upload(upload_id)
+    election = load_election(context().settings.election)
+    submitted = {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+    bureau = request.form.get("bureau", "")
+    try:
+        outcome = context().uploads.enter_counts(upload_id, g.user.username, bureau, submitted, context().registry(),
+                                                 election.id, request.form.get("note", ""))
+    except BureauRefused as exc:
+        flash(f"Bureau refusé : {exc}. Rien n'a été modifié.", "error")
+        return _upload_page(entry, bureau_value=bureau.strip(), submitted=submitted, status=422)
+    except ItemUnavailable as exc:
+        flash(f"Saisie impossible : {exc}.", "error")
+        return _upload_page(_get_upload(upload_id), status=409)
+    if outcome.submission is None:
+        flash("Chiffres non enregistrés : ils ne sont pas cohérents (voir ci-dessous).", "error")
+        return _upload_page(entry, bureau_value=bureau.strip(), submitted=submitted, findings=outcome.findings,
+                            status=422)
+    metrics.REVIEW_DECISIONS.labels(ENTER).inc()
+    submission = outcome.submission
+    metrics.UPLOADS.labels("accepted" if submission.status == "accepted" else "review").inc()
+    if submission.status == "accepted":
+        flash(f"Chiffres de l'envoi {upload_id} enregistrés pour le bureau {outcome.ret.bureau} : retour "
+              f"{submission.return_id} accepté, reçu {submission.receipt}.", "success")
+    else:
+        flash(f"Chiffres de l'envoi {upload_id} enregistrés pour le bureau {outcome.ret.bureau} (retour "
+              f"{submission.return_id}, {submission.status}) : ils diffèrent de ce que le bureau a déjà transmis, "
+              "le retour attend dans la file.", "warning")
+    return redirect(url_for("items.queue"), 303)
+
+
 @bp.post("/uploads/<upload_id>/reject")
 def reject_upload(upload_id: str) -> Any:
     entry = _get_upload(upload_id)
@@ -439,3 +493,19 @@ def reject_upload(upload_id: str) -> Any:
 @bp.get("/uploads/<upload_id>/page.png")
 def upload_page_image(upload_id: str) -> Response:
     return _png(page_path(context().settings.var_dir, _get_upload(upload_id).upload_id))
+
+
+@bp.get("/uploads/<upload_id>/raw")
+def upload_raw(upload_id: str) -> Response:
+    """The bytes the station sent, for a supervisor reading an upload the OCR could not: always a download,
+    never shown inline (they are a station's, not ours to vouch for)."""
+    _get_upload(upload_id)
+    stored = get_upload(context().journal, upload_id)
+    if stored is None or not stored.path.is_file():
+        abort(404)
+    extension = {"image/png": "png", "image/jpeg": "jpg", "application/inkml+xml": "inkml"}.get(stored.content_type,
+                                                                                               "bin")
+    response = send_file(stored.path, mimetype="application/octet-stream", as_attachment=True,
+                         download_name=f"{upload_id}.{extension}", max_age=0)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
