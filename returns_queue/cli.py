@@ -45,9 +45,13 @@ def _worker(args: argparse.Namespace) -> int:
     directory = multiprocess.enable(multiprocess.directory_for(settings.var_dir, "worker"), wipe=False)
     multiprocess.absorb_dead_processes(directory)
 
+    from returns_queue.worker import HorseDiesWithWorker
     from telemetry.exposition import RetryingListener
     from telemetry.state import StateCollector
     from telemetry.worker import MeasuredWorker
+
+    class GatewayWorker(HorseDiesWithWorker, MeasuredWorker):
+        """Measured (telemetry/worker.py), and no work horse outlives it (returns_queue/worker.py)."""
 
     redis = Redis.from_url(settings.redis_url_resolved)
     if OCR_QUEUE in args.queues.split(","):
@@ -59,7 +63,7 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.worker_metrics_port > 0:
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,
                                     [StateCollector(None, redis, queues=args.queues.split(","), parts=())])
-    worker: Worker = MeasuredWorker(args.queues.split(","), connection=redis)
+    worker: Worker = GatewayWorker(args.queues.split(","), connection=redis)
     try:
         worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
     finally:
