@@ -44,6 +44,9 @@ SERVICES = [
     Service("ivr", ("ivr",), "agi://{s.bind}:{s.agi_port}/results"),
     Service("worker-1", ("worker",), "RQ queues returns, then ocr"),
     Service("worker-2", ("worker",), "RQ queues returns, then ocr"),
+    # Phone returns consolidate even while both general workers are held by OCR jobs (an OCR job waits
+    # up to 300 s for room on a full upload disk): a worker of its own for the `returns` queue.
+    Service("returns", ("worker", "--queues", "returns"), "RQ queue returns only"),
     Service("review", ("review",), "http://{s.bind}:{s.review_port}/"),
     Service("pen", ("pen",), "http://{s.bind}:{s.pen_port}/api/v1/"),
 ]

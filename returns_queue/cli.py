@@ -61,8 +61,9 @@ def _worker(args: argparse.Namespace) -> int:
         preload(settings)
     listener = None
     if settings.worker_metrics_port > 0:
+        # Whichever of the machine's workers binds the port serves every queue's depth, not only its own queues'.
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,
-                                    [StateCollector(None, redis, queues=args.queues.split(","), parts=())])
+                                    [StateCollector(None, redis, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
     worker: Worker = GatewayWorker(args.queues.split(","), connection=redis)
     try:
         worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)

@@ -94,6 +94,7 @@ def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, red
         assert not [pid for pid in family if alive(pid)]
     finally:
         if supervisor.poll() is None:
+            family |= descendants(supervisor.pid)
             supervisor.kill()
             supervisor.wait()
         for pid in family:
