@@ -271,6 +271,11 @@ def _reject(entry: Claimed, decide: Callable[[str], None], page: Callable[..., t
     return None
 
 
+def _typed_counts(election: Election) -> dict[str, str]:
+    """The counts as the supervisor typed them in the form, by field id."""
+    return {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+
+
 def _png(path: Path) -> Response:
     if not path.is_file():
         abort(404)
@@ -303,7 +308,7 @@ def release(item_id: int) -> Response:
 def approve(item_id: int) -> Any:
     item = _get(item_id)
     election = load_election(item.election)
-    submitted = {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+    submitted = _typed_counts(election)
     # The bureau can be chosen only when the channel's one is unknown to the registry.
     bureau = request.form.get("bureau", "").strip() if Reason.UNKNOWN_BUREAU in item.reasons else None
     try:
@@ -449,7 +454,7 @@ def enter_upload_counts(upload_id: str) -> Any:
     """The counts of an upload whose recognition failed, typed by the supervisor from its page."""
     entry = _get_upload(upload_id)
     election = load_election(context().settings.election)
-    submitted = {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+    submitted = _typed_counts(election)
     bureau = request.form.get("bureau", "")
     try:
         outcome = context().uploads.enter_counts(upload_id, g.user.username, bureau, submitted, context().registry(),
