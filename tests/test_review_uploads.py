@@ -274,7 +274,8 @@ def test_the_ocr_relay_replaces_the_ended_job_of_an_upload_sent_back(env: Review
 def test_an_inkml_upload_with_no_bureau_reaches_the_journal_once_a_supervisor_assigns_it(
     env: ReviewEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_recognition_job import inkml_upload, run_worker, store_upload
+    from tests.filled_forms import inkml_upload
+    from tests.test_recognition_job import run_worker, store_upload
 
     # The worker's settings: the review UI's journal, registry and var/ (where the reviewer's artefacts go).
     for key, value in {"REMONTEE_VAR_DIR": env.settings.var_dir, "REMONTEE_DB_URL": env.journal.url,
