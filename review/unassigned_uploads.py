@@ -332,8 +332,10 @@ class UnassignedUploads:
 
         def also(conn: Connection, submission: Submission) -> None:
             status = UPLOAD_STATUS_FOR.get(submission.status, "review")
+            # The exception goes from the row as the assignment's reason does (the audit row keeps it): the
+            # station's status read would otherwise show it beside the return.
             self._decide(conn, entry, username, {"bureau": code, "status": status, "return_id": submission.return_id,
-                                                 "receipt": submission.receipt}, _failed())
+                                                 "receipt": submission.receipt, "error": None}, _failed())
             after = {**audit_view(ret), "receipt": submission.receipt, "status": submission.status}
             if note:
                 after["note"] = note

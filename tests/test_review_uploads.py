@@ -436,6 +436,7 @@ def test_counts_typed_for_a_failed_upload_become_its_return_relayed_and_audited(
     assert "Envois dont la lecture a échoué" not in flashed
     upload = get_upload(env.journal, FAILED)
     assert upload.status == "accepted" and upload.bureau == code and upload.return_id and upload.receipt
+    assert upload.error is None  # the station's status read shows the outcome alone; the audit row keeps why
     entry = env.journal.get(upload.return_id)
     assert entry.status == "accepted" and entry.receipt == upload.receipt and entry.ret.channel == "pen"
     assert entry.ret.bureau == code and dict(entry.ret.counts) == counts
