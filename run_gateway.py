@@ -44,6 +44,9 @@ SERVICES = [
     Service("ivr", ("ivr",), "agi://{s.bind}:{s.agi_port}/results"),
     Service("worker-1", ("worker",), "RQ queues returns, then ocr"),
     Service("worker-2", ("worker",), "RQ queues returns, then ocr"),
+    # Phone returns consolidate even while both general workers are held by OCR jobs (an OCR job waits
+    # up to 300 s for room on a full upload disk): a worker of its own for the `returns` queue.
+    Service("returns", ("worker", "--queues", "returns"), "RQ queue returns only"),
     Service("review", ("review",), "http://{s.bind}:{s.review_port}/"),
     Service("pen", ("pen",), "http://{s.bind}:{s.pen_port}/api/v1/"),
 ]
@@ -156,8 +159,12 @@ class Supervisor:
     brings the queues back) and stopped last, once nothing uses it.
     """
 
-    def __init__(self, settings: Settings, services: list[Service], private_redis: bool = False) -> None:
+    def __init__(self, settings: Settings, services: list[Service], private_redis: bool = False,
+                 stop_grace: float = 10.0) -> None:
         self.settings, self.services, self.private_redis = settings, services, private_redis
+        # How long a stopped service may take (a worker finishes its job) before it is killed; a killed
+        # worker's work horse dies with it (returns_queue/worker.py).
+        self.stop_grace = stop_grace
         self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.failures: dict[str, int] = {}  # consecutive quick deaths, for the back-off
@@ -200,7 +207,7 @@ class Supervisor:
         while not self.stopping:
             self._watch()
             time.sleep(0.5)
-        return self.shutdown()
+        return self.shutdown(self.stop_grace)
 
     def _watch(self) -> None:
         if self.redis is not None and self.redis.poll() is not None:

@@ -6,8 +6,10 @@ bureaux, starts the FastAGI server as a subprocess, then places N calls at once 
 Asterisk peer (tests/agi_peer.py), each reporting a whole first-round return. Prints:
 - completed calls per second (wall clock, first connect to last close);
 - the server's own per-command turnaround, p50/p99 (from its SIGUSR1 stats line): commands that
-  followed the previous answer directly, and those that followed work in a thread (PIN check,
-  journal write), apart and together;
+  followed the previous answer directly, and those the result of work in a thread decided (PIN
+  check, journal read and write, Redis lookups), apart and together;
+- per kind of work: how long it took, and how long callers were held (silences, "Veuillez
+  patienter.") past the speech that covered it: the wait a caller hears when work queues;
 - the turnaround the peers saw (answer sent → next command read, including both kernels);
 - memory per call: the server's peak RSS during the run minus its RSS before, over the number
   of calls in progress at that peak;
@@ -191,6 +193,12 @@ def main() -> int:
             if s.get("count"):
                 print(f"  server turnaround {label:<15}: p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
                       f"max {s['max_ms']:.1f} ms  (n={s['count']})")
+        for kind, w in stats.get("work", {}).items():
+            took, held = w["took"], w["held"]
+            if took.get("count"):
+                print(f"  work {kind:<18}: took p50 {took['p50_ms']:.1f} ms, p99 {took['p99_ms']:.1f} ms, "
+                      f"max {took['max_ms']:.0f} ms; held past its speech: {w['held_calls']} of {took['count']}, "
+                      f"p99 {held['p99_ms']:.0f} ms, max {held['max_ms']:.0f} ms")
         print(f"  peer-seen turnaround   : p50 {percentile(client_turnaround, 0.5) * 1000:.2f} ms, "
               f"p99 {percentile(client_turnaround, 0.99) * 1000:.2f} ms")
         print(f"  server RSS             : {baseline / 2**20:.1f} MiB idle, {busiest_rss / 2**20:.1f} MiB with "

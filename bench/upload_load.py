@@ -140,6 +140,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=24, help="threads per gunicorn worker (default 24)")
     parser.add_argument("--page-bytes", type=int, default=300_000, help="PNG size to aim for (default 300000)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    parser.add_argument("--keep-log", type=Path, help="copy the gateway's log there before cleaning up")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (make setup installs it)")
@@ -267,6 +268,8 @@ def main() -> int:
             pen_proc.wait(20)
         redis_proc.terminate()
         redis_proc.wait(10)
+        if args.keep_log is not None and (work / "pen.log").exists():
+            shutil.copyfile(work / "pen.log", args.keep_log)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -166,13 +166,18 @@ class AGIStats:
     """
 
     def __init__(self, timer: Callable[[], float] = time.perf_counter, max_samples: int = 5_000_000,
-                 observer: Callable[[float, bool], None] | None = None) -> None:
+                 observer: Callable[[float, bool], None] | None = None,
+                 work_observer: Callable[[str, float, float], None] | None = None) -> None:
         self.timer, self.max_samples = timer, max_samples
         self.observer = observer  # also given every sample (telemetry: the turnaround histogram)
+        self.work_observer = work_observer  # also given every `record_work` (telemetry)
         self.calls_started = self.calls_finished = self.calls_active = 0
         self.violations = self.timeouts = self.commands = 0
         self.turnaround = array("d")  # seconds, commands that followed the previous answer directly
         self.turnaround_after_thread = array("d")  # seconds, commands that followed a thread hop
+        # Per kind of work (pin, journal...): how long it took, and how long the caller was held past
+        # the speech that covered it (0 when it was done by the end of that speech).
+        self.work: dict[str, tuple[array, array]] = {}
 
     def record(self, seconds: float, after_thread: bool) -> None:
         self.commands += 1
@@ -181,6 +186,14 @@ class AGIStats:
             samples.append(seconds)
         if self.observer is not None:
             self.observer(seconds, after_thread)
+
+    def record_work(self, kind: str, seconds: float, held: float) -> None:
+        took, held_for = self.work.setdefault(kind, (array("d"), array("d")))
+        if len(took) < self.max_samples:
+            took.append(seconds)
+            held_for.append(held)
+        if self.work_observer is not None:
+            self.work_observer(kind, seconds, held)
 
     def snapshot(self, reset: bool = False) -> dict[str, Any]:
         def summary(samples: array) -> dict[str, float | int]:
@@ -202,9 +215,12 @@ class AGIStats:
             "turnaround": summary(self.turnaround),
             "turnaround_after_thread": summary(self.turnaround_after_thread),
             "turnaround_all": summary(both),
+            "work": {kind: {"took": summary(took), "held": summary(held), "held_calls": sum(1 for h in held if h > 0)}
+                     for kind, (took, held) in sorted(self.work.items())},
         }
         if reset:
             self.turnaround, self.turnaround_after_thread = array("d"), array("d")
+            self.work = {}
         return figures
 
 

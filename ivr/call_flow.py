@@ -6,16 +6,25 @@ each connection. The inputs are declared as data below (`BUREAU`, `PIN`, the men
 next to the election definition that orders the counts.
 
 Blocking work (the PIN's scrypt, the journal's fsync, Redis) runs in threads; the reactor only
-ever waits on Deferreds. The journal write is durable before the receipt is spoken.
+ever waits on Deferreds. And the caller never hears dead air while it runs: work starts as soon as
+its inputs are known (the bureau's lock, history and interrupted entry while the PIN prompt plays)
+and is collected behind speech ("Vérification du code.", "Enregistrement en cours."), with a hold
+(short silences, then "Veuillez patienter.") only for as long as it is still not done, as when a
+thousand callers key their PIN in the same second. What must happen whatever the caller does (a
+wrong PIN counted, a return journaled) is part of the work, not of the speech: hanging up during
+"Vérification du code." does not skip counting the failure.
+The journal write is durable before the receipt is spoken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from redis.exceptions import RedisError
 from twisted.internet import defer, threads
@@ -69,6 +78,23 @@ class Handoff(Exception):
         self.reason = reason
 
 
+HOLD_EVERY = 8  # hold steps: seven short silences (0.3 s each), then "Veuillez patienter."
+
+
+class Work(Generic[T]):
+    """Work a call started in threads: its Deferred, and when it started and ended (for the figures)."""
+
+    def __init__(self, kind: str, result: defer.Deferred[T], started_at: float) -> None:
+        self.kind, self.result, self.started_at = kind, result, started_at
+        self.done_at: float | None = None
+        self.collected = False  # its result went to the script (which then handles a failure)
+        result.addBoth(self._ended)
+
+    def _ended(self, outcome: Any) -> Any:
+        self.done_at = time.perf_counter()
+        return outcome
+
+
 class ResultsLine:
     """The `results` FastAGI application: one per server, one `results_call` per connection."""
 
@@ -119,6 +145,7 @@ class Call:
         self.pending_key: str | None = None  # a digit pressed during a read-back: the next entry's first
         self.outcome: str | None = None  # the REMONTEE_OUTCOME set on the channel
         self._saves: defer.Deferred[None] = defer.succeed(None)  # Redis writes, in order, not waited for
+        self._work: list[Work[Any]] = []  # work started for this call, all ended before the call ends
 
     # --- speaking and listening ---
 
@@ -139,23 +166,55 @@ class Call:
         first_key, self.pending_key = self.pending_key, None
         return await read_input(self.agi, spec, preface=preface, first_key=first_key)
 
-    async def blocking(self, f: Callable[..., T], *args: Any) -> T:
+    # --- work in threads, started early, collected behind speech ---
+
+    def start(self, kind: str, work: Coroutine[Any, Any, T]) -> Work[T]:
+        """Run `work` (a coroutine of thread hops) from now on, whatever the caller does meanwhile."""
+        started = Work(kind, defer.ensureDeferred(work), time.perf_counter())
+        self._work.append(started)
+        return started
+
+    async def finish(self, work: Work[T], *speech: str, escape: str = "") -> T:
+        """`work`'s result, the caller hearing `speech` meanwhile, then a hold for as long as it is not done.
+
+        A key of `escape` interrupts the speech and starts the next entry (`pending_key`); a caller
+        who is typing is not held (a hold would swallow the keys): the call then just waits.
+        """
+        key = await self.play(*speech, escape=escape) if speech else None
+        spoken = time.perf_counter()
+        for step in itertools.count():
+            if key is not None or work.result.called:
+                break
+            # Short silences first (most waits end within one), "Veuillez patienter." every few seconds.
+            await self.play(P.HOLD if step % HOLD_EVERY == HOLD_EVERY - 1 else P.SILENCE)
+        self.agi.note_thread_hop()  # the next command is the one the work's result decides
+        work.collected = True
+        try:
+            return await work.result
+        finally:
+            self.pending_key = key
+            done = work.done_at if work.done_at is not None else time.perf_counter()
+            self.agi.factory.stats.record_work(work.kind, done - work.started_at, max(0.0, done - spoken))
+
+    async def in_thread(self, f: Callable[..., T], *args: Any) -> T:
         """Run `f(*args)` in a thread: the reactor keeps serving the other calls."""
-        self.agi.note_thread_hop()
         return await self.line.run_blocking(in_context(f), *args)
 
-    async def pin_matches(self, pin: str) -> bool:
-        assert self.bureau is not None
-        self.agi.note_thread_hop()
-        return bool(await self.line.run_pin_check(in_context(verify_pin), pin, self.bureau.pin_hash))
-
     async def redis(self, what: str, f: Callable[..., T], *args: Any, default: T) -> T:
-        """A Redis read the call can live without: when Redis is away the call goes on with `default`."""
+        """A Redis call the call can live without: when Redis is away the call goes on with `default`."""
         try:
-            return await self.blocking(f, *args)
+            return await self.in_thread(f, *args)
         except RedisError as exc:
             log.warning("call %s: Redis unavailable for %s (%s); going on without it", self.call_id, what, exc)
             return default
+
+    async def work_done(self) -> None:
+        """Wait for the work this call started (its failures were logged where they were not collected)."""
+        results = await defer.DeferredList([w.result for w in self._work], consumeErrors=True)
+        for work, (ok, failure) in zip(self._work, results, strict=True):
+            if not ok and not work.collected:
+                log.warning("call %s: %s failed after the caller left: %s", self.call_id, work.kind,
+                            failure.getErrorMessage())
 
     def save_partial(self) -> None:
         """Keep the counts so far for a call-back, without making the caller wait for Redis."""
@@ -197,25 +256,31 @@ class Call:
 
 async def results_call(call: Call) -> None:
     agi = call.agi
+    state, election = call.line.state, call.election
     try:
+        caller_lock = call.start("caller-lock", caller_locked(call))
         await agi.answer()
-        if call.caller_id and await call.redis("caller lock", call.line.state.locked_for, "caller", call.caller_id,
-                                               default=0):
+        # The welcome can be cut by typing the bureau code (barge-in).
+        if await call.finish(caller_lock, P.WELCOME, P.election_title(election), escape=DIGITS):
             await call.play(P.CALLER_LOCKED)
             raise Handoff("caller-locked")
-        call.pending_key = await call.play(P.WELCOME, P.election_title(call.election), escape=DIGITS)
 
         # 1. The bureau: its code, three tries; an unknown code is said back.
         code = await call.ask(call.line.bureau_input)
         call.bureau = call.line.registry.get(code)
         assert call.bureau is not None
+        # What the call needs once the PIN is right, fetched while the caller keys it (nothing of
+        # it is said before the PIN is right).
+        bureau_lock = call.start("bureau-lock", call.redis("bureau lock", state.locked_for, "bureau", code, default=0))
+        history = call.start("history", already_reported(call))
+        resume = call.start("resume", call.redis("resume", state.load_partial, election.id, code, default=None))
         await agi.set_variable("REMONTEE_BUREAU", code)
 
         # 2. The PIN, with lockout per bureau and per caller id.
-        await check_pin(call)
+        await check_pin(call, bureau_lock)
 
         # 3. A bureau that already reported may send a correction (a supervisor decides) or leave.
-        if await already_reported(call):
+        if await call.finish(history):
             choice = await call.ask(CONFIRM_CORRECTION, preface=[P.ALREADY_REPORTED])
             if choice == "2":
                 await call.play(P.GOODBYE)
@@ -223,8 +288,7 @@ async def results_call(call: Call) -> None:
                 return
 
         # 9. An entry interrupted within 30 minutes may be resumed.
-        partial: Partial | None = await call.redis("resume", call.line.state.load_partial, call.election.id,
-                                                   code, default=None)
+        partial: Partial | None = await call.finish(resume)
         if partial is not None and partial.counts:
             choice = await call.ask(CONFIRM_RESUME, preface=[P.RESUME_OFFER])
             if choice == "1":
@@ -255,7 +319,18 @@ async def results_call(call: Call) -> None:
                 await enter_counts(call)
 
         # 7. Journal durably, then the receipt.
-        submission = await submit(call)
+        saving = call.start("journal", submit(call))
+        try:
+            submission = await call.finish(saving, P.SAVING)
+        except ChannelHungUp:
+            # Hung up while it was being journaled: it is journaled all the same, and the channel says so.
+            journaled = await saving.result
+            if journaled is not None:
+                await _quietly(call.set_outcome(ACCEPTED, **receipt_variables(journaled)))
+            raise
+        if submission is None:
+            await call.play(P.TECHNICAL_ERROR)
+            raise Handoff("journal-error")
         await announce(call, submission)
     except (NoInput, TooManyErrors, Handoff) as exc:
         reason = exc.reason if isinstance(exc, Handoff) else f"{type(exc).__name__}:{exc.name}"
@@ -266,12 +341,13 @@ async def results_call(call: Call) -> None:
         await call.set_outcome(OPERATOR, REMONTEE_HANDOFF=reason)
     except ChannelHungUp:
         if call.outcome == ACCEPTED:  # during the receipt: the return is journaled all the same
-            log.info("call %s: the caller hung up during the receipt", call.call_id)
+            log.info("call %s: the caller hung up before hearing the receipt", call.call_id)
         else:
             log.info("call %s: the caller hung up (bureau %s, %d counts kept)", call.call_id,
                      call.bureau.code if call.bureau else "-", len(call.counts))
             await _quietly(call.set_outcome(HUNG_UP))
     finally:
+        await call.work_done()
         await call.saves_done()
 
 
@@ -282,38 +358,88 @@ async def _quietly(coroutine: Any) -> None:
         log.debug("after the hang-up: %s", exc)
 
 
-async def check_pin(call: Call) -> None:
+# --- the work the script starts, each a coroutine of thread hops ---
+
+async def caller_locked(call: Call) -> int:
+    if not call.caller_id:
+        return 0
+    return await call.redis("caller lock", call.line.state.locked_for, "caller", call.caller_id, default=0)
+
+
+async def already_reported(call: Call) -> bool:
+    assert call.bureau is not None
+    entries = await call.in_thread(call.line.journal.entries, call.election.id, call.bureau.code)
+    return any(e.status in ("accepted", "review") for e in entries)
+
+
+@dataclass(frozen=True)
+class PinVerdict:
+    right: bool
+    locked: tuple[str, ...] = ()  # what this wrong PIN locked: "bureau", "caller"
+
+
+async def pin_verdict(call: Call, pin: str) -> PinVerdict:
+    """Check the PIN and count the outcome in Redis: all of it happens even if the caller hangs up meanwhile."""
     assert call.bureau is not None
     state, code = call.line.state, call.bureau.code
-    if await call.redis("bureau lock", state.locked_for, "bureau", code, default=0):
+    right = bool(await call.line.run_pin_check(in_context(verify_pin), pin, call.bureau.pin_hash))
+    if right:
+        metrics.IVR_PIN_CHECKS.labels("right").inc()
+        await call.redis("pin accepted", state.pin_accepted, code, default=None)
+        return PinVerdict(True)
+    log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
+    metrics.IVR_PIN_CHECKS.labels("wrong").inc()
+    locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
+    for kind in locked:
+        metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
+    return PinVerdict(False, tuple(locked))
+
+
+async def submit(call: Call) -> Submission | None:
+    """Journal the return (durable when this returns); None when the journal refused it."""
+    assert call.bureau is not None
+    bureau, election = call.bureau, call.election
+    source = {"call_id": call.call_id, "caller_id": call.caller_id or "anonymous"}
+
+    def journal_it() -> Submission:
+        ret = new_return(election, bureau.code, call.counts, "ivr", source)
+        return call.line.journal.submit(ret, check_return(ret, election, bureau))
+
+    try:
+        # On the shared pool: the journal commits the submissions of concurrent threads together.
+        submission = await call.in_thread(journal_it)
+    except Exception:
+        log.exception("call %s: the journal refused bureau %s", call.call_id, bureau.code)
+        return None
+    log.info("call %s: bureau %s journaled as %s, receipt %s", call.call_id, bureau.code, submission.status,
+             submission.receipt)
+    metrics.IVR_RETURNS.labels(submission.status).inc()
+    if submission.status == "accepted":
+        call.line.on_accepted()
+    call.clear_partial()
+    return submission
+
+
+# --- the steps ---
+
+async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
+    if await call.finish(bureau_lock):
         await call.play(P.BUREAU_LOCKED)
         raise Handoff("bureau-locked")
     preface: list[str] = []
     for _ in range(PIN_ATTEMPTS):
         pin = await call.ask(PIN, preface=preface)
-        if await call.pin_matches(pin):
-            metrics.IVR_PIN_CHECKS.labels("right").inc()
-            await call.redis("pin accepted", state.pin_accepted, code, default=None)
+        verdict = await call.finish(call.start("pin", pin_verdict(call, pin)), P.CHECKING_PIN)
+        if verdict.right:
             return
-        locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
-        log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
-        metrics.IVR_PIN_CHECKS.labels("wrong").inc()
-        for kind in locked:
-            metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
-        if "bureau" in locked:
+        if "bureau" in verdict.locked:
             await call.play(P.PIN_WRONG, P.BUREAU_LOCKED)
             raise Handoff("bureau-locked")
-        if "caller" in locked:
+        if "caller" in verdict.locked:
             await call.play(P.PIN_WRONG, P.CALLER_LOCKED)
             raise Handoff("caller-locked")
         preface = [P.PIN_WRONG]
     raise Handoff("wrong-pin")  # only when Redis could not count the failures
-
-
-async def already_reported(call: Call) -> bool:
-    assert call.bureau is not None
-    entries = await call.blocking(call.line.journal.entries, call.election.id, call.bureau.code)
-    return any(e.status in ("accepted", "review") for e in entries)
 
 
 async def enter_counts(call: Call) -> None:
@@ -384,34 +510,13 @@ async def read_back(call: Call) -> str:
     return await call.ask(CONFIRM_SEND)
 
 
-async def submit(call: Call) -> Submission:
-    assert call.bureau is not None
-    bureau, election = call.bureau, call.election
-    source = {"call_id": call.call_id, "caller_id": call.caller_id or "anonymous"}
-
-    def journal_it() -> Submission:
-        ret = new_return(election, bureau.code, call.counts, "ivr", source)
-        return call.line.journal.submit(ret, check_return(ret, election, bureau))
-
-    try:
-        # On the shared pool: the journal commits the submissions of concurrent threads together.
-        submission = await call.blocking(journal_it)
-    except Exception as exc:
-        log.exception("call %s: the journal refused bureau %s", call.call_id, bureau.code)
-        await call.play(P.TECHNICAL_ERROR)
-        raise Handoff("journal-error") from exc
-    log.info("call %s: bureau %s journaled as %s, receipt %s", call.call_id, bureau.code, submission.status,
-             submission.receipt)
-    metrics.IVR_RETURNS.labels(submission.status).inc()
-    if submission.status == "accepted":
-        call.line.on_accepted()
-    call.clear_partial()
-    return submission
+def receipt_variables(submission: Submission) -> dict[str, str]:
+    return {RECEIPT_VARIABLE: submission.receipt, "REMONTEE_STATUS": submission.status}
 
 
 async def announce(call: Call, submission: Submission) -> None:
     # The variables first: they are on the channel even if the caller hangs up during the receipt.
-    await call.set_outcome(ACCEPTED, **{RECEIPT_VARIABLE: submission.receipt, "REMONTEE_STATUS": submission.status})
+    await call.set_outcome(ACCEPTED, **receipt_variables(submission))
     codes = {f.code for f in submission.findings}
     if Reason.DUPLICATE in codes:  # answered with the first return's receipt and status
         message = P.ALREADY_RECEIVED

@@ -63,6 +63,9 @@ I_REPEAT = PREFIX + "je-repete"
 GOODBYE = PREFIX + "au-revoir"
 TECHNICAL_ERROR = PREFIX + "incident-technique"
 SILENCE = PREFIX + "silence"  # the prompt of a GET DATA that goes on reading keys the caller already started
+CHECKING_PIN = PREFIX + "verification-code"  # while the PIN is checked
+SAVING = PREFIX + "enregistrement"  # while the return is journaled
+HOLD = PREFIX + "patientez"  # while work goes on past the speech that covered it
 
 FIXED: dict[str, str | None] = {
     WELCOME: "Bienvenue sur le serveur de remontée des résultats.",
@@ -108,6 +111,9 @@ FIXED: dict[str, str | None] = {
     GOODBYE: "Au revoir.",
     TECHNICAL_ERROR: "Un incident technique empêche d'enregistrer vos résultats.",
     SILENCE: None,
+    CHECKING_PIN: "Vérification du code.",
+    SAVING: "Enregistrement en cours.",
+    HOLD: "Veuillez patienter.",
 }
 
 

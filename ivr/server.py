@@ -30,7 +30,7 @@ from returns_queue.journal import Journal
 from returns_queue.relay import Relay
 from settings import Settings
 from telemetry.exposition import MetricsListener
-from telemetry.ivr import AGIStatsCollector, observe_turnaround
+from telemetry.ivr import AGIStatsCollector, observe_turnaround, observe_work
 from telemetry.state import StateCollector
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class PhoneService:
     relay: bool = True  # tests that watch the outbox turn it off
     command_timeout: float = 15.0
     playback_timeout: float = 180.0
-    stats: AGIStats = field(default_factory=lambda: AGIStats(observer=observe_turnaround))
+    stats: AGIStats = field(default_factory=lambda: AGIStats(observer=observe_turnaround, work_observer=observe_work))
 
     def __post_init__(self) -> None:
         s = self.settings

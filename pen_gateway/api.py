@@ -3,10 +3,12 @@
 `POST /api/v1/uploads` — multipart/form-data with the page in the part `file` and the fields
 `station_id`, `pen_serial` and, optionally, `bureau`; signed (see `pen_gateway.signing`);
 optionally an `Idempotency-Key` header (scoped to the station). Answers `202 {"upload_id",
-"status": "queued", "status_url"}` only once the raw bytes are fsynced under var/uploads/ and the
-upload row is committed in the journal; then it enqueues the `ocr` job (or leaves it to the OCR
-relay when Redis is down). A retry under the same key gets the first answer again (same status
-and body), without storing anything; the same key with a different page is a 409.
+"status": "queued", "status_url"}` only once the raw bytes are synced under var/uploads/ and the
+upload row is committed in the journal, and once its `ocr` job is enqueued (or left to the OCR
+relay when Redis is down): the gateway's recorder does those for a batch of uploads at a time
+(`pen_gateway.recorder`). A retry under the same key gets the first answer again (same status
+and body), without storing anything new (the bytes are content-addressed); the same key with a
+different page is a 409. A replayed signature is a 401, also without storing anything new.
 
 `GET /api/v1/uploads/<upload_id>` — signed like the POST (the body is empty, so its digest is the
 SHA-256 of the empty string), and only for the station that made the upload (any other: 404).
@@ -44,10 +46,9 @@ from pen_gateway.signing import (
     claim_signature,
     remember_signature,
     replayed,
-    signature_seen,
 )
 from pen_gateway.storage import FULL_ERRNOS, StorageFull, StoredFile
-from pen_gateway.uploads import Upload, find_by_idempotency_key, get_upload
+from pen_gateway.uploads import Upload, get_upload
 from telemetry import logs, metrics
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -182,17 +183,12 @@ def create_upload() -> Any:
     if len(data) > gateway.settings.max_upload_bytes:
         raise RequestEntityTooLarge()
     sha256 = hashlib.sha256(data).hexdigest()
-    # Early and cheap (the authoritative checks are in the commit): a replay or a retry stores nothing.
-    with gateway.journal.read() as conn:
-        if signature_seen(conn, signed.signature):
-            raise replayed()
-        first = find_by_idempotency_key(conn, signed.station_id, key) if key is not None else None
-    if first is not None:
-        return _retry(gateway, signed, first, sha256, pen_serial, bureau, key or "")
-
     probed = probe_upload(data, page.mimetype or None)
-    # The directory's fsync is left to the recorder: one for the whole batch, before its commit.
-    stored: StoredFile = gateway.store.put(data, sha256, sync_directory=False)
+    # Replays and retries are told apart in the recorder's transaction (the authoritative check, and
+    # no read of the journal per request): their bytes, identical to the first upload's, are already
+    # stored under the same name, so nothing new is written for them.
+    # The bytes are made durable by the recorder, for the whole batch at once, before its commit.
+    stored: StoredFile = gateway.store.write(data, sha256)
     upload_id = str(ULID())
     logs.bind(upload_id=upload_id)  # every later line of this request carries it (undone at its end)
     upload = Upload(
@@ -201,11 +197,11 @@ def create_upload() -> Any:
         return_id=None, receipt=None, error=None, received_at=time.time(),
     )
     try:
-        recorded = gateway.recorder.record(signed, upload, key, sync_directory=stored.path.parent)
+        recorded = gateway.recorder.record(signed, upload, key, file=stored)
     except TimeoutError as exc:
         # Not known to be committed: keep the bytes (a row may yet point at them); the station retries.
         raise ApiError("JOURNAL_UNAVAILABLE", str(exc), 503) from exc
-    except OSError as exc:  # the directory's fsync failed: the bytes are not durable
+    except OSError as exc:  # the bytes could not be made durable (make_durable left nothing of them)
         gateway.store.discard(stored)
         if exc.errno in FULL_ERRNOS:
             raise StorageFull(exc.errno, str(exc)) from exc
@@ -223,8 +219,7 @@ def create_upload() -> Any:
             gateway.store.discard(stored)
         return _retry(gateway, signed, recorded.first, sha256, pen_serial, bureau, key or "")
 
-    metrics.UPLOADS.labels("queued").inc()
-    gateway.enqueue_ocr(upload.upload_id)
+    metrics.UPLOADS.labels("queued").inc()  # its `ocr` job was enqueued by the recorder, after the commit
     return _first_answer(upload)
 
 

@@ -13,6 +13,7 @@ the relay takes it over from the API); `SIGNATURE_WINDOW` (seconds a timestamp m
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import os
 import threading
@@ -26,14 +27,16 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, enqueue_ocr
+from pen_gateway.multipart import parse_form_data
+from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, ocr_job_data
 from pen_gateway.recorder import UploadRecorder
 from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
 from pen_gateway.storage import RawStore
-from pen_gateway.uploads import create_tables
-from returns_queue.jobs import OCR_QUEUE
+from pen_gateway.uploads import Upload, create_tables
+from returns_queue.jobs import OCR_QUEUE, ocr_queue
 from returns_queue.journal import Journal
 from settings import Settings
+from telemetry import logs
 from telemetry.exposition import install_flask
 from telemetry.state import StateCollector
 
@@ -48,14 +51,24 @@ HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 4
 
 
 class PenRequest(Request):
-    """Keeps file parts in memory: the whole body is already in memory (bounded by MAX_CONTENT_LENGTH),
-    and Werkzeug would otherwise spool each part over 500 KB to a temporary file on disk."""
+    """Parses an upload's multipart body from memory (`pen_gateway.multipart`) when it is well formed, and
+    keeps file parts in memory when Werkzeug parses it: the whole body is already in memory (bounded by
+    MAX_CONTENT_LENGTH), and Werkzeug would otherwise spool each part over 500 KB to a temporary file."""
 
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None) -> Any:
-        import io
-
         return io.BytesIO()
+
+    def _load_form_data(self) -> None:
+        body = getattr(self, "_cached_data", None)  # the signature check read it (get_data(cache=True))
+        if "form" not in self.__dict__ and isinstance(body, bytes) and self.mimetype == "multipart/form-data":
+            parsed = parse_form_data(body, self.mimetype_params.get("boundary", ""),
+                                     max_field_bytes=self.max_form_memory_size, max_parts=self.max_form_parts)
+            if parsed is not None:
+                self.__dict__["stream"] = io.BytesIO()
+                self.__dict__["form"], self.__dict__["files"] = parsed
+                return
+        super()._load_form_data()
 
 
 class PenGateway:
@@ -69,9 +82,10 @@ class PenGateway:
         create_tables(self.journal)
         self.stations = StationRegistry(self.journal, settings.var_dir)
         self.store = RawStore(settings.var_dir)
-        self.recorder = UploadRecorder(self.journal, settings.var_dir / "journal.lock" if self.journal.sqlite else None)
         # Short timeouts: a hung Redis must not hold an upload whose bytes are already journaled.
         self.redis = Redis.from_url(settings.redis_url_resolved, socket_timeout=2, socket_connect_timeout=1)
+        self.recorder = UploadRecorder(self.journal, settings.var_dir / "journal.lock" if self.journal.sqlite else None,
+                                       store=self.store, after_commit=self._enqueue_recorded)
         self.ocr_job, self.signature_window, self.relay_grace = ocr_job, signature_window, relay_grace
         self._redis_down_until = 0.0
         self._stop = threading.Event()
@@ -79,15 +93,26 @@ class PenGateway:
 
     def enqueue_ocr(self, upload_id: str) -> bool:
         """Best effort, after the journal commit: False leaves the job to the OCR relay."""
+        return self.enqueue_ocr_many([upload_id])
+
+    def enqueue_ocr_many(self, upload_ids: list[str]) -> bool:
+        """The `ocr` jobs of uploads just committed, in one Redis round trip; False leaves them to the OCR relay."""
         if time.monotonic() < self._redis_down_until:
             return False  # Redis failed a moment ago: don't make every upload wait for it to fail again
         try:
-            enqueue_ocr(self.redis, upload_id, self.ocr_job)
+            queue = ocr_queue(self.redis)
+            queue.enqueue_many([ocr_job_data(queue, upload_id, self.ocr_job) for upload_id in upload_ids])
             return True
         except RedisError as exc:
             self._redis_down_until = time.monotonic() + 1.0
-            log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it", upload_id, exc)
+            for upload_id in upload_ids:  # a line per upload, each carrying its id (as a request's lines do)
+                with logs.bound(upload_id=upload_id):
+                    log.warning("upload %s journaled; Redis unavailable (%s): the OCR relay will enqueue it",
+                                upload_id, exc)
             return False
+
+    def _enqueue_recorded(self, recorded: list[Upload]) -> None:
+        self.enqueue_ocr_many([upload.upload_id for upload in recorded])
 
     def journal_disk_full(self) -> bool:
         """Whether the SQLite journal's filesystem is out of room (SQLite often reports that as an I/O error)."""

@@ -183,10 +183,21 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
     except _CORRUPT as exc:
         raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
     pixels = np.asarray(gray, dtype=np.uint8)
-    if pixels.size and np.median(pixels) < 128:
+    if pixels.size and _median_is_dark(pixels):
         # A negative scan (white ink on black): the pipeline expects dark ink on a light page.
         pixels = 255 - pixels
     return DecodedPage("image", content_type, image=np.ascontiguousarray(pixels), dpi=_dpi(dpi))
+
+
+def _median_is_dark(pixels: np.ndarray) -> bool:
+    """Exactly `np.median(pixels) < 128`, from a count instead of a partial sort (~1 ms against 25-160 ms
+    on a noisy 300 dpi scan): the median is below 128 when more than half of the pixels are; at an
+    exact half it is the mean of the darkest pixel at or above 128 and the lightest below."""
+    dark = pixels < 128
+    count, half = int(np.count_nonzero(dark)), pixels.size / 2
+    if count != half:
+        return count > half
+    return int(pixels[dark].max()) + int(pixels[~dark].min()) < 256
 
 
 def _dpi(value: object) -> float | None:

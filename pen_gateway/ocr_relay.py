@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +36,7 @@ from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
 from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
+from returns_queue.relay import RelayLoop
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "remontee:ocr-relay:lock"
@@ -63,15 +63,19 @@ def enqueue_ocr(redis: Redis, upload_id: str, job_path: str = OCR_JOB) -> None:
     queue.enqueue_many([ocr_job_data(queue, upload_id, job_path)])
 
 
-class OcrRelay:
+class OcrRelay(RelayLoop):
+    name = "ocr relay"
+    waiting = "uploads"
+    interval = 1.0
+
     def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
                  batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None) -> None:
+        super().__init__()
         self.journal, self.redis, self.job_path = journal, redis, job_path
         # How to write to the journal: through the gateway's recorder thread when there is one.
         self.write = write or self._write
         self.grace, self.batch = grace, batch
         self.queue = ocr_queue(redis)
-        self.wakeup = threading.Event()
         self._last_purge = 0.0
 
     def relay_once(self, now: float | None = None) -> int:
@@ -141,7 +145,8 @@ class OcrRelay:
         with self.journal.write() as conn:
             return fn(conn)
 
-    def _purge(self) -> None:
+    def each_pass(self) -> None:
+        """Forget used signatures once a minute (they cannot be replayed any more)."""
         if time.monotonic() - self._last_purge < 60:
             return
         self._last_purge = time.monotonic()
@@ -149,30 +154,3 @@ class OcrRelay:
             self.write(purge_seen_signatures_in)
         except (SQLAlchemyError, TimeoutError) as exc:
             log.warning("ocr relay: could not purge old signatures: %s", exc)
-
-    def run(self, stop: threading.Event, interval: float = 1.0, reconcile_every: float = 30.0) -> None:
-        redis_down = False
-        next_reconcile = time.monotonic() + reconcile_every
-        while not stop.is_set():
-            self._purge()
-            try:
-                self.relay_once()
-                if time.monotonic() >= next_reconcile:
-                    self.reconcile()
-                    next_reconcile = time.monotonic() + reconcile_every
-                if redis_down:
-                    log.warning("ocr relay: Redis is back, pending uploads relayed")
-                redis_down = False
-            except RedisError as exc:
-                if not redis_down:
-                    log.warning("ocr relay: Redis unavailable (%s); uploads stay journaled until it is back", exc)
-                redis_down = True
-            except (SQLAlchemyError, TimeoutError) as exc:
-                log.warning("ocr relay: journal unavailable: %s", exc)
-            self.wakeup.wait(interval)
-            self.wakeup.clear()
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stop,), name="ocr-relay", daemon=True)
-        thread.start()
-        return thread

@@ -1,10 +1,21 @@
-"""Journaling uploads with group commit: many request threads, one transaction (and one fsync) per batch.
+"""Journaling uploads with group commit: many request threads, one round of disk flushes per batch.
 
-An upload is acknowledged only once its row is committed with `synchronous=FULL`; a commit costs
-an fsync (~3 ms here) and SQLite takes one writer at a time, whose waiters otherwise poll with
-sleeps of up to 100 ms. So each gateway process has one recorder thread that takes every upload
-waiting to be journaled, checks and inserts them all in a single transaction on one long-lived
-connection, commits once, and wakes their request threads with what became of each:
+An upload is acknowledged only once its raw bytes are on disk and its row is committed with
+`synchronous=FULL`. Every flush waits for the disk (and on ext4 in ordered mode a commit also
+waits for the data of every file written meanwhile), and SQLite takes one writer at a time, whose
+waiters otherwise poll with sleeps of up to 100 ms. So each gateway process has one recorder
+pipeline of three threads that take every upload waiting to be journaled, a batch at a time, each
+stage taking at once everything the stage before it has finished (so batches grow when the disk
+is slow, and the stages overlap: the directories of one batch are synced while the rows of the
+one before are committed):
+
+1. the file stage makes the batch's raw file names durable (`RawStore.make_durable`: one fsync per
+   directory, all at once; the request threads have synced the bytes themselves, in parallel);
+2. the commit stage checks and inserts the rows in a single transaction on one long-lived
+   connection and commits once;
+3. the after-commit stage runs `after_commit` on the recorded uploads (the gateway enqueues their
+   `ocr` jobs there, in one Redis round trip: a slow Redis never holds up the journal) and then
+   wakes the request threads with what became of each:
 
 - `recorded`: the row and the signature are committed;
 - `first`: an upload under the same Idempotency-Key (from this station) was committed before;
@@ -12,7 +23,7 @@ connection, commits once, and wakes their request threads with what became of ea
 
 Processes of one gateway (gunicorn workers) take turns through an flock on `<var>/journal.lock`,
 which hands over at once where SQLite's own busy wait would sleep (up to 100 ms a nap). The
-gateway's other writes (the OCR relay's marks) go through the same thread (`write`), so they
+gateway's other writes (the OCR relay's marks) go through the commit stage (`write`), so they
 never make a batch wait on SQLite's lock. The long-lived connection also
 keeps the WAL open, so closing the per-request read connections never has to checkpoint it.
 """
@@ -34,7 +45,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from pen_gateway.signing import SignedRequest, seen_signatures
-from pen_gateway.storage import fsync_directory
+from pen_gateway.storage import RawStore, StoredFile
 from pen_gateway.uploads import Upload, find_by_idempotency_key, upload_from_row, upload_values, uploads
 from returns_queue.journal import Journal
 
@@ -48,7 +59,8 @@ class _Intent:
     signed: SignedRequest
     upload: Upload
     key: str | None
-    sync_directory: Path | None = None  # where the raw file was renamed: made durable before the commit
+    file: StoredFile | None = None  # the raw bytes, made durable before the commit of the row
+    settled: bool = False  # committed (or refused) in a transaction of its own: a later failure is not its
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     first: Upload | None = None
@@ -72,22 +84,32 @@ class Recorded:
 
 
 class UploadRecorder:
-    def __init__(self, journal: Journal, lock_path: Path | None, max_batch: int = 64) -> None:
+    def __init__(self, journal: Journal, lock_path: Path | None, max_batch: int = 64, *,
+                 store: RawStore | None = None, after_commit: Callable[[list[Upload]], None] | None = None) -> None:
         self.journal, self.lock_path, self.max_batch = journal, lock_path, max_batch
+        self.store = store or RawStore(Path("."))  # only its make_durable is used: no path of its own
+        # Runs in the recorder thread after each commit, outside the journal's lock, before the
+        # request threads are woken; best effort (what it raises is logged, the uploads stay recorded).
+        self.after_commit = after_commit
         self._queue: queue.SimpleQueue[_Intent | _Call | None] = queue.SimpleQueue()
+        self._synced: queue.SimpleQueue[list[_Intent] | _Call | None] = queue.SimpleQueue()
+        self._committed: queue.SimpleQueue[list[_Intent] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._conn: Connection | None = None
         self._start_lock = threading.Lock()
 
     def record(self, signed: SignedRequest, upload: Upload, key: str | None, timeout: float = 60.0, *,
-               sync_directory: Path | None = None) -> Recorded:
+               file: StoredFile | None = None) -> Recorded:
         """Journal the upload (with its signature) durably; raises what the commit raised.
 
-        `sync_directory`: a directory to fsync before the commit (the raw file's, renamed there
-        without a sync): the row never becomes durable before the bytes it points at."""
+        `file`: the upload's raw bytes as `RawStore.write` left them, made durable (bytes and name)
+        before the commit, so the row never becomes durable before the bytes it points at. When
+        they cannot be, this raises what `make_durable` said (StorageFull for a full disk) and
+        the row is not written."""
         self._ensure_thread()
-        intent = _Intent(signed, upload, key, sync_directory)
+        intent = _Intent(signed, upload, key, file)
         self._queue.put(intent)
         if not intent.done.wait(timeout):
             raise TimeoutError(f"the journal did not commit within {timeout:.0f} s")
@@ -109,9 +131,10 @@ class UploadRecorder:
 
     def close(self) -> None:
         if self._thread is not None and self._pid == os.getpid():
-            self._queue.put(None)
-            self._thread.join(10)
-        self._thread = None
+            self._queue.put(None)  # each stage passes it on to the next once done with what came before
+            for thread in self._threads:
+                thread.join(10)
+        self._thread, self._threads = None, []
 
     # --- the recorder thread ---
 
@@ -121,8 +144,15 @@ class UploadRecorder:
         with self._start_lock:
             if self._thread is None or self._pid != os.getpid():  # none yet, or inherited through fork
                 self._pid, self._conn = os.getpid(), None
-                self._thread = threading.Thread(target=self._run, name="upload-recorder", daemon=True)
-                self._thread.start()
+                # Not a parent's queues (after a fork, their items are nobody's).
+                self._queue, self._synced = queue.SimpleQueue(), queue.SimpleQueue()
+                self._committed = queue.SimpleQueue()
+                self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in (
+                    (self._run_after_commit, "upload-after-commit"), (self._run_commits, "upload-commit"),
+                    (self._run, "upload-files"))]
+                for thread in self._threads:
+                    thread.start()
+                self._thread = self._threads[-1]
 
     def _run(self) -> None:
         while True:
@@ -141,17 +171,64 @@ class UploadRecorder:
                     break
                 waiting.append(more)
             batch = [w for w in waiting if isinstance(w, _Intent)]
-            calls = [w for w in waiting if isinstance(w, _Call)]
+            if batch:
+                batch = self._sync_files(batch)
+                if batch:
+                    self._synced.put(batch)
+            for call in waiting:
+                if isinstance(call, _Call):
+                    self._synced.put(call)
+            if stop:
+                break
+        self._synced.put(None)
+
+    def _sync_files(self, batch: list[_Intent]) -> list[_Intent]:
+        """The file stage: the batch's raw files made durable; those that cannot be are answered here."""
+        try:
+            failed = self.store.make_durable([i.file for i in batch if i.file is not None])
+        except BaseException as exc:  # every waiting request hears of it, none is left hanging
+            for intent in batch:
+                intent.outcome, intent.error = None, exc
+                intent.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return []
+        for intent in batch:
+            if intent.file is not None and intent.file in failed:
+                intent.outcome, intent.error = None, failed[intent.file]
+                intent.done.set()
+        return [i for i in batch if not i.done.is_set()]
+
+    def _run_commits(self) -> None:
+        """The commit stage: every batch whose files are synced, in one transaction; the gateway's other writes."""
+        while True:
+            first = self._synced.get()
+            if first is None:
+                break
+            waiting = [first]
+            stop = False
+            while True:
+                try:
+                    more = self._synced.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                waiting.append(more)
+            batch = [i for w in waiting if isinstance(w, list) for i in w]
             if batch:
                 self._commit(batch)
-            for call in calls:
-                self._call(call)
+            for call in waiting:
+                if isinstance(call, _Call):
+                    self._call(call)
             if stop:
                 break
         if self._conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 self._conn.close()
             self._conn = None
+        self._committed.put(None)
 
     def _call(self, call: _Call) -> None:
         try:
@@ -183,9 +260,6 @@ class UploadRecorder:
 
     def _commit(self, batch: list[_Intent]) -> None:
         try:
-            # One fsync per directory for the whole batch, before the rows that point into it.
-            for directory in {i.sync_directory for i in batch if i.sync_directory is not None}:
-                fsync_directory(directory)
             with self._process_lock():
                 try:
                     self._transaction(batch)
@@ -196,29 +270,63 @@ class UploadRecorder:
                         raise
                     for intent in batch:
                         self._commit_one(intent)
-                    return
         except BaseException as exc:  # every waiting request hears of it, none is left hanging
             self._drop_connection()
             for intent in batch:
-                if not intent.done.is_set():
+                if not intent.done.is_set() and not intent.settled:
                     intent.outcome, intent.first, intent.error = None, None, exc
-                    intent.done.set()
+            self._after_commit(batch)
             if not isinstance(exc, Exception):
                 raise
             return
-        for intent in batch:
-            intent.done.set()
+        self._after_commit(batch)
+
+    def _after_commit(self, batch: list[_Intent]) -> None:
+        if self.after_commit is None or not any(i.outcome == "recorded" for i in batch):
+            for intent in batch:
+                intent.done.set()
+            return
+        self._committed.put(batch)
+
+    def _run_after_commit(self) -> None:
+        """The second thread: `after_commit` for every batch committed meanwhile at once, then their answers."""
+        while True:
+            first = self._committed.get()
+            if first is None:
+                break
+            batches, stop = [first], False
+            while True:
+                try:
+                    more = self._committed.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batches.append(more)
+            intents = [i for b in batches for i in b]
+            try:
+                assert self.after_commit is not None
+                self.after_commit([i.upload for i in intents if i.outcome == "recorded"])
+            except Exception:  # the rows are committed: what follows them must not undo their answer
+                log.exception("after the commit of %d upload(s)", len(intents))
+            finally:
+                for intent in intents:
+                    intent.done.set()
+            if stop:
+                break
 
     def _commit_one(self, intent: _Intent) -> None:
         try:
             self._transaction([intent])
+            intent.settled = True
         except IntegrityError:
             self._drop_connection()
             intent.outcome = "replayed"  # the twin that won has the same signature or key: re-check it
             with self.journal.read() as conn:
                 if intent.key and (first := find_by_idempotency_key(conn, intent.signed.station_id, intent.key)):
                     intent.outcome, intent.first = "first", first
-        intent.done.set()
+            intent.settled = True
 
     def _transaction(self, batch: list[_Intent]) -> None:
         """One transaction for the batch, in a handful of statements whatever its size: every statement

@@ -1,12 +1,21 @@
 """Raw upload storage: the bytes exactly as the docking station sent them, content-addressed and on disk.
 
-A file lives at `<var>/uploads/raw/<first two hex digits>/<sha256>`. `RawStore.put` writes to a
-temporary file in the same directory, fsyncs it, renames it into place and fsyncs the directory,
-so once `put` returns the bytes survive a power cut; the API answers 202 only after that (and
-after the journal commit). Identical bytes are stored once, whoever sent them.
+A file lives at `<var>/uploads/raw/<first two hex digits>/<sha256>`. Storing is two steps, so
+that many uploads share the directory flushes (group commit for names, as the recorder does for
+rows):
+
+- `RawStore.write` (in the request's thread, many at once) writes the bytes to a temporary file
+  in the final directory, fdatasyncs it and renames it into place: a file at its final name
+  always holds its whole content;
+- `RawStore.make_durable` (in the recorder's thread, for a whole batch) fsyncs each directory the
+  batch renamed into once, all of them at the same time, so that their flushes overlap.
+
+The recorder does the second step before the commit of the rows that point at the files; the
+API answers 202 only after both (and after the journal commit). `put` does both for one file.
+Identical bytes are stored once, whoever sent them.
 
 A full disk (ENOSPC, EDQUOT) raises `StorageFull` and leaves nothing behind: the temporary file
-is removed, and a file is never renamed into place unless it was completely written and fsynced.
+is removed, and a file is never renamed into place unless it was completely written and synced.
 """
 
 from __future__ import annotations
@@ -15,17 +24,22 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Directories synced at once by make_durable: one thread each (they wait on the disk, not the CPU).
+DIRECTORY_SYNC_THREADS = 16
 
 
 class StorageFull(OSError):
     """No room to store the upload (the disk or the quota is full); nothing was kept."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class StoredFile:
     sha256: str
     path: Path
@@ -41,11 +55,28 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_directory(directory: Path) -> OSError | None:
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _full(exc: OSError, what: str) -> OSError:
+    if exc.errno in FULL_ERRNOS:
+        return StorageFull(exc.errno, f"no room to store {what} ({os.strerror(exc.errno)})")
+    return exc
+
+
 class RawStore:
     """Content-addressed, fsynced storage of raw uploads under `<var>/uploads/raw/`."""
 
     def __init__(self, var_dir: Path) -> None:
         self.root = (Path(var_dir) / "uploads" / "raw").resolve()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = 0
+        self._executor_lock = threading.Lock()
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -65,20 +96,16 @@ class RawStore:
                 raise StorageFull(exc.errno, f"no room to create {directory}") from exc
             raise
 
-    def put(self, data: bytes, sha256: str | None = None, *, sync_directory: bool = True) -> StoredFile:
-        """Store `data` durably; returns where. Raises StorageFull when the disk is full (nothing kept).
+    def write(self, data: bytes, sha256: str | None = None) -> StoredFile:
+        """Write `data`, sync it and rename it into place; its name is durable once `make_durable` has run.
 
-        With `sync_directory=False` the file's name is not yet durable: the caller must
-        `fsync_directory(stored.path.parent)` before relying on it (the upload recorder does it
-        once for a whole batch, before the batch's commit)."""
+        Raises StorageFull when the disk is full (nothing kept). Identical bytes already stored
+        are not written again; their directory is synced by make_durable all the same (the
+        process that renamed them may have died before syncing it)."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         self._ensure_directory(final.parent)
         if final.is_file() and final.stat().st_size == len(data):
-            # Already stored by an earlier upload; its rename may not have been made durable if
-            # that process died just after it, so sync the directory again.
-            if sync_directory:
-                fsync_directory(final.parent)
             return StoredFile(digest, final, created=False)
         temporary = final.parent / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -88,19 +115,54 @@ class RawStore:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                # Data and size only: the name is made durable by the directory's fsync.
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(temporary, final)
-            if sync_directory:
-                fsync_directory(final.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
-            if exc.errno in FULL_ERRNOS:
-                raise StorageFull(exc.errno, f"no room to store the upload ({os.strerror(exc.errno)})") from exc
-            raise
+            raise _full(exc, "the upload") from exc
         return StoredFile(digest, final, created=True)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None or self._executor_pid != os.getpid():  # none yet, or a parent's
+            with self._executor_lock:
+                if self._executor is None or self._executor_pid != os.getpid():
+                    self._executor = ThreadPoolExecutor(DIRECTORY_SYNC_THREADS, thread_name_prefix="raw-dir-sync")
+                    self._executor_pid = os.getpid()
+        return self._executor
+
+    def make_durable(self, files: Iterable[StoredFile]) -> dict[StoredFile, OSError]:
+        """Fsync, all at once, each directory the files were renamed into: their names become durable.
+
+        Returns the files whose directory could not be synced, with why (StorageFull for a full
+        disk); those this request created are removed (nothing half-kept)."""
+        directories: dict[Path, list[StoredFile]] = {}
+        for stored in files:
+            directories.setdefault(stored.path.parent, []).append(stored)
+        if len(directories) == 1:
+            outcomes = {directory: _sync_directory(directory) for directory in directories}
+        else:
+            outcomes = dict(zip(directories, self._pool().map(_sync_directory, directories), strict=True))
+        failed: dict[StoredFile, OSError] = {}
+        for directory, error in outcomes.items():
+            if error is None:
+                continue
+            for stored in directories[directory]:
+                failed[stored] = _full(error, "the upload")
+                self.discard(stored)
+                stored.created = False  # removed: nothing of this request's is left to discard
+        return failed
+
+    def put(self, data: bytes, sha256: str | None = None) -> StoredFile:
+        """Store `data` durably, alone; returns where. Raises StorageFull when the disk is full (nothing kept)."""
+        stored = self.write(data, sha256)
+        failed = self.make_durable([stored])
+        if stored in failed:
+            raise failed[stored]
+        return stored
 
     def discard(self, stored: StoredFile) -> None:
         """Remove a file this request created, when the journal could not record it (nothing half-kept)."""

@@ -45,9 +45,13 @@ def _worker(args: argparse.Namespace) -> int:
     directory = multiprocess.enable(multiprocess.directory_for(settings.var_dir, "worker"), wipe=False)
     multiprocess.absorb_dead_processes(directory)
 
+    from returns_queue.worker import HorseDiesWithWorker
     from telemetry.exposition import RetryingListener
     from telemetry.state import StateCollector
     from telemetry.worker import MeasuredWorker
+
+    class GatewayWorker(HorseDiesWithWorker, MeasuredWorker):
+        """Measured (telemetry/worker.py), and no work horse outlives it (returns_queue/worker.py)."""
 
     redis = Redis.from_url(settings.redis_url_resolved)
     if OCR_QUEUE in args.queues.split(","):
@@ -57,9 +61,10 @@ def _worker(args: argparse.Namespace) -> int:
         preload(settings)
     listener = None
     if settings.worker_metrics_port > 0:
+        # Whichever of the machine's workers binds the port serves every queue's depth, not only its own queues'.
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,
-                                    [StateCollector(None, redis, queues=args.queues.split(","), parts=())])
-    worker: Worker = MeasuredWorker(args.queues.split(","), connection=redis)
+                                    [StateCollector(None, redis, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
+    worker: Worker = GatewayWorker(args.queues.split(","), connection=redis)
     try:
         worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
     finally:

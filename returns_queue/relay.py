@@ -30,11 +30,70 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "remontee:relay:lock"
 
 
-class Relay:
+class RelayLoop:
+    """The run loop of a relay from a journal outbox to RQ: this one and the pen gateway's OCR relay.
+
+    Each pass relays once (under the relay's Redis lock), reconciles every `reconcile_every`
+    seconds, then sleeps until `interval` has passed or `wakeup` is set. Neither Redis going away
+    nor a journal briefly locked or unreachable ends the loop: what is journaled stays there until
+    a later pass relays it. A subclass says what it relays and may do more on each pass.
+    """
+
+    name = "relay"  # the log lines' prefix and the thread's name
+    waiting = "returns"  # what stays journaled while Redis is away, for the log
+    interval = 0.25  # seconds between passes
+    interval_redis_down = 1.0
+
+    def __init__(self) -> None:
+        self.wakeup = threading.Event()
+
+    def relay_once(self) -> int:
+        raise NotImplementedError
+
+    def reconcile(self) -> int:
+        raise NotImplementedError
+
+    def each_pass(self) -> None:
+        """Work a subclass does on every pass besides relaying; must not raise."""
+
+    def run(self, stop: threading.Event, interval: float | None = None, reconcile_every: float = 30.0) -> None:
+        """Relay until `stop` is set; wakes early when `wakeup` is set after a submission."""
+        interval = self.interval if interval is None else interval
+        log = logging.getLogger(type(self).__module__)  # the lines name the relay's own module
+        redis_down = False
+        next_reconcile = time.monotonic() + reconcile_every
+        while not stop.is_set():
+            self.each_pass()
+            try:
+                self.relay_once()
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + reconcile_every
+                if redis_down:
+                    log.warning("%s: Redis is back, pending %s relayed", self.name, self.waiting)
+                redis_down = False
+            except RedisError as exc:
+                if not redis_down:
+                    log.warning("%s: Redis unavailable (%s); %s stay journaled until it is back",
+                                self.name, exc, self.waiting)
+                redis_down = True
+            except (SQLAlchemyError, TimeoutError) as exc:
+                # A journal briefly locked or unreachable must not end the relay thread: try again.
+                log.warning("%s: journal unavailable: %s", self.name, exc)
+            self.wakeup.wait(max(interval, self.interval_redis_down) if redis_down else interval)
+            self.wakeup.clear()
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name=self.name.replace(" ", "-"), daemon=True)
+        thread.start()
+        return thread
+
+
+class Relay(RelayLoop):
     def __init__(self, journal: Journal, redis: Redis, job_path: str, batch: int = 500) -> None:
+        super().__init__()
         self.journal, self.redis, self.job_path, self.batch = journal, redis, job_path, batch
         self.queue = returns_queue(redis)
-        self.wakeup = threading.Event()
 
     def relay_once(self) -> int:
         """Enqueue what the outbox holds; the number enqueued. Raises RedisError when Redis is away."""
@@ -75,35 +134,6 @@ class Relay:
             log.warning("relay: %d return jobs were queued in no queue (lost at a Redis restart); enqueued again",
                         len(stranded))
         return len(lost) + len(stranded)
-
-    def run(self, stop: threading.Event, interval: float = 0.25, reconcile_every: float = 30.0) -> None:
-        """Relay until `stop` is set; wakes early when `wakeup` is set after a submission."""
-        redis_down = False
-        next_reconcile = time.monotonic() + reconcile_every
-        while not stop.is_set():
-            try:
-                self.relay_once()
-                if time.monotonic() >= next_reconcile:
-                    self.reconcile()
-                    next_reconcile = time.monotonic() + reconcile_every
-                if redis_down:
-                    log.warning("relay: Redis is back, outbox relayed")
-                redis_down = False
-            except RedisError as exc:
-                if not redis_down:
-                    log.warning("relay: Redis unavailable (%s); returns stay journaled until it is back", exc)
-                redis_down = True
-            except (SQLAlchemyError, TimeoutError) as exc:
-                # A journal briefly locked or unreachable must not end the relay thread: try again.
-                log.warning("relay: journal unavailable: %s", exc)
-            self.wakeup.wait(interval if not redis_down else 1.0)
-            self.wakeup.clear()
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stop,), name="relay", daemon=True)
-        thread.start()
-        return thread
-
 
 def _chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     for i in range(0, len(items), size):

@@ -29,6 +29,7 @@ ACTION_LABELS = {
     "reject": "rejet",
     "assign_bureau": "bureau attribué à un envoi",
     "reject_upload": "rejet d'un envoi",
+    "enter_upload_counts": "chiffres saisis pour un envoi illisible",
     "login": "connexion",
     "login_failed": "échec de connexion",
     "login_locked": "connexion bloquée",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from flask import (
     Blueprint,
@@ -30,6 +32,7 @@ from werkzeug.wrappers import Response
 
 from forms import Election, load_election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
+from pen_gateway.uploads import get_upload
 from review import context
 from review.auth import require_login
 from review.review_items import (
@@ -40,7 +43,7 @@ from review.review_items import (
     ItemUnavailable,
     ReviewItem,
 )
-from review.unassigned_uploads import UPLOAD_STATUS_LABELS, BureauRefused, UploadEntry
+from review.unassigned_uploads import ENTER, UPLOAD_STATUS_LABELS, BureauRefused, UploadEntry
 from telemetry import logs, metrics
 from validation import Finding, Reason, check_arithmetic, suggest_single_digit_fixes
 
@@ -48,6 +51,7 @@ bp = Blueprint("items", __name__)
 bp.before_request(require_login)
 
 MAX_SUGGESTIONS = 4
+Claimed = TypeVar("Claimed", ReviewItem, UploadEntry)  # what a supervisor claims by opening its page
 
 
 @dataclass
@@ -104,12 +108,17 @@ def queue() -> str:
     show_uploads = (chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen")
                     and not chosen["department"] and chosen["reason"] in ("", Reason.UNKNOWN_BUREAU))
     uploads, uploads_total = context().uploads.list(limit=per_page) if show_uploads else ([], 0)
+    # Uploads whose recognition broke: never hidden by a filter that could match them, so none is forgotten.
+    show_failed = chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen") and not chosen["department"]
+    failed, failed_total = context().uploads.list(limit=per_page, failed=True) if show_failed else ([], 0)
     return render_template(
         "queue.html",
         items=items,
         total=total,
         uploads=uploads,
         uploads_total=uploads_total,
+        failed=failed,
+        failed_total=failed_total,
         page=page,
         pages=max(1, math.ceil(total / per_page)),
         chosen=chosen,
@@ -223,30 +232,68 @@ def _item_page(
     ), status
 
 
+def _claim_on_opening(entry: Claimed, open_: bool, claim: Callable[[], Claimed],
+                      reread: Callable[[], Claimed]) -> Claimed:
+    """Opening the page of an item or upload still to decide claims it; a reload within the claim costs no write."""
+    fresh = (entry.claimed_by == g.user.username and entry.claimed_until is not None
+             and entry.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
+    if not open_ or fresh:
+        return entry
+    try:
+        return claim()
+    except ItemUnavailable as exc:
+        flash(f"Consultation seule : {exc}.", "warning")
+        return reread()
+
+
+def _renew(claim: Callable[[], Claimed]) -> Any:
+    """Called by a page every few minutes while it stays open, so the claim lasts as long as the work."""
+    try:
+        entry = claim()
+    except ItemUnavailable as exc:
+        return jsonify(claimed=False, message=str(exc)), 409
+    until = datetime.fromtimestamp(entry.claimed_until or 0, context().tz).strftime("%H:%M")
+    return jsonify(claimed=True, claimed_until=entry.claimed_until, until=until)
+
+
+def _reject(entry: Claimed, decide: Callable[[str], None], page: Callable[..., tuple[str, int]],
+            reread: Callable[[], Claimed]) -> tuple[str, int] | None:
+    """Refuse `entry` with the reason typed; None once done, else the page to answer with."""
+    reason = request.form.get("reason", "")
+    if not reason.strip():
+        flash("Un motif est obligatoire pour rejeter.", "error")
+        return page(entry, status=400)
+    try:
+        decide(reason)
+    except ItemUnavailable as exc:
+        flash(f"Rejet impossible : {exc}.", "error")
+        return page(reread(), status=409)
+    return None
+
+
+def _typed_counts(election: Election) -> dict[str, str]:
+    """The counts as the supervisor typed them in the form, by field id."""
+    return {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+
+
+def _png(path: Path) -> Response:
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+
+
 @bp.get("/items/<int:item_id>")
 def show(item_id: int) -> Any:
     item = _get(item_id)
-    fresh = (item.claimed_by == g.user.username and item.claimed_until is not None
-             and item.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
-    if item.state == "open" and not fresh:  # a reload within the claim costs no write
-        try:
-            item = context().items.claim(item_id, g.user.username)
-        except ItemUnavailable as exc:
-            flash(f"Consultation seule : {exc}.", "warning")
-            item = _get(item_id)
+    item = _claim_on_opening(item, item.state == "open", lambda: context().items.claim(item_id, g.user.username),
+                             lambda: _get(item_id))
     return _item_page(item)
 
 
 @bp.post("/items/<int:item_id>/claim")
 def renew_claim(item_id: int) -> Any:
-    """Called by the item page every few minutes while it stays open, so the claim lasts as long as the work."""
     _get(item_id)
-    try:
-        item = context().items.claim(item_id, g.user.username)
-    except ItemUnavailable as exc:
-        return jsonify(claimed=False, message=str(exc)), 409
-    until = datetime.fromtimestamp(item.claimed_until or 0, context().tz).strftime("%H:%M")
-    return jsonify(claimed=True, claimed_until=item.claimed_until, until=until)
+    return _renew(lambda: context().items.claim(item_id, g.user.username))
 
 
 @bp.post("/items/<int:item_id>/release")
@@ -261,7 +308,7 @@ def release(item_id: int) -> Response:
 def approve(item_id: int) -> Any:
     item = _get(item_id)
     election = load_election(item.election)
-    submitted = {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
+    submitted = _typed_counts(election)
     # The bureau can be chosen only when the channel's one is unknown to the registry.
     bureau = request.form.get("bureau", "").strip() if Reason.UNKNOWN_BUREAU in item.reasons else None
     try:
@@ -289,15 +336,10 @@ def approve(item_id: int) -> Any:
 @bp.post("/items/<int:item_id>/reject")
 def reject(item_id: int) -> Any:
     item = _get(item_id)
-    reason = request.form.get("reason", "")
-    if not reason.strip():
-        flash("Un motif est obligatoire pour rejeter.", "error")
-        return _item_page(item, status=400)
-    try:
-        context().items.reject(item_id, g.user.username, reason)
-    except ItemUnavailable as exc:
-        flash(f"Rejet impossible : {exc}.", "error")
-        return _item_page(_get(item_id), status=409)
+    refused = _reject(item, lambda reason: context().items.reject(item_id, g.user.username, reason), _item_page,
+                      lambda: _get(item_id))
+    if refused is not None:
+        return refused
     metrics.REVIEW_DECISIONS.labels("reject").inc()
     if item.channel == "pen" and item.ret.source.get("upload_id"):
         metrics.UPLOADS.labels("rejected").inc()
@@ -314,10 +356,7 @@ def _upload_id(item: ReviewItem) -> str:
 
 @bp.get("/items/<int:item_id>/page.png")
 def page_image(item_id: int) -> Response:
-    path = page_path(context().settings.var_dir, _upload_id(_get(item_id)))
-    if not path.is_file():
-        abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return _png(page_path(context().settings.var_dir, _upload_id(_get(item_id))))
 
 
 @bp.get("/items/<int:item_id>/fields/<field_id>.png")
@@ -325,10 +364,7 @@ def field_image(item_id: int, field_id: str) -> Response:
     item = _get(item_id)
     if field_id not in {f.id for f in load_election(item.election).fields}:
         abort(404)
-    path = field_crop_path(context().settings.var_dir, _upload_id(item), field_id)
-    if not path.is_file():
-        abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return _png(field_crop_path(context().settings.var_dir, _upload_id(item), field_id))
 
 
 # --- pen uploads the OCR could not attach to a bureau ---
@@ -343,8 +379,20 @@ def _get_upload(upload_id: str) -> UploadEntry:
     return entry
 
 
-def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 200) -> tuple[str, int]:
+def _upload_page(entry: UploadEntry, *, bureau_value: str = "", submitted: dict[str, str] | None = None,
+                 findings: list[Finding] | None = None, status: int = 200) -> tuple[str, int]:
     ctx = context()
+    rows: list[FieldRow] = []
+    reading = None
+    if entry.failed:
+        # What the OCR made of the page before it broke, if it got that far: a hint, never a figure typed for them.
+        reading = load_reading(ctx.settings.var_dir, entry.upload_id)
+        invalid = {f.field for f in findings or [] if f.field}
+        for f in load_election(ctx.settings.election).fields:
+            rf = ((reading or {}).get("fields") or {}).get(f.id) or {}
+            rows.append(FieldRow(id=f.id, label=f.label, candidate=f.candidate, max_digits=f.max_digits,
+                                 original=None, value=(submitted or {}).get(f.id, ""), invalid=f.id in invalid,
+                                 read_value=rf.get("value"), confidence=rf.get("confidence")))
     return render_template(
         "upload.html",
         upload=entry,
@@ -352,6 +400,9 @@ def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 20
         decision=None if entry.waiting else ctx.uploads.decision(entry.upload_id),
         editable=entry.waiting and not entry.held_by_other(g.user.username),
         bureau_value=bureau_value,
+        rows=rows,
+        reading=reading,
+        findings=findings or [],
         status_labels=UPLOAD_STATUS_LABELS,
         now=time.time(),
     ), status
@@ -360,26 +411,15 @@ def _upload_page(entry: UploadEntry, *, bureau_value: str = "", status: int = 20
 @bp.get("/uploads/<upload_id>")
 def upload(upload_id: str) -> Any:
     entry = _get_upload(upload_id)
-    fresh = (entry.claimed_by == g.user.username and entry.claimed_until is not None
-             and entry.claimed_until - time.time() > current_app.config["CLAIM_SECONDS"] / 2)
-    if entry.waiting and not fresh:  # a reload within the claim costs no write
-        try:
-            entry = context().uploads.claim(upload_id, g.user.username)
-        except ItemUnavailable as exc:
-            flash(f"Consultation seule : {exc}.", "warning")
-            entry = _get_upload(upload_id)
+    entry = _claim_on_opening(entry, entry.waiting, lambda: context().uploads.claim(upload_id, g.user.username),
+                              lambda: _get_upload(upload_id))
     return _upload_page(entry)
 
 
 @bp.post("/uploads/<upload_id>/claim")
 def renew_upload_claim(upload_id: str) -> Any:
     _get_upload(upload_id)
-    try:
-        entry = context().uploads.claim(upload_id, g.user.username)
-    except ItemUnavailable as exc:
-        return jsonify(claimed=False, message=str(exc)), 409
-    until = datetime.fromtimestamp(entry.claimed_until or 0, context().tz).strftime("%H:%M")
-    return jsonify(claimed=True, claimed_until=entry.claimed_until, until=until)
+    return _renew(lambda: context().uploads.claim(upload_id, g.user.username))
 
 
 @bp.post("/uploads/<upload_id>/release")
@@ -409,18 +449,46 @@ def assign_bureau(upload_id: str) -> Any:
     return redirect(url_for("items.queue"), 303)
 
 
+@bp.post("/uploads/<upload_id>/counts")
+def enter_upload_counts(upload_id: str) -> Any:
+    """The counts of an upload whose recognition failed, typed by the supervisor from its page."""
+    entry = _get_upload(upload_id)
+    election = load_election(context().settings.election)
+    submitted = _typed_counts(election)
+    bureau = request.form.get("bureau", "")
+    try:
+        outcome = context().uploads.enter_counts(upload_id, g.user.username, bureau, submitted, context().registry(),
+                                                 election.id, request.form.get("note", ""))
+    except BureauRefused as exc:
+        flash(f"Bureau refusé : {exc}. Rien n'a été modifié.", "error")
+        return _upload_page(entry, bureau_value=bureau.strip(), submitted=submitted, status=422)
+    except ItemUnavailable as exc:
+        flash(f"Saisie impossible : {exc}.", "error")
+        return _upload_page(_get_upload(upload_id), status=409)
+    if outcome.submission is None:
+        flash("Chiffres non enregistrés : ils ne sont pas cohérents (voir ci-dessous).", "error")
+        return _upload_page(entry, bureau_value=bureau.strip(), submitted=submitted, findings=outcome.findings,
+                            status=422)
+    metrics.REVIEW_DECISIONS.labels(ENTER).inc()
+    submission = outcome.submission
+    metrics.UPLOADS.labels("accepted" if submission.status == "accepted" else "review").inc()
+    if submission.status == "accepted":
+        flash(f"Chiffres de l'envoi {upload_id} enregistrés pour le bureau {outcome.ret.bureau} : retour "
+              f"{submission.return_id} accepté, reçu {submission.receipt}.", "success")
+    else:
+        flash(f"Chiffres de l'envoi {upload_id} enregistrés pour le bureau {outcome.ret.bureau} (retour "
+              f"{submission.return_id}, {submission.status}) : ils diffèrent de ce que le bureau a déjà transmis, "
+              "le retour attend dans la file.", "warning")
+    return redirect(url_for("items.queue"), 303)
+
+
 @bp.post("/uploads/<upload_id>/reject")
 def reject_upload(upload_id: str) -> Any:
     entry = _get_upload(upload_id)
-    reason = request.form.get("reason", "")
-    if not reason.strip():
-        flash("Un motif est obligatoire pour rejeter.", "error")
-        return _upload_page(entry, status=400)
-    try:
-        context().uploads.reject(upload_id, g.user.username, reason)
-    except ItemUnavailable as exc:
-        flash(f"Rejet impossible : {exc}.", "error")
-        return _upload_page(_get_upload(upload_id), status=409)
+    refused = _reject(entry, lambda reason: context().uploads.reject(upload_id, g.user.username, reason),
+                      _upload_page, lambda: _get_upload(upload_id))
+    if refused is not None:
+        return refused
     metrics.REVIEW_DECISIONS.labels("reject_upload").inc()
     metrics.UPLOADS.labels("rejected").inc()
     flash(f"Envoi {upload_id} rejeté.", "success")
@@ -429,7 +497,20 @@ def reject_upload(upload_id: str) -> Any:
 
 @bp.get("/uploads/<upload_id>/page.png")
 def upload_page_image(upload_id: str) -> Response:
-    path = page_path(context().settings.var_dir, _get_upload(upload_id).upload_id)
-    if not path.is_file():
+    return _png(page_path(context().settings.var_dir, _get_upload(upload_id).upload_id))
+
+
+@bp.get("/uploads/<upload_id>/raw")
+def upload_raw(upload_id: str) -> Response:
+    """The bytes the station sent, for a supervisor reading an upload the OCR could not: always a download,
+    never shown inline (they are a station's, not ours to vouch for)."""
+    _get_upload(upload_id)
+    stored = get_upload(context().journal, upload_id)
+    if stored is None or not stored.path.is_file():
         abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    extension = {"image/png": "png", "image/jpeg": "jpg", "application/inkml+xml": "inkml"}.get(stored.content_type,
+                                                                                               "bin")
+    response = send_file(stored.path, mimetype="application/octet-stream", as_attachment=True,
+                         download_name=f"{upload_id}.{extension}", max_age=0)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

@@ -28,7 +28,8 @@ def current_progress() -> Progress:
         if cached and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
         progress = compute_progress(ctx.journal, ctx.registry(), ctx.redis, election,
-                                    uploads_waiting=ctx.uploads.count())
+                                    uploads_waiting=ctx.uploads.count(),
+                                    uploads_failed=ctx.uploads.count(failed=True))
         ctx.progress_cache[election] = (time.monotonic(), progress)
         return progress
 

@@ -69,6 +69,7 @@ class Progress:
     items_open: int
     items_claimed: int
     uploads_waiting: int  # pen uploads with no bureau and no return (review/unassigned_uploads.py)
+    uploads_failed: int  # pen uploads whose recognition broke, waiting for counts typed by hand (same module)
     queues: list[QueueDepth]
     outbox_backlog: int
     redis_ok: bool
@@ -108,6 +109,7 @@ def bucket_size(span: float) -> int:
 def compute_progress(
     journal: Journal, registry: Registry | None, redis: Redis, election: str, now: float | None = None,
     uploads_waiting: int = 0,
+    uploads_failed: int = 0,
 ) -> Progress:
     now = time.time() if now is None else now
     with journal.read() as conn:
@@ -171,6 +173,7 @@ def compute_progress(
         items_open=len(open_items),
         items_claimed=sum(1 for r in open_items if r.claimed_until and r.claimed_until > now),
         uploads_waiting=uploads_waiting,
+        uploads_failed=uploads_failed,
         queues=queues,
         outbox_backlog=journal.outbox_backlog(),
         redis_ok=redis_ok,

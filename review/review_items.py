@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, and_, func, or_, select, update
 
@@ -49,8 +49,36 @@ class ItemUnavailable(Exception):
     """The item cannot be acted on by this supervisor now; the message is French."""
 
 
+C = TypeVar("C", bound="Claimable")
+
+
+class Claimable:
+    """What supervisors claim by opening its page (a review item, an upload): who holds it, until when."""
+
+    claimed_by: str | None
+    claimed_until: float | None
+
+    def held_by_other(self, username: str, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return (
+            self.claimed_by is not None
+            and self.claimed_by != username
+            and self.claimed_until is not None
+            and self.claimed_until > now
+        )
+
+
+def claimed(done: bool, entry: C | None, unknown: str, why: Callable[[C], str]) -> C:
+    """After a claim: the entry as it is now, or ItemUnavailable saying why the claim did not go through."""
+    if entry is None:
+        raise ItemUnavailable(unknown)
+    if not done:
+        raise ItemUnavailable(why(entry))
+    return entry
+
+
 @dataclass(frozen=True)
-class QueueEntry:
+class QueueEntry(Claimable):
     """A line of the queue: what the list shows, without the return's payload (parsing it costs ~1 ms)."""
 
     id: int
@@ -67,15 +95,6 @@ class QueueEntry:
     decided_at: float | None
     decision_note: str | None
     result_return_id: str | None
-
-    def held_by_other(self, username: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return (
-            self.claimed_by is not None
-            and self.claimed_by != username
-            and self.claimed_until is not None
-            and self.claimed_until > now
-        )
 
 
 @dataclass(frozen=True)
@@ -220,12 +239,7 @@ class ReviewItems:
                 .where(items_table.c.id == item_id, items_table.c.state == "open", _claimable(username, now))
                 .values(claimed_by=username, claimed_until=now + self.claim_seconds)
             ).rowcount
-        item = self.get(item_id)
-        if item is None:
-            raise ItemUnavailable("élément inconnu")
-        if not done:
-            raise ItemUnavailable(self._why_unavailable(item, username))
-        return item
+        return claimed(bool(done), self.get(item_id), "élément inconnu", lambda i: self._why_unavailable(i, username))
 
     def release(self, item_id: int, username: str) -> None:
         with self.journal.write() as conn:

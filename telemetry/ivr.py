@@ -2,7 +2,8 @@
 
 `AGIStats` (ivr/agi.py) already counts calls, commands, violations and timeouts, and measures
 each command's server-side turnaround; `observe_turnaround` feeds the same samples to the
-`remontee_ivr_agi_turnaround_seconds` histogram, and `AGIStatsCollector` exposes the counts.
+`remontee_ivr_agi_turnaround_seconds` histogram, `observe_work` times the work calls wait on (and
+how long a caller was held past the speech covering it), and `AGIStatsCollector` exposes the counts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ _AFTER = {False: metrics.IVR_TURNAROUND.labels("reply"), True: metrics.IVR_TURNA
 
 def observe_turnaround(seconds: float, after_thread: bool) -> None:
     _AFTER[after_thread].observe(seconds)
+
+
+def observe_work(kind: str, seconds: float, held: float) -> None:
+    metrics.IVR_WORK.labels(kind).observe(seconds)
+    metrics.IVR_HELD.labels(kind).observe(held)
 
 
 class AGIStatsCollector(Collector):

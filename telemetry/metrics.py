@@ -37,6 +37,16 @@ IVR_TURNAROUND = Histogram(
     "Server-side time from an AGI answer to the next command (after: reply, or thread for work done in a thread)",
     ["after"], buckets=TURNAROUND_BUCKETS,
 )
+IVR_WORK = Histogram(
+    "remontee_ivr_work_seconds",
+    "Work a call waits on (pin, journal, history, resume, bureau-lock, caller-lock): from its start to its result",
+    ["work"], buckets=REQUEST_BUCKETS,
+)
+IVR_HELD = Histogram(
+    "remontee_ivr_held_seconds",
+    "How long callers were held (silence, then 'Veuillez patienter') past the speech covering that work",
+    ["work"], buckets=REQUEST_BUCKETS,
+)
 
 # --- HTTP services (gunicorn workers: multiprocess) ---
 

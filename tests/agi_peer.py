@@ -16,6 +16,8 @@ The script is consumed by the commands that listen:
 - `SILENCE`: the caller says nothing: `200 result= (timeout)`, `200 result=0`.
 - `HANGUP`: the caller hangs up during the next playing command: `200 result=-1`, then the bare
   `HANGUP` line; from then on every command but the dead-safe ones is answered 511.
+`tamper` (answer a command with these bytes instead) and `inject_after` (send these bytes after
+the answer) name a command by its number from 1, or by how its line starts (the first such).
 The peer does not wait out prompts or timeouts unless told to (`answer_delay`): a test's
 silence costs nothing.
 """
@@ -57,6 +59,16 @@ PLAYED_ENDPOS = 16_000  # samples: 2 s at 8 kHz, what a prompt played to its end
 ANSWER_511 = b"511 Command Not Permitted on a dead channel or intercept routine\n"
 ANSWER_510 = b"510 Invalid or unknown command\n"
 _uniqueids = itertools.count(1)
+
+
+def _rule(rules: dict[int | str, bytes], number: int, line: str) -> bytes | None:
+    """The bytes a test put at this command: keyed by its number (from 1) or, once, by how it starts."""
+    if number in rules:
+        return rules[number]
+    for key in rules:
+        if isinstance(key, str) and line.startswith(key):
+            return rules.pop(key)
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,8 +167,8 @@ class AsteriskPeer:
         uniqueid: str | None = None,
         script_name: str = "results",
         extra_env: Mapping[str, str] | None = None,
-        tamper: Mapping[int, bytes] | None = None,
-        inject_after: Mapping[int, bytes] | None = None,
+        tamper: Mapping[int | str, bytes] | None = None,
+        inject_after: Mapping[int | str, bytes] | None = None,
         trying_before_exec: bool = True,
         answer_delay: float = 0.0,
         io_timeout: float = 10.0,
@@ -167,7 +179,8 @@ class AsteriskPeer:
         self.uniqueid = uniqueid or f"{int(time.time())}.{next(_uniqueids)}"
         self.script_name = script_name
         self.extra_env = dict(extra_env or {})
-        self.tamper, self.inject_after = dict(tamper or {}), dict(inject_after or {})
+        self.tamper: dict[int | str, bytes] = dict(tamper or {})
+        self.inject_after: dict[int | str, bytes] = dict(inject_after or {})
         self.trying_before_exec, self.answer_delay = trying_before_exec, answer_delay
         self.io_timeout, self.max_commands = io_timeout, max_commands
         self.dead = False
@@ -239,13 +252,14 @@ class AsteriskPeer:
                 if number > self.max_commands:
                     record.ended = "too many commands"
                     break
-                if number in self.tamper:
-                    writer.write(self.tamper[number])
+                tampered = _rule(self.tamper, number, line)
+                if tampered is not None:
+                    writer.write(tampered)
                 else:
                     answer = await self._answer(line, record)
                     writer.write(answer)
-                if number in self.inject_after:
-                    extra = self.inject_after[number]
+                extra = _rule(self.inject_after, number, line)
+                if extra is not None:
                     writer.write(extra)
                     if b"HANGUP\n" in extra:
                         self.dead = record.caller_hung_up = True

@@ -64,9 +64,11 @@ def test_ivr_command_serves_a_call_relays_it_and_stops_cleanly(
         journal = Journal(db_url)
         [entry] = journal.entries("primaire-2011-t1", code)
         assert entry.receipt == record.receipt
-        # The relay in the same process puts the accepted return on RQ, woken by the submission.
+        # The relay in the same process puts the accepted return on RQ, woken by the submission
+        # (it enqueues the job, then marks the outbox row: wait for both).
         deadline = time.monotonic() + 10
-        while not redis.exists(Job.key_for(return_job_id(entry.ret.return_id))) and time.monotonic() < deadline:
+        while ((not redis.exists(Job.key_for(return_job_id(entry.ret.return_id))) or journal.outbox_backlog())
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         job = Job.fetch(return_job_id(entry.ret.return_id), connection=redis)
         assert job.args[0]["bureau"] == code and job.origin == "returns"

@@ -23,6 +23,7 @@ from twisted.internet.threads import blockingCallFromThread
 from conftest import RedisServer
 from forms import Election
 from ivr import prompts as P
+from ivr.call_flow import HOLD_EVERY
 from ivr.call_state import CallState
 from ivr.server import PhoneService
 from returns_queue.journal import Journal
@@ -113,9 +114,14 @@ def state(redis: Redis) -> CallState:
     return CallState(redis)
 
 
+def heard(record: CallRecord) -> list[str]:
+    """What the caller heard, without the holds (silence, "Veuillez patienter.") that cover work still going on."""
+    return [f for f in record.played if f not in (P.SILENCE, P.HOLD)]
+
+
 def said(record: CallRecord, *files: str) -> bool:
-    """`files` were played one after the other."""
-    played, n = record.played, len(files)
+    """`files` were played one after the other (holds aside)."""
+    played, n = heard(record), len(files)
     return any(tuple(played[i:i + n]) == files for i in range(len(played) - n + 1))
 
 
@@ -237,7 +243,8 @@ def test_a_caller_trying_pins_on_several_bureaux_is_locked_and_told_so(phone: Ph
     assert state.locked_for("caller", caller) > 0
     code, pin = phone.next_bureau()
     record = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid=caller)
-    assert record.outcome == "operator" and record.played[:2] == [P.CALLER_LOCKED, P.TO_OPERATOR]
+    assert record.outcome == "operator"
+    assert heard(record) == [P.WELCOME, P.election_title(phone.election), P.CALLER_LOCKED, P.TO_OPERATOR]
     assert record.prompts_asked() == [] and phone.entries(code) == []
 
 
@@ -333,11 +340,14 @@ def test_a_hang_up_at_every_step_accepts_nothing_and_keeps_the_partial(phone: Ph
             assert partial is None, step
         else:
             assert partial is not None and partial.counts == {f: GOOD_T1[f] for f in fields[:typed]}, step
-    # Hanging up during the receipt: the return was journaled before it was spoken.
+    # Hanging up while the return is being journaled ("Enregistrement en cours."): it is journaled all
+    # the same, and the channel says so for the dialplan.
     redis.flushdb()
     record = phone.call([*happy, HANGUP])
     assert record.caller_hung_up and record.outcome == "accepted"
-    assert [e.status for e in phone.entries(code)] == ["accepted"]
+    assert record.played[-1] == P.SAVING
+    [entry] = phone.entries(code)
+    assert entry.status == "accepted" and record.variables["REMONTEE_RECEIPT"] == entry.receipt
 
 
 def test_only_dead_safe_commands_follow_a_hang_up(phone: Phone) -> None:
@@ -350,21 +360,21 @@ def test_only_dead_safe_commands_follow_a_hang_up(phone: Phone) -> None:
 
 def test_hang_up_while_the_pin_is_checked(phone: Phone, state: CallState) -> None:
     code, pin = phone.next_bureau()
-    probe = phone.call([press(code + "#"), press(pin + "#"), HANGUP])
-    pin_command = next(i for i, c in enumerate(probe.commands, start=1) if c.startswith("GET DATA remontee/ask-pin"))
-    # The HANGUP line arrives right after the PIN's answer, while the server is in the scrypt thread.
-    record = phone.call(phone.happy_script(code, pin, GOOD_T1), inject_after={pin_command: b"HANGUP\n"})
+    # The HANGUP line arrives right after the PIN's answer, while the PIN is being checked: at most the
+    # "checking" prompt or a hold reaches the channel (Asterisk answers it 511), nothing is asked again.
+    record = phone.call(phone.happy_script(code, pin, GOOD_T1), inject_after={f"GET DATA {P.ASK_PIN}": b"HANGUP\n"})
     assert record.outcome == "hangup" and phone.entries(code) == []
-    assert not any(c.startswith(("GET DATA", "STREAM FILE")) for c in record.commands[pin_command:])
+    assert record.hung_up_at is not None and record.commands[record.hung_up_at - 1].startswith(f"GET DATA {P.ASK_PIN}")
+    later = [c for c in record.commands[record.hung_up_at:] if c.startswith(("GET DATA", "STREAM FILE"))]
+    assert all(c.split()[2] in (P.CHECKING_PIN, P.SILENCE, P.HOLD) for c in later), later
 
 
 def test_a_511_without_hangup_line_is_a_hang_up(phone: Phone) -> None:
     code, pin = phone.next_bureau()
     script = phone.happy_script(code, pin, GOOD_T1)
-    probe = phone.call([*script[:2], HANGUP])
-    first_count = next(i for i, c in enumerate(probe.commands, start=1) if "ask-votants" in c)
-    record = phone.call(script, tamper={first_count: b"511 Command Not Permitted on a dead channel or intercept "
-                                                     b"routine\n"})
+    record = phone.call(script, tamper={"GET DATA remontee/ask-votants": b"511 Command Not Permitted on a dead "
+                                                                          b"channel or intercept routine\n"})
+    assert any(c.startswith("GET DATA remontee/ask-votants") for c in record.commands)
     assert record.outcome == "hangup" and phone.entries(code) == []
 
 
@@ -497,3 +507,51 @@ def test_every_input_prompt_is_in_the_catalog(phone: Phone) -> None:
             assert set(spec.error_prompt) <= CATALOG
     assert all(p.startswith("remontee/ask-confirm") for p in [m.prompt for m in inputs.menus[:4]])
 
+
+
+# --- work in threads: the caller hears speech or a hold, never dead air ---
+
+def test_the_caller_is_held_while_the_pin_checkers_are_all_busy(phone: Phone) -> None:
+    """A thousand PINs keyed in the same second queue for scrypt: the caller hears a hold, not silence."""
+    code, pin = phone.next_bureau()
+    release = threading.Event()
+    checkers = phone.service.pin_checker
+    for _ in range(checkers.max):
+        checkers.callInThread(release.wait)  # every PIN checker busy with the callers ahead
+    later = threading.Timer(0.3, release.set)
+    later.start()
+    try:
+        # Prompts that take 10 ms to play: 0.3 s of queue is a few dozen holds.
+        record = phone.call(phone.happy_script(code, pin, GOOD_T1), answer_delay=0.01)
+    finally:
+        release.set()
+        later.cancel()
+    assert record.outcome == "accepted" and [e.receipt for e in phone.entries(code)] == [record.receipt]
+    checking = record.played.index(P.CHECKING_PIN)
+    first_count = record.played.index(P.ask_field(phone.election.fields[0]))
+    held = record.played[checking + 1:first_count]
+    assert set(held) == {P.SILENCE, P.HOLD}, held  # short silences, and "Veuillez patienter." every few
+    assert held[:HOLD_EVERY - 1] == [P.SILENCE] * (HOLD_EVERY - 1) and held[HOLD_EVERY - 1] == P.HOLD
+    assert phone.service.stats.work["pin"][1][-1] > 0  # the server knows it held this caller
+
+
+def test_a_journal_that_refuses_the_return_hands_the_caller_to_an_operator(
+        running_reactor: Any, tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path],
+        pins: dict[str, str]) -> None:
+    codes = sorted(pins)[:1]
+    phones = _phone("primaire-2011-t1", tmp_path, redis_server, demo_registry_files, pins, codes)
+    phone = next(phones)
+    try:
+        with phone.journal.write() as conn:  # a real failure of the insert, as a full disk would give
+            conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON returns "
+                                 "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        code, pin = phone.next_bureau()
+        record = phone.call(phone.happy_script(code, pin, GOOD_T1))
+        assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "journal-error"
+        assert heard(record)[-3:] == [P.SAVING, P.TECHNICAL_ERROR, P.TO_OPERATOR]
+        assert "REMONTEE_RECEIPT" not in record.variables and phone.entries(code) == []
+        # What was typed is kept: the president calling back is offered to resume.
+        partial = CallState(phone.service.redis).load_partial(phone.election.id, code)
+        assert partial is not None and partial.counts == GOOD_T1
+    finally:
+        next(phones, None)

@@ -139,6 +139,21 @@ def test_rgba_transparency_is_paper_and_a_negative_is_inverted() -> None:
     assert page.image is not None and page.image[3, 7] == 0 and page.image[0, 0] == 255
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_negative_test_is_exactly_the_median_of_the_page(seed: int) -> None:
+    from pen_gateway.decode import _median_is_dark
+
+    rng = np.random.default_rng(seed)
+    for _ in range(2000):
+        low, high = sorted(int(v) for v in rng.integers(0, 256, 2))
+        pixels = rng.integers(low, high + 1, (int(rng.integers(1, 9)), int(rng.integers(1, 9)))).astype(np.uint8)
+        assert _median_is_dark(pixels) == (np.median(pixels) < 128), pixels
+    # Exactly half dark: the mean of the two middle pixels decides (127 and 128 → 127.5 is dark, 127 and 129 not).
+    assert _median_is_dark(np.array([[127, 128]], dtype=np.uint8))
+    assert not _median_is_dark(np.array([[127, 129]], dtype=np.uint8))
+    assert _median_is_dark(np.array([[0, 0, 255, 255]], dtype=np.uint8))  # (0 + 255) / 2 = 127.5
+
+
 def test_jpeg_and_tiff_including_16_bit() -> None:
     gray = Image.new("L", (64, 48), 240)
     gray.putpixel((1, 1), 0)

@@ -4,76 +4,29 @@ and their OCR relay threads catching up after Redis comes back."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pen_helpers import PenClient, scribbled_page
+from pen_helpers import scribbled_page
+from pen_server import RunningPen, running_pen
 from redis import Redis
 from rq.job import Job
 
-from conftest import ROOT, free_port
 from pen_gateway.signing import signature_headers
 from returns_queue.jobs import ocr_job_id
 
 MAX_UPLOAD = 2 * 1024 * 1024
 
 
-@dataclass
-class RunningPen:
-    url: str
-    port: int
-    var_dir: Path
-    station: str
-    secret: str
-    process: subprocess.Popen[bytes]
-
-    def client(self) -> PenClient:
-        return PenClient(self.url, self.station, self.secret)
-
-
-def _env(var_dir: Path, redis_url: str, port: int) -> dict[str, str]:
-    return {**os.environ, "REMONTEE_VAR_DIR": str(var_dir), "REMONTEE_REDIS_URL": redis_url,
-            "REMONTEE_PEN_PORT": str(port), "REMONTEE_BIND": "127.0.0.1",
-            "REMONTEE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
-
-
 @pytest.fixture(scope="module")
 def gunicorn_pen(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[RunningPen]:
-    var_dir = tmp_path_factory.mktemp("pen-var")
-    port = free_port()
-    env = _env(var_dir, redis_server.url, port)
-    added = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", "add", "dock-17"],
-                           env=env, capture_output=True, text=True, check=True)
-    secret = added.stdout.strip().splitlines()[-1]  # the contract: the secret alone on the last line
-    assert len(secret) == 64 and all(c in "0123456789abcdef" for c in secret)
-    log = open(var_dir / "pen.log", "wb")  # noqa: SIM115  (closed below, after the process)
-    process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "pen", "--workers", "2",
-                                "--threads", "4", "--ocr-relay-grace", "0.5"], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"run_gateway.py pen exited: {(var_dir / 'pen.log').read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("run_gateway.py pen did not listen within 30 s")
-            time.sleep(0.1)
-    yield RunningPen(url, port, var_dir, "dock-17", secret, process)
-    process.terminate()
-    process.wait(15)
-    log.close()
+    with running_pen(tmp_path_factory.mktemp("pen-var"), redis_server.url, "dock-17", "--threads", "4",
+                     "--ocr-relay-grace", "0.5", env={"REMONTEE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}) as pen:
+        yield pen
 
 
 def stored_files(var_dir: Path) -> list[Path]:

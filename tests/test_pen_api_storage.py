@@ -69,6 +69,22 @@ def test_content_addressed_and_stored_once(tmp_path: Path) -> None:
         store.path_for("../../etc/passwd")
 
 
+def test_written_bytes_are_in_place_and_a_batch_makes_their_names_durable(tmp_path: Path) -> None:
+    store = RawStore(tmp_path)
+    pages = [f"page {n}".encode() for n in range(40)]
+    written = [store.write(page) for page in pages]
+    # In place, whole, before make_durable: the bytes were synced and renamed by write itself.
+    assert all(w.created and w.path.read_bytes() == page for w, page in zip(written, pages, strict=True))
+    lost = next(w for w in written if sum(o.path.parent == w.path.parent for o in written) == 1)
+    os.unlink(lost.path)
+    os.rmdir(lost.path.parent)  # a directory that cannot be synced any more: only its files fail
+    failed = store.make_durable([*written, store.write(pages[1])])
+    assert list(failed) == [lost] and isinstance(failed[lost], FileNotFoundError) and not lost.created
+    assert all(w.path.read_bytes() == page for w, page in zip(written, pages, strict=True) if w is not lost)
+    assert not store.write(pages[1]).created  # identical bytes: stored once
+    assert not any(name.endswith(".tmp") for name in files_under(tmp_path))
+
+
 def test_a_full_disk_raises_storage_full_and_leaves_nothing(tmp_path: Path, tmpfs: Any) -> None:
     uploads = tmpfs(tmp_path / "var" / "uploads", 256 * 1024)
     store = RawStore(tmp_path / "var")

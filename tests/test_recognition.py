@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
-import pytest
 
 from forms import Election
-from pen_gateway.decode import DecodedPage, decode_upload
+from pen_gateway.decode import DecodedPage
 from pen_gateway.recognition.assess import UploadFacts, assess, suggest_fixes
 from pen_gateway.recognition.pipeline import PageReading, field_reading, read_page
 from registry import Registry
-from tests.form_fill import (
-    Distortion,
-    consistent_counts,
-    distort,
-    encode_image,
-    handwriting_available,
-    inkml_document,
-    load_handwriting,
-    pen_strokes,
-    scan_page,
+from tests.filled_forms import (
+    ELECTION,
+    inkml_upload,
+    needs_handwriting,
+    read,
+    recognizer,
+    scan_upload,
+    slip_with_one_fix,
+    threshold,
+    well_read_seed,
 )
-from validation import Reason, check_arithmetic, suggest_single_digit_fixes
-
-needs_handwriting = pytest.mark.skipif(
-    not handwriting_available(),
-    reason="../shared/data/handwriting is absent: these tests write real held-out handwriting into forms",
-)
-ELECTION = "primaire-2011-t1"
-
-
-@cache
-def recognizer():  # type: ignore[no-untyped-def]
-    from pen_gateway.digits.recognizer import DigitRecognizer
-
-    return DigitRecognizer()
-
-
-@cache
-def threshold() -> float:
-    from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD
-
-    return RECOMMENDED_THRESHOLD
+from tests.form_fill import consistent_counts
+from validation import Reason
 
 
 def _bureau(registry: Registry, i: int = 0):  # type: ignore[no-untyped-def]
@@ -53,34 +31,11 @@ def _bureau(registry: Registry, i: int = 0):  # type: ignore[no-untyped-def]
 
 
 def _inkml_reading(election: Election, counts: dict[str, int | None], seed: int, align: str = "right") -> PageReading:
-    strokes, _ = pen_strokes(election, counts, load_handwriting(), np.random.default_rng(seed), align=align)
-    page = decode_upload(inkml_document(strokes), "application/inkml+xml")
-    return read_page(page, recognizer(), ELECTION)
+    return read(inkml_upload(election, counts, seed, align), "application/inkml+xml")
 
 
 def _scan_reading(election: Election, bureau: str, counts: dict[str, int], seed: int, source: str) -> PageReading:
-    rng = np.random.default_rng(seed)
-    page, _ = scan_page(election, bureau, counts, load_handwriting(), rng, source=source)
-    scanned, _ = distort(page, Distortion.random(rng), rng)
-    return read_page(decode_upload(encode_image(scanned, ".jpg", 90), "image/jpeg"), recognizer(), ELECTION)
-
-
-def well_read_seed(read: Callable[[int], PageReading], expected: dict[str, int | None], *,
-                   confident: Registry | None = None, bureau: str | None = None) -> int:
-    """The first handwriting draw (seed) the model reads exactly as written (and accepts, given `confident`).
-
-    A test about what happens *after* a right reading (a slip's suggestion, an accepted return)
-    starts from one; the model's own accuracy is measured by the tests above and the bench.
-    """
-    for seed in range(1, 25):
-        reading = read(seed)
-        if {fid: fr.value for fid, fr in reading.fields.items()} != expected:
-            continue
-        if confident is not None and assess(reading, UploadFacts("u", "s", None, bureau), confident, ELECTION,
-                                            threshold()).findings:
-            continue
-        return seed
-    pytest.fail("the digit model read none of 24 handwritten forms as written")
+    return read(scan_upload(election, bureau, counts, seed, source=source), "image/jpeg")
 
 
 # --- pure stages, on plain data ---
@@ -199,25 +154,11 @@ def test_left_aligned_numbers_and_blank_fields(election_t1: Election, registry: 
     assert (Reason.UNREADABLE, "baylet") in {(f.code, f.field) for f in assessment.findings}
 
 
-def _slip_with_one_fix(election: Election, seed: int) -> tuple[dict[str, int], dict[str, int], str]:
-    """Figures with one candidate's digit miswritten such that exactly one single-digit change restores them."""
-    rng = np.random.default_rng(seed)
-    while True:
-        truth = consistent_counts(election, rng, inscrits=1200)
-        field = election.candidates[int(rng.integers(len(election.candidates)))].id
-        if truth[field] < 100:
-            continue
-        text = str(truth[field])
-        wrong = {**truth, field: int(text[0] + str((int(text[1]) + 1 + int(rng.integers(8))) % 10) + text[2:])}
-        if check_arithmetic(wrong, election) and suggest_single_digit_fixes(wrong, election) == [(field, truth[field])]:
-            return truth, wrong, field
-
-
 @needs_handwriting
 def test_a_form_with_an_arithmetic_error_goes_to_review_with_the_suggestion(
     election_t1: Election, registry: Registry
 ) -> None:
-    truth, written, field = _slip_with_one_fix(election_t1, seed=11)
+    truth, written, field = slip_with_one_fix(election_t1, seed=11)
     seed = well_read_seed(lambda s: _inkml_reading(election_t1, written, seed=s), written)
     reading = _inkml_reading(election_t1, written, seed=seed)
     assert {fid: fr.value for fid, fr in reading.fields.items()} == written

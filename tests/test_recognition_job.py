@@ -18,34 +18,33 @@ from ulid import ULID
 
 from forms import Election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
-from pen_gateway.decode import decode_upload
 from pen_gateway.recognition.job import context, process_upload
-from pen_gateway.recognition.pipeline import PageReading, read_page
 from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
 from registry import Registry
 from returns_queue.jobs import RETURNS_QUEUE, ocr_job_id, ocr_queue, return_job_id
 from returns_queue.journal import Journal, returns, review_items
 from returns_queue.relay import Relay
 from settings import Settings
-from tests.form_fill import (
-    Distortion,
-    consistent_counts,
-    distort,
-    encode_image,
-    handwriting_available,
-    inkml_document,
-    load_handwriting,
-    pen_strokes,
-    scan_page,
+from tests.filled_forms import (
+    inkml_upload,
+    needs_handwriting,
+    read,
+    scan_upload,
+    slip_with_one_fix,
+    well_read_seed,
 )
-from tests.test_recognition import _slip_with_one_fix, recognizer, well_read_seed
+from tests.form_fill import Distortion, consistent_counts
 
-pytestmark = pytest.mark.skipif(
-    not handwriting_available(),
-    reason="../shared/data/handwriting is absent: the job is run on forms written with real held-out handwriting",
-)
+pytestmark = needs_handwriting
+# A scanner slightly askew, the same for every draw: what is tested here is the job, not the straightening.
+STEADY = Distortion(rotation_deg=-2.0, scale=0.95, jpeg_quality=80)
+
 JOB = "pen_gateway.recognition.job.recognize_upload"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def steady_scan(election: Election, bureau: str, counts: dict[str, int], seed: int) -> bytes:
+    return scan_upload(election, bureau, counts, seed, distortion=lambda _: STEADY, quality=85)
 
 
 @pytest.fixture
@@ -74,22 +73,6 @@ def store_upload(journal: Journal, directory: Path, data: bytes, content_type: s
     return upload_id
 
 
-def inkml_upload(election: Election, counts: dict[str, int], seed: int) -> bytes:
-    strokes, _ = pen_strokes(election, counts, load_handwriting(), np.random.default_rng(seed))
-    return inkml_document(strokes)
-
-
-def scan_upload(election: Election, bureau: str, counts: dict[str, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    page, _ = scan_page(election, bureau, counts, load_handwriting(), rng, source="pen")
-    scanned, _ = distort(page, Distortion(rotation_deg=-2.0, scale=0.95, jpeg_quality=80), rng)
-    return encode_image(scanned, ".jpg", 85)
-
-
-def read(data: bytes, content_type: str) -> PageReading:
-    return read_page(decode_upload(data, content_type), recognizer(), "primaire-2011-t1")
-
-
 def run_worker(redis: Redis, upload_ids: list[str]) -> list[Job]:
     queue = ocr_queue(redis)
     jobs = [queue.enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id)) for upload_id in upload_ids]
@@ -104,15 +87,15 @@ def test_uploads_become_returns_accepted_or_for_review(
 ) -> None:
     bureaux = sorted(registry.bureaux.values(), key=lambda b: b.code)
     clean = consistent_counts(election_t1, np.random.default_rng(1), inscrits=bureaux[0].inscrits)
-    truth, slipped, field = _slip_with_one_fix(election_t1, seed=11)
+    truth, slipped, field = slip_with_one_fix(election_t1, seed=11)
     # Hands the model reads right: what is tested here is what the job does with a reading.
     ink_seed = well_read_seed(lambda s: read(inkml_upload(election_t1, clean, s), "application/inkml+xml"), clean,
                               confident=registry, bureau=bureaux[0].code)
-    scan_seed = well_read_seed(lambda s: read(scan_upload(election_t1, bureaux[1].code, slipped, s), "image/jpeg"),
+    scan_seed = well_read_seed(lambda s: read(steady_scan(election_t1, bureaux[1].code, slipped, s), "image/jpeg"),
                                slipped)
     ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, ink_seed), "application/inkml+xml",
                           pen_serial=bureaux[0].pen_serials[0])
-    scan_id = store_upload(journal, tmp_path, scan_upload(election_t1, bureaux[1].code, slipped, scan_seed),
+    scan_id = store_upload(journal, tmp_path, steady_scan(election_t1, bureaux[1].code, slipped, scan_seed),
                            "image/jpeg")
     jobs = run_worker(redis, [ink_id, scan_id])
     assert [j.get_status() for j in jobs] == [JobStatus.FINISHED, JobStatus.FINISHED]

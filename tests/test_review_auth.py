@@ -30,6 +30,7 @@ from sqlalchemy import select, update
 
 from conftest import ROOT, free_port
 from forms import Election
+from pen_gateway.uploads import uploads
 from registry import Registry
 from returns_queue.journal import Journal, audit
 from review.accounts import login_attempts, sessions, users
@@ -41,13 +42,13 @@ GET_ROUTES = {
     "/": "login", "/items": "login", "/items/{item}": "login", "/items/{item}/page.png": "login",
     "/items/{item}/fields/votants.png": "login", "/progress": "login", "/progress/panel": "login",
     "/progress.json": "login", "/account/password": "login", "/uploads/{upload}": "login",
-    "/uploads/{upload}/page.png": "login",
+    "/uploads/{upload}/page.png": "login", "/uploads/{upload}/raw": "login",
     "/audit": "admin", "/audit.csv": "admin", "/users": "admin",
 }
 POST_ROUTES = {
     "/items/{item}/claim": "login", "/items/{item}/release": "login", "/items/{item}/approve": "login",
     "/items/{item}/reject": "login", "/uploads/{upload}/claim": "login", "/uploads/{upload}/release": "login",
-    "/uploads/{upload}/assign": "login", "/uploads/{upload}/reject": "login",
+    "/uploads/{upload}/assign": "login", "/uploads/{upload}/reject": "login", "/uploads/{upload}/counts": "login",
     "/account/password": "login", "/logout": "any",
     "/users": "admin", "/users/bob/role": "admin", "/users/bob/active": "admin", "/users/bob/password": "admin",
     "/login": "any",
@@ -73,6 +74,10 @@ STRAY_UPLOAD = "01JSTRAYUPLOAD00000000000A"
 @pytest.fixture
 def stray_upload(env: ReviewEnv) -> str:
     record_stray_upload(env.journal, STRAY_UPLOAD, var_dir=env.settings.var_dir)
+    raw = env.settings.var_dir / "stray.inkml"  # the station's bytes, for /uploads/<id>/raw
+    raw.write_bytes(b"<ink/>")
+    with env.journal.write() as conn:
+        conn.execute(update(uploads).where(uploads.c.upload_id == STRAY_UPLOAD).values(path=str(raw)))
     return STRAY_UPLOAD
 
 

@@ -274,7 +274,8 @@ def test_the_ocr_relay_replaces_the_ended_job_of_an_upload_sent_back(env: Review
 def test_an_inkml_upload_with_no_bureau_reaches_the_journal_once_a_supervisor_assigns_it(
     env: ReviewEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_recognition_job import inkml_upload, run_worker, store_upload
+    from tests.filled_forms import inkml_upload
+    from tests.test_recognition_job import run_worker, store_upload
 
     # The worker's settings: the review UI's journal, registry and var/ (where the reviewer's artefacts go).
     for key, value in {"REMONTEE_VAR_DIR": env.settings.var_dir, "REMONTEE_DB_URL": env.journal.url,
@@ -348,3 +349,249 @@ def test_in_a_browser_a_supervisor_assigns_the_bureau_of_an_upload(
     assert get_upload(env.journal, UPLOAD).bureau == code
     # Chromium reports the refusal's status (422) on the console; nothing else may appear there.
     assert [e for e in errors if "status of 422" not in e] == []
+
+
+# --- uploads whose recognition failed ---
+
+FAILED = "01JFAILEDREAD0000000000000A"
+BROKE = "OSError: stored bytes of upload 01JFAILEDREAD0000000000000A do not match their SHA-256"
+
+
+def record_failed_upload(env: ReviewEnv, upload_id: str = FAILED, *, error: str = BROKE, received_at: float = 0.0,
+                         pen_serial: str | None = "AJX-00FA11") -> None:
+    """An upload as the OCR job leaves it when recognition itself raised: `failed`, the exception in `error`."""
+    record_stray_upload(env.journal, upload_id, received_at=received_at, pen_serial=pen_serial)
+    with env.journal.write() as conn:
+        conn.execute(update(uploads).where(uploads.c.upload_id == upload_id).values(status="failed", error=error))
+
+
+def count_form(env: ReviewEnv, token: str, bureau: str, counts: dict[str, int | str], note: str = "") -> dict:
+    return {"csrf_token": token, "bureau": bureau, "note": note,
+            **{f"count-{field}": str(value) for field, value in counts.items()}}
+
+
+def figures(env: ReviewEnv, seed: int, bureau: str) -> dict[str, int]:
+    return consistent_counts(env.election, np.random.default_rng(seed), inscrits=env.registry.get(bureau).inscrits)
+
+
+def test_failed_uploads_are_listed_apart_with_why_and_stay_whatever_the_filter(env: ReviewEnv) -> None:
+    record_failed_upload(env, received_at=time.time() - 2 * 3600)
+    record_stray_upload(env.journal, UPLOAD)
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get("/items"))
+    assert "Envois dont la lecture a échoué" in page and "Envois sans bureau identifié" in page
+    section = page.split("Envois dont la lecture a échoué", 1)[1]
+    assert "1 envoi" in section and BROKE in section and "AJX-00FA11" in section and f"/uploads/{FAILED}" in section
+    assert "2 h 00" in section
+    # Not among the uploads without a bureau: each section says what to do with its own.
+    unassigned = page.split("Envois sans bureau identifié", 1)[1].split("Envois dont la lecture a échoué", 1)[0]
+    assert FAILED not in unassigned
+    # A reason filter hides the uploads without a bureau (they have UNKNOWN_BUREAU); a failed one has no reason
+    # code to filter on, so it stays in view.
+    assert "Envois dont la lecture a échoué" in text(client.get("/items?reason=SUM_MISMATCH"))
+    assert "Envois dont la lecture a échoué" in text(client.get("/items?channel=pen"))
+    assert "Envois dont la lecture a échoué" not in text(client.get("/items?channel=ivr"))
+    # The progress page counts it among what waits for a supervisor.
+    progress = client.get("/progress.json").json
+    assert progress["uploads_waiting"] == 1 and progress["uploads_failed"] == 1
+    panel = text(client.get("/progress/panel"))
+    assert 'data-figure="items">2<' in panel and 'data-figure="uploads-failed">1</span> envoi en échec' in panel
+
+
+def test_a_failed_upload_page_says_why_offers_the_raw_bytes_and_a_count_form(env: ReviewEnv) -> None:
+    record_failed_upload(env)
+    raw = env.settings.var_dir / "raw-failed.inkml"
+    raw.write_bytes(b"<ink>strokes</ink>")
+    with env.journal.write() as conn:
+        conn.execute(update(uploads).where(uploads.c.upload_id == FAILED).values(path=str(raw)))
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get(f"/uploads/{FAILED}"))
+    assert "Envoi dont la lecture a échoué" in page and BROKE in page and "Réservé par vous" in page
+    assert 'name="bureau"' in page and all(f'name="count-{f.id}"' in page for f in env.election.fields)
+    assert "Enregistrer ces chiffres" in page and "Rejeter cet envoi" in page and "Rattacher et relire" not in page
+    assert "Pas d'image de page disponible" in page
+    download = client.get(f"/uploads/{FAILED}/raw")
+    assert download.status_code == 200 and download.data == b"<ink>strokes</ink>"
+    assert download.headers["Content-Disposition"].startswith("attachment")
+    assert download.mimetype == "application/octet-stream" and download.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get("/uploads/01JUNKNOWN00000000000000000/raw").status_code == 404
+    anonymous = env.client().get(f"/uploads/{FAILED}/raw")
+    assert anonymous.status_code in (302, 401) and anonymous.data != b"<ink>strokes</ink>"
+
+
+def test_counts_typed_for_a_failed_upload_become_its_return_relayed_and_audited(env: ReviewEnv) -> None:
+    record_failed_upload(env)
+    code = bureau_codes(env.registry)[3]
+    counts = figures(env, 5, code)
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/uploads/{FAILED}")
+    response = client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, f" {code} ", counts,
+                                                                         "lu sur la page"))
+    assert response.status_code == 303
+    flashed = text(client.get("/items"))
+    assert f"enregistrés pour le bureau {code}" in flashed and "accepté" in flashed
+    assert "Envois dont la lecture a échoué" not in flashed
+    upload = get_upload(env.journal, FAILED)
+    assert upload.status == "accepted" and upload.bureau == code and upload.return_id and upload.receipt
+    assert upload.error is None  # the station's status read shows the outcome alone; the audit row keeps why
+    entry = env.journal.get(upload.return_id)
+    assert entry.status == "accepted" and entry.receipt == upload.receipt and entry.ret.channel == "pen"
+    assert entry.ret.bureau == code and dict(entry.ret.counts) == counts
+    assert entry.ret.source == {"upload_id": FAILED, "station_id": "station-3", "pen_serial": "AJX-00FA11",
+                                "supervisor": "alice"}
+    [row] = audit_rows(env, "enter_upload_counts")
+    assert row.actor == "alice" and row.subject == FAILED
+    assert json.loads(row.before) == {"status": "failed", "error": BROKE, "bureau": None}
+    after = json.loads(row.after)
+    assert after["bureau"] == code and after["counts"] == counts and after["receipt"] == upload.receipt
+    assert after["status"] == "accepted" and after["note"] == "lu sur la page"
+    # The relay takes it to the back office like any accepted return.
+    from returns_queue.jobs import return_job_id, returns_queue
+    from returns_queue.relay import Relay
+
+    assert Relay(env.journal, env.redis, env.settings.consolidate_job).relay_once() == 1
+    assert returns_queue(env.redis).job_ids == [return_job_id(upload.return_id)]
+    # Still in view, decided: who, when, the receipt; no form any more.
+    decided = text(client.get(f"/uploads/{FAILED}"))
+    assert f'Chiffres saisis pour le bureau <span class="mono">{code}</span> par alice' in decided
+    assert upload.receipt in decided and "Enregistrer ces chiffres" not in decided and "accepté" in decided
+    # A second entry, or a rejection, after the decision changes nothing.
+    again = client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, code, counts))
+    assert again.status_code == 409 and "déjà été saisis pour le bureau" in text(again)
+    rejected = client.post(f"/uploads/{FAILED}/reject", data={"csrf_token": token, "reason": "doublon"})
+    assert rejected.status_code == 409
+    assert get_upload(env.journal, FAILED).status == "accepted" and len(audit_rows(env, "enter_upload_counts")) == 1
+    with env.journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
+    admin = env.client()
+    login(admin, "root")
+    assert "chiffres saisis pour un envoi illisible" in text(admin.get("/audit?action=enter_upload_counts"))
+
+
+def test_counts_that_break_the_form_or_an_unknown_bureau_are_refused_and_change_nothing(env: ReviewEnv) -> None:
+    record_failed_upload(env)
+    code = bureau_codes(env.registry)[3]
+    counts = figures(env, 6, code)
+    broken = {**counts, "votants": counts["votants"] + 1}
+    client = env.client()
+    token = login(client, "alice")
+    response = client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, code, broken))
+    assert response.status_code == 422
+    page = text(response)
+    assert "Chiffres non enregistrés" in page and 'aria-invalid="true"' in page
+    assert f'value="{broken["votants"]}"' in page  # what was typed is kept for the next try
+    unknown = client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, "999999", counts))
+    assert unknown.status_code == 422 and "inconnu du registre" in text(unknown)
+    upload = get_upload(env.journal, FAILED)
+    assert upload.status == "failed" and upload.return_id is None and upload.error == BROKE
+    assert audit_rows(env, "enter_upload_counts") == []
+    with env.journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 0
+
+
+def test_counts_for_a_bureau_that_reported_otherwise_by_phone_wait_in_review(env: ReviewEnv) -> None:
+    from review_support import submit
+
+    record_failed_upload(env)
+    code = bureau_codes(env.registry)[4]
+    phoned = figures(env, 7, code)
+    assert submit(env.journal, env.election, env.registry, code, phoned).status == "accepted"
+    typed = figures(env, 8, code)
+    assert typed != phoned
+    client = env.client()
+    token = login(client, "alice")
+    assert client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, code, typed)).status_code == 303
+    upload = get_upload(env.journal, FAILED)
+    assert upload.status == "review" and upload.return_id
+    queue_page = text(client.get("/items"))
+    assert "le retour attend dans la file" in queue_page
+    assert f"/items/{item_id_for(env.journal, upload.return_id)}" in queue_page  # a review item: never lost
+
+
+def test_a_failed_upload_can_be_rejected_with_a_reason_and_a_claim_keeps_others_out(env: ReviewEnv) -> None:
+    record_failed_upload(env)
+    alice, bob = env.client(), env.client()
+    alice_token, bob_token = login(alice, "alice"), login(bob, "bob")
+    alice.get(f"/uploads/{FAILED}")
+    assert "Consultation seule" in text(bob.get(f"/uploads/{FAILED}"))
+    code = bureau_codes(env.registry)[3]
+    held = bob.post(f"/uploads/{FAILED}/counts", data=count_form(env, bob_token, code, figures(env, 9, code)))
+    assert held.status_code == 409 and "traitement par alice" in text(held)
+    assert alice.post(f"/uploads/{FAILED}/reject", data={"csrf_token": alice_token, "reason": " "}).status_code == 400
+    reason = "page blanche, le bureau a téléphoné"
+    assert alice.post(f"/uploads/{FAILED}/reject",
+                      data={"csrf_token": alice_token, "reason": reason}).status_code == 303
+    assert get_upload(env.journal, FAILED).status == "rejected"
+    [row] = audit_rows(env, "reject_upload")
+    assert json.loads(row.before) == {"status": "failed", "error": BROKE}
+    assert "Rejeté par alice" in text(alice.get(f"/uploads/{FAILED}"))
+
+
+def test_an_upload_whose_stored_bytes_went_bad_fails_its_ocr_job_and_reaches_a_supervisor(
+    env: ReviewEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real OCR job on a real worker: the stored bytes no longer match their hash, the job raises, the row is
+    `failed`; a supervisor sees it, downloads it and types its counts; its return is journaled once."""
+    from tests.test_recognition_job import run_worker, store_upload
+
+    for key, value in {"REMONTEE_VAR_DIR": env.settings.var_dir, "REMONTEE_DB_URL": env.journal.url,
+                       "REMONTEE_REGISTRY": env.settings.registry_path, "REMONTEE_ELECTION": env.election.id}.items():
+        monkeypatch.setenv(key, str(value))
+    upload_id = store_upload(env.journal, env.settings.var_dir.parent, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png",
+                             pen_serial="AJX-00BAD0")
+    get_upload(env.journal, upload_id).path.write_bytes(b"bit rot")
+    [job] = run_worker(env.redis, [upload_id])
+    assert job.get_status() == JobStatus.FAILED
+    upload = get_upload(env.journal, upload_id)
+    assert upload.status == "failed" and "do not match their SHA-256" in upload.error
+
+    client = env.client()
+    token = login(client, "alice")
+    section = text(client.get("/items")).split("Envois dont la lecture a échoué", 1)[1]
+    assert "AJX-00BAD0" in section and "do not match their SHA-256" in section
+    assert client.get(f"/uploads/{upload_id}/raw").data == b"bit rot"
+    code = bureau_codes(env.registry)[5]
+    counts = figures(env, 10, code)
+    assert client.post(f"/uploads/{upload_id}/counts", data=count_form(env, token, code, counts)).status_code == 303
+    upload = get_upload(env.journal, upload_id)
+    assert upload.status == "accepted" and env.journal.get(upload.return_id).ret.source["upload_id"] == upload_id
+    # A later retry of the job finds the upload decided and writes nothing.
+    [again] = run_worker(env.redis, [upload_id])
+    assert get_upload(env.journal, upload_id).return_id == upload.return_id
+    with env.journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
+    assert again.get_status() == JobStatus.FINISHED
+
+
+def test_in_a_browser_a_supervisor_types_the_counts_of_a_failed_upload(
+    browser: Any, served: tuple[str, ReviewEnv], screenshots: Path
+) -> None:
+    """Chromium: the failed section, the upload's page with the live arithmetic check, the return accepted."""
+    base, env = served
+    record_failed_upload(env, received_at=time.time() - 600)
+    code = bureau_codes(env.registry)[2]
+    counts = figures(env, 11, code)
+    page = browser.new_context(viewport={"width": 1366, "height": 900}, locale="fr-FR").new_page()
+    errors = _watch_console(page)
+    _log_in(page, base, "alice")
+    expect(page.get_by_role("heading", name="Envois dont la lecture a échoué")).to_be_visible()
+    page.get_by_role("link", name=f"Ouvrir l'envoi {FAILED} de la station station-3").click()
+    page.wait_for_url(f"{base}/uploads/{FAILED}")
+    expect(page.get_by_text("Réservé par vous")).to_be_visible()
+    expect(page.get_by_text(BROKE)).to_be_visible()
+    page.get_by_label("Code du bureau").fill(code)
+    labels = {f.id: f.label for f in env.election.fields}
+    for field, value in counts.items():
+        page.get_by_label(labels[field], exact=True).fill(str(value))
+    expect(page.locator('[data-check="total"] .check-result')).to_have_text(f"juste ({counts['votants']})")
+    expect(page.locator('[data-check="sum"] .check-result')).to_have_text(f"juste ({counts['exprimes']})")
+    _shot(page, screenshots / "14-failed-upload-counts.png")
+    page.get_by_role("button", name="Enregistrer ces chiffres").click()
+    page.wait_for_url(f"{base}/items")
+    expect(page.get_by_text(f"enregistrés pour le bureau {code}")).to_be_visible()
+    upload = get_upload(env.journal, FAILED)
+    assert upload.status == "accepted" and dict(env.journal.get(upload.return_id).ret.counts) == counts
+    assert errors == []

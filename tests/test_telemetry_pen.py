@@ -3,28 +3,23 @@ uploads, the scrape-time state checked against the real journal and Redis, and t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from pen_helpers import LiveServer, PenClient, scribbled_page
+from pen_server import RunningPen, running_pen
 from redis import Redis
 from rq import Queue
 from telemetry_helpers import fields_of, scrape, value
 
-from conftest import ROOT, free_port
+from conftest import free_port
 from pen_gateway.app import create_app, gateway_of
 from pen_gateway.uploads import ocr_backlog
 from returns_queue.journal import Journal
@@ -32,61 +27,11 @@ from settings import Settings
 from telemetry import logs
 
 
-@dataclass
-class RunningPen:
-    url: str
-    var_dir: Path
-    secret: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def client(self) -> PenClient:
-        return PenClient(self.url, "dock-metrics", self.secret)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for raw in self.log_path.read_text().splitlines():
-            if raw.startswith("{"):
-                lines.append(json.loads(raw))
-        return lines
-
-    def workers(self) -> set[int]:
-        return {c.pid for c in psutil.Process(self.process.pid).children()}
-
-
 @pytest.fixture(scope="module")
 def gunicorn_pen(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[RunningPen]:
-    var_dir = tmp_path_factory.mktemp("pen-metrics")
-    port = free_port()
-    env = {**os.environ, "REMONTEE_VAR_DIR": str(var_dir), "REMONTEE_REDIS_URL": redis_server.url,
-           "REMONTEE_PEN_PORT": str(port), "REMONTEE_BIND": "127.0.0.1", "REMONTEE_LOG_FORMAT": "json"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    added = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", "add", "dock-metrics"],
-                           env=env, capture_output=True, text=True, check=True)
-    secret = added.stdout.strip().splitlines()[-1]
-    log_path = var_dir / "pen.log"
-    log = open(log_path, "wb")  # noqa: SIM115  (closed below, after the process)
-    process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "pen", "--workers", "2", "--threads",
-                                "4", "--access-log"], env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"run_gateway.py pen exited: {log_path.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("run_gateway.py pen did not listen within 30 s")
-            time.sleep(0.1)
-    running = RunningPen(f"http://127.0.0.1:{port}", var_dir, secret, process, log_path)
-    while len(running.workers()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield running
-    process.terminate()
-    process.wait(15)
-    log.close()
+    with running_pen(tmp_path_factory.mktemp("pen-metrics"), redis_server.url, "dock-metrics", "--threads", "4",
+                     "--access-log", env={"REMONTEE_LOG_FORMAT": "json"}) as pen:
+        yield pen
 
 
 def _upload_in_parallel(pen: RunningPen, count: int, first_seed: int) -> list[str]:

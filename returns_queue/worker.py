@@ -1,0 +1,46 @@
+"""The work horse that dies with its RQ worker (`run_gateway.py worker` runs its workers with it).
+
+RQ's forking worker runs each job in a work horse it forks and moves to a process group of its own
+(`os.setpgrp()` in `rq.worker.Worker.fork_work_horse`), so that the worker can kill the horse's group
+on a job timeout. The price: neither a signal to the worker's group nor the worker's death reaches
+the horse. A horse stuck in a long job (an OCR job waiting minutes for room on a full upload disk)
+outlived its worker when the system was stopped, still holding the job and the journal.
+
+Here the horse asks the kernel for SIGKILL the moment its worker dies, however it dies
+(PR_SET_PDEATHSIG): a supervisor that stops a worker (SIGTERM, a warm shutdown that waits for the
+job, then SIGKILL after its grace) or kills it leaves no horse behind. The job is then abandoned as
+when a horse is killed: RQ moves it out of the started registry once the worker's heartbeat expires,
+and the job's Retry runs it again (both job kinds journal at most once: returns_queue/jobs.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Any
+
+from rq import Worker
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """In a forked child: get `sig` when the parent dies; exit now if it died before we asked."""
+    if not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The parent may have died between the fork and the prctl: then nothing will ever signal us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class HorseDiesWithWorker(Worker):
+    """An RQ forking worker whose work horse is killed by the kernel when the worker process ends."""
+
+    def main_work_horse(self, job: Any, queue: Any) -> None:
+        # Runs in the horse, just after the fork: `self.pid` is still the worker's.
+        die_with_parent(self.pid or os.getppid())
+        super().main_work_horse(job, queue)

@@ -1,0 +1,102 @@
+"""No RQ work horse outlives its worker (returns_queue/worker.py): a real `run_gateway.py worker` on the real
+redis-server, a job that sleeps, then the worker SIGKILLed, or its supervisor stopped: the horse is gone too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from redis import Redis
+from rq import Queue
+from test_run_gateway import ROOT, alive, descendants
+
+from returns_queue.jobs import RETURNS_QUEUE
+
+
+def _env(tmp_path: Path, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    env.update({"REMONTEE_REDIS_URL": redis_url, "REMONTEE_VAR_DIR": str(tmp_path / "var"),
+                "REMONTEE_WORKER_METRICS_PORT": "0", "REMONTEE_LOG_FORMAT": "text"})
+    return env
+
+
+def _horse_of(worker_pid: int, timeout: float = 30.0) -> int:
+    """The work horse the worker forked for the sleeping job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        horses = [pid for pid in descendants(worker_pid) if alive(pid)]
+        if horses:
+            return horses[0]
+        time.sleep(0.1)
+    raise AssertionError("the worker forked no work horse")
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+def _sleeping_job(redis: Redis) -> None:
+    Queue(RETURNS_QUEUE, connection=redis).enqueue("time.sleep", 300, job_timeout=600)
+
+
+def test_a_worker_killed_mid_job_takes_its_work_horse_with_it(tmp_path: Path, redis: Redis, redis_server) -> None:
+    worker = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker", "--queues", RETURNS_QUEUE],
+                              cwd=ROOT, env=_env(tmp_path, redis_server.url), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    horse = None
+    try:
+        _sleeping_job(redis)
+        horse = _horse_of(worker.pid)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        assert _gone(horse), f"work horse {horse} outlived its worker"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if horse is not None and alive(horse):
+            os.kill(horse, signal.SIGKILL)
+
+
+def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, redis: Redis, redis_server) -> None:
+    # The supervisor of `run_gateway.py all`, with one worker and a short grace: the worker's warm shutdown waits
+    # for the sleeping job, the grace runs out, the worker is killed, and its horse must go with it.
+    script = textwrap.dedent("""
+        import sys
+        from run_gateway import Service, Supervisor
+        from settings import Settings
+        service = Service("worker-returns", ("worker", "--queues", "returns"), "")
+        sys.exit(Supervisor(Settings.from_env(), [service], stop_grace=1.0).run())
+    """)
+    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=_env(tmp_path, redis_server.url),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: set[int] = set()
+    try:
+        _sleeping_job(redis)
+        deadline = time.monotonic() + 30
+        while not (workers := [p for p in descendants(supervisor.pid) if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers, "the supervisor started no worker"
+        horse = _horse_of(min(workers))
+        family = descendants(supervisor.pid)
+        assert horse in family
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+        assert _gone(horse), f"work horse {horse} outlived the stopped supervisor"
+        assert not [pid for pid in family if alive(pid)]
+    finally:
+        if supervisor.poll() is None:
+            family |= descendants(supervisor.pid)
+            supervisor.kill()
+            supervisor.wait()
+        for pid in family:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
