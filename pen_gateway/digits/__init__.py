@@ -4,9 +4,8 @@ This package owns reading one digit per comb-field box, from digital-pen
 strokes rendered to pixels or from scans: ``recognizer`` (run-time API, numpy +
 OpenCV), ``preprocess`` (the crop -> model-input function shared by training
 and run time), ``strokes`` (rendering pen strokes), ``synth``/``data``/
-``evaluation`` (training, calibration and held-out data), ``train`` (PyTorch,
-training time only), and ``trajectory``/``train_trajectory`` (reading a box from
-its pen path; measured, not shipped). Data sources and licences: ``ATTRIBUTION.md``.
+``evaluation`` (training, calibration and held-out data), and ``train`` (PyTorch,
+training time only). Data sources and licences: ``ATTRIBUTION.md``.
 """
 
 from .recognizer import RECOMMENDED_THRESHOLD, DigitReading, DigitRecognizer

@@ -9,9 +9,7 @@ writers so that no wrong value was accepted; see ``digits.json``).
 The ONNX networks (``digits.onnx`` and the other ensemble members that
 ``digits.json`` lists, trained by ``train.py``; their logits are averaged) are
 loaded once per process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
-every forward pass holds that net's lock. When a box's pen strokes are known (an
-InkML page), the trajectory model (``trajectory.py``) reads them too and the two
-answers are combined into one calibrated probability.
+every forward pass holds that net's lock.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import preprocess, trajectory
+from . import preprocess
 
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
@@ -84,10 +82,8 @@ def _load(path: Path) -> _Loaded:
 class DigitRecognizer:
     """Reads single handwritten digits from form-box crops."""
 
-    def __init__(self, model_path: Path | None = None, trajectory_path: Path | None = None) -> None:
+    def __init__(self, model_path: Path | None = None) -> None:
         self._model = _load(Path(model_path) if model_path is not None else MODEL_PATH)
-        traj = Path(trajectory_path) if trajectory_path is not None else trajectory.MODEL_PATH
-        self._trajectory = trajectory.TrajectoryModel(traj) if trajectory.available(traj) else None
 
     @property
     def temperature(self) -> float:
@@ -119,34 +115,15 @@ class DigitRecognizer:
         probs = self.probabilities(p.image[None, None])
         return int(probs[0].argmax()) == self._model.empty_class
 
-    def read(
-        self,
-        cells: Sequence[np.ndarray],
-        *,
-        borders: bool = True,
-        strokes: Sequence[Sequence[np.ndarray]] | None = None,
-    ) -> list[DigitReading]:
+    def read(self, cells: Sequence[np.ndarray], *, borders: bool = True) -> list[DigitReading]:
         """Read a batch of cells; one reading per cell, in order.
 
         ``borders=False`` for crops cut inside the box's printed border (see ``preprocess.prepare``).
-        ``strokes``, one list per cell (pen coordinates, y down, in writing order), when the page
-        came as pen strokes: the trajectory model's reading is then combined with the image's.
         """
         if len(cells) == 0:
             return []
         inputs, rule_empty = preprocess.prepare_batch(cells, borders=borders)
         probs = self.probabilities(inputs)
-        if strokes is not None and len(strokes) != len(cells):
-            raise ValueError(f"{len(strokes)} stroke lists for {len(cells)} cells")
-        if strokes is not None and self._trajectory is not None:
-            rows, feats = [], []
-            for i, (box_strokes, by_rule) in enumerate(zip(strokes, rule_empty, strict=True)):
-                f = None if by_rule else trajectory.features(box_strokes)
-                if f is not None:
-                    rows.append(i)
-                    feats.append(f)
-            if rows:
-                probs[rows] = self._trajectory.combine(probs[rows], np.array(feats))
         empty = self._model.empty_class
         readings = []
         for p, by_rule in zip(probs, rule_empty, strict=True):

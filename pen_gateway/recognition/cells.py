@@ -83,13 +83,8 @@ def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:
     return render_strokes(placed, size, PEN_WIDTH_MM * CELL_PX_PER_MM)
 
 
-def ink_cells(
-    strokes: Sequence[np.ndarray],
-    layout: FormLayout,
-    assigned: dict[tuple[str, int], list[np.ndarray]] | None = None,
-) -> dict[str, list[np.ndarray]]:
-    """Every box drawn from its strokes (`assigned`: `assign_strokes`' answer, when the caller has it already)."""
-    assigned = assign_strokes(strokes, layout) if assigned is None else assigned
+def ink_cells(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[str, list[np.ndarray]]:
+    assigned = assign_strokes(strokes, layout)
     return {
         f.id: [ink_cell(cell, assigned.get((f.id, i), [])) for i, cell in enumerate(f.cells)] for f in layout.fields
     }

@@ -20,7 +20,6 @@ from forms.definitions import Election, ElectionDefinitionError, load_election
 from forms.layout import FormIdentity, FormLayout, form_layout
 from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, to_gray
 from pen_gateway.recognition.cells import (
-    assign_strokes,
     ink_cells,
     ink_field_crop,
     ink_page_image,
@@ -50,7 +49,6 @@ class Recognizer(Protocol):
         cells: Sequence[np.ndarray],
         *,
         borders: bool = True,
-        strokes: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> Sequence[DigitReadingLike]: ...
 
 
@@ -121,21 +119,15 @@ def field_reading(field_id: str, digits: Sequence[DigitReadingLike]) -> FieldRea
     return FieldReading(field_id, int(text) if text else None, confidence, tuple(digits), gap)
 
 
-def read_cells(
-    recognizer: Recognizer,
-    cells: dict[str, list[np.ndarray]],
-    strokes: dict[str, list[list[np.ndarray]]] | None = None,
-) -> dict[str, FieldReading]:
+def read_cells(recognizer: Recognizer, cells: dict[str, list[np.ndarray]]) -> dict[str, FieldReading]:
     """Every box of every field in one batch through the digit model.
 
     Both kinds of cell hold no printed border: a scan's box is cut inside it (`cells.CELL_INSET_MM`) through
     the fitted homography, an ink box is drawn from its strokes alone. Ink at a crop's edge is the digit
-    running past it, so the recognizer is told not to strip it as a border remnant. An ink page also gives
-    each box's `strokes`, which the recognizer reads as a trajectory too.
+    running past it, so the recognizer is told not to strip it as a border remnant.
     """
     order = [(fid, i) for fid, boxes in cells.items() for i in range(len(boxes))]
-    box_strokes = [strokes[fid][i] for fid, i in order] if strokes is not None else None
-    readings = list(recognizer.read([cells[fid][i] for fid, i in order], borders=False, strokes=box_strokes))
+    readings = list(recognizer.read([cells[fid][i] for fid, i in order], borders=False))
     by_field: dict[str, list[DigitReadingLike]] = {fid: [] for fid in cells}
     for (fid, _), reading in zip(order, readings, strict=True):
         by_field[fid].append(reading)
@@ -159,10 +151,8 @@ def _read_ink(strokes: list[np.ndarray], recognizer: Recognizer, election_id: st
     if not any(len(s) for s in strokes):
         reading.problem = "page InkML sans aucun trait"
         return reading
-    assigned = assign_strokes(strokes, layout)
-    cells = ink_cells(strokes, layout, assigned)
-    box_strokes = {f.id: [assigned.get((f.id, i), []) for i in range(len(f.cells))] for f in layout.fields}
-    reading.fields = read_cells(recognizer, cells, box_strokes)
+    cells = ink_cells(strokes, layout)
+    reading.fields = read_cells(recognizer, cells)
     reading.field_images = {f.id: ink_field_crop(f, cells[f.id]) for f in layout.fields}
     return reading
 
