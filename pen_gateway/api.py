@@ -48,7 +48,7 @@ from pen_gateway.signing import (
     replayed,
 )
 from pen_gateway.storage import FULL_ERRNOS, StorageFull, StoredFile
-from pen_gateway.uploads import Upload, get_upload
+from pen_gateway.uploads import Upload, get_upload, uploads_with_bytes
 from telemetry import logs, metrics
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -134,6 +134,24 @@ def _same_upload(first: Upload, sha256: str, pen_serial: str, bureau: str | None
     return first.sha256 == sha256 and first.pen_serial == pen_serial and first.bureau == bureau
 
 
+def _discard(gateway: PenGateway, stored: StoredFile) -> None:
+    """Remove the bytes this request wrote, unless a journaled upload holds the same bytes.
+
+    Content addressing makes twins share one file: a replay racing its original (or any two
+    requests with identical bytes) can be the one that wrote it, while the other's row, committed,
+    points at it. When the journal cannot be read, the bytes go (nothing half-kept): a journal that
+    fails this read failed the twin's commit too."""
+    if not stored.created:
+        return
+    try:
+        with gateway.journal.read() as conn:
+            if uploads_with_bytes(conn, stored.sha256):
+                return
+    except SQLAlchemyError as exc:
+        current_app.logger.warning("journal unreadable, bytes of the refused upload removed: %s", exc)
+    gateway.store.discard(stored)
+
+
 def _retry(gateway: PenGateway, signed: SignedRequest, first: Upload, sha256: str, pen_serial: str,
            bureau: str | None, key: str) -> Any:
     logs.bind(upload_id=first.upload_id)
@@ -208,15 +226,15 @@ def create_upload() -> Any:
         raise
     except SQLAlchemyError as exc:
         current_app.logger.warning("upload not journaled, its stored bytes removed if new: %s", exc)
-        gateway.store.discard(stored)
+        _discard(gateway, stored)
         raise _journal_failure(exc) from exc
     if recorded.outcome == "replayed":
-        gateway.store.discard(stored)
+        _discard(gateway, stored)
         raise replayed()
     if recorded.outcome == "first":  # a concurrent retry under the same key committed first
         assert recorded.first is not None
         if recorded.first.sha256 != sha256:
-            gateway.store.discard(stored)
+            _discard(gateway, stored)
         return _retry(gateway, signed, recorded.first, sha256, pen_serial, bureau, key or "")
 
     metrics.UPLOADS.labels("queued").inc()  # its `ocr` job was enqueued by the recorder, after the commit

@@ -180,3 +180,8 @@ def set_upload_status(
     if error is not None:
         values["error"] = error
     conn.execute(update(uploads).where(uploads.c.upload_id == upload_id).values(**values))
+
+
+def uploads_with_bytes(conn: Connection, sha256: str) -> bool:
+    """Whether a journaled upload is stored under `sha256` (the raw file is shared by identical bytes)."""
+    return conn.execute(select(uploads.c.upload_id).where(uploads.c.sha256 == sha256).limit(1)).first() is not None

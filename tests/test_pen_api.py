@@ -214,6 +214,23 @@ def test_a_replayed_upload_gets_401_and_changes_nothing(pen: Gateway, redis: Red
     assert snapshot(pen, redis) == after_first
 
 
+def test_a_replay_that_wrote_the_shared_bytes_leaves_them_to_the_original(pen: Gateway, redis: Redis,
+                                                                          page_png: bytes) -> None:
+    """Identical bytes share one file: a replay racing its original may be the request that wrote it.
+
+    Reproduced in order: the original is journaled, its file is gone from under it (as when the
+    replay's write came first and the original found the file already there), the replay writes
+    it again and is refused; refusing it must not remove the bytes the original's row points at."""
+    body, headers = signed_upload(pen.station, pen.secret, page_png, "image/png", "PEN-1")
+    first = pen.client.send("POST", "/api/v1/uploads", body, headers)
+    assert first.status == 202
+    with pen.gateway.journal.read() as conn:
+        [path] = conn.execute(select(uploads.c.path)).scalars().all()
+    Path(path).unlink()
+    assert_error(pen.client.send("POST", "/api/v1/uploads", body, headers), 401, "REPLAYED_SIGNATURE")
+    assert Path(path).read_bytes() == page_png
+
+
 def test_a_replay_is_refused_with_redis_down(pen: Gateway, redis: Redis, redis_server: Any, page_png: bytes) -> None:
     body, headers = signed_upload(pen.station, pen.secret, page_png, "image/png", "PEN-1")
     redis_server.stop()
