@@ -209,11 +209,11 @@ class Call:
             return default
 
     async def work_done(self) -> None:
-        """Wait for the work this call started (its failures were logged where they were not collected)."""
+        """Wait for the work this call started; log the failures of work whose result the script never took."""
         results = await defer.DeferredList([w.result for w in self._work], consumeErrors=True)
         for work, (ok, failure) in zip(self._work, results, strict=True):
             if not ok and not work.collected:
-                log.warning("call %s: %s failed after the caller left: %s", self.call_id, work.kind,
+                log.warning("call %s: %s failed (the call ended without needing it): %s", self.call_id, work.kind,
                             failure.getErrorMessage())
 
     def save_partial(self) -> None:
