@@ -117,6 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
                 "logger_class": "telemetry.access_log.AccessLogger",
                 "child_exit": multiprocess.child_exit,
             }
+            # gunicorn 27's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl):
+            # the pen and review masters would take it from each other. Nothing here uses it.
+            if "control_socket_disable" in self.cfg.settings:
+                options["control_socket_disable"] = True
             for key, value in options.items():
                 self.cfg.set(key, value)
 
