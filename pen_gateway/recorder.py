@@ -54,6 +54,25 @@ log = logging.getLogger(__name__)
 Outcome = Literal["recorded", "first", "replayed"]
 
 
+def _take_waiting(q: queue.Queue[Any], most: int | None = None) -> tuple[list[Any], bool]:
+    """Block for one item, then take every item already waiting (up to `most`): what a stage does at once.
+
+    True as second value when the stop sentinel (None) was met: the stage ends after this batch."""
+    first = q.get()
+    if first is None:
+        return [], True
+    taken = [first]
+    while most is None or len(taken) < most:
+        try:
+            more = q.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            return taken, True
+        taken.append(more)
+    return taken, False
+
+
 @dataclass
 class _Intent:
     signed: SignedRequest
@@ -156,20 +175,7 @@ class UploadRecorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            waiting: list[_Intent | _Call] = [first]
-            stop = False
-            while len(waiting) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                waiting.append(more)
+            waiting, stop = _take_waiting(self._queue, self.max_batch)
             batch = [w for w in waiting if isinstance(w, _Intent)]
             if batch:
                 batch = self._sync_files(batch)
@@ -202,20 +208,7 @@ class UploadRecorder:
     def _run_commits(self) -> None:
         """The commit stage: every batch whose files are synced, in one transaction; the gateway's other writes."""
         while True:
-            first = self._synced.get()
-            if first is None:
-                break
-            waiting = [first]
-            stop = False
-            while True:
-                try:
-                    more = self._synced.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                waiting.append(more)
+            waiting, stop = _take_waiting(self._synced)
             batch = [i for w in waiting if isinstance(w, list) for i in w]
             if batch:
                 self._commit(batch)
@@ -291,28 +284,17 @@ class UploadRecorder:
     def _run_after_commit(self) -> None:
         """The second thread: `after_commit` for every batch committed meanwhile at once, then their answers."""
         while True:
-            first = self._committed.get()
-            if first is None:
-                break
-            batches, stop = [first], False
-            while True:
-                try:
-                    more = self._committed.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batches.append(more)
+            batches, stop = _take_waiting(self._committed)
             intents = [i for b in batches for i in b]
-            try:
-                assert self.after_commit is not None
-                self.after_commit([i.upload for i in intents if i.outcome == "recorded"])
-            except Exception:  # the rows are committed: what follows them must not undo their answer
-                log.exception("after the commit of %d upload(s)", len(intents))
-            finally:
-                for intent in intents:
-                    intent.done.set()
+            if intents:
+                try:
+                    assert self.after_commit is not None
+                    self.after_commit([i.upload for i in intents if i.outcome == "recorded"])
+                except Exception:  # the rows are committed: what follows them must not undo their answer
+                    log.exception("after the commit of %d upload(s)", len(intents))
+                finally:
+                    for intent in intents:
+                        intent.done.set()
             if stop:
                 break
 
