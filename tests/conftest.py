@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -168,3 +169,19 @@ def registry(demo_registry_files: tuple[Path, Path]) -> Registry:
 def pins(demo_registry_files: tuple[Path, Path]) -> dict[str, str]:
     lines = demo_registry_files[1].read_text().splitlines()[1:]
     return dict(line.split(",") for line in lines)
+
+
+@pytest.fixture(scope="session")
+def running_reactor() -> Iterator[object]:
+    """Twisted's global reactor on a background thread: the FastAGI servers live there, the tests call in.
+
+    A reactor cannot be restarted in a process: it stays up (a daemon thread) until the tests end."""
+    from twisted.internet import reactor
+
+    if not reactor.running:  # type: ignore[attr-defined]
+        thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},  # type: ignore[attr-defined]
+                                  daemon=True, name="reactor")
+        thread.start()
+        while not reactor.running:  # type: ignore[attr-defined]
+            threading.Event().wait(0.01)
+    yield reactor

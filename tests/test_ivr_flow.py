@@ -36,19 +36,6 @@ GOOD_T1 = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "aubry": 70, "bayl
 GOOD_T2 = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "hollande": 140, "aubry": 105}
 
 
-@pytest.fixture(scope="module")
-def running_reactor() -> Iterator[Any]:
-    """The global reactor on a background thread: the servers live there, the tests call in."""
-    if not reactor.running:  # type: ignore[attr-defined]
-        thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},  # type: ignore[attr-defined]
-                                  daemon=True, name="reactor")
-        thread.start()
-        while not reactor.running:  # type: ignore[attr-defined]
-            threading.Event().wait(0.01)
-    yield reactor
-    # The reactor cannot be restarted in a process: it stays up (a daemon thread) for later modules.
-
-
 @dataclass
 class Phone:
     service: PhoneService
@@ -506,7 +493,6 @@ def test_every_input_prompt_is_in_the_catalog(phone: Phone) -> None:
         if not callable(spec.error_prompt):
             assert set(spec.error_prompt) <= CATALOG
     assert all(p.startswith("remontee/ask-confirm") for p in [m.prompt for m in inputs.menus[:4]])
-
 
 
 # --- work in threads: the caller hears speech or a hold, never dead air ---

@@ -35,17 +35,6 @@ FIELDS = ("votants", "blancs_nuls", "exprimes", "aubry", "baylet", "hollande", "
 
 
 @pytest.fixture(scope="module")
-def running_reactor() -> Iterator[Any]:
-    if not reactor.running:  # type: ignore[attr-defined]
-        thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},  # type: ignore[attr-defined]
-                                  daemon=True, name="reactor")
-        thread.start()
-        while not reactor.running:  # type: ignore[attr-defined]
-            threading.Event().wait(0.01)
-    yield reactor
-
-
-@pytest.fixture(scope="module")
 def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           demo_registry_files: tuple[Path, Path]) -> Iterator[tuple[PhoneService, int, str]]:
     tmp = tmp_path_factory.mktemp("ivr-metrics")
