@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sqlite3
 import threading
 import time
 import weakref
@@ -155,6 +156,24 @@ def _forget_connections_after_fork(engine: Engine) -> None:
     os.register_at_fork(after_in_child=after_fork)
 
 
+def _use_wal(cur: Any, patience: float = 60.0) -> None:
+    """Put the database in WAL mode (it stays so, in the file), waiting out another process doing the same.
+
+    Switching needs the database to itself, and SQLite answers "database is locked" at once, without
+    its busy timeout, while another connection is switching or creating the file: as when
+    `run_gateway.py all` starts every service at once on a new journal."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_engine(url: str, immediate: bool) -> Engine:
     # Pooled connections: closing the last connection to a WAL database checkpoints it (an
     # fsync), which cost more than the transaction itself when each one opened its own.
@@ -166,7 +185,7 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cur)
         cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we acknowledge
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
