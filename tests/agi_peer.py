@@ -394,18 +394,22 @@ class AsteriskPeer:
         full = f" endpos={PLAYED_ENDPOS}" if endpos else ""
         return f"200 result=0{full}\n".encode()
 
+    def _nothing_typed(self, action: Action, record: CallRecord, silence: bytes) -> bytes:
+        """A reading command's answer when the caller hangs up or says nothing (`silence`: its timeout answer)."""
+        if isinstance(action, HangUp):
+            self._hang_up(record)
+            return b"200 result=-1\nHANGUP\n"
+        if self.script:
+            self.script.pop(0)
+        return silence
+
     def _cmd_get_data(self, arguments: list[str], record: CallRecord) -> bytes:
         if not self._play(arguments[0], record):
             return b"200 result=-1\n"  # a missing file: an error at once, the channel stays up
         max_digits = int(arguments[2]) if len(arguments) > 2 and arguments[2].isdigit() else 1024
         action = self._next(record, reading=True)
-        if isinstance(action, HangUp):
-            self._hang_up(record)
-            return b"200 result=-1\nHANGUP\n"
-        if isinstance(action, Silence):
-            if self.script:
-                self.script.pop(0)
-            return b"200 result= (timeout)\n"
+        if not isinstance(action, Press):
+            return self._nothing_typed(action, record, b"200 result= (timeout)\n")
         self.script.pop(0)
         digits = ""
         for i, key in enumerate(action.keys):
@@ -420,13 +424,8 @@ class AsteriskPeer:
 
     def _cmd_wait_for_digit(self, arguments: list[str], record: CallRecord) -> bytes:
         action = self._next(record, reading=True)
-        if isinstance(action, HangUp):
-            self._hang_up(record)
-            return b"200 result=-1\nHANGUP\n"
-        if isinstance(action, Silence):
-            if self.script:
-                self.script.pop(0)
-            return b"200 result=0\n"
+        if not isinstance(action, Press):
+            return self._nothing_typed(action, record, b"200 result=0\n")
         self.script.pop(0)
         if not action.keys:
             return b"200 result=0\n"
