@@ -33,16 +33,17 @@ sys.path.insert(
 )  # run as a plain script from anywhere
 
 from pen_gateway.digits import evaluation, preprocess, synth
+from pen_gateway.digits.preprocess import Crop
 from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD, DigitRecognizer
 
 THRESHOLDS = (0.9, 0.99, 0.999, RECOMMENDED_THRESHOLD)
 
 
 def answers(
-    rec: DigitRecognizer, cells: list[np.ndarray], borders: bool = True
+    rec: DigitRecognizer, cells: list[np.ndarray], crop: Crop = "box"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(class 0-9 or EMPTY, confidence) per cell, exactly as ``read`` reports them."""
-    readings = rec.read(cells, borders=borders)
+    readings = rec.read(cells, crop=crop)
     pred = np.array(
         [evaluation.EMPTY if r.digit is None else r.digit for r in readings]
     )
@@ -79,7 +80,7 @@ def run_sets(
     rec: DigitRecognizer, sets: list[evaluation.EvalSet]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pred, conf, labels, set names) over all cells of ``sets``."""
-    out = [answers(rec, s.cells, s.borders) for s in sets]
+    out = [answers(rec, s.cells, s.crop) for s in sets]
     labels = np.concatenate([s.labels for s in sets])
     names = np.concatenate([[s.name] * len(s.labels) for s in sets])
     return (

@@ -91,7 +91,7 @@ def test_heldout_accuracy_and_threshold(
         if s.name.startswith(source) and s.name.endswith(condition)
     )
     s = next(s for s in heldout_sample if s.name == name)
-    readings = recognizer.read(s.cells, borders=s.borders)
+    readings = recognizer.read(s.cells, crop=s.crop)
     pred = np.array([-1 if r.digit is None else r.digit for r in readings])
     conf = np.array([r.confidence for r in readings])
     accuracy = float((pred == s.labels).mean())
@@ -191,7 +191,7 @@ def _seven_running_into_the_top_edge() -> np.ndarray:
 def test_ink_at_the_edge_of_an_inset_crop_is_the_digit_not_a_border() -> None:
     cell = _seven_running_into_the_top_edge()
     framed = preprocess.prepare(cell)  # the rule for crops that may hold border remnants
-    inset = preprocess.prepare(cell, borders=False)
+    inset = preprocess.prepare(cell, crop="inset")
     assert not inset.empty
     assert inset.ink_pixels > 1.5 * framed.ink_pixels  # the bar survives
     # ... at the top of the model's input, where a 7's bar belongs
@@ -203,10 +203,34 @@ def test_a_whole_border_line_is_still_removed_from_an_inset_crop() -> None:
     # A page aligned badly enough to bring the printed border into the crop: not a digit.
     cell = np.full((105, 80), 245, np.uint8)
     cv2.line(cell, (0, 3), (79, 4), 40, 3)
-    assert preprocess.prepare(cell, borders=False).empty
+    assert preprocess.prepare(cell, crop="inset").empty
     cell = np.full((105, 80), 245, np.uint8)
     cv2.line(cell, (2, 0), (3, 104), 40, 3)
-    assert preprocess.prepare(cell, borders=False).empty
+    assert preprocess.prepare(cell, crop="inset").empty
+
+
+def _two_written_as_wide_as_the_crop() -> np.ndarray:
+    # A 2 whose base runs from side to side of the crop, 15 % above its bottom: no border sits there.
+    return render_strokes([[(6, 30), (40, 8), (74, 30), (1, 88), (79, 88)]], (80, 105), 6.0, smooth=False)
+
+
+def test_the_base_of_a_wide_two_is_kept_in_an_inset_crop() -> None:
+    cell = _two_written_as_wide_as_the_crop()
+    framed = preprocess.prepare(cell)  # in a crop cut on the box, a line there may be the border
+    inset = preprocess.prepare(cell, crop="inset")
+    assert inset.ink_pixels > 1.3 * framed.ink_pixels
+    # the base survives, at the bottom of the model's input: the row with most ink is there
+    assert int((inset.image > 0.5).sum(axis=1).argmax()) >= 2 * preprocess.INPUT_SIZE // 3
+
+
+def test_an_ink_cell_keeps_every_stroke_even_a_line_along_its_edge() -> None:
+    # Pen strokes alone hold no printed border: a bar drawn along the box's top is the digit's.
+    cell = np.full((105, 80), 255, np.uint8)
+    cv2.line(cell, (0, 3), (79, 4), 0, 3)
+    assert preprocess.prepare(cell, crop="inset").empty  # a scan's misaligned border
+    assert not preprocess.prepare(cell, crop="ink").empty
+    seven = _seven_running_into_the_top_edge()
+    assert preprocess.prepare(seven, crop="ink").ink_pixels >= preprocess.prepare(seven, crop="inset").ink_pixels
 
 
 def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:

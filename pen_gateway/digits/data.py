@@ -41,6 +41,11 @@ class PenSample:
     sample: int
     strokes: tuple[np.ndarray, ...]  # each (n, 2) float, tablet units, y down
 
+    @property
+    def id(self) -> str:
+        """How the evaluation names it, e.g. "pendigits w30 s79"."""
+        return f"pendigits w{self.writer} s{self.sample}"
+
 
 def load_pendigits(data_dir: Path | None = None) -> list[PenSample]:
     path = (data_dir or default_data_dir()) / PENDIGITS_FILE

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data, synth
+from .preprocess import Crop
 
 EMPTY = 10  # class index of "empty box"; digits are 0-9
 CLASSES = (*[str(d) for d in range(10)], "empty")
@@ -47,7 +48,7 @@ class EvalSet:
     cells: list[np.ndarray]
     labels: np.ndarray  # int64, 0-9 or EMPTY
     ids: tuple[str, ...]  # e.g. "pendigits w30 s79", "mnist 4123", "empty 7"
-    borders: bool = True  # whether the crops may hold box-border remnants (``preprocess.prepare(borders=)``)
+    crop: Crop = "box"  # what the cells are (``preprocess.prepare(crop=)``)
 
 
 def _seed(*parts: str, salt: int = 0) -> int:
@@ -102,18 +103,18 @@ def _render_sets(
         mn_idx = mn_idx[np.linspace(0, len(mn_idx) - 1, limit).astype(int)]
     sets = []
     pen_labels = np.array([s.label for s in pen_val])
-    pen_ids = tuple(f"pendigits w{s.writer} s{s.sample}" for s in pen_val)
+    pen_ids = tuple(s.id for s in pen_val)
     mn_labels = labels[mn_idx].astype(np.int64)
     mn_ids = tuple(f"mnist {i}" for i in mn_idx)
     for cond in conditions:
         rng = np.random.default_rng(_seed("pendigits", cond.name, salt=salt))
         cells = [synth.pen_cell(s.strokes, rng, cond) for s in pen_val]
         sets.append(
-            EvalSet(f"pendigits {pen_tag} / {cond.name}", cells, pen_labels, pen_ids, cond.crop_has_borders)
+            EvalSet(f"pendigits {pen_tag} / {cond.name}", cells, pen_labels, pen_ids, cond.crop)
         )
         rng = np.random.default_rng(_seed("mnist", cond.name, salt=salt))
         cells = [synth.mnist_cell(images[i], rng, cond) for i in mn_idx]
-        sets.append(EvalSet(f"mnist {mnist_tag} / {cond.name}", cells, mn_labels, mn_ids, cond.crop_has_borders))
+        sets.append(EvalSet(f"mnist {mnist_tag} / {cond.name}", cells, mn_labels, mn_ids, cond.crop))
     if n_empty:
         rng = np.random.default_rng(_seed("empty", salt=salt))
         kinds = (synth.TRAIN, synth.HARSH)

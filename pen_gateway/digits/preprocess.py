@@ -18,10 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
+# What a cell is, which decides what printed lines it may hold:
+# "box": cut on the box, may hold remnants of its printed border anywhere near its edges;
+# "inset": cut inside the printed border (the pipeline's scans): only a page aligned badly
+#          brings a line in, and then it hugs an edge;
+# "ink": drawn from pen strokes alone (InkML): nothing printed at all.
+Crop = Literal["box", "inset", "ink"]
 INPUT_SIZE = 28
 DIGIT_SIZE = 20
 WORK_HEIGHT = 96  # every cell is rescaled to this height first, so the rules below are in fixed px
@@ -94,12 +101,14 @@ def _edge_runs(run: np.ndarray, horizontal: bool, whole_only: bool = False) -> n
         else:
             # Further in, only a border seen whole (edge to edge) counts: the
             # bar of a 2 or 7 can be long and low but starts inside the box.
+            # In an inset crop (``whole_only``) only one hugging the edge: a wide
+            # digit's bar spans the crop too.
             spans = (
                 (x <= 2 and x + bw >= w - 2)
                 if horizontal
                 else (y <= 2 and y + bh >= h - 2)
             )
-            keep[i] = edge_dist < EDGE_BAND and spans and length >= LINE_LONG
+            keep[i] = edge_dist < (EDGE_HUG if whole_only else EDGE_BAND) and spans and length >= LINE_LONG
     return keep[labels].astype(np.uint8)
 
 
@@ -131,14 +140,15 @@ def _border_lines(mask: np.ndarray, whole_only: bool = False) -> np.ndarray:
     return lines
 
 
-def prepare(cell: np.ndarray, *, borders: bool = True) -> Prepared:
+def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
     """Turn one cell into a network input and decide whether it is empty.
 
-    ``borders=False`` says the crop was cut inside the box's printed border (the pipeline's
-    scan and ink cells): ink touching an edge is then the digit running past the crop and is
-    kept whole, not mistaken for a border remnant (that rule cut the bar off many 2s and 7s
-    written close to the box's edge). Only a straight line spanning the whole crop near an
-    edge, which no digit draws, is still taken for a border (a page aligned badly).
+    ``crop`` says what may be printed in the cell (see ``Crop``). In an ``"inset"`` crop, ink
+    touching an edge is the digit running past the crop and is kept whole, not mistaken for a
+    border remnant (that rule cut the bar off many 2s and 7s written close to the box's edge);
+    only a straight line spanning the whole crop and hugging an edge (``EDGE_HUG``) is still
+    taken for a border (a page aligned badly): further in, a line from side to side is the base
+    of a 2 or the bar of a 7 written as wide as the crop. An ``"ink"`` cell keeps every stroke.
     """
     gray = _rescale(_to_gray(cell)).astype(np.float32)
     h, w = gray.shape
@@ -152,7 +162,8 @@ def prepare(cell: np.ndarray, *, borders: bool = True) -> Prepared:
     # Borders are found on a lower threshold: printed lines are often lighter
     # than pen ink and would otherwise survive as broken dashes.
     faint = (darkness > max(0.2 * contrast, MIN_INK_DELTA)).astype(np.uint8)
-    mask &= 1 - _border_lines(faint, whole_only=not borders)
+    if crop != "ink":
+        mask &= 1 - _border_lines(faint, whole_only=crop == "inset")
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     band_h, band_w = EDGE_BAND * h, EDGE_BAND * w
     keep = np.zeros(n, dtype=bool)
@@ -161,7 +172,7 @@ def prepare(cell: np.ndarray, *, borders: bool = True) -> Prepared:
         if area < MIN_COMPONENT_AREA:
             continue
         # Fragments lying wholly in one edge band are border corners or ticks.
-        if borders and (x + bw <= band_w or x >= w - band_w or y + bh <= band_h or y >= h - band_h):
+        if crop == "box" and (x + bw <= band_w or x >= w - band_w or y + bh <= band_h or y >= h - band_h):
             continue
         keep[i] = True
     kept = keep[labels]
@@ -197,9 +208,9 @@ def prepare(cell: np.ndarray, *, borders: bool = True) -> Prepared:
     return Prepared(out, False, ink_pixels)
 
 
-def prepare_batch(cells: Sequence[np.ndarray], *, borders: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def prepare_batch(cells: Sequence[np.ndarray], *, crop: Crop = "box") -> tuple[np.ndarray, np.ndarray]:
     """(inputs float32 (N, 1, INPUT_SIZE, INPUT_SIZE), empty bool (N,))."""
-    prepared = [prepare(c, borders=borders) for c in cells]
+    prepared = [prepare(c, crop=crop) for c in cells]
     x = np.zeros((len(prepared), 1, INPUT_SIZE, INPUT_SIZE), np.float32)
     for i, p in enumerate(prepared):
         x[i, 0] = p.image

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from . import preprocess
+from .preprocess import Crop
 
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
@@ -115,14 +116,14 @@ class DigitRecognizer:
         probs = self.probabilities(p.image[None, None])
         return int(probs[0].argmax()) == self._model.empty_class
 
-    def read(self, cells: Sequence[np.ndarray], *, borders: bool = True) -> list[DigitReading]:
+    def read(self, cells: Sequence[np.ndarray], *, crop: Crop = "box") -> list[DigitReading]:
         """Read a batch of cells; one reading per cell, in order.
 
-        ``borders=False`` for crops cut inside the box's printed border (see ``preprocess.prepare``).
+        ``crop``: what the cells are, cut on the box, inside it or from pen ink (see ``preprocess.Crop``).
         """
         if len(cells) == 0:
             return []
-        inputs, rule_empty = preprocess.prepare_batch(cells, borders=borders)
+        inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)
         probs = self.probabilities(inputs)
         empty = self._model.empty_class
         readings = []

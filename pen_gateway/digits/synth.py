@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .preprocess import Crop
 from .strokes import render_strokes
 
 CELL_W, CELL_H = 80, 105  # 7 mm x 9 mm at 300 dpi
@@ -36,9 +37,11 @@ class Condition:
     clip: bool = False  # the digit may run into the crop's edges (the pipeline's inset crops)
 
     @property
-    def crop_has_borders(self) -> bool:
-        """Whether preprocessing must look for box-border remnants (``preprocess.prepare(borders=...)``)."""
-        return self.borders > 0
+    def crop(self) -> Crop:
+        """What the cell is, for ``preprocess.prepare``: cut on the box, cut inside it, or pen ink alone."""
+        if self.borders > 0:
+            return "box"
+        return "inset" if self.scan > 0 else "ink"
 
 
 CLEAN = Condition("clean pen", jitter=False)

@@ -66,10 +66,11 @@ _MNIST_LABELS: np.ndarray = np.zeros(0, np.uint8)
 
 
 class DigitNet(nn.Module):
-    """A small VGG-style CNN: 28x28 -> 11 logits (digits 0-9, empty). ~290k weights."""
+    """A small VGG-style CNN: 28x28 -> 11 logits (digits 0-9, empty). ~290k weights at width 32."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
+        w = width
 
         def block(i: int, o: int) -> list[nn.Module]:
             return [
@@ -79,19 +80,19 @@ class DigitNet(nn.Module):
             ]
 
         self.features = nn.Sequential(
-            *block(1, 32),
-            *block(32, 32),
+            *block(1, w),
+            *block(w, w),
             nn.MaxPool2d(2),
-            *block(32, 64),
-            *block(64, 64),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
             nn.MaxPool2d(2),
-            *block(64, 128),
+            *block(2 * w, 4 * w),
             nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(0.3),
-            nn.Linear(128 * 3 * 3, 128),
+            nn.Linear(4 * w * 3 * 3, 128),
             nn.ReLU(inplace=True),
             nn.Dropout(0.3),
             nn.Linear(128, len(evaluation.CLASSES)),
@@ -123,7 +124,7 @@ def _make_chunk(
             else:
                 cond = synth.CROP if idx % 2 else synth.TRAIN
                 cell, label = synth.empty_cell(rng, cond), EMPTY
-            p = preprocess.prepare(cell, borders=cond.crop_has_borders)
+            p = preprocess.prepare(cell, crop=cond.crop)
             if p.empty and label != EMPTY:
                 dropped += 1  # the rule already calls it empty; zeros labelled as a digit would only confuse
                 continue
@@ -209,7 +210,7 @@ def cv2_logits(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def _prepared(sets: list[evaluation.EvalSet]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, labels, set name per cell), each set prepared as its crops require."""
-    xs = [preprocess.prepare_batch(s.cells, borders=s.borders)[0] for s in sets]
+    xs = [preprocess.prepare_batch(s.cells, crop=s.crop)[0] for s in sets]
     names = np.array([s.name for s in sets for _ in s.labels])
     return np.concatenate(xs), np.concatenate([s.labels for s in sets]), names
 
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mnist-variants", type=int, default=12)
     ap.add_argument("--empty", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--width", type=int, default=32, help="channels of the first layers (the net doubles them twice)")
     ap.add_argument("--out-dir", type=Path, default=HERE)
     ap.add_argument(
         "--quick",
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     cal_sets = evaluation.calibration_sets(n_empty=200 if args.quick else 1000)
     cx, cy, cal_names = _prepared(cal_sets)
 
-    model = DigitNet().to(memory_format=torch.channels_last)
+    model = DigitNet(args.width).to(memory_format=torch.channels_last)
     batch = 128
     steps = (len(y) + batch - 1) // batch
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "seed": args.seed,
             "epochs": args.epochs,
+            "width": args.width,
             "pen_variants": args.pen_variants,
             "mnist_variants": args.mnist_variants,
             "empty_cells": args.empty,

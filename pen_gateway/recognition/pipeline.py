@@ -18,6 +18,7 @@ import numpy as np
 
 from forms.definitions import Election, ElectionDefinitionError, load_election
 from forms.layout import FormIdentity, FormLayout, form_layout
+from pen_gateway.digits.preprocess import Crop
 from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, to_gray
 from pen_gateway.recognition.cells import (
     ink_cells,
@@ -48,7 +49,7 @@ class Recognizer(Protocol):
         self,
         cells: Sequence[np.ndarray],
         *,
-        borders: bool = True,
+        crop: Crop = "box",
     ) -> Sequence[DigitReadingLike]: ...
 
 
@@ -119,15 +120,16 @@ def field_reading(field_id: str, digits: Sequence[DigitReadingLike]) -> FieldRea
     return FieldReading(field_id, int(text) if text else None, confidence, tuple(digits), gap)
 
 
-def read_cells(recognizer: Recognizer, cells: dict[str, list[np.ndarray]]) -> dict[str, FieldReading]:
+def read_cells(recognizer: Recognizer, cells: dict[str, list[np.ndarray]], crop: Crop) -> dict[str, FieldReading]:
     """Every box of every field in one batch through the digit model.
 
-    Both kinds of cell hold no printed border: a scan's box is cut inside it (`cells.CELL_INSET_MM`) through
-    the fitted homography, an ink box is drawn from its strokes alone. Ink at a crop's edge is the digit
-    running past it, so the recognizer is told not to strip it as a border remnant.
+    Neither kind of cell holds a printed border: a scan's box is cut inside it (`cells.CELL_INSET_MM`)
+    through the fitted homography (``"inset"``), an ink box is drawn from its strokes alone (``"ink"``).
+    Ink at a crop's edge is the digit running past it, so the recognizer is told not to strip it as a
+    border remnant.
     """
     order = [(fid, i) for fid, boxes in cells.items() for i in range(len(boxes))]
-    readings = list(recognizer.read([cells[fid][i] for fid, i in order], borders=False))
+    readings = list(recognizer.read([cells[fid][i] for fid, i in order], crop=crop))
     by_field: dict[str, list[DigitReadingLike]] = {fid: [] for fid in cells}
     for (fid, _), reading in zip(order, readings, strict=True):
         by_field[fid].append(reading)
@@ -152,7 +154,7 @@ def _read_ink(strokes: list[np.ndarray], recognizer: Recognizer, election_id: st
         reading.problem = "page InkML sans aucun trait"
         return reading
     cells = ink_cells(strokes, layout)
-    reading.fields = read_cells(recognizer, cells)
+    reading.fields = read_cells(recognizer, cells, "ink")
     reading.field_images = {f.id: ink_field_crop(f, cells[f.id]) for f in layout.fields}
     return reading
 
@@ -183,6 +185,6 @@ def _read_scan(gray: np.ndarray, recognizer: Recognizer, configured_election: st
         )
         return reading
     cells = {f.id: scan_cells(gray, alignment, f) for f in layout.fields}
-    reading.fields = read_cells(recognizer, cells)
+    reading.fields = read_cells(recognizer, cells, "inset")
     reading.field_images = {f.id: scan_field_crop(gray, alignment, f) for f in layout.fields}
     return reading
