@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ from forms.layout import QR_BOX, FormIdentity, form_layout
 from forms.render import px_per_mm, render_form
 from pen_gateway.recognition.align import AlignmentError, align_page
 from pen_gateway.recognition.cells import assign_strokes, scan_cells
-from pen_gateway.recognition.identify import closest_election, identify_scan, parse_printed_text
+from pen_gateway.recognition.identify import closest_election, identify_scan, parse_printed_text, read_qr
 from tests.form_fill import Distortion, distort, page_mm_to_scan
 
 TOLERANCE_MM = 0.3  # the box crops are inset by 0.7 mm: a third of that is still a clean cut
@@ -91,6 +92,15 @@ def test_the_qr_names_the_election_the_bureau_and_the_version() -> None:
     assert found.how == "qr"
     assert (found.identity.election, found.identity.bureau, found.identity.form_version) == (
         "primaire-2011-t1", "4401203", 1)
+
+
+def test_a_qr_the_first_detector_misses_is_read_by_the_second() -> None:
+    # The QR region of one benchmark scan (MNIST digits, JPEG): clean to the eye, yet
+    # cv2.QRCodeDetector finds nothing in it, plain or binarized; the page would have gone to a
+    # human on Tesseract's word alone.
+    crop = cv2.imread(str(Path(__file__).parent / "data" / "qr-missed-by-the-first-detector.png"), cv2.IMREAD_GRAYSCALE)
+    assert not cv2.QRCodeDetector().detectAndDecode(crop)[0]
+    assert read_qr(crop) == "primaire-2011-t1 bureau 370101 formulaire 1"
 
 
 def test_a_damaged_qr_falls_back_on_tesseract_reading_the_printed_text() -> None:

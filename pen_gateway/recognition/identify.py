@@ -48,6 +48,13 @@ def read_qr(image: np.ndarray) -> str | None:
             text, points, _ = detector.detectAndDecode(binary)
         except cv2.error:
             return None
+    if points is None or not text:
+        # A third, with OpenCV's other detector (finder patterns found as ArUco-like markers): it reads
+        # some clean scans the first one misses (2 in 100 of the benchmark's MNIST scans).
+        try:
+            text, points, _ = cv2.QRCodeDetectorAruco().detectAndDecode(image)
+        except cv2.error:
+            return None
     return text or None
 
 
