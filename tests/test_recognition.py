@@ -8,7 +8,7 @@ import numpy as np
 
 from forms import Election
 from pen_gateway.decode import DecodedPage
-from pen_gateway.recognition.assess import UploadFacts, assess, suggest_fixes
+from pen_gateway.recognition.assess import UploadFacts, assess, checked_confidences, suggest_fixes
 from pen_gateway.recognition.pipeline import PageReading, field_reading, read_page
 from registry import Registry
 from tests.filled_forms import (
@@ -91,6 +91,11 @@ def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds
     # One unsure box (a 1 at 0.95, maybe a 7): any other reading of it breaks a sum, so the sums vouch for it.
     alone = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),))})
     assert not [f for f in assess(alone, facts, None, ELECTION, 0.9999).findings if f.code == Reason.LOW_CONFIDENCE]
+    # The bar is the channel's (FIELD_BAR: 1 in 10,000 that the field is wrong), not the model's box threshold:
+    # a 1 at 0.8 whose other readings all break a sum is accepted even beside a model that trusts no box under 0.99999.
+    unsure = _reading(election_t1, values, {("votants", 2): Box(1, 0.8, ((7, 0.19),))})
+    assert checked_confidences(values, unsure, election_t1)["votants"] < 0.99999
+    assert not [f for f in assess(unsure, facts, None, ELECTION, 0.99999).findings if f.code == Reason.LOW_CONFIDENCE]
     # Two unsure candidates: Aubry 170 and Hollande 110 add up as well as 120 and 160 do. A human decides.
     twice = _reading(election_t1, values, {("aubry", 2): Box(2, 0.95, ((7, 0.045),)),
                                            ("hollande", 2): Box(6, 0.95, ((1, 0.045),))})

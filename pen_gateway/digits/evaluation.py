@@ -195,9 +195,9 @@ def pick_threshold(
 ) -> float:
     """The lowest candidate with no accepted error, moved one step up for margin.
 
-    The threshold is chosen on the same held-out cells it is reported on, so
-    the lowest zero-error value is optimistic; one more step trades a little
-    coverage for headroom on unseen writers.
+    The threshold is chosen on the calibration writers, a few hundred digits
+    each: the lowest zero-error value is optimistic for other writers; one more
+    step trades a little coverage for headroom on them.
     """
     cands = sorted(candidates)
     for i, t in enumerate(cands):

@@ -231,7 +231,7 @@ def calibrate(
     return temperature, threshold, pred, conf
 
 
-def ensemble_main(members: list[Path], out_dir: Path) -> int:
+def ensemble_main(members: list[Path], out_dir: Path, command: str = "") -> int:
     """Copy trained members into ``out_dir`` and calibrate their averaged logits (no training)."""
     import shutil
 
@@ -279,11 +279,18 @@ def ensemble_main(members: list[Path], out_dir: Path) -> int:
             vars(evaluation.reliability(cal_pred, cal_conf, cy, t)) for t in evaluation.THRESHOLDS
         ],
         "training": [m["training"] for m in metas],
+        "ensemble_command": command,
     })
     meta.pop("cv2_vs_torch_max_logit_diff", None)
     (out_dir / "digits.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: meta[k] for k in ("temperature", "recommended_threshold", "heldout_accuracy")}, indent=2))
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """This run's command line, as recorded in digits.json."""
+    args = argv if argv is not None else sys.argv[1:]
+    return "PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train " + " ".join(shlex.quote(a) for a in args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", type=Path, nargs="+", help="calibrate these trained members together")
     args = ap.parse_args(argv)
     if args.ensemble:
-        return ensemble_main(args.ensemble, args.out_dir)
+        return ensemble_main(args.ensemble, args.out_dir, _command(argv))
     if args.quick:
         args.epochs, args.pen_variants, args.mnist_variants, args.empty = 1, 1, 1, 500
         args.out_dir = Path(tempfile.mkdtemp(prefix="digits-quick-"))
@@ -440,10 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_reliability": calibration_table,
         "cv2_vs_torch_max_logit_diff": max_diff,
         "training": {
-            "command": "PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train "
-            + " ".join(
-                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-            ),
+            "command": _command(argv),
             "seed": args.seed,
             "epochs": args.epochs,
             "width": args.width,
