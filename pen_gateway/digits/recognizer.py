@@ -30,7 +30,7 @@ from .preprocess import Crop
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
 # test keeps the two equal.
-RECOMMENDED_THRESHOLD: float = 0.9999
+RECOMMENDED_THRESHOLD: float = 0.99999
 _BATCH = 256  # cells per cv2.dnn forward pass
 
 __all__ = ["MODEL_PATH", "RECOMMENDED_THRESHOLD", "DigitReading", "DigitRecognizer"]
