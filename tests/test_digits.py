@@ -101,7 +101,9 @@ def test_heldout_accuracy_and_threshold(
     assert not wrong.any(), (
         f"{s.name}: {int(wrong.sum())} wrong digits above the threshold"
     )
-    assert accepted.mean() >= 0.3, f"{s.name}: coverage {accepted.mean():.3f}"
+    # A model sure of nothing would pass the line above: it must still take a share of boxes alone, at a
+    # threshold that is the strictest candidate (0.99999) and that no acceptance of a form relies on.
+    assert accepted.mean() >= 0.2, f"{s.name}: coverage {accepted.mean():.3f}"
 
 
 def _paper(h: int = 105, w: int = 80, level: int = 245) -> np.ndarray:
