@@ -77,8 +77,8 @@ def _rescale(gray: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (new_w, WORK_HEIGHT), interpolation=interp)
 
 
-def _edge_runs(run: np.ndarray, horizontal: bool, whole_only: bool = False) -> np.ndarray:
-    """Keep the runs that touch the crop edge and lie in an edge band (``whole_only``: that span the crop)."""
+def _edge_runs(run: np.ndarray, horizontal: bool, crop: Crop) -> np.ndarray:
+    """Keep the runs that touch the crop edge and lie in an edge band (inset crops: that span it, hugging the edge)."""
     h, w = run.shape
     n, labels, stats, _ = cv2.connectedComponentsWithStats(run, connectivity=8)
     keep = np.zeros(n, dtype=bool)
@@ -96,23 +96,23 @@ def _edge_runs(run: np.ndarray, horizontal: bool, whole_only: bool = False) -> n
         edge_dist = min(mid, side - mid) / side
         # Long runs may sit anywhere in the band; shorter ones only hugging the
         # edge (a tilted border leaves the crop through the near edge quickly).
-        if edge_dist < EDGE_HUG and not whole_only:
+        if edge_dist < EDGE_HUG and crop == "box":
             keep[i] = touches and length >= LINE_MIN_LENGTH
         else:
             # Further in, only a border seen whole (edge to edge) counts: the
             # bar of a 2 or 7 can be long and low but starts inside the box.
-            # In an inset crop (``whole_only``) only one hugging the edge: a wide
+            # In an inset crop only one hugging the edge: a wide
             # digit's bar spans the crop too.
             spans = (
                 (x <= 2 and x + bw >= w - 2)
                 if horizontal
                 else (y <= 2 and y + bh >= h - 2)
             )
-            keep[i] = edge_dist < (EDGE_HUG if whole_only else EDGE_BAND) and spans and length >= LINE_LONG
+            keep[i] = edge_dist < (EDGE_HUG if crop == "inset" else EDGE_BAND) and spans and length >= LINE_LONG
     return keep[labels].astype(np.uint8)
 
 
-def _border_lines(mask: np.ndarray, whole_only: bool = False) -> np.ndarray:
+def _border_lines(mask: np.ndarray, crop: Crop) -> np.ndarray:
     """Pixels of box-border remnants: long straight runs at the crop edges.
 
     A printed box border spans the whole box, so whatever part of it a crop
@@ -129,14 +129,14 @@ def _border_lines(mask: np.ndarray, whole_only: bool = False) -> np.ndarray:
         cv2.MORPH_OPEN,
         np.ones((1, max(3, round(LINE_MIN_LENGTH * w))), np.uint8),
     )
-    lines = cv2.dilate(_edge_runs(run, horizontal=True, whole_only=whole_only), grow)
+    lines = cv2.dilate(_edge_runs(run, horizontal=True, crop=crop), grow)
     smear = cv2.dilate(mask, np.ones((1, 5), np.uint8))
     run = cv2.morphologyEx(
         smear,
         cv2.MORPH_OPEN,
         np.ones((max(3, round(LINE_MIN_LENGTH * h)), 1), np.uint8),
     )
-    lines |= cv2.dilate(_edge_runs(run, horizontal=False, whole_only=whole_only), grow)
+    lines |= cv2.dilate(_edge_runs(run, horizontal=False, crop=crop), grow)
     return lines
 
 
@@ -163,7 +163,7 @@ def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
     # than pen ink and would otherwise survive as broken dashes.
     faint = (darkness > max(0.2 * contrast, MIN_INK_DELTA)).astype(np.uint8)
     if crop != "ink":
-        mask &= 1 - _border_lines(faint, whole_only=crop == "inset")
+        mask &= 1 - _border_lines(faint, crop)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     band_h, band_w = EDGE_BAND * h, EDGE_BAND * w
     keep = np.zeros(n, dtype=bool)
