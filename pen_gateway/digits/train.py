@@ -248,7 +248,7 @@ def calibrate(
     return temperature, threshold, pred, conf
 
 
-def ensemble_main(members: list[Path], out_dir: Path, command: str = "") -> int:
+def ensemble_main(members: list[Path], out_dir: Path, command: str) -> int:
     """Copy trained members into ``out_dir`` and calibrate their averaged logits (no training)."""
     import shutil
 
