@@ -13,7 +13,7 @@ Every upload goes decode → locate → identify → cut → read → validate �
 (no Redis, no journal: the decision is the findings' — an upload with none is accepted).
 
 Figures: digit accuracy (written boxes), empty-box accuracy, field accuracy, straight-through
-share of consistent forms, wrong values accepted without a human (must be 0), suggestions that
+share of consistent forms (with its 95 % interval), wrong values accepted without a human (must be 0), suggestions that
 restore the true figure on the deliberately wrong forms, and forms per second on one core.
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
@@ -82,12 +82,23 @@ class Tally:
         def pct(a: int, b: int) -> float | None:
             return round(100.0 * a / b, 2) if b else None
 
+        def interval(a: int, b: int) -> list[float] | None:
+            """Wilson's 95 % interval, in %, counting forms as independent: they are not quite (the held-out
+            samples recur from form to form), so the true uncertainty is somewhat wider."""
+            if not b:
+                return None
+            z, share = 1.96, a / b
+            centre = (share + z * z / (2 * b)) / (1 + z * z / b)
+            half = z * np.sqrt(share * (1 - share) / b + z * z / (4 * b * b)) / (1 + z * z / b)
+            return [round(float(100.0 * (centre - half)), 1), round(float(100.0 * (centre + half)), 1)]
+
         return {
             "forms": self.forms,
             "digit_accuracy_pct": pct(self.digits_right, self.digits),
             "empty_box_accuracy_pct": pct(self.empties_right, self.empties),
             "field_accuracy_pct": pct(self.fields_right, self.fields),
             "straight_through_pct": pct(self.accepted_consistent, self.consistent),
+            "straight_through_95pct_interval": interval(self.accepted_consistent, self.consistent),
             "read_entirely_right_pct": pct(self.read_right_consistent, self.consistent),
             "straight_through_of_read_right_pct": pct(self.accepted_read_right, self.read_right_consistent),
             "wrong_values_accepted": self.wrong_accepted,
