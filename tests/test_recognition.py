@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from forms import Election
-from pen_gateway.decode import DecodedPage
+from forms.layout import form_layout
+from pen_gateway.decode import DecodedPage, decode_upload
 from pen_gateway.recognition.assess import UploadFacts, assess, checked_confidences, suggest_fixes
-from pen_gateway.recognition.pipeline import PageReading, field_reading, read_page
+from pen_gateway.recognition.cells import ink_boxes, ink_cells
+from pen_gateway.recognition.pipeline import PageReading, field_reading, read_cells, read_page
 from registry import Registry
 from tests.filled_forms import (
     ELECTION,
@@ -139,6 +141,28 @@ def test_real_handwritten_forms_are_read_and_nothing_wrong_is_accepted(
     assert sum(o[2] for o in outcomes) >= 0.9 * len(outcomes) * len(election_t1.fields)
     # Each misread box breaks a sum (review), so with ~2 % of boxes misread about half the forms go straight through.
     assert sum(o[0] for o in outcomes) >= 3, "clean forms read right should need no human"
+
+
+@needs_handwriting
+def test_an_ink_page_is_read_from_its_strokes_as_well_as_from_its_picture(
+    election_t1: Election, registry: Registry
+) -> None:
+    rng = np.random.default_rng(2012)
+    layout = form_layout(election_t1)
+    sure = {"picture": 0, "both": 0}
+    for seed in range(6):
+        counts = consistent_counts(election_t1, rng, inscrits=_bureau(registry).inscrits)
+        page = decode_upload(inkml_upload(election_t1, counts, seed=300 + seed), "application/inkml+xml")
+        readings = {
+            "both": read_page(page, recognizer(), ELECTION).fields,
+            "picture": read_cells(recognizer(), ink_cells(ink_boxes(page.strokes, layout), layout), "ink"),
+        }
+        for how, fields in readings.items():
+            for fid, fr in fields.items():
+                confident = fr.confidence >= 0.9999
+                assert not (confident and fr.value != counts[fid]), f"{how}: {fid} read {fr.value} with confidence"
+                sure[how] += sum(d.digit is not None and d.confidence >= 0.9999 for d in fr.digits)
+    assert sure["both"] > sure["picture"], sure
 
 
 @needs_handwriting

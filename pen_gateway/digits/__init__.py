@@ -3,9 +3,11 @@
 This package owns reading one digit per comb-field box, from digital-pen
 strokes rendered to pixels or from scans: ``recognizer`` (run-time API, numpy +
 OpenCV), ``preprocess`` (the crop -> model-input function shared by training
-and run time), ``strokes`` (rendering pen strokes), ``synth``/``data``/
-``evaluation`` (training, calibration and held-out data), and ``train`` (PyTorch,
-training time only). Data sources and licences: ``ATTRIBUTION.md``.
+and run time), ``strokes`` (rendering pen strokes), ``trajectory`` (reading a
+pen digit from its strokes in writing order, combined with the picture for ink
+boxes), ``synth``/``data``/``evaluation`` (training, calibration and held-out
+data), and ``train`` / ``train_trajectory`` (PyTorch, training time only).
+Data sources and licences: ``ATTRIBUTION.md``.
 """
 
 from .recognizer import RECOMMENDED_THRESHOLD, DigitReading, DigitRecognizer

@@ -9,7 +9,8 @@ writers so that no wrong value was accepted; see ``digits.json``).
 The ONNX networks (``digits.onnx`` and the other ensemble members that
 ``digits.json`` lists, trained by ``train.py``; their logits are averaged) are
 loaded once per process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
-every forward pass holds that net's lock.
+every forward pass holds that net's lock. For pen ink, the caller may also hand each box's
+strokes: the stroke-order model (``trajectory.py``) then weighs in on which digit it is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from . import preprocess
 from .preprocess import Crop
+from .trajectory import TrajectoryModel, combine
 
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
@@ -116,16 +118,32 @@ class DigitRecognizer:
         probs = self.probabilities(p.image[None, None])
         return int(probs[0].argmax()) == self._model.empty_class
 
-    def read(self, cells: Sequence[np.ndarray], *, crop: Crop = "box") -> list[DigitReading]:
+    def read(
+        self,
+        cells: Sequence[np.ndarray],
+        *,
+        crop: Crop = "box",
+        strokes: Sequence[Sequence[np.ndarray]] | None = None,
+    ) -> list[DigitReading]:
         """Read a batch of cells; one reading per cell, in order.
 
         ``crop``: what the cells are, cut on the box, inside it or from pen ink (see ``preprocess.Crop``).
+        ``strokes``: for pen ink, the strokes each cell was drawn from, in writing order (any units):
+        the stroke-order model's beliefs are combined with the picture's (``trajectory.combine``).
         """
+        if strokes is not None and len(strokes) != len(cells):
+            raise ValueError(f"{len(strokes)} stroke lists for {len(cells)} cells")
         if len(cells) == 0:
             return []
         inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)
         probs = self.probabilities(inputs)
         empty = self._model.empty_class
+        if strokes is not None:
+            inked = [i for i, s in enumerate(strokes) if len(s) and not rule_empty[i]]
+            if inked:
+                model = TrajectoryModel()
+                logits = model.logits([strokes[i] for i in inked])
+                probs[inked] = combine(probs[inked], logits, model.weight, empty)
         readings = []
         for p, by_rule in zip(probs, rule_empty, strict=True):
             digits = np.argsort(-p[:empty], kind="stable")

@@ -83,11 +83,15 @@ def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:
     return render_strokes(placed, size, PEN_WIDTH_MM * CELL_PX_PER_MM)
 
 
-def ink_cells(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[str, list[np.ndarray]]:
+def ink_boxes(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[str, list[list[np.ndarray]]]:
+    """Each field's boxes, as the strokes written in each, in writing order (the stroke-order model reads them)."""
     assigned = assign_strokes(strokes, layout)
-    return {
-        f.id: [ink_cell(cell, assigned.get((f.id, i), [])) for i, cell in enumerate(f.cells)] for f in layout.fields
-    }
+    return {f.id: [assigned.get((f.id, i), []) for i in range(len(f.cells))] for f in layout.fields}
+
+
+def ink_cells(boxes: dict[str, list[list[np.ndarray]]], layout: FormLayout) -> dict[str, list[np.ndarray]]:
+    """Each field's boxes drawn from their strokes (`ink_boxes`)."""
+    return {f.id: [ink_cell(cell, boxes[f.id][i]) for i, cell in enumerate(f.cells)] for f in layout.fields}
 
 
 def ink_page_image(strokes: Sequence[np.ndarray], layout: FormLayout) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Reading one page: locate the form, say which it is, cut the boxes, read the digits, a value per field.
 
 One stage, one function (see STYLE.md): `align_page` → `identify_scan` → `scan_cells` /
-`ink_cells` → `DigitRecognizer.read` → `field_reading`. `read_page` chains them for a decoded
+`ink_boxes` + `ink_cells` → `DigitRecognizer.read` → `field_reading`. `read_page` chains them for a decoded
 upload (`pen_gateway.decode.DecodedPage`: a grayscale scan, or InkML strokes in millimetres)
 and returns everything the decision (`assess.py`) and the reviewer's artefacts need. It never
 raises for a page it cannot read: it says why in `problem`.
@@ -21,6 +21,7 @@ from forms.layout import FormIdentity, FormLayout, form_layout
 from pen_gateway.digits.preprocess import Crop
 from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, to_gray
 from pen_gateway.recognition.cells import (
+    ink_boxes,
     ink_cells,
     ink_field_crop,
     ink_page_image,
@@ -50,6 +51,7 @@ class Recognizer(Protocol):
         cells: Sequence[np.ndarray],
         *,
         crop: Crop = "box",
+        strokes: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> Sequence[DigitReadingLike]: ...
 
 
@@ -120,16 +122,23 @@ def field_reading(field_id: str, digits: Sequence[DigitReadingLike]) -> FieldRea
     return FieldReading(field_id, int(text) if text else None, confidence, tuple(digits), gap)
 
 
-def read_cells(recognizer: Recognizer, cells: dict[str, list[np.ndarray]], crop: Crop) -> dict[str, FieldReading]:
+def read_cells(
+    recognizer: Recognizer,
+    cells: dict[str, list[np.ndarray]],
+    crop: Crop,
+    strokes: dict[str, list[list[np.ndarray]]] | None = None,
+) -> dict[str, FieldReading]:
     """Every box of every field in one batch through the digit model.
 
     Neither kind of cell holds a printed border: a scan's box is cut inside it (`cells.CELL_INSET_MM`)
     through the fitted homography (``"inset"``), an ink box is drawn from its strokes alone (``"ink"``).
     Ink at a crop's edge is the digit running past it, so the recognizer is told not to strip it as a
-    border remnant.
+    border remnant. An ink box's `strokes`, in writing order, are read too: how the digit was
+    written says what it is where its picture hesitates.
     """
     order = [(fid, i) for fid, boxes in cells.items() for i in range(len(boxes))]
-    readings = list(recognizer.read([cells[fid][i] for fid, i in order], crop=crop))
+    in_order = [strokes[fid][i] for fid, i in order] if strokes is not None else None
+    readings = list(recognizer.read([cells[fid][i] for fid, i in order], crop=crop, strokes=in_order))
     by_field: dict[str, list[DigitReadingLike]] = {fid: [] for fid in cells}
     for (fid, _), reading in zip(order, readings, strict=True):
         by_field[fid].append(reading)
@@ -153,8 +162,9 @@ def _read_ink(strokes: list[np.ndarray], recognizer: Recognizer, election_id: st
     if not any(len(s) for s in strokes):
         reading.problem = "page InkML sans aucun trait"
         return reading
-    cells = ink_cells(strokes, layout)
-    reading.fields = read_cells(recognizer, cells, "ink")
+    boxes = ink_boxes(strokes, layout)
+    cells = ink_cells(boxes, layout)
+    reading.fields = read_cells(recognizer, cells, "ink", boxes)
     reading.field_images = {f.id: ink_field_crop(f, cells[f.id]) for f in layout.fields}
     return reading
 
