@@ -29,7 +29,7 @@ POINTS = 48  # samples along the ink
 CHANNELS = 5  # x, y, dx, dy, pen lifts after this point
 STEP_GAIN = 10.0  # dx, dy are about 1/POINTS of the extent: brought to the scale of x and y
 
-__all__ = ["MODEL_PATH", "POINTS", "TrajectoryModel", "combine", "features"]
+__all__ = ["CHANNELS", "MODEL_PATH", "POINTS", "TrajectoryModel", "combine", "features"]
 
 
 def features(strokes: Sequence[np.ndarray]) -> np.ndarray:
