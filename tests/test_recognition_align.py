@@ -13,7 +13,14 @@ from forms import load_election
 from forms.layout import QR_BOX, FormIdentity, form_layout
 from forms.render import px_per_mm, render_form
 from pen_gateway.recognition.align import AlignmentError, align_page
-from pen_gateway.recognition.cells import assign_strokes, scan_cells
+from pen_gateway.recognition.cells import (
+    CELL_PX_PER_MM,
+    INK_SPILL_MM,
+    assign_strokes,
+    ink_boxes,
+    ink_cells,
+    scan_cells,
+)
 from pen_gateway.recognition.identify import closest_election, identify_scan, parse_printed_text, read_qr
 from tests.form_fill import Distortion, distort, page_mm_to_scan
 
@@ -142,3 +149,22 @@ def test_each_pen_stroke_goes_to_the_box_it_was_written_in() -> None:
     assigned = assign_strokes([inside, spilling, signature], layout)
     assert set(assigned) == {("votants", 2)}
     assert len(assigned["votants", 2]) == 2
+
+
+def test_a_stroke_that_runs_off_its_box_cannot_grow_the_box_without_bound() -> None:
+    # A line whose middle is in a box but which reaches kilometres away (a corrupt or hostile InkML
+    # coordinate) is cut INK_SPILL_MM past the box: the cell stays a box's size, and so does the memory.
+    layout = form_layout(load_election("primaire-2011-t1"))
+    x, y, w, h = layout.field("votants").cells[1]
+    far = 1e6  # mm
+    line = np.array([[x + w / 2 - far, y + h / 2], [x + w / 2 + far, y + h / 2]])
+    seven = [np.array([[x + 2, y + 2], [x + w - 2, y + 2], [x + w / 2, y + h - 1]]), line]
+    cell = ink_cells(ink_boxes(seven, layout), layout)["votants"][1]
+    most = round((w + 2 * INK_SPILL_MM) * CELL_PX_PER_MM), round((h + 2 * INK_SPILL_MM) * CELL_PX_PER_MM)
+    assert cell.shape[1] <= most[0] and cell.shape[0] <= most[1]
+    assert (cell[cell.shape[0] // 2] < 128).mean() > 0.9  # the line is drawn across the whole cell
+    # A digit that spills a little over its box is still kept whole.
+    tail = [np.array([[x + 3, y + 2], [x + 4, y + h + 3]])]
+    spilled = ink_cells(ink_boxes(tail, layout), layout)["votants"][1]
+    unspilled = ink_cells(ink_boxes([], layout), layout)["votants"][1]
+    assert spilled.shape[0] - unspilled.shape[0] >= round(3 * CELL_PX_PER_MM)  # 3 mm below the line, and the pen

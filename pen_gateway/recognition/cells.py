@@ -21,6 +21,10 @@ CELL_PX_PER_MM = 300 / 25.4  # the digit model was trained on boxes cut from 300
 CELL_INSET_MM = 0.7  # border line (0.3 mm) + alignment error (< 0.1 mm measured) + margin
 PEN_WIDTH_MM = 0.5
 STROKE_REACH_MM = (CELL_GAP_MM / 2, 3.0)  # how far outside a box a stroke's middle may lie and still be its own
+# How far an ink box grows past its printed edges to keep a digit that spills over them. A stroke that
+# reaches further (a line across the form, a corrupt or hostile coordinate) is cut there: the box stays
+# a box's size, not metres of canvas.
+INK_SPILL_MM = 8.0
 FIELD_MARGIN_MM = 2.0  # around a field's boxes in the reviewer's crop
 PAGE_PX_PER_MM = 5.0  # page.png: enough for a reviewer to read the form, small enough to send quickly
 
@@ -68,7 +72,7 @@ def assign_strokes(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[tu
 
 
 def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:
-    """One box drawn from its strokes: the inset box, grown to hold every stroke assigned to it."""
+    """One box drawn from its strokes: the inset box, grown to hold them (at most `INK_SPILL_MM` past the box)."""
     x0, y0, w, h = inset(cell, CELL_INSET_MM)
     x1, y1 = x0 + w, y0 + h
     pad = PEN_WIDTH_MM
@@ -76,6 +80,8 @@ def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:
         lo, hi = s.min(axis=0), s.max(axis=0)
         x0, y0 = min(x0, lo[0] - pad), min(y0, lo[1] - pad)
         x1, y1 = max(x1, hi[0] + pad), max(y1, hi[1] + pad)
+    gx, gy, gw, gh = grow(cell, INK_SPILL_MM)
+    x0, y0, x1, y1 = max(x0, gx), max(y0, gy), min(x1, gx + gw), min(y1, gy + gh)
     size = (max(1, round((x1 - x0) * CELL_PX_PER_MM)), max(1, round((y1 - y0) * CELL_PX_PER_MM)))
     if not strokes:
         return np.full((size[1], size[0]), 255, np.uint8)
