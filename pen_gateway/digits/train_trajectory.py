@@ -150,7 +150,7 @@ def figures(probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> dict[str, 
     out: dict[str, object] = {"n": len(labels), "accuracy": round(float((pred == labels).mean()), 5)}
     for t in (0.9999, 0.99999):
         acc = conf >= t
-        wrong = [i for i in np.flatnonzero(acc & (pred != labels))]
+        wrong = np.flatnonzero(acc & (pred != labels))
         out[f"at {t}"] = {
             "coverage": round(float(acc.mean()), 5),
             "wrong": len(wrong),
