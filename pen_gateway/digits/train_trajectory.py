@@ -14,7 +14,8 @@ the weight came out at 2.3 and the held-out writers' digits, bent the same way, 
 at or above 0.9999 in 5,988; fitted on the variants, 1.4 and 2 in 7,490, none at 0.99999; see
 BENCHMARKS.md). Held out, never trained nor tuned on: writers 25-30, which only measure.
 
-Reproduce the shipped model (about 8 min on one quiet CPU core; training is deterministic)::
+Reproduce the shipped model (about 8 min on one quiet CPU core; with the default ``--threads 1``
+training is deterministic: the same ONNX file, byte for byte)::
 
     cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train_trajectory \
         --out-dir pen_gateway/digits
@@ -40,7 +41,7 @@ from torch import nn
 from . import data, evaluation, preprocess, synth
 from .recognizer import DigitRecognizer
 from .strokes import smooth_stroke
-from .trajectory import CHANNELS, POINTS, combine, features
+from .trajectory import CHANNELS, POINTS, combine, model_input
 
 SEED = 20270
 CALIBRATION_VARIANTS = 4  # more ways of writing each calibration digit, to fit the weight on
@@ -76,13 +77,9 @@ def training_set(
     samples: list[data.PenSample], variants: int, reverse: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    x = np.stack([features(augment(s.strokes, rng, reverse)) for s in samples for _ in range(variants)])
+    x = model_input([augment(s.strokes, rng, reverse) for s in samples for _ in range(variants)])
     y = np.repeat([s.label for s in samples], variants)
-    return x[:, :, None, :], y.astype(np.int64)
-
-
-def as_input(samples: list[data.PenSample]) -> np.ndarray:
-    return np.stack([features(s.strokes) for s in samples])[:, :, None, :]
+    return x, y.astype(np.int64)
 
 
 class TrajectoryNet(nn.Module):
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    cal_x, cal_y = as_input(cal), np.array([s.label for s in cal])
+    cal_x, cal_y = model_input([s.strokes for s in cal]), np.array([s.label for s in cal])
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         model.train()
@@ -210,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = out_dir / "trajectory.onnx"
     export_onnx(model, onnx_path)
     net = cv2.dnn.readNetFromONNX(str(onnx_path))
-    net.setInput(np.ascontiguousarray(cal_x))
+    net.setInput(cal_x)
     drift = float(np.abs(np.array(net.forward()).reshape(len(cal_x), -1) - predict(model, cal_x)).max())
     print(f"cv2.dnn vs torch on the calibration writers: max |logit difference| {drift:.2e}")
 
     # The weight: the log-likelihood of the calibration digits' labels (and their variants) under the combined beliefs.
     def measured(samples: list[data.PenSample], k: int, salt: str) -> Measured:
         strokes, labels, ids = variants(samples, k, salt)
-        logits = predict(model, np.stack([features(s) for s in strokes])[:, :, None, :]).astype(np.float64)
+        logits = predict(model, model_input(strokes)).astype(np.float64)
         return image_probabilities(strokes, salt), logits, labels, ids
 
     cal_img, cal_traj, cal_labels, cal_ids = measured(cal, CALIBRATION_VARIANTS, "calibration")

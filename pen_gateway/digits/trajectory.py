@@ -29,7 +29,7 @@ POINTS = 48  # samples along the ink
 CHANNELS = 5  # x, y, dx, dy, pen lifts after this point
 STEP_GAIN = 10.0  # dx, dy are about 1/POINTS of the extent: brought to the scale of x and y
 
-__all__ = ["CHANNELS", "MODEL_PATH", "POINTS", "TrajectoryModel", "combine", "features"]
+__all__ = ["CHANNELS", "MODEL_PATH", "POINTS", "TrajectoryModel", "combine", "features", "model_input"]
 
 
 def features(strokes: Sequence[np.ndarray]) -> np.ndarray:
@@ -65,6 +65,12 @@ def features(strokes: Sequence[np.ndarray]) -> np.ndarray:
     d = np.vstack([np.diff(xy, axis=0), np.zeros((1, 2))])
     lift = np.append(np.diff(which) != 0, False).astype(np.float64)
     return np.vstack([xy.T, d.T * STEP_GAIN, lift[None]]).astype(np.float32)
+
+
+def model_input(digits: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """(N, CHANNELS, 1, POINTS) float32, one row per digit's strokes: each sequence as a one-row image,
+    which every cv2.dnn version reads."""
+    return np.ascontiguousarray(np.stack([features(s) for s in digits])[:, :, None, :])
 
 
 def combine(image_probs: np.ndarray, trajectory_logits: np.ndarray, weight: float, empty_class: int) -> np.ndarray:
@@ -116,8 +122,7 @@ class TrajectoryModel:
         """(N, 10) logits, one row per digit's strokes."""
         if not digits:
             return np.zeros((0, 10))
-        # (N, C, 1, P): a 1-D sequence as a one-row image, which every cv2.dnn version reads.
-        blob = np.ascontiguousarray(np.stack([features(s) for s in digits])[:, :, None, :])
+        blob = model_input(digits)
         with self._model.lock:
             self._model.net.setInput(blob)
             out = self._model.net.forward()
