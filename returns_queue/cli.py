@@ -45,13 +45,13 @@ def _worker(args: argparse.Namespace) -> int:
     directory = multiprocess.enable(multiprocess.directory_for(settings.var_dir, "worker"), wipe=False)
     multiprocess.absorb_dead_processes(directory)
 
-    from returns_queue.worker import HorseDiesWithWorker
+    from returns_queue.worker import HorseDiesWithWorker, StopsPromptly
     from telemetry.exposition import RetryingListener
     from telemetry.state import StateCollector
     from telemetry.worker import MeasuredWorker
 
-    class GatewayWorker(HorseDiesWithWorker, MeasuredWorker):
-        """Measured (telemetry/worker.py), and no work horse outlives it (returns_queue/worker.py)."""
+    class GatewayWorker(HorseDiesWithWorker, StopsPromptly, MeasuredWorker):
+        """Measured (telemetry/worker.py), no work horse outlives it and it stops promptly (returns_queue/worker.py)."""
 
     redis = Redis.from_url(settings.redis_url_resolved)
     if OCR_QUEUE in args.queues.split(","):

@@ -44,3 +44,21 @@ class HorseDiesWithWorker(Worker):
         # Runs in the horse, just after the fork: `self.pid` is still the worker's.
         die_with_parent(self.pid or os.getppid())
         super().main_work_horse(job, queue)
+
+
+class StopsPromptly(Worker):
+    """An RQ worker whose warm shutdown does not wait a minute for its pub/sub thread.
+
+    RQ's `unsubscribe` stops its pub/sub thread with redis-py's `PubSubWorkerThread.stop()`, which
+    waits for the thread with no bound; once unsubscribed, that thread sleeps up to RQ's
+    `sleep_time` (60 s) waiting to be subscribed again, so a worker told to stop often hung for that
+    minute (seen in tests/test_telemetry_worker.py under load). The thread is a daemon and only
+    listens for RQ's "kill the horse" commands: wait a second for it, then go.
+    """
+
+    def unsubscribe(self) -> None:
+        if self.pubsub_thread:
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.stop(timeout=1)
+            self.pubsub.close()
