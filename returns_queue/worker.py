@@ -1,4 +1,4 @@
-"""The work horse that dies with its RQ worker (`run_gateway.py worker` runs its workers with it).
+"""How `run_gateway.py worker`'s RQ workers stop: the work horse dies with its worker, and the worker stops promptly.
 
 RQ's forking worker runs each job in a work horse it forks and moves to a process group of its own
 (`os.setpgrp()` in `rq.worker.Worker.fork_work_horse`), so that the worker can kill the horse's group
@@ -11,6 +11,9 @@ Here the horse asks the kernel for SIGKILL the moment its worker dies, however i
 job, then SIGKILL after its grace) or kills it leaves no horse behind. The job is then abandoned as
 when a horse is killed: RQ moves it out of the started registry once the worker's heartbeat expires,
 and the job's Retry runs it again (both job kinds journal at most once: returns_queue/jobs.py).
+
+`StopsPromptly`: the worker's warm shutdown, once its job is done, ends in about a second instead of
+waiting up to a minute for RQ's pub/sub thread (see its docstring).
 """
 
 from __future__ import annotations
