@@ -5,8 +5,10 @@ strokes rendered to pixels or from scans: ``recognizer`` (run-time API, numpy +
 OpenCV), ``preprocess`` (the crop -> model-input function shared by training
 and run time), ``strokes`` (rendering pen strokes), ``trajectory`` (reading a
 pen digit from its strokes in writing order, combined with the picture for ink
-boxes), ``synth``/``data``/``evaluation`` (training, calibration and held-out
-data), and ``train`` / ``train_trajectory`` (PyTorch, training time only).
+boxes), ``skeleton`` (strokes traced from a scanned digit's picture, read by the
+same kind of network for scans), ``synth``/``data``/``evaluation`` (training,
+calibration and held-out data), and ``train`` / ``train_trajectory`` /
+``train_traced`` (PyTorch, training time only).
 Data sources and licences: ``ATTRIBUTION.md``.
 """
 

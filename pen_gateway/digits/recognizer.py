@@ -10,7 +10,9 @@ The ONNX networks (``digits.onnx`` and the other ensemble members that
 ``digits.json`` lists, trained by ``train.py``; their logits are averaged) are
 loaded once per process and model path with ``cv2.dnn``; cv2.dnn nets are not thread-safe, so
 every forward pass holds that net's lock. For pen ink, the caller may also hand each box's
-strokes: the stroke-order model (``trajectory.py``) then weighs in on which digit it is.
+strokes: the stroke-order model (``trajectory.py``) then weighs in on which digit it is. A scan's
+box (an ``"inset"`` crop) has no strokes, so they are traced from its picture (``skeleton.py``) and
+read by the same network trained on traced strokes (``traced.onnx``), which weighs in the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import numpy as np
 
 from . import preprocess
 from .preprocess import Crop
-from .trajectory import TrajectoryModel, combine
+from .skeleton import traced_strokes
+from .trajectory import MODEL_PATH as STROKE_MODEL_PATH
+from .trajectory import TRACED_MODEL_PATH, TrajectoryModel, combine
 
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
@@ -130,6 +134,7 @@ class DigitRecognizer:
         ``crop``: what the cells are, cut on the box, inside it or from pen ink (see ``preprocess.Crop``).
         ``strokes``: for pen ink, the strokes each cell was drawn from, in writing order (any units):
         the stroke-order model's beliefs are combined with the picture's (``trajectory.combine``).
+        Without them, an ``"inset"`` crop (a scan's box) is read from strokes traced from its picture.
         """
         if strokes is not None and len(strokes) != len(cells):
             raise ValueError(f"{len(strokes)} stroke lists for {len(cells)} cells")
@@ -138,10 +143,18 @@ class DigitRecognizer:
         inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)
         probs = self.probabilities(inputs)
         empty = self._model.empty_class
+        stroke_model = STROKE_MODEL_PATH
+        if strokes is None and crop == "inset":
+            # A scan's box: strokes traced from the picture, for the network trained on such strokes.
+            strokes = [[] for _ in cells]
+            written = np.flatnonzero(~rule_empty)
+            for i, traced in zip(written, traced_strokes(inputs[written, 0]), strict=True):
+                strokes[i] = traced
+            stroke_model = TRACED_MODEL_PATH
         if strokes is not None:
             inked = [i for i, s in enumerate(strokes) if len(s) and not rule_empty[i]]
             if inked:
-                model = TrajectoryModel()
+                model = TrajectoryModel(stroke_model)
                 logits = model.logits([strokes[i] for i in inked])
                 probs[inked] = combine(probs[inked], logits, model.weight, empty)
         readings = []

@@ -1,16 +1,19 @@
 """Strokes traced from a digit's picture, so that a stroke-order model can read scans too (numpy + OpenCV only).
 
 A scan has no pen trajectory, but its ink has a centre line. ``traced_strokes`` thins the
-network's input (``preprocess.prepare``'s 28 x 28 picture, doubled) to a one-pixel skeleton
-(Zhang & Suen, 1984) and walks it into strokes: each walk starts at the free end nearest the
-top left (a closed loop, such as a 0, at its top, heading left, as people write it), goes as
-straight as it can through crossings, and ends where the skeleton does; the walk that follows
-starts again where ink is left. The result is not how the digit was written, but it is the same
+network's inputs (``preprocess.prepare``'s 28 x 28 pictures, doubled; a batch at once) to
+one-pixel skeletons (Zhang & Suen, 1984) and walks each into strokes: each walk starts at the
+free end nearest the top left (a closed loop, such as a 0, at its top, heading left, as people
+write it), goes as straight as it can through crossings (across the knot a crossing thins to,
+when the other line has taken its pixels), and ends where the skeleton does; the walk that
+follows starts again where ink is left. The result is not how the digit was written, but it is the same
 for the same shape, which is all ``traced.onnx`` (trained on such strokes, ``train_traced.py``)
 needs. Strokes are in pixels of the doubled picture, x right and y down.
 """
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -24,27 +27,41 @@ _RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
 __all__ = ["thin", "trace", "traced_strokes"]
 
 
+def _removable(first: bool) -> np.ndarray:
+    """Zhang-Suen's rule as a table: which of the 256 neighbourhoods (bit i = neighbour P(i+2)) lets a pixel go."""
+    table = np.zeros(256, bool)
+    for code in range(256):
+        n = [(code >> i) & 1 for i in range(8)]
+        transitions = sum(n[i] == 0 and n[(i + 1) % 8] == 1 for i in range(8))
+        if first:
+            corner = n[0] * n[2] * n[4] == 0 and n[2] * n[4] * n[6] == 0
+        else:
+            corner = n[0] * n[2] * n[6] == 0 and n[0] * n[4] * n[6] == 0
+        table[code] = 2 <= sum(n) <= 6 and transitions == 1 and corner
+    return table
+
+
+_REMOVABLE = (_removable(True), _removable(False))
+
+
 def thin(mask: np.ndarray) -> np.ndarray:
-    """The one-pixel skeleton of a boolean mask (Zhang-Suen thinning, both sub-iterations vectorised)."""
-    img = np.pad(mask.astype(np.uint8), 1)
-    h, w = img.shape
-    while True:
+    """The one-pixel skeleton of a boolean mask, or of each of a stack of masks (..., H, W) at once
+    (Zhang-Suen thinning: each sub-iteration looks every ink pixel's neighbourhood up in its table)."""
+    img = np.pad(mask.astype(np.uint8), [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+    ink = np.nonzero(img)
+    changed = True
+    while changed:
         changed = False
-        for first in (True, False):
-            p = np.pad(img, 1)
-            n = [p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _RING]
-            neighbours = sum(n)
-            transitions = sum((n[i] == 0) & (n[(i + 1) % 8] == 1) for i in range(8))
-            if first:
-                corner = (n[0] * n[2] * n[4] == 0) & (n[2] * n[4] * n[6] == 0)
-            else:
-                corner = (n[0] * n[2] * n[6] == 0) & (n[0] * n[4] * n[6] == 0)
-            remove = (img == 1) & (neighbours >= 2) & (neighbours <= 6) & (transitions == 1) & corner
+        for table in _REMOVABLE:
+            code = np.zeros(len(ink[0]), np.uint8)
+            for bit, (dy, dx) in enumerate(_RING):
+                code |= img[(*ink[:-2], ink[-2] + dy, ink[-1] + dx)] << bit
+            remove = table[code]
             if remove.any():
-                img[remove] = 0
+                img[tuple(a[remove] for a in ink)] = 0
+                ink = tuple(a[~remove] for a in ink)
                 changed = True
-        if not changed:
-            return img[1:-1, 1:-1].astype(bool)
+    return img[..., 1:-1, 1:-1].astype(bool)
 
 
 def _edges(skeleton: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int]]]:
@@ -63,24 +80,18 @@ def _edges(skeleton: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int]]]
 
 def trace(skeleton: np.ndarray, min_points: int = MIN_POINTS) -> list[np.ndarray]:
     """Walk a skeleton into strokes ((k, 2) float arrays of x, y), each edge once (see the module's docstring)."""
-    graph = _edges(skeleton)
-    left = {(a, b) if a < b else (b, a) for a, nbrs in graph.items() for b in nbrs}
-
-    def unwalked(p: tuple[int, int]) -> list[tuple[int, int]]:
-        return [q for q in graph[p] if ((p, q) if p < q else (q, p)) in left]
-
+    unwalked = _edges(skeleton)  # each pixel's neighbours it has not been walked to or from yet
     strokes = []
-    while left:
-        alive = [p for p in graph if unwalked(p)]
-        ends = [p for p in alive if len(unwalked(p)) == 1]
+    while alive := [p for p, nbrs in unwalked.items() if nbrs]:
+        ends = [p for p in alive if len(unwalked[p]) == 1]
         path = [min(ends or alive, key=lambda p: (p[0] + 0.5 * p[1], p[0], p[1]))]
         while True:
             y, x = path[-1]
             hy, hx = y - path[max(0, len(path) - 4)][0], x - path[max(0, len(path) - 4)][1]
-            options = unwalked(path[-1])
+            options = unwalked[path[-1]]
             if not options:
                 # At a crossing the other line's pixels may have taken the way on: carry on across it.
-                options = [q for q in _ahead(y, x, hy, hx) if q in graph and unwalked(q)] if len(path) > 3 else []
+                options = [q for q in _ahead(y, x, hy, hx) if unwalked.get(q)] if len(path) > 3 else []
                 if not options:
                     break
                 path.append(options[0])
@@ -90,8 +101,9 @@ def trace(skeleton: np.ndarray, min_points: int = MIN_POINTS) -> list[np.ndarray
                 nxt = min(options, key=lambda q: (q[1] - x, q[0] - y))
             else:
                 # Straight on: the step closest to the heading over the last few pixels.
-                nxt = min(options, key=lambda q: -((q[0] - y) * hy + (q[1] - x) * hx) / np.hypot(q[0] - y, q[1] - x))
-            left.discard((path[-1], nxt) if path[-1] < nxt else (nxt, path[-1]))
+                nxt = min(options, key=lambda q: -((q[0] - y) * hy + (q[1] - x) * hx) / math.hypot(q[0] - y, q[1] - x))
+            unwalked[path[-1]].remove(nxt)
+            unwalked[nxt].remove(path[-1])
             path.append(nxt)
         if len(path) >= min_points:
             strokes.append(np.array([(px, py) for py, px in path], dtype=np.float64))
@@ -100,18 +112,21 @@ def trace(skeleton: np.ndarray, min_points: int = MIN_POINTS) -> list[np.ndarray
 
 def _ahead(y: int, x: int, hy: int, hx: int) -> list[tuple[int, int]]:
     """The pixels at most two steps away within 45 degrees of the heading, nearest and straightest first."""
-    norm = float(np.hypot(hy, hx)) or 1.0
+    norm = math.hypot(hy, hx) or 1.0
     out = []
     for dy in range(-2, 3):
         for dx in range(-2, 3):
-            d = float(np.hypot(dy, dx))
+            d = math.hypot(dy, dx)
             cos = (dy * hy + dx * hx) / (norm * d) if d else -1.0
             if cos >= 0.7:
                 out.append((d - cos, (y + dy, x + dx)))
     return [q for _, q in sorted(out)]
 
 
-def traced_strokes(image: np.ndarray) -> list[np.ndarray]:
-    """The strokes of a prepared digit picture (float, ink 1 on 0); [] when it holds no stroke."""
-    big = cv2.resize(np.asarray(image, np.float32), None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_LINEAR)
-    return trace(thin(big > LEVEL))
+def traced_strokes(images: np.ndarray) -> list[list[np.ndarray]]:
+    """The strokes of each prepared digit picture (N, 28, 28), float, ink 1 on 0; [] for one with no stroke."""
+    images = np.asarray(images, np.float32)
+    if len(images) == 0:
+        return []
+    big = np.stack([cv2.resize(im, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_LINEAR) for im in images])
+    return [trace(skeleton) for skeleton in thin(big > LEVEL)]

@@ -25,11 +25,15 @@ import cv2
 import numpy as np
 
 MODEL_PATH = Path(__file__).resolve().with_name("trajectory.onnx")
+# The same network trained on strokes traced from scanned digits (``skeleton.py``, ``train_traced.py``).
+TRACED_MODEL_PATH = MODEL_PATH.with_name("traced.onnx")
 POINTS = 48  # samples along the ink
 CHANNELS = 5  # x, y, dx, dy, pen lifts after this point
 STEP_GAIN = 10.0  # dx, dy are about 1/POINTS of the extent: brought to the scale of x and y
 
-__all__ = ["CHANNELS", "MODEL_PATH", "POINTS", "TrajectoryModel", "combine", "features", "model_input"]
+__all__ = [
+    "CHANNELS", "MODEL_PATH", "POINTS", "TRACED_MODEL_PATH", "TrajectoryModel", "combine", "features", "model_input",
+]
 
 
 def features(strokes: Sequence[np.ndarray]) -> np.ndarray:

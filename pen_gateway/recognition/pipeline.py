@@ -134,7 +134,8 @@ def read_cells(
     through the fitted homography (``"inset"``), an ink box is drawn from its strokes alone (``"ink"``).
     Ink at a crop's edge is the digit running past it, so the recognizer is told not to strip it as a
     border remnant. An ink box's `strokes`, in writing order, are read too: how the digit was
-    written says what it is where its picture hesitates.
+    written says what it is where its picture hesitates (a scan's box gets strokes traced from its
+    picture, inside the recognizer).
     """
     order = [(fid, i) for fid, boxes in cells.items() for i in range(len(boxes))]
     in_order = [strokes[fid][i] for fid, i in order] if strokes is not None else None
