@@ -39,12 +39,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch import nn
 
 from . import data, evaluation, preprocess, synth, train
 from .recognizer import DigitRecognizer
 from .skeleton import traced_strokes
-from .train_trajectory import WEIGHTS, TrajectoryNet, export_onnx, figures, predict
+from .train_trajectory import WEIGHTS, export_onnx, figures, fit, predict
 from .trajectory import CHANNELS, POINTS, combine, model_input
 
 SEED = 20290
@@ -99,25 +98,7 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.time() - started:.0f} s", flush=True)
 
     cal_img, cal_x, cal_y, cal_ids = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
-    model = TrajectoryNet(args.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = args.epochs * ((len(y) + 255) // 256)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        model.train()
-        t0 = time.time()
-        for idx in torch.randperm(len(yt), generator=gen).split(256):
-            opt.zero_grad()
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            sched.step()
-        acc = float((predict(model, cal_x).argmax(1) == cal_y).mean())
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, calibration crops {acc:.4f}, "
-              f"{time.time() - t0:.0f} s", flush=True)
+    model = fit(x, y, args.width, args.epochs, args.seed, (cal_x, cal_y, "calibration crops"))
 
     onnx_path = out_dir / "traced.onnx"
     export_onnx(model, onnx_path)

@@ -106,6 +106,34 @@ class TrajectoryNet(nn.Module):
         return self.head(self.features(x))
 
 
+def fit(
+    x: np.ndarray, y: np.ndarray, width: int, epochs: int, seed: int, check: tuple[np.ndarray, np.ndarray, str]
+) -> TrajectoryNet:
+    """A new net trained on (x, y): AdamW, one-cycle schedule, label smoothing; after each epoch its
+    accuracy on ``check`` (inputs, labels, what they are) is printed."""
+    model = TrajectoryNet(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * ((len(y) + 255) // 256)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    check_x, check_y, name = check
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.time()
+        for idx in torch.randperm(len(yt), generator=gen).split(256):
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = float((predict(model, check_x).argmax(1) == check_y).mean())
+        print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, {name} {acc:.4f}, {time.time() - t0:.0f} s",
+              flush=True)
+    return model
+
+
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
     model.eval()
     with torch.no_grad():
@@ -183,26 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     x, y = training_set(train, args.variants, args.reverse, args.seed)
     print(f"{len(y)} training sequences in {time.time() - started:.0f} s", flush=True)
 
-    model = TrajectoryNet(args.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = args.epochs * ((len(y) + 255) // 256)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     cal_x, cal_y = model_input([s.strokes for s in cal]), np.array([s.label for s in cal])
-    gen = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        model.train()
-        t0 = time.time()
-        for idx in torch.randperm(len(yt), generator=gen).split(256):
-            opt.zero_grad()
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            sched.step()
-        acc = float((predict(model, cal_x).argmax(1) == cal_y).mean())
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, calibration writers {acc:.4f}, "
-              f"{time.time() - t0:.0f} s", flush=True)
+    model = fit(x, y, args.width, args.epochs, args.seed, (cal_x, cal_y, "calibration writers"))
 
     onnx_path = out_dir / "trajectory.onnx"
     export_onnx(model, onnx_path)
