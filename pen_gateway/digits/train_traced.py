@@ -43,7 +43,7 @@ import torch
 from . import data, evaluation, preprocess, synth, train
 from .recognizer import DigitRecognizer
 from .skeleton import traced_strokes
-from .train_trajectory import WEIGHTS, export_onnx, figures, fit, predict
+from .train_trajectory import WEIGHTS, compared, export_onnx, figures, fit, predict
 from .trajectory import CHANNELS, POINTS, combine, model_input
 
 SEED = 20290
@@ -124,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in evaluation.heldout_sets(conditions=[synth.CROP], n_empty=0):
         img, hx, hy, ids = scan_crops([s])
         logits = predict(model, hx).astype(np.float64)
-        report[f"held out: {s.name}"] = {
-            "traced model alone": figures(evaluation.softmax(logits), hy, ids),
-            "picture model": figures(img, hy, ids),
-            "combined": figures(combine(img, logits, weight, evaluation.EMPTY), hy, ids),
-        }
+        report[f"held out: {s.name}"] = compared(img, logits, weight, hy, ids, "traced model alone")
     meta = {
         "model": "traced.onnx",
         "input": {"channels": CHANNELS, "points": POINTS, "layout": "N, channels, 1, points float32",

@@ -184,6 +184,17 @@ def figures(probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> dict[str, 
     return out
 
 
+def compared(
+    image_probs: np.ndarray, logits: np.ndarray, weight: float, labels: np.ndarray, ids: list[str], alone: str
+) -> dict[str, object]:
+    """``figures`` of the stroke network alone (named ``alone``), of the picture model and of the two combined."""
+    return {
+        alone: figures(evaluation.softmax(logits), labels, ids),
+        "picture model": figures(image_probs, labels, ids),
+        "combined": figures(combine(image_probs, logits, weight, evaluation.EMPTY), labels, ids),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=12)
@@ -244,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = "held-out writers 25-30"
     for k, name in ((0, heldout), (CALIBRATION_VARIANTS, f"{heldout}, each digit and {CALIBRATION_VARIANTS} variants")):
         img, traj, labels, ids = measured(val, k, "held out")
-        report[name] = {
-            "stroke model alone": figures(evaluation.softmax(traj), labels, ids),
-            "picture model": figures(img, labels, ids),
-            "combined": figures(combine(img, traj, weight, evaluation.EMPTY), labels, ids),
-        }
+        report[name] = compared(img, traj, weight, labels, ids, "stroke model alone")
     meta = {
         "model": "trajectory.onnx",
         "input": {"channels": CHANNELS, "points": POINTS, "layout": "N, channels, 1, points float32",
