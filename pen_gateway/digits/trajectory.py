@@ -10,6 +10,8 @@ The two readers fail differently (the picture model confuses shapes, this one co
 paths), so the recognizer multiplies their beliefs for ink boxes: ``combine`` weighs this model's
 log-probabilities by ``trajectory.json``'s ``weight``, fitted on the calibration writers. Only the
 split among the ten digits changes; whether the box is empty stays the picture model's call.
+A scan's box is read the same way from strokes traced from its picture (``skeleton.py``), by the
+same network trained on traced strokes: ``TrajectoryModel(TRACED_MODEL_PATH)`` (``traced.json``'s weight).
 """
 
 from __future__ import annotations
