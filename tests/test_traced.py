@@ -22,12 +22,12 @@ from tests.test_digits import DATA_DIR, needs_data
 SAMPLE = 250  # held-out digits per source
 
 
-def picture(*polylines: list[tuple[float, float]], closed: bool = False, width: int = 2) -> np.ndarray:
-    """A 28 x 28 input (ink 1 on 0) with these polylines drawn, as preprocess.prepare would hand it."""
+def picture(*polylines: list[tuple[float, float]]) -> np.ndarray:
+    """A 28 x 28 input (ink 1 on 0) with these polylines drawn 2 px wide, as preprocess.prepare would hand it."""
     img = np.zeros((28, 28), np.float32)
     for line in polylines:
         pts = np.round(np.array(line) * 16).astype(np.int32).reshape(-1, 1, 2)
-        cv2.polylines(img, [pts], closed, 1.0, width, cv2.LINE_AA, 4)
+        cv2.polylines(img, [pts], False, 1.0, 2, cv2.LINE_AA, 4)
     return img
 
 

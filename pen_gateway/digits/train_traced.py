@@ -29,8 +29,6 @@ the default ``--threads 1`` the training is deterministic)::
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ import torch
 from . import data, evaluation, preprocess, synth, train
 from .recognizer import DigitRecognizer
 from .skeleton import traced_strokes
-from .train_trajectory import WEIGHTS, compared, export_onnx, figures, fit, predict
+from .train_trajectory import WEIGHTS, compared, export_onnx, figures, fit, predict, save_meta
 from .trajectory import CHANNELS, POINTS, combine, model_input
 
 SEED = 20290
@@ -141,12 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": round(time.time() - started)},
         "data_sha256": data.data_hashes()
         | ({args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}),
-        "command": "PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train_traced "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
-    (out_dir / "traced.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(json.dumps({"weight": weight, **report}, indent=1))
-    print(f"wrote {onnx_path} and traced.json")
+    save_meta(onnx_path, meta, report, "train_traced", argv)
     return 0
 
 

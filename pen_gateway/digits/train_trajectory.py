@@ -195,6 +195,18 @@ def compared(
     }
 
 
+def save_meta(
+    onnx_path: Path, meta: dict[str, object], report: dict[str, object], trainer: str, argv: list[str] | None
+) -> None:
+    """Write the model's JSON beside its ONNX file, ending with the command that made it, and print its figures."""
+    args = argv if argv is not None else sys.argv[1:]
+    meta["command"] = f"PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.{trainer} " + shlex.join(args)
+    path = onnx_path.with_suffix(".json")
+    path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps({"weight": meta["weight"], **report}, indent=1))
+    print(f"wrote {onnx_path} and {path.name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=12)
@@ -270,12 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "training": {"epochs": args.epochs, "variants": args.variants, "reverse": args.reverse, "width": args.width,
                      "seed": args.seed, "writers": "pendigits 1-20", "seconds": round(time.time() - started)},
         "data_sha256": data.data_hashes(),
-        "command": "PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train_trajectory "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
-    (out_dir / "trajectory.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(json.dumps({"weight": weight, **report}, indent=1))
-    print(f"wrote {onnx_path} and trajectory.json")
+    save_meta(onnx_path, meta, report, "train_trajectory", argv)
     return 0
 
 
