@@ -8,7 +8,9 @@ of a gunicorn service; a worker that exits gives up its live gauges (`child_exit
 
 RQ forks a work horse per job, and every horse leaves its own files: thousands a night, which
 every scrape would read. After each job the worker folds the files of finished processes into
-one archive per metric type (`absorb_dead_processes`), under a lock that scrapes share.
+one archive per metric type (`absorb_dead_processes`), under a lock that scrapes share, and with
+SIGTERM and SIGINT held back: a worker told to stop halfway would have left a horse's values both
+in the archive and in its own file, counted twice from then on.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import fcntl
 import glob
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -81,6 +86,32 @@ class LockedMultiProcessCollector:
             return list(self._collector.collect())
 
 
+@contextlib.contextmanager
+def _shutdown_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT received in the block reach their handlers (RQ's warm shutdown) when it ends.
+
+    Python runs signal handlers in the main thread, whichever thread the kernel gave the signal to
+    (the worker has a metrics listener and RQ's pub/sub thread): blocking signals with
+    pthread_sigmask would not hold them back, so the handlers are swapped for a recorder here."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # no handler interrupts a thread other than the main one
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append((signum, frame)))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 def _pid_of(path: str) -> int | None:
     stem = os.path.basename(path)[:-3]  # counter_1234.db, gauge_livesum_1234.db
     tail = stem.rsplit("_", 1)[-1]
@@ -104,7 +135,7 @@ def absorb_dead_processes(directory: Path) -> int:
     from prometheus_client import multiprocess
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-    with _locked(directory, fcntl.LOCK_EX):
+    with _shutdown_deferred(), _locked(directory, fcntl.LOCK_EX):
         dead: dict[int, list[str]] = {}
         for path in glob.glob(str(directory / "*.db")):
             pid = _pid_of(path)

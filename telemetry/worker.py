@@ -5,8 +5,9 @@ bookkeeping): it binds the job's ids for the log (`upload_id` for an `ocr` job, 
 `bureau` for a `returns` job) and observes `remontee_rq_job_seconds`; for an `ocr` job also
 `remontee_ocr_seconds` by the status the upload reached and `remontee_uploads_total` for that
 status. `MeasuredWorker` binds the same ids in the worker around the job (so RQ's own lines
-about it carry them too) and, after each job, folds the finished horse's metric files into the
-archive (telemetry.multiprocess).
+about it carry them too) and, after each job and once more as it stops, folds the finished horses'
+metric files into the archive (telemetry.multiprocess): a stop requested just as a job ended can
+cut the fold after that job short.
 """
 
 from __future__ import annotations
@@ -66,9 +67,17 @@ class MeasuredWorker(Worker):
             try:
                 super().execute_job(job, queue)
             finally:
-                directory = multiprocess.enabled()
-                if directory is not None:
-                    try:
-                        multiprocess.absorb_dead_processes(directory)
-                    except OSError as exc:  # metrics must never stop the work
-                        log.warning("metrics: could not fold the finished job's files: %s", exc)
+                self.fold_finished_horses()
+
+    def teardown(self) -> None:
+        super().teardown()
+        if not self.is_horse:
+            self.fold_finished_horses()
+
+    def fold_finished_horses(self) -> None:
+        directory = multiprocess.enabled()
+        if directory is not None:
+            try:
+                multiprocess.absorb_dead_processes(directory)
+            except OSError as exc:  # metrics must never stop the work
+                log.warning("metrics: could not fold the finished horses' files: %s", exc)

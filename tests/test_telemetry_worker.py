@@ -3,19 +3,22 @@ listener scraped after real jobs, the horses' metric files folded away, and each
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis import Redis
 from rq import Queue
-from telemetry_helpers import scrape, value
+from telemetry_helpers import scrape
 
 from conftest import ROOT, free_port
 from forms import Election
@@ -53,34 +56,38 @@ def test_worker_metrics_and_log_lines(tmp_path: Path, redis: Redis, redis_server
         worker = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker"], env=env, cwd=tmp_path,
                                   stdout=log, stderr=log)
         try:
+            # A horse writes its job's figures one after another: wait until every one is there, not the first.
+            expected = {
+                ("remontee_rq_job_seconds_count", (("outcome", "ok"), ("queue", "returns"))): 3,
+                ("remontee_rq_job_seconds_count", (("outcome", "ok"), ("queue", "ocr"))): 2,
+                ("remontee_rq_job_seconds_count", (("outcome", "failed"), ("queue", "ocr"))): 1,
+                ("remontee_ocr_seconds_count", (("status", "review"),)): 2,
+                ("remontee_ocr_seconds_count", (("status", "failed"),)): 1,
+                ("remontee_ocr_seconds_bucket", (("le", "+Inf"), ("status", "review"))): 2,
+                ("remontee_uploads_total", (("status", "review"),)): 2,
+                ("remontee_uploads_total", (("status", "failed"),)): 1,
+                # Queue state read from the real Redis at scrape time.
+                ("remontee_rq_failed_jobs", (("queue", "ocr"),)): 1,
+                ("remontee_rq_queued_jobs", (("queue", "ocr"),)): 0,
+                ("remontee_rq_queued_jobs", (("queue", "returns"),)): 0,
+            }
+            got: dict[Any, float | None] = {}
             deadline = time.monotonic() + 30
-            samples: dict[Any, float] = {}
             while time.monotonic() < deadline:
                 try:
                     samples = scrape(f"http://127.0.0.1:{port}/metrics")
                 except (urllib.error.URLError, ConnectionError):
                     samples = {}
-                if value(samples, "remontee_rq_job_seconds_count", queue="returns", outcome="ok") == 3 and value(
-                        samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="failed") == 1:
+                got = {key: samples.get((key[0], frozenset(key[1]))) for key in expected}
+                if got == expected:
                     break
                 assert worker.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.2)
-            assert value(samples, "remontee_rq_job_seconds_count", queue="returns", outcome="ok") == 3
-            assert value(samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="ok") == 2
-            assert value(samples, "remontee_rq_job_seconds_count", queue="ocr", outcome="failed") == 1
-            assert value(samples, "remontee_ocr_seconds_count", status="review") == 2
-            assert value(samples, "remontee_ocr_seconds_count", status="failed") == 1
-            assert value(samples, "remontee_ocr_seconds_bucket", status="review", le="+Inf") == 2
-            assert value(samples, "remontee_uploads_total", status="review") == 2
-            assert value(samples, "remontee_uploads_total", status="failed") == 1
-            # Queue state read from the real Redis at scrape time.
-            assert value(samples, "remontee_rq_failed_jobs", default=None, queue="ocr") == 1
-            assert value(samples, "remontee_rq_queued_jobs", default=None, queue="ocr") == 0
-            assert value(samples, "remontee_rq_queued_jobs", default=None, queue="returns") == 0
+            assert got == expected
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(20)
-    # Six horses, six exits: their files were folded into the archive after each job.
+    # Six horses, six exits: their files were folded into the archive after each job, or as the worker stopped.
     files = sorted(p.name for p in (tmp_path / "metrics" / "worker").glob("*.db"))
     assert files == ["counter_archive.db", "histogram_archive.db"], files
 
@@ -98,3 +105,51 @@ def test_worker_metrics_and_log_lines(tmp_path: Path, redis: Redis, redis_server
     consolidated = [line for line in lines if line.get("return_id")]
     assert {line["bureau"] for line in consolidated} == set(codes)
     journal.dispose()
+
+
+def test_a_stop_during_the_fold_waits_for_it(tmp_path: Path) -> None:
+    """SIGTERM while the finished horses' files are folded runs RQ's handler after the fold, not halfway through it.
+
+    The fold here waits for a scrape's shared lock, held by another thread, while the signal arrives."""
+    from telemetry import multiprocess
+
+    horse = ("import os; os.environ['PROMETHEUS_MULTIPROC_DIR'] = os.environ['DIR']\n"
+             "from prometheus_client import Counter\n"
+             "Counter('remontee_folded', 'a finished horse').inc(3)\n")
+    subprocess.run([sys.executable, "-c", horse], env={**os.environ, "DIR": str(tmp_path)}, check=True)
+    [left] = [p.name for p in tmp_path.glob("counter_*.db")]
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stop
+
+    scrape_holds_lock = threading.Event()
+    release = threading.Event()
+
+    def scrape_then_signal() -> None:
+        with open(tmp_path / multiprocess.LOCK, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            scrape_holds_lock.set()
+            time.sleep(0.3)  # the fold is now waiting for the lock
+            os.kill(os.getpid(), signal.SIGTERM)
+            release.wait(0.3)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        scraper = threading.Thread(target=scrape_then_signal)
+        scraper.start()
+        assert scrape_holds_lock.wait(5)
+        with pytest.raises(Stop):
+            multiprocess.absorb_dead_processes(tmp_path)
+        scraper.join(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not (tmp_path / left).exists()
+    # Folded once: what a scrape reads is the horse's 3, from the archive alone.
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_archive.db"]
+    samples = [(s.name, s.value) for metric in multiprocess.LockedMultiProcessCollector(tmp_path).collect()
+               for s in metric.samples]
+    assert samples == [("remontee_folded_total", 3.0)]
