@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny run into a temp dir, to test the pipeline",
     )
     ap.add_argument("--ensemble", type=Path, nargs="+", help="calibrate these trained members together")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1: two members train side by side)")
     args = ap.parse_args(argv)
     if args.ensemble:
         return ensemble_main(args.ensemble, args.out_dir, _command(argv))
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.pen_variants, args.mnist_variants, args.empty = 1, 1, 1, 500
         args.out_dir = Path(tempfile.mkdtemp(prefix="digits-quick-"))
     t0 = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     workers = min(2, os.cpu_count() or 1)
