@@ -97,8 +97,9 @@ def _shutdown_deferred() -> Iterator[None]:
         yield  # no handler interrupts a thread other than the main one
         return
     caught: list[tuple[int, FrameType | None]] = []
+    # A handler set outside Python (getsignal: None) could not be put back: that signal is left alone.
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append((signum, frame)))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+                for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is not None}
     try:
         yield
     finally:
