@@ -126,15 +126,21 @@ def test_a_stop_during_the_fold_waits_for_it(tmp_path: Path) -> None:
         raise Stop
 
     scrape_holds_lock = threading.Event()
-    release = threading.Event()
+
+    def fold_is_waiting(inode: int) -> bool:
+        """/proc/locks lists a blocked request as "N: -> FLOCK ADVISORY WRITE pid maj:min:inode ..."."""
+        lines = Path("/proc/locks").read_text().splitlines()
+        return any("->" in line and any(f.endswith(f":{inode}") for f in line.split()) for line in lines)
 
     def scrape_then_signal() -> None:
         with open(tmp_path / multiprocess.LOCK, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH)
             scrape_holds_lock.set()
-            time.sleep(0.3)  # the fold is now waiting for the lock
-            os.kill(os.getpid(), signal.SIGTERM)
-            release.wait(0.3)
+            deadline = time.monotonic() + 10
+            while not fold_is_waiting(os.fstat(lock.fileno()).st_ino) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)  # the fold is waiting for the lock
+            time.sleep(0.1)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
     previous = signal.signal(signal.SIGTERM, stop)
