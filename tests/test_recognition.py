@@ -94,7 +94,7 @@ def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds
     alone = _reading(election_t1, values, {("votants", 2): Box(1, 0.995, ((7, 0.0045),))})
     assert not [f for f in assess(alone, facts, None, ELECTION, 0.9999).findings if f.code == Reason.LOW_CONFIDENCE]
     # A 1 at 0.93, maybe a 7, is held although the sums hold: the president may have written the 7 by
-    # mistake, and the model's 7 % for it is worth less than it says. The benchmark's one wrong acceptance
+    # mistake, and the model's 7 % for the 7 understates it. The benchmark's one wrong acceptance
     # (SLIP_PRIOR was 2e-4 then): a Hollande 73 written for 13, read 13 at these figures.
     slip = _reading(election_t1, values, {("votants", 2): Box(1, 0.928, ((7, 0.072),))})
     findings = assess(slip, facts, None, ELECTION, 0.9999).findings
