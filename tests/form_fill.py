@@ -29,7 +29,9 @@ from forms.definitions import Election
 from forms.layout import Box, form_layout
 from forms.render import DPI, px_per_mm, render_form
 from pen_gateway.digits.data import (
+    MNIST_CALIB_SLICE,
     MNIST_VAL_SLICE,
+    PEN_CALIB_WRITERS,
     PEN_VAL_WRITERS,
     default_data_dir,
     load_mnist,
@@ -63,13 +65,20 @@ class Handwriting:
 
 
 @cache
-def load_handwriting() -> Handwriting:
+def load_handwriting(writers: str = "held-out") -> Handwriting:
+    """The held-out digits (what everything measures on), or with ``writers="calibration"`` the
+    calibration writers' (pendigits 21-24, MNIST 3500-3999: what may be fitted on whole forms
+    without touching the held-out writers)."""
+    pen_writers, mnist_slice = {
+        "held-out": (PEN_VAL_WRITERS, MNIST_VAL_SLICE),
+        "calibration": (PEN_CALIB_WRITERS, MNIST_CALIB_SLICE),
+    }[writers]
     pen: dict[int, list[tuple[np.ndarray, ...]]] = {d: [] for d in range(10)}
     for sample in load_pendigits(HANDWRITING_DIR):
-        if sample.writer in PEN_VAL_WRITERS and sample.id not in KNOWN_LABEL_ERRORS:
+        if sample.writer in pen_writers and sample.id not in KNOWN_LABEL_ERRORS:
             pen[sample.label].append(sample.strokes)
     images, labels = load_mnist(HANDWRITING_DIR)
-    images, labels = images[MNIST_VAL_SLICE], labels[MNIST_VAL_SLICE]
+    images, labels = images[mnist_slice], labels[mnist_slice]
     mnist = {d: tuple(images[labels == d]) for d in range(10)}
     return Handwriting({d: tuple(v) for d, v in pen.items()}, mnist)
 

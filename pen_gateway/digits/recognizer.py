@@ -122,24 +122,21 @@ class DigitRecognizer:
         probs = self.probabilities(p.image[None, None])
         return int(probs[0].argmax()) == self._model.empty_class
 
-    def read(
+    def beliefs(
         self,
         cells: Sequence[np.ndarray],
         *,
         crop: Crop = "box",
         strokes: Sequence[Sequence[np.ndarray]] | None = None,
-    ) -> list[DigitReading]:
-        """Read a batch of cells; one reading per cell, in order.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(class probabilities (N, 11) of a batch of cells, which cells the rules found empty).
 
-        ``crop``: what the cells are, cut on the box, inside it or from pen ink (see ``preprocess.Crop``).
-        ``strokes``: for pen ink, the strokes each cell was drawn from, in writing order (any units):
-        the stroke-order model's beliefs are combined with the picture's (``trajectory.combine``).
-        Without them, an ``"inset"`` crop (a scan's box) is read from strokes traced from its picture.
+        The arguments are `read`'s; `read` makes one reading of each row.
         """
         if strokes is not None and len(strokes) != len(cells):
             raise ValueError(f"{len(strokes)} stroke lists for {len(cells)} cells")
         if len(cells) == 0:
-            return []
+            return np.zeros((0, self._model.empty_class + 1)), np.zeros(0, dtype=bool)
         inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)
         probs = self.probabilities(inputs)
         empty = self._model.empty_class
@@ -157,25 +154,38 @@ class DigitRecognizer:
                 model = TrajectoryModel(stroke_model)
                 logits = model.logits([strokes[i] for i in inked])
                 probs[inked] = combine(probs[inked], logits, model.weight, empty)
-        readings = []
-        for p, by_rule in zip(probs, rule_empty, strict=True):
-            digits = np.argsort(-p[:empty], kind="stable")
-            best = int(p.argmax())
-            if by_rule or best == empty:
-                # A rule-empty cell reaches the net as a blank input; its
-                # p(empty) is still the calibrated number we report.
-                readings.append(
-                    DigitReading(
-                        None,
-                        float(p[empty]),
-                        tuple((int(d), float(p[d])) for d in digits[:3]),
-                    )
-                )
-            else:
-                others = [int(d) for d in digits if d != best][:3]
-                readings.append(
-                    DigitReading(
-                        best, float(p[best]), tuple((d, float(p[d])) for d in others)
-                    )
-                )
-        return readings
+        return probs, rule_empty
+
+    def read(
+        self,
+        cells: Sequence[np.ndarray],
+        *,
+        crop: Crop = "box",
+        strokes: Sequence[Sequence[np.ndarray]] | None = None,
+    ) -> list[DigitReading]:
+        """Read a batch of cells; one reading per cell, in order.
+
+        ``crop``: what the cells are, cut on the box, inside it or from pen ink (see ``preprocess.Crop``).
+        ``strokes``: for pen ink, the strokes each cell was drawn from, in writing order (any units):
+        the stroke-order model's beliefs are combined with the picture's (``trajectory.combine``).
+        Without them, an ``"inset"`` crop (a scan's box) is read from strokes traced from its picture.
+        """
+        probs, rule_empty = self.beliefs(cells, crop=crop, strokes=strokes)
+        return readings(probs, rule_empty)
+
+
+def readings(probs: np.ndarray, rule_empty: np.ndarray) -> list[DigitReading]:
+    """One reading per row of class probabilities (N, 11; the last class is "empty")."""
+    empty = probs.shape[1] - 1
+    out = []
+    for p, by_rule in zip(probs, rule_empty, strict=True):
+        digits = np.argsort(-p[:empty], kind="stable")
+        best = int(p.argmax())
+        if by_rule or best == empty:
+            # A rule-empty cell reaches the net as a blank input; its
+            # p(empty) is still the calibrated number we report.
+            out.append(DigitReading(None, float(p[empty]), tuple((int(d), float(p[d])) for d in digits[:3])))
+        else:
+            others = [int(d) for d in digits if d != best][:3]
+            out.append(DigitReading(best, float(p[best]), tuple((d, float(p[d])) for d in others)))
+    return out
