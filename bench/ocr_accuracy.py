@@ -4,7 +4,8 @@
 Each form gets a bureau's figures (sums consistent; `--error-share` of them with one digit
 deliberately wrong, as a president's slip), written in the boxes right-aligned (a fifth
 left-aligned) by pendigits writers 25-30 or MNIST images 4000-4999, which the digit model
-never trained on. Three modes:
+never trained on (nor was anything fitted on them: the recognizer's reliability map was fitted on
+forms of the calibration writers, `pen_gateway.digits.fit_reliability`). Three modes:
 - `inkml`: the strokes as the InkML a docking station uploads;
 - `scan-pen`: the same strokes printed into the 300 dpi form, then scanned: rotation ±5°,
   scale 90-110 %, offset, grey paper, noise, blur, JPEG 45-90;

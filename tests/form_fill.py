@@ -67,8 +67,8 @@ class Handwriting:
 @cache
 def load_handwriting(writers: str = "held-out") -> Handwriting:
     """The held-out digits (what everything measures on), or with ``writers="calibration"`` the
-    calibration writers' (pendigits 21-24, MNIST 3500-3999: what may be fitted on whole forms
-    without touching the held-out writers)."""
+    calibration writers' (pendigits 21-24, MNIST 3500-3999: what the recognizer's reliability map is
+    fitted on, `pen_gateway.digits.fit_reliability`)."""
     pen_writers, mnist_slice = {
         "held-out": (PEN_VAL_WRITERS, MNIST_VAL_SLICE),
         "calibration": (PEN_CALIB_WRITERS, MNIST_CALIB_SLICE),

@@ -6,9 +6,10 @@ OpenCV), ``preprocess`` (the crop -> model-input function shared by training
 and run time), ``strokes`` (rendering pen strokes), ``trajectory`` (reading a
 pen digit from its strokes in writing order, combined with the picture for ink
 boxes), ``skeleton`` (strokes traced from a scanned digit's picture, read by the
-same kind of network for scans), ``synth``/``data``/``evaluation`` (training,
-calibration and held-out data), and ``train`` / ``train_trajectory`` /
-``train_traced`` (PyTorch, training time only).
+same kind of network for scans), ``reliability`` (what a channel's confidences are
+worth on whole forms), ``synth``/``data``/``evaluation`` (training, calibration and
+held-out data), ``train`` / ``train_trajectory`` / ``train_traced`` (PyTorch,
+training time only) and ``fit_reliability`` (fitting time only).
 Data sources and licences: ``ATTRIBUTION.md``.
 """
 

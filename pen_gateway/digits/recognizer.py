@@ -13,6 +13,8 @@ every forward pass holds that net's lock. For pen ink, the caller may also hand 
 strokes: the stroke-order model (``trajectory.py``) then weighs in on which digit it is. A scan's
 box (an ``"inset"`` crop) has no strokes, so they are traced from its picture (``skeleton.py``) and
 read by the same network trained on traced strokes (``traced.onnx``), which weighs in the same way.
+Last, the channel's reliability map (``reliability.py``) makes those combined confidences what whole
+forms of unseen writers bear out; ``beliefs`` gives them before it, for the map's own fitting.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from . import preprocess
 from .preprocess import Crop
+from .reliability import RELIABILITY_PATH, load_reliability
 from .skeleton import traced_strokes
 from .trajectory import MODEL_PATH as STROKE_MODEL_PATH
 from .trajectory import TRACED_MODEL_PATH, TrajectoryModel, combine
@@ -89,8 +92,10 @@ def _load(path: Path) -> _Loaded:
 class DigitRecognizer:
     """Reads single handwritten digits from form-box crops."""
 
-    def __init__(self, model_path: Path | None = None) -> None:
+    def __init__(self, model_path: Path | None = None, reliability: Path | None = RELIABILITY_PATH) -> None:
+        """``reliability``: the channel's reliability map (``reliability.json``); None reads without one."""
         self._model = _load(Path(model_path) if model_path is not None else MODEL_PATH)
+        self._reliability = load_reliability(reliability) if reliability is not None else None
 
     @property
     def temperature(self) -> float:
@@ -131,7 +136,8 @@ class DigitRecognizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(class probabilities (N, 11) of a batch of cells, which cells the rules found empty).
 
-        The arguments are `read`'s; `read` makes one reading of each row.
+        The arguments are `read`'s. The probabilities are the models' combined beliefs, before the
+        channel's reliability map (`read` applies it).
         """
         if strokes is not None and len(strokes) != len(cells):
             raise ValueError(f"{len(strokes)} stroke lists for {len(cells)} cells")
@@ -171,6 +177,9 @@ class DigitRecognizer:
         Without them, an ``"inset"`` crop (a scan's box) is read from strokes traced from its picture.
         """
         probs, rule_empty = self.beliefs(cells, crop=crop, strokes=strokes)
+        if self._reliability is not None:
+            read_as_digit = ~rule_empty & (probs.argmax(axis=1) != self._model.empty_class)
+            probs = self._reliability.apply(probs, crop, read_as_digit)
         return readings(probs, rule_empty)
 
 

@@ -1,0 +1,189 @@
+"""Fit the recognizer's reliability map on whole forms of the calibration writers (fitting time only).
+
+This module owns the recipe of ``reliability.json``. The digit models are calibrated on single
+crops (``digits.json``'s temperature, the stroke models' weights), but a box cut from a whole form
+is not such a crop: a scan is rotated, rescaled, blurred and JPEG-compressed before its boxes are
+cut through the fitted homography, and the confidences the models give such boxes are not what
+the crops promised (BENCHMARKS.md: on scans, boxes read at 0.7-0.99 were wrong up to 5.5 times
+as often as they said). The decision (``recognition/assess.py``) weighs each reading by those
+confidences, so they must be honest where they are used.
+
+The map (``reliability.py``), per channel (the crop kind the pipeline reads with: ``"ink"`` for
+InkML, ``"inset"`` for scans), multiplies the odds against a box's reading by what forms bear out.
+Boxes read as a digit are put in bands by their confidence (`BANDS`). In each band, the multiplier
+is (boxes read wrong + α) / (wrong readings the confidences expect + α), at least 1, with α = 2
+expected errors of shrinkage towards 1, so that a band with few errors stays as it is. It sits at
+the band's mean log-odds. The boxes come from forms filled by the calibration writers (pendigits
+21-24, MNIST 3500-3999; never trained on, and never the held-out writers the benchmark measures
+on), built as ``bench/ocr_accuracy.py`` builds its forms (``tests/form_fill.py``): InkML for
+``"ink"``; pen ink printed and scanned, and MNIST digits scanned, half each, for ``"inset"``.
+
+Reproduce the shipped map (about 25 min on two cores)::
+
+    cd <repo> && .venv/bin/python -m pen_gateway.digits.fit_reliability --out pen_gateway/digits/reliability.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .recognizer import DigitRecognizer, readings
+from .reliability import RELIABILITY_PATH, Knots, ReliabilityMap, odds_against
+
+# Which benchmark modes stand for each channel's uploads.
+CHANNELS = {"ink": ("inkml",), "inset": ("scan-pen", "scan-mnist")}
+BANDS = (0.0, 0.7, 0.9, 0.97, 0.99, 0.999, 0.9999, 1.0)  # of the confidence of a box's reading
+SHRINKAGE = 2.0  # α: pseudo-errors, expected and seen, in every band
+ELECTION = "primaire-2011-t1"
+
+
+class _Recording:
+    """A recognizer that keeps the combined beliefs of every box it reads, before any reliability map."""
+
+    def __init__(self) -> None:
+        self.inner = DigitRecognizer(reliability=None)
+        self.probs: list[np.ndarray] = []
+        self.rule_empty: list[np.ndarray] = []
+
+    def read(self, cells: Sequence[np.ndarray], *, crop: str = "box",
+             strokes: Sequence[Sequence[np.ndarray]] | None = None) -> list:
+        probs, rule_empty = self.inner.beliefs(cells, crop=crop, strokes=strokes)  # type: ignore[arg-type]
+        self.probs.append(probs)
+        self.rule_empty.append(rule_empty)
+        return readings(probs, rule_empty)
+
+
+def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(combined beliefs (N, 11), boxes read as a digit (N,), what was written (N,): 0-9 or 10 for empty)
+    of every box of `forms` forms."""
+    from forms import load_election
+    from pen_gateway.decode import decode_upload
+    from pen_gateway.recognition.pipeline import read_page
+    from registry import load_registry
+    from registry.demo import generate
+    from tests.form_fill import (
+        Distortion,
+        consistent_counts,
+        distort,
+        encode_image,
+        inkml_document,
+        load_handwriting,
+        pen_strokes,
+        scan_page,
+    )
+
+    cv2.setNumThreads(1)
+    election = load_election(ELECTION)
+    hw = load_handwriting("calibration")
+    rng = np.random.default_rng(seed)
+    recorder = _Recording()
+    truth: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(60, Path(tmp) / "registry.csv", Path(tmp) / "pins.csv", scrypt_n=2**8)
+        codes = sorted(load_registry(Path(tmp) / "registry.csv").bureaux)
+    for i in range(forms):
+        counts = consistent_counts(election, rng)
+        align = "left" if rng.random() < 0.2 else "right"
+        if mode == "inkml":
+            strokes, written = pen_strokes(election, counts, hw, rng, align=align)
+            data, content_type = inkml_document(strokes), "application/inkml+xml"
+        else:
+            page, written = scan_page(election, codes[i % len(codes)], counts, hw, rng,
+                                      source="pen" if mode == "scan-pen" else "mnist", align=align)
+            scanned, _ = distort(page, Distortion.random(rng), rng)
+            data, content_type = encode_image(scanned, ".jpg", 92), "image/jpeg"
+        before = len(recorder.probs)
+        reading = read_page(decode_upload(data, content_type), recorder, ELECTION)
+        if len(recorder.probs) == before:
+            continue  # the page was not located: no box was read
+        truth.extend(10 if d is None else d for fid in reading.fields for d in written[fid])
+    probs = np.concatenate(recorder.probs)
+    if len(probs) != len(truth):
+        raise RuntimeError(f"{mode}: {len(probs)} boxes read, {len(truth)} written")
+    read_as_digit = ~np.concatenate(recorder.rule_empty) & (probs.argmax(axis=1) != 10)
+    return probs, read_as_digit, np.array(truth)
+
+
+def nll(probs: np.ndarray, truth: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(truth)), truth], 1e-300))))
+
+
+def fit_knots(probs: np.ndarray, read_as_digit: np.ndarray, truth: np.ndarray) -> Knots:
+    """One knot per confidence band of the boxes read as a digit (see the module's docstring)."""
+    confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
+    log_odds = odds_against(probs)
+    xs, ms = [], []
+    for lo, hi in itertools.pairwise(BANDS):
+        band = read_as_digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+        if band.any():
+            wrong, expected = float((~right[band]).sum()), float((1.0 - confidence[band]).sum())
+            xs.append(float(log_odds[band].mean()))
+            ms.append(max(1.0, (wrong + SHRINKAGE) / (expected + SHRINKAGE)))
+    order = np.argsort(xs)
+    x, m = np.array(xs)[order], np.log(np.array(ms)[order])
+    # A reading the models found less likely must not come out surer: raise a knot that would say so.
+    for k in range(1, len(x)):
+        m[k] = max(m[k], m[k - 1] - (x[k] - x[k - 1]))
+    return Knots(tuple(float(v) for v in np.round(x, 4)), tuple(float(v) for v in np.round(np.exp(m), 4)))
+
+
+def bands(probs: np.ndarray, read_as_digit: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
+    """Boxes read as a digit by the confidence of their reading: how many, how many read wrong, how many the
+    confidences expect."""
+    confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
+    rows = []
+    for lo, hi in itertools.pairwise(BANDS):
+        band = read_as_digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+        rows.append({"band": [lo, hi], "boxes": int(band.sum()), "wrong": int((~right[band]).sum()),
+                     "expected_wrong": round(float((1.0 - confidence[band]).sum()), 2)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--forms", type=int, default=1000, help="forms per benchmark mode (default 1000)")
+    parser.add_argument("--seed", type=int, default=101)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RELIABILITY_PATH)
+    args = parser.parse_args()
+    modes = [m for ms in CHANNELS.values() for m in ms]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        jobs = {m: pool.submit(collect, m, args.forms, args.seed + k) for k, m in enumerate(modes)}
+        collected = {m: job.result() for m, job in jobs.items()}
+    channels, figures = {}, {}
+    for channel, channel_modes in CHANNELS.items():
+        probs, digit, truth = (np.concatenate([collected[m][i] for m in channel_modes]) for i in range(3))
+        knots = fit_knots(probs, digit, truth)
+        channels[channel] = {"log_odds": list(knots.log_odds), "multiplier": list(knots.multiplier)}
+        mapped = ReliabilityMap({channel: knots}).apply(probs, channel, digit)
+        figures[channel] = {
+            "modes": list(channel_modes), "boxes": len(truth), "read_as_digit": int(digit.sum()),
+            "nll": {"before": round(nll(probs, truth), 5), "after": round(nll(mapped, truth), 5)},
+            "bands before": bands(probs, digit, truth), "bands after": bands(mapped, digit, truth),
+        }
+        print(f"{channel}: {channels[channel]}; NLL {nll(probs, truth):.5f} -> {nll(mapped, truth):.5f}")
+    meta = {
+        "channels": channels,
+        "rule": "per channel and confidence band of the boxes read as a digit, the odds against the reading are "
+                f"multiplied by max(1, (wrong + {SHRINKAGE}) / (expected wrong + {SHRINKAGE})), at the band's mean "
+                "log-odds; measured on forms filled by the calibration writers (pendigits 21-24, MNIST 3500-3999), "
+                "built as bench/ocr_accuracy.py builds its forms",
+        "forms_per_mode": args.forms, "seed": args.seed,
+        "figures (calibration writers' forms)": figures,
+    }
+    args.out.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
