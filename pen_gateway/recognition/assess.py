@@ -105,14 +105,13 @@ def resolve_bureau(
 # whose alternatives the reviewer is offered.
 FIELD_BAR = 0.9999
 # The prior odds that the president wrote one specific inconsistent form rather than the consistent
-# one we read, times how far the digit model understates the odds against a box it reads at
-# 0.7-0.99 on scans. Slips: 10 % of forms (bench/ocr_accuracy.py writes that many), in one of
-# ~12 candidate digits, 9 wrong values each: about 1e-3. Understatement: the benchmark's scanned
-# boxes read at 0.7-0.99 are wrong 1.5-5.5 times as often as their confidences say, about 2 on
-# MNIST scans (BENCHMARKS.md, tenth session): x 2. At 2e-4 (5 % of forms over ~25 digits, the
-# model taken at its word) a president's 7 written for a 1 and read as the 1 at 0.93 made the
-# sums hold and was accepted.
-SLIP_PRIOR = 2e-3
+# one we read: slips on 10 % of forms (bench/ocr_accuracy.py writes that many), in one of ~12
+# candidate digits, 9 wrong values each, about 1e-3. It weighs the recognizer's confidences as they
+# come out of its reliability map (pen_gateway/digits/reliability.py): the models' own, fitted on
+# single crops, understate how often a scanned box read at 0.7-0.99 is wrong, and taken at their
+# word with a prior of 2e-4, a president's 7 written for a 1 and read as the 1 at 0.93 made the
+# sums hold and was accepted (BENCHMARKS.md, tenth session).
+SLIP_PRIOR = 1e-3
 NEGLIGIBLE = 1e-9  # an alternative reading less likely than this, relative to the one read, weighs nothing
 
 
