@@ -15,8 +15,10 @@ Every upload goes decode → locate → identify → cut → read → validate �
 
 Figures: digit accuracy (written boxes), empty-box accuracy, field accuracy, straight-through
 share of consistent forms (with its 95 % interval), wrong values accepted without a human (must
-be 0), suggestions that restore the true figure on the deliberately wrong forms, and forms per
-second on one core.
+be 0), suggestions that restore the true figure on the deliberately wrong forms, forms per
+second on one core, and the reliability of the confidences: written boxes read as a digit, by the
+confidence of their reading, [read wrong, expected wrong (the sum of 1 - confidence), boxes]
+(`--without-reliability-map`: the models' own confidences, before the recognizer's map).
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
@@ -24,6 +26,7 @@ second on one core.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -59,6 +62,9 @@ from tests.form_fill import (  # noqa: E402
     scan_page,
 )
 
+BANDS = (0.0, 0.7, 0.9, 0.97, 0.99, 0.999, 0.9999, 1.0)
+BAND_NAMES = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BANDS)]
+
 
 @dataclass
 class Tally:
@@ -80,6 +86,15 @@ class Tally:
     seconds_cpu: float = 0.0
     reasons: Counter[str] = field(default_factory=Counter)
     confusions: Counter[str] = field(default_factory=Counter)
+    # Written boxes read as a digit, by the confidence of their reading: [read wrong, expected wrong, boxes].
+    bands: dict[str, list[float]] = field(default_factory=lambda: {band: [0, 0.0, 0] for band in BAND_NAMES})
+
+    def count_band(self, want: int, have: int, confidence: float) -> None:
+        k = min(int(np.searchsorted(BANDS, confidence, side="right")) - 1, len(BAND_NAMES) - 1)
+        band = self.bands[BAND_NAMES[k]]
+        band[0] += have != want
+        band[1] += 1.0 - confidence
+        band[2] += 1
 
     def report(self) -> dict[str, object]:
         def pct(a: int, b: int) -> float | None:
@@ -111,6 +126,9 @@ class Tally:
             "forms_per_second_per_core": round(self.forms / self.seconds_cpu, 2) if self.seconds_cpu else None,
             "review_reasons": dict(self.reasons.most_common()),
             "top_confusions": dict(self.confusions.most_common(8)),
+            "reliability_wrong_expected_boxes": {
+                b: [int(w), round(e, 2), int(n)] for b, (w, e, n) in self.bands.items()
+            },
         }
 
 
@@ -159,8 +177,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             else:
                 values_right = False
             boxes = written[f.id]
-            got = [d.digit for d in fr.digits] if fr is not None else [None] * len(boxes)
-            for want, have in zip(boxes, got, strict=True):
+            got = [(d.digit, float(d.confidence)) for d in fr.digits] if fr is not None else [(None, 0.0)] * len(boxes)
+            for want, (have, confidence) in zip(boxes, got, strict=True):
                 if want is None:
                     tally.empties += 1
                     tally.empties_right += have is None
@@ -169,6 +187,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
                     tally.digits_right += have == want
                     if have != want:
                         tally.confusions[f"{want}→{'empty' if have is None else have}"] += 1
+                    if have is not None:
+                        tally.count_band(want, have, confidence)
         if restored_field is None:
             tally.consistent += 1
             tally.accepted_consistent += accepted
@@ -217,6 +237,8 @@ def main() -> int:
     parser.add_argument("--tesseract-cells", type=int, default=100,
                         help="held-out boxes for the Tesseract second-opinion check (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--without-reliability-map", action="store_true",
+                        help="read with the models' own confidences (what the reliability map corrects)")
     args = parser.parse_args()
     if not handwriting_available():
         print("the handwriting data (../shared/data/handwriting) is not there: nothing to measure", file=sys.stderr)
@@ -224,8 +246,9 @@ def main() -> int:
     cv2.setNumThreads(1)  # figures per core
     from pen_gateway.digits.recognizer import RECOMMENDED_THRESHOLD, DigitRecognizer
 
-    recognizer = DigitRecognizer()
-    figures: dict[str, object] = {"threshold": RECOMMENDED_THRESHOLD}
+    recognizer = DigitRecognizer(reliability=None) if args.without_reliability_map else DigitRecognizer()
+    figures: dict[str, object] = {"threshold": RECOMMENDED_THRESHOLD,
+                                  "reliability_map": not args.without_reliability_map}
     with tempfile.TemporaryDirectory() as tmp:
         registry_path = Path(tmp) / "registry.csv"
         generate(60, registry_path, Path(tmp) / "pins.csv", scrypt_n=2**8)
