@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_the_shipped_map_names_both_channels_and_was_fitted_on_the_calibration_w
     assert rmap.channels["inset"].at(np.array([np.log(0.07 / 0.93)]))[0] > 1.5
 
 
-def test_the_recognizer_reads_the_same_digits_with_the_map_and_is_never_surer() -> None:
+def test_the_recognizer_reads_the_same_digits_with_the_map_and_is_never_surer(tmp_path: Path) -> None:
     cells = [render_strokes([[(22, 25), (58, 25), (36, 85)]], (80, 105), 6.0, smooth=False),
              render_strokes([[(40, 20), (40, 90)]], (80, 105), 6.0, smooth=False),
              render_strokes([[(25, 30), (55, 30), (55, 60), (25, 60), (25, 90), (55, 90)]], (80, 105), 6.0,
@@ -108,3 +109,14 @@ def test_the_recognizer_reads_the_same_digits_with_the_map_and_is_never_surer() 
         assert all(x.confidence <= y.confidence + 1e-12 for x, y in zip(a, b, strict=True))
         probs, empty = without.beliefs(cells, crop=crop)
         assert [r.confidence for r in readings(probs, empty)] == [r.confidence for r in b]
+    # The recognizer reads through the map it is given: odds against every reading ten times the models'.
+    (tmp_path / "tenfold.json").write_text(json.dumps({"channels": {"ink": {"log_odds": [0.0], "multiplier": [10.0]}}}))
+    tenfold = DigitRecognizer(reliability=tmp_path / "tenfold.json").read(cells, crop="ink")
+    models = without.read(cells, crop="ink")
+    for x, y in zip(tenfold, models, strict=True):
+        assert x.digit == y.digit is not None
+        assert x.confidence < y.confidence
+        if 10 * y.alternatives[0][1] < y.confidence:  # else the runner-up caps the multiplier
+            assert np.log((1 - x.confidence) / x.confidence) == pytest.approx(
+                np.log((1 - y.confidence) / y.confidence) + np.log(10.0), abs=1e-3)
+    assert sum(10 * y.alternatives[0][1] < y.confidence for y in models) >= 2
