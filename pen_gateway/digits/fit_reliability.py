@@ -15,8 +15,10 @@ is (boxes read wrong + α) / (wrong readings the confidences expect + α), at le
 expected errors of shrinkage towards 1, so that a band with few errors stays as it is. It sits at
 the band's mean log-odds. The boxes come from forms filled by the calibration writers (pendigits
 21-24, MNIST 3500-3999; never trained on, and never the held-out writers the benchmark measures
-on), built as ``bench/ocr_accuracy.py`` builds its forms (``tests/form_fill.py``): InkML for
-``"ink"``; pen ink printed and scanned, and MNIST digits scanned, half each, for ``"inset"``.
+on), filled, distorted and read as ``bench/ocr_accuracy.py`` does (``tests/form_fill.py``; the
+figures drawn by ``consistent_counts``, without the benchmark's deliberate slips, since a box's
+truth is what was written in it): InkML for ``"ink"``; pen ink printed and scanned, and MNIST
+digits scanned, half each, for ``"inset"``.
 
 Reproduce the shipped map (about 25 min on two cores)::
 
@@ -177,7 +179,7 @@ def main() -> int:
         "rule": "per channel and confidence band of the boxes read as a digit, the odds against the reading are "
                 f"multiplied by max(1, (wrong + {SHRINKAGE}) / (expected wrong + {SHRINKAGE})), at the band's mean "
                 "log-odds; measured on forms filled by the calibration writers (pendigits 21-24, MNIST 3500-3999), "
-                "built as bench/ocr_accuracy.py builds its forms",
+                "filled, distorted and read as bench/ocr_accuracy.py does",
         "forms_per_mode": args.forms, "seed": args.seed,
         "figures (calibration writers' forms)": figures,
     }
