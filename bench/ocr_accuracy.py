@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from forms import load_election  # noqa: E402
 from pen_gateway.decode import decode_upload  # noqa: E402
+from pen_gateway.digits.fit_reliability import BANDS  # noqa: E402
 from pen_gateway.recognition.assess import UploadFacts, assess  # noqa: E402
 from pen_gateway.recognition.job import write_artefacts  # noqa: E402
 from pen_gateway.recognition.pipeline import read_page  # noqa: E402
@@ -62,8 +63,7 @@ from tests.form_fill import (  # noqa: E402
     scan_page,
 )
 
-BANDS = (0.0, 0.7, 0.9, 0.97, 0.99, 0.999, 0.9999, 1.0)
-BAND_NAMES = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BANDS)]
+BAND_NAMES = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BANDS)]  # the reliability map's, as it was fitted
 
 
 @dataclass

@@ -32,7 +32,7 @@ import itertools
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from .recognizer import DigitRecognizer, readings
-from .reliability import RELIABILITY_PATH, Knots, ReliabilityMap, odds_against
+from .reliability import RELIABILITY_PATH, Knots, ReliabilityMap, odds_against, read_as_digit
 
 # Which benchmark modes stand for each channel's uploads.
 CHANNELS = {"ink": ("inkml",), "inset": ("scan-pen", "scan-mnist")}
@@ -112,21 +112,26 @@ def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     probs = np.concatenate(recorder.probs)
     if len(probs) != len(truth):
         raise RuntimeError(f"{mode}: {len(probs)} boxes read, {len(truth)} written")
-    read_as_digit = ~np.concatenate(recorder.rule_empty) & (probs.argmax(axis=1) != 10)
-    return probs, read_as_digit, np.array(truth)
+    return probs, read_as_digit(probs, np.concatenate(recorder.rule_empty)), np.array(truth)
 
 
 def nll(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(truth)), truth], 1e-300))))
 
 
-def fit_knots(probs: np.ndarray, read_as_digit: np.ndarray, truth: np.ndarray) -> Knots:
-    """One knot per confidence band of the boxes read as a digit (see the module's docstring)."""
+def in_bands(probs: np.ndarray, digit: np.ndarray) -> Iterator[tuple[float, float, np.ndarray]]:
+    """(low, high, mask) of the rows read as a digit (`digit`) whose confidence is in each of `BANDS`."""
+    confidence = probs.max(axis=1)
+    for lo, hi in itertools.pairwise(BANDS):
+        yield lo, hi, digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+
+
+def fit_knots(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> Knots:
+    """One knot per confidence band of the boxes read as a digit (`digit`; see the module's docstring)."""
     confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
     log_odds = odds_against(probs)
     xs, ms = [], []
-    for lo, hi in itertools.pairwise(BANDS):
-        band = read_as_digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+    for _, _, band in in_bands(probs, digit):
         if band.any():
             wrong, expected = float((~right[band]).sum()), float((1.0 - confidence[band]).sum())
             xs.append(float(log_odds[band].mean()))
@@ -139,16 +144,13 @@ def fit_knots(probs: np.ndarray, read_as_digit: np.ndarray, truth: np.ndarray) -
     return Knots(tuple(float(v) for v in np.round(x, 4)), tuple(float(v) for v in np.round(np.exp(m), 4)))
 
 
-def bands(probs: np.ndarray, read_as_digit: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
+def bands(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
     """Boxes read as a digit by the confidence of their reading: how many, how many read wrong, how many the
     confidences expect."""
     confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
-    rows = []
-    for lo, hi in itertools.pairwise(BANDS):
-        band = read_as_digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
-        rows.append({"band": [lo, hi], "boxes": int(band.sum()), "wrong": int((~right[band]).sum()),
-                     "expected_wrong": round(float((1.0 - confidence[band]).sum()), 2)})
-    return rows
+    return [{"band": [lo, hi], "boxes": int(band.sum()), "wrong": int((~right[band]).sum()),
+             "expected_wrong": round(float((1.0 - confidence[band]).sum()), 2)}
+            for lo, hi, band in in_bands(probs, digit)]
 
 
 def main() -> int:

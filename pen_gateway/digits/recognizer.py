@@ -31,7 +31,7 @@ import numpy as np
 
 from . import preprocess
 from .preprocess import Crop
-from .reliability import RELIABILITY_PATH, load_reliability
+from .reliability import RELIABILITY_PATH, load_reliability, read_as_digit
 from .skeleton import traced_strokes
 from .trajectory import MODEL_PATH as STROKE_MODEL_PATH
 from .trajectory import TRACED_MODEL_PATH, TrajectoryModel, combine
@@ -178,8 +178,7 @@ class DigitRecognizer:
         """
         probs, rule_empty = self.beliefs(cells, crop=crop, strokes=strokes)
         if self._reliability is not None:
-            read_as_digit = ~rule_empty & (probs.argmax(axis=1) != self._model.empty_class)
-            probs = self._reliability.apply(probs, crop, read_as_digit)
+            probs = self._reliability.apply(probs, crop, read_as_digit(probs, rule_empty))
         return readings(probs, rule_empty)
 
 

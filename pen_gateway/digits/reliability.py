@@ -23,6 +23,11 @@ import numpy as np
 RELIABILITY_PATH = Path(__file__).resolve().with_name("reliability.json")
 
 
+def read_as_digit(probs: np.ndarray, rule_empty: np.ndarray) -> np.ndarray:
+    """The rows (N, K; the last class is "empty") read as a digit: the boxes the map applies to."""
+    return ~rule_empty & (probs.argmax(axis=1) != probs.shape[1] - 1)
+
+
 def odds_against(probs: np.ndarray) -> np.ndarray:
     """Log-odds against each row's most probable class: log((1 - p_max) / p_max)."""
     top = probs.max(axis=1)
