@@ -161,6 +161,22 @@ def test_drawn_digit_is_not_empty(recognizer: DigitRecognizer) -> None:
     assert probs == sorted(probs, reverse=True)
 
 
+def test_empty_cells_are_read_once_and_every_row_is_its_own_cell(recognizer: DigitRecognizer) -> None:
+    # beliefs() sends the written cells and a single blank input through the networks, then spreads
+    # the blank's probabilities over every rule-empty cell: each row must still be that cell's own.
+    empties = _empty_cells()[:4]
+    seven, one = [(22, 25), (58, 25), (36, 85)], [(40, 15), (40, 90)]
+    five = [(55, 30), (25, 30), (25, 55), (55, 55), (55, 90), (25, 90)]
+    written = [render_strokes([s], (80, 105), 6.0, smooth=False) for s in (seven, one, five)]
+    cells = [empties[0], written[0], empties[1], empties[2], written[1], written[2], empties[3]]
+    probs, rule_empty = recognizer.beliefs(cells)
+    assert rule_empty.tolist() == [True, False, True, True, False, False, True]
+    for cell, row in zip(cells, probs, strict=True):
+        alone = recognizer.probabilities(preprocess.prepare(cell).image[None, None])[0]
+        np.testing.assert_allclose(row, alone, rtol=0, atol=1e-6)
+    assert len({tuple(row) for row in probs[~rule_empty]}) == 3  # three different digits, three rows
+
+
 def test_preprocessing_is_deterministic() -> None:
     rng = np.random.default_rng(3)
     cell = synth.finish(

@@ -144,13 +144,18 @@ class DigitRecognizer:
         if len(cells) == 0:
             return np.zeros((0, self._model.empty_class + 1)), np.zeros(0, dtype=bool)
         inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)
-        probs = self.probabilities(inputs)
+        written = np.flatnonzero(~rule_empty)
+        # Every cell the rules found empty is the same blank input (half a form's boxes): the
+        # networks read it once, after the written cells, and it stands for all of them.
+        unique = np.concatenate([inputs[written], np.zeros_like(inputs[:1])])
+        seen = self.probabilities(unique)
+        probs = np.repeat(seen[-1:], len(cells), axis=0)
+        probs[written] = seen[:-1]
         empty = self._model.empty_class
         stroke_model = STROKE_MODEL_PATH
         if strokes is None and crop == "inset":
             # A scan's box: strokes traced from the picture, for the network trained on such strokes.
             strokes = [[] for _ in cells]
-            written = np.flatnonzero(~rule_empty)
             for i, traced in zip(written, traced_strokes(inputs[written, 0]), strict=True):
                 strokes[i] = traced
             stroke_model = TRACED_MODEL_PATH
