@@ -175,6 +175,10 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
     image = _open_image(data, content_type)
     dpi = image.info.get("dpi")
     try:
+        if content_type == JPEG:
+            # A colour JPEG decoded straight to its luma: what convert("L") would compute (within
+            # rounding), without building the RGB page first.
+            image.draft("L", image.size)
         image.load()
         image = ImageOps.exif_transpose(image) or image  # a phone photo's orientation tag
         gray = _to_gray(image)

@@ -154,6 +154,20 @@ def test_the_negative_test_is_exactly_the_median_of_the_page(seed: int) -> None:
     assert _median_is_dark(np.array([[0, 0, 255, 255]], dtype=np.uint8))  # (0 + 255) / 2 = 127.5
 
 
+def test_a_colour_jpeg_is_read_as_its_luma() -> None:
+    rng = np.random.default_rng(5)
+    rgb = Image.fromarray(rng.integers(0, 256, (60, 80, 3)).astype(np.uint8), "RGB")
+    rgb = rgb.resize((320, 240), Image.Resampling.BICUBIC)  # smooth enough for JPEG to keep it
+    data = _image_bytes(rgb, "JPEG", quality=95)
+    page = decode_upload(data, JPEG)
+    assert page.image is not None and page.image.shape == (240, 320)
+    luma = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.int16)
+    # The same luma as through RGB, but for a few saturated pixels the RGB page clipped.
+    off = np.abs(page.image.astype(np.int16) - luma)
+    assert (off > 1).mean() < 1e-2 and off.max() <= 8
+    assert page.image.std() > 10  # a page of colours, not a flat grey
+
+
 def test_jpeg_and_tiff_including_16_bit() -> None:
     gray = Image.new("L", (64, 48), 240)
     gray.putpixel((1, 1), 0)
