@@ -26,7 +26,6 @@ confidence of their reading, [read wrong, expected wrong (the sum of 1 - confide
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -44,26 +43,19 @@ import numpy as np  # noqa: E402
 
 from forms import load_election  # noqa: E402
 from pen_gateway.decode import decode_upload  # noqa: E402
-from pen_gateway.digits.fit_reliability import BANDS  # noqa: E402
+from pen_gateway.digits.fit_reliability import bands  # noqa: E402
 from pen_gateway.recognition.assess import UploadFacts, assess  # noqa: E402
 from pen_gateway.recognition.job import write_artefacts  # noqa: E402
 from pen_gateway.recognition.pipeline import read_page  # noqa: E402
 from registry import load_registry  # noqa: E402
 from registry.demo import generate  # noqa: E402
 from tests.form_fill import (  # noqa: E402
-    Distortion,
     break_one_digit,
     consistent_counts,
-    distort,
-    encode_image,
+    filled_upload,
     handwriting_available,
-    inkml_document,
     load_handwriting,
-    pen_strokes,
-    scan_page,
 )
-
-BAND_NAMES = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BANDS)]  # the reliability map's, as it was fitted
 
 
 @dataclass
@@ -86,15 +78,9 @@ class Tally:
     seconds_cpu: float = 0.0
     reasons: Counter[str] = field(default_factory=Counter)
     confusions: Counter[str] = field(default_factory=Counter)
-    # Written boxes read as a digit, by the confidence of their reading: [read wrong, expected wrong, boxes].
-    bands: dict[str, list[float]] = field(default_factory=lambda: {band: [0, 0.0, 0] for band in BAND_NAMES})
-
-    def count_band(self, want: int, have: int, confidence: float) -> None:
-        k = min(int(np.searchsorted(BANDS, confidence, side="right")) - 1, len(BAND_NAMES) - 1)
-        band = self.bands[BAND_NAMES[k]]
-        band[0] += have != want
-        band[1] += 1.0 - confidence
-        band[2] += 1
+    # Written boxes read as a digit: the confidence of their reading, and whether it is right.
+    confidences: list[float] = field(default_factory=list)
+    rights: list[bool] = field(default_factory=list)
 
     def report(self) -> dict[str, object]:
         def pct(a: int, b: int) -> float | None:
@@ -126,8 +112,10 @@ class Tally:
             "forms_per_second_per_core": round(self.forms / self.seconds_cpu, 2) if self.seconds_cpu else None,
             "review_reasons": dict(self.reasons.most_common()),
             "top_confusions": dict(self.confusions.most_common(8)),
+            # By the reliability map's bands (its fit's figures): [read wrong, expected wrong, boxes].
             "reliability_wrong_expected_boxes": {
-                b: [int(w), round(e, 2), int(n)] for b, (w, e, n) in self.bands.items()
+                f"{b['band'][0]}-{b['band'][1]}": [b["wrong"], b["expected_wrong"], b["boxes"]]
+                for b in bands(np.array(self.confidences), np.array(self.rights, dtype=bool))
             },
         }
 
@@ -149,16 +137,9 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
         else:
             written_counts = truth
         align = "left" if rng.random() < 0.2 else "right"
-        if mode == "inkml":
-            strokes, written = pen_strokes(election, written_counts, hw, rng, align=align)
-            data, content_type = inkml_document(strokes), "application/inkml+xml"
-            facts = UploadFacts(f"bench{i}", "bench-station", None, bureau.code)
-        else:
-            page, written = scan_page(election, bureau.code, written_counts, hw, rng,
-                                      source="pen" if mode == "scan-pen" else "mnist", align=align)
-            scanned, _ = distort(page, Distortion.random(rng), rng)
-            data, content_type = encode_image(scanned, ".jpg", 92), "image/jpeg"
-            facts = UploadFacts(f"bench{i}", "bench-station", None, None)
+        data, content_type, written = filled_upload(mode, election, bureau.code, written_counts, hw, rng, align=align)
+        # A docking station names the bureau with an InkML upload; a scan's is read from the page.
+        facts = UploadFacts(f"bench{i}", "bench-station", None, bureau.code if mode == "inkml" else None)
         started = time.process_time()
         reading = read_page(decode_upload(data, content_type), recognizer, election_id)  # type: ignore[arg-type]
         outcome = assess(reading, facts, registry, election_id, threshold)
@@ -188,7 +169,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
                     if have != want:
                         tally.confusions[f"{want}→{'empty' if have is None else have}"] += 1
                     if have is not None:
-                        tally.count_band(want, have, confidence)
+                        tally.confidences.append(confidence)
+                        tally.rights.append(have == want)
         if restored_field is None:
             tally.consistent += 1
             tally.accepted_consistent += accepted

@@ -198,12 +198,9 @@ def _page(args: tuple[str, str, dict[str, int], bool, int]) -> tuple[bytes, str]
     election = load_election(election_id)
     rng = np.random.default_rng(seed)
     hw = ff.load_handwriting()
-    if scan:
-        page, _ = ff.scan_page(election, code, counts, hw, rng, source="pen" if seed % 2 else "mnist")
-        image, _ = ff.distort(page, ff.Distortion.random(rng), rng)
-        return ff.encode_image(image, ".jpg", 85), "image/jpeg"
-    strokes, _ = ff.pen_strokes(election, counts, hw, rng, align="right")
-    return ff.inkml_document(strokes), "application/inkml+xml"
+    mode = ("scan-pen" if seed % 2 else "scan-mnist") if scan else "inkml"
+    data, content_type, _ = ff.filled_upload(mode, election, code, counts, hw, rng, jpeg_quality=85)
+    return data, content_type
 
 
 def generate_pages(plan: NightPlan, bureaux: list[BureauPlan]) -> dict[str, tuple[bytes, str]]:

@@ -309,6 +309,23 @@ def encode_image(image: np.ndarray, fmt: str = ".png", quality: int = 90) -> byt
     return buf.tobytes()
 
 
+def filled_upload(
+    mode: str, election: Election, bureau: str, counts: Mapping[str, int | None], hw: Handwriting,
+    rng: np.random.Generator, *, align: str = "right", jpeg_quality: int = 92,
+) -> tuple[bytes, str, dict[str, list[int | None]]]:
+    """A form filled with `counts`, as a docking station uploads it: (bytes, content type, the digits
+    written in each field's boxes). `mode` "inkml": the pen's strokes; "scan-pen" / "scan-mnist": pen
+    ink or MNIST digits in the printed form, scanned (`Distortion.random`) and sent as a JPEG."""
+    if mode == "inkml":
+        strokes, written = pen_strokes(election, counts, hw, rng, align=align)
+        return inkml_document(strokes), "application/inkml+xml", written
+    if mode not in ("scan-pen", "scan-mnist"):
+        raise ValueError(f"unknown upload mode {mode!r}")
+    page, written = scan_page(election, bureau, counts, hw, rng, source=mode.removeprefix("scan-"), align=align)
+    scanned, _ = distort(page, Distortion.random(rng), rng)
+    return encode_image(scanned, ".jpg", jpeg_quality), "image/jpeg", written
+
+
 def page_mm_to_scan(matrix: np.ndarray) -> np.ndarray:
     """The true map from page millimetres to scan pixels, for checking an alignment."""
     to_px = np.diag([px_per_mm(DPI), px_per_mm(DPI), 1.0])

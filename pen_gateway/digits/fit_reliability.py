@@ -73,16 +73,7 @@ def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     from pen_gateway.recognition.pipeline import read_page
     from registry import load_registry
     from registry.demo import generate
-    from tests.form_fill import (
-        Distortion,
-        consistent_counts,
-        distort,
-        encode_image,
-        inkml_document,
-        load_handwriting,
-        pen_strokes,
-        scan_page,
-    )
+    from tests.form_fill import consistent_counts, filled_upload, load_handwriting
 
     cv2.setNumThreads(1)
     election = load_election(ELECTION)
@@ -96,14 +87,7 @@ def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     for i in range(forms):
         counts = consistent_counts(election, rng)
         align = "left" if rng.random() < 0.2 else "right"
-        if mode == "inkml":
-            strokes, written = pen_strokes(election, counts, hw, rng, align=align)
-            data, content_type = inkml_document(strokes), "application/inkml+xml"
-        else:
-            page, written = scan_page(election, codes[i % len(codes)], counts, hw, rng,
-                                      source="pen" if mode == "scan-pen" else "mnist", align=align)
-            scanned, _ = distort(page, Distortion.random(rng), rng)
-            data, content_type = encode_image(scanned, ".jpg", 92), "image/jpeg"
+        data, content_type, written = filled_upload(mode, election, codes[i % len(codes)], counts, hw, rng, align=align)
         before = len(recorder.probs)
         reading = read_page(decode_upload(data, content_type), recorder, ELECTION)
         if len(recorder.probs) == before:
@@ -119,19 +103,23 @@ def nll(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(truth)), truth], 1e-300))))
 
 
-def in_bands(probs: np.ndarray, digit: np.ndarray) -> Iterator[tuple[float, float, np.ndarray]]:
-    """(low, high, mask) of the rows read as a digit (`digit`) whose confidence is in each of `BANDS`."""
-    confidence = probs.max(axis=1)
+def in_bands(confidence: np.ndarray) -> Iterator[tuple[float, float, np.ndarray]]:
+    """(low, high, mask) of the boxes whose reading's `confidence` is in each of `BANDS`."""
     for lo, hi in itertools.pairwise(BANDS):
-        yield lo, hi, digit & (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+        yield lo, hi, (confidence >= lo) & ((confidence < hi) if hi < 1.0 else True)
+
+
+def read_right(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the confidence of each reading, whether it is right) of the boxes read as a digit (`digit`)."""
+    return probs[digit].max(axis=1), probs[digit].argmax(axis=1) == truth[digit]
 
 
 def fit_knots(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> Knots:
     """One knot per confidence band of the boxes read as a digit (`digit`; see the module's docstring)."""
-    confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
-    log_odds = odds_against(probs)
+    confidence, right = read_right(probs, digit, truth)
+    log_odds = odds_against(probs[digit])
     xs, ms = [], []
-    for _, _, band in in_bands(probs, digit):
+    for _, _, band in in_bands(confidence):
         if band.any():
             wrong, expected = float((~right[band]).sum()), float((1.0 - confidence[band]).sum())
             xs.append(float(log_odds[band].mean()))
@@ -144,13 +132,12 @@ def fit_knots(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> Knots:
     return Knots(tuple(float(v) for v in np.round(x, 4)), tuple(float(v) for v in np.round(np.exp(m), 4)))
 
 
-def bands(probs: np.ndarray, digit: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
-    """Boxes read as a digit by the confidence of their reading: how many, how many read wrong, how many the
-    confidences expect."""
-    confidence, right = probs.max(axis=1), probs.argmax(axis=1) == truth
+def bands(confidence: np.ndarray, right: np.ndarray) -> list[dict[str, object]]:
+    """Boxes read as a digit by the `confidence` of their reading: how many, how many read wrong (`right` false),
+    how many the confidences expect (also what bench/ocr_accuracy.py prints)."""
     return [{"band": [lo, hi], "boxes": int(band.sum()), "wrong": int((~right[band]).sum()),
              "expected_wrong": round(float((1.0 - confidence[band]).sum()), 2)}
-            for lo, hi, band in in_bands(probs, digit)]
+            for lo, hi, band in in_bands(confidence)]
 
 
 def main() -> int:
@@ -173,7 +160,8 @@ def main() -> int:
         figures[channel] = {
             "modes": list(channel_modes), "boxes": len(truth), "read_as_digit": int(digit.sum()),
             "nll": {"before": round(nll(probs, truth), 5), "after": round(nll(mapped, truth), 5)},
-            "bands before": bands(probs, digit, truth), "bands after": bands(mapped, digit, truth),
+            "bands before": bands(*read_right(probs, digit, truth)),
+            "bands after": bands(*read_right(mapped, digit, truth)),
         }
         print(f"{channel}: {channels[channel]}; NLL {nll(probs, truth):.5f} -> {nll(mapped, truth):.5f}")
     meta = {
