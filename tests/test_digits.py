@@ -249,10 +249,22 @@ def test_an_ink_cell_keeps_every_stroke_even_a_line_along_its_edge() -> None:
     cv2.line(cell, (0, 3), (79, 4), 0, 3)
     assert preprocess.prepare(cell, crop="inset").empty  # a scan's misaligned border
     assert not preprocess.prepare(cell, crop="ink").empty
-    # A 7 whose bar runs along the box's top from side to side: a scan's crop takes the bar for a border,
-    # pen ink keeps it.
+
+
+def test_a_line_along_the_edge_of_an_inset_crop_is_the_digits_when_it_joins_its_strokes() -> None:
+    # A 7 whose bar runs along the crop's top from side to side, a 2 whose base runs along its bottom
+    # (where a misaligned page's border would lie), a 1 whose foot does: each line is joined to the digit.
     seven = render_strokes([[(0, 3), (79, 3), (38, 95)]], (80, 105), 6.0, smooth=False)
-    assert preprocess.prepare(seven, crop="ink").ink_pixels > 1.5 * preprocess.prepare(seven, crop="inset").ink_pixels
+    two = render_strokes([[(8, 30), (40, 8), (72, 30), (2, 101), (79, 101)]], (80, 105), 6.0, smooth=False)
+    one = render_strokes([[(30, 20), (45, 5), (45, 101)], [(0, 101), (79, 101)]], (80, 105), 6.0, smooth=False)
+    for digit in (seven, two, one):
+        assert preprocess.prepare(digit, crop="inset").ink_pixels == preprocess.prepare(digit, crop="ink").ink_pixels
+    # The same line standing apart from the digit is the printed border: the 1 under it is read alone.
+    alone = render_strokes([[(30, 30), (45, 15), (45, 95)]], (80, 105), 6.0, smooth=False)
+    under_a_border = np.minimum(alone, render_strokes([[(0, 3), (79, 3)]], (80, 105), 6.0, smooth=False))
+    kept = preprocess.prepare(under_a_border, crop="inset")
+    assert kept.ink_pixels == preprocess.prepare(alone, crop="inset").ink_pixels
+    np.testing.assert_allclose(kept.image, preprocess.prepare(alone, crop="inset").image)
 
 
 def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:

@@ -140,15 +140,39 @@ def _border_lines(mask: np.ndarray, crop: Crop) -> np.ndarray:
     return lines
 
 
+def _apart(lines: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The border lines (``_border_lines``) that stand apart from the rest of the ink.
+
+    An inset crop holds a printed border only when the page is aligned badly, and then the line
+    runs on its own along an edge. The base of a 2, the bar of a 7 or the foot of a 1 written
+    along the crop's edge are joined to the rest of the digit, so they stay. (A digit written
+    touching a border that a misaligned page brought in keeps the border too: the form's sums
+    catch what that misreads.)
+    """
+    n, labels = cv2.connectedComponents(lines, connectivity=8)
+    if n <= 1:
+        return lines
+    strokes, stroke_labels = cv2.connectedComponents(mask, connectivity=8)
+    # How much of each stroke lies outside every line: a line reached by a stroke that holds a
+    # speck's worth of ink beyond it belongs to the digit.
+    beyond = np.bincount(stroke_labels[(mask > 0) & (lines == 0)], minlength=strokes)
+    joined = np.zeros(n, dtype=bool)
+    for line in range(1, n):
+        reaching = np.unique(stroke_labels[(labels == line) & (mask > 0)])
+        joined[line] = bool(np.any(beyond[reaching[reaching > 0]] >= MIN_COMPONENT_AREA))
+    return np.where(joined[labels], 0, lines).astype(np.uint8)
+
+
 def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
     """Turn one cell into a network input and decide whether it is empty.
 
     ``crop`` says what may be printed in the cell (see ``Crop``). In an ``"inset"`` crop, ink
     touching an edge is the digit running past the crop and is kept whole, not mistaken for a
     border remnant (that rule cut the bar off many 2s and 7s written close to the box's edge);
-    only a straight line spanning the whole crop and hugging an edge (``EDGE_HUG``) is still
-    taken for a border (a page aligned badly): further in, a line from side to side is the base
-    of a 2 or the bar of a 7 written as wide as the crop. An ``"ink"`` cell keeps every stroke.
+    only a straight line spanning the whole crop, hugging an edge (``EDGE_HUG``) and joined to
+    no other ink (``_apart``) is still taken for a border (a page aligned badly): further in, a
+    line from side to side is the base of a 2 or the bar of a 7 written as wide as the crop, and
+    along the edge, joined to the digit, it is too. An ``"ink"`` cell keeps every stroke.
     """
     gray = _rescale(_to_gray(cell)).astype(np.float32)
     h, w = gray.shape
@@ -163,7 +187,10 @@ def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
     # than pen ink and would otherwise survive as broken dashes.
     faint = (darkness > max(0.2 * contrast, MIN_INK_DELTA)).astype(np.uint8)
     if crop != "ink":
-        mask &= 1 - _border_lines(faint, crop)
+        lines = _border_lines(faint, crop)
+        if crop == "inset":
+            lines = _apart(lines, mask)
+        mask &= 1 - lines
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     band_h, band_w = EDGE_BAND * h, EDGE_BAND * w
     keep = np.zeros(n, dtype=bool)
