@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = args.out_dir / "traced.onnx"
         old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
         # The command that trained it stays on record beside the one that refits it.
-        calibrate(onnx_path, {"command": old["command"], **old["training"]}, old["data_sha256"], argv)
+        calibrate(onnx_path, calibration_crops(), {"command": old["command"], **old["training"]}, old["data_sha256"],
+                  argv)
         return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(y)} traced training digits ({len(x_u8) - len(y)} without a stroke left out) "
           f"in {time.time() - started:.0f} s", flush=True)
 
-    _, cal_x, cal_y, _ = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
+    crops = calibration_crops()
+    _, cal_x, cal_y, _ = crops
     model = fit(x, y, args.width, args.epochs, args.seed, (cal_x, cal_y, "calibration crops"))
 
     onnx_path = out_dir / "traced.onnx"
@@ -126,20 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     hashes = data.data_hashes() | (
         {args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}
     )
-    calibrate(onnx_path, training, hashes, argv)
+    calibrate(onnx_path, crops, training, hashes, argv)
     return 0
 
 
-def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, str], argv: list[str] | None) -> None:
-    """Fit the traced model's weight against the picture model on the calibration crops, measure both on the
-    held-out crops, and write ``traced.json`` beside ``onnx_path``."""
+def calibration_crops() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``scan_crops`` of the calibration writers' inset crops: what the weight is fitted on."""
+    return scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
+
+
+def calibrate(
+    onnx_path: Path,
+    crops: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]],
+    training: dict[str, object],
+    hashes: dict[str, str],
+    argv: list[str] | None,
+) -> None:
+    """Fit the traced model's weight against the picture model on the calibration crops (``calibration_crops``),
+    measure both on the held-out crops, and write ``traced.json`` beside ``onnx_path``."""
     net = cv2.dnn.readNetFromONNX(str(onnx_path))
 
     def logits(x: np.ndarray) -> np.ndarray:
         net.setInput(x)
         return np.array(net.forward(), dtype=np.float64).reshape(len(x), -1)
 
-    cal_img, cal_x, cal_y, cal_ids = scan_crops(evaluation.calibration_sets(conditions=[synth.CROP], n_empty=0))
+    cal_img, cal_x, cal_y, cal_ids = crops
     cal_logits = logits(cal_x)
     trusted = np.array([i not in evaluation.KNOWN_LABEL_ERRORS for i in cal_ids])
 
