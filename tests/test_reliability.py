@@ -92,9 +92,11 @@ def test_the_shipped_map_names_both_channels_and_was_fitted_on_the_calibration_w
     rmap = load_reliability(RELIABILITY_PATH)
     assert set(rmap.channels) == {"ink", "inset"}
     assert "calibration writers (pendigits 21-24, MNIST 3500-3999)" in meta["rule"]
-    # What the benchmark found on scans, and the calibration writers' forms bear out: boxes read at 0.9-0.97
-    # are wrong more often than they say.
-    assert rmap.channels["inset"].at(np.array([np.log(0.07 / 0.93)]))[0] > 1.5
+    # What the calibration writers' forms bear out on both channels: boxes read at 0.7-0.9 are wrong more often
+    # than they say (on scans 1.6 times, on InkML 2.7 times, in the fit's figures).
+    at_080 = np.array([np.log(0.2 / 0.8)])
+    assert rmap.channels["inset"].at(at_080)[0] > 1.3
+    assert rmap.channels["ink"].at(at_080)[0] > 1.5
 
 
 def test_the_recognizer_reads_the_same_digits_with_the_map_and_is_never_surer(tmp_path: Path) -> None:

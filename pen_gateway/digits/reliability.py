@@ -2,11 +2,12 @@
 
 The digit models are calibrated on single crops. A box cut from a whole form is not such a crop
 (a scan is rotated, rescaled, blurred and JPEG-compressed before its boxes are cut), and on forms
-of writers the models never trained on, boxes read at 0.7-0.99 are wrong more often than their
-confidences say. ``reliability.json`` holds, per crop kind (``"ink"`` for InkML, ``"inset"`` for
-scans), how much to multiply the odds against a box's reading, as a function of those odds:
-knots (log-odds against the reading, multiplier), interpolated linearly in log-odds and log
-multiplier, held constant past the end knots. Every multiplier is at least 1 (the map never makes
+of writers the models never trained on, boxes read in some bands of confidence are wrong more
+often than their confidences say (the bands and figures are in ``reliability.json``).
+``reliability.json`` holds, per crop kind (``"ink"`` for InkML, ``"inset"`` for scans), how much
+to multiply the odds against a box's reading, as a function of those odds: knots (log-odds
+against the reading, multiplier), interpolated linearly in log-odds and log multiplier, held
+constant past the end knots. Every multiplier is at least 1 (the map never makes
 a reading surer than the models said), and the map keeps the order of a box's confidences (what is
 read, and the order of the alternatives, do not change). Boxes read as empty are left as they are.
 """

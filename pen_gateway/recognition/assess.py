@@ -108,9 +108,9 @@ FIELD_BAR = 0.9999
 # one we read: slips on 10 % of forms (bench/ocr_accuracy.py writes that many), in one of ~12
 # candidate digits, 9 wrong values each, about 1e-3. It weighs the recognizer's confidences as they
 # come out of its reliability map (pen_gateway/digits/reliability.py): the models' own, fitted on
-# single crops, understate how often a scanned box read at 0.7-0.99 is wrong, and taken at their
-# word with a prior of 2e-4, a president's 7 written for a 1 and read as the 1 at 0.93 made the
-# sums hold and was accepted (BENCHMARKS.md, tenth session).
+# single crops, can understate how often a box cut from a form is wrong. Taken at their word with a
+# prior of 2e-4, when they understated it on scans from 0.7 to 0.99, a president's 7 written for a
+# 1 and read as the 1 at 0.93 made the sums hold and was accepted (BENCHMARKS.md, tenth session).
 SLIP_PRIOR = 1e-3
 NEGLIGIBLE = 1e-9  # an alternative reading less likely than this, relative to the one read, weighs nothing
 
