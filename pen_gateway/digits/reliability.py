@@ -7,9 +7,9 @@ often than their confidences say (the bands and figures are in ``reliability.jso
 ``reliability.json`` holds, per crop kind (``"ink"`` for InkML, ``"inset"`` for scans), how much
 to multiply the odds against a box's reading, as a function of those odds: knots (log-odds
 against the reading, multiplier), interpolated linearly in log-odds and log multiplier, held
-constant past the end knots. Every multiplier is at least 1 (the map never makes
-a reading surer than the models said), and the map keeps the order of a box's confidences (what is
-read, and the order of the alternatives, do not change). Boxes read as empty are left as they are.
+constant past the end knots. Every multiplier is at least 1 (the map never makes a reading surer
+than the models said), and the map keeps the order of a box's confidences (what is read, and the
+order of the alternatives, do not change). Boxes read as empty are left as they are.
 """
 
 from __future__ import annotations
