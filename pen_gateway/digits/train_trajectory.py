@@ -21,6 +21,8 @@ training is deterministic: the same ONNX file, byte for byte)::
         --out-dir pen_gateway/digits
 
 (the venv as ``train.py`` says). ``--quick`` trains a tiny model into a temporary folder.
+When the picture model changes (its members or its temperature), ``--refit --out-dir pen_gateway/digits``
+trains nothing: it fits the shipped model's weight again and measures it again, in a minute or two.
 """
 
 from __future__ import annotations
@@ -218,7 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", type=Path)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--refit", action="store_true",
+                    help="train nothing: refit the weight of the trajectory.onnx in --out-dir against today's "
+                    "picture model, keeping its training record")
     args = ap.parse_args(argv)
+    if args.refit:
+        if args.out_dir is None:
+            ap.error("--refit needs --out-dir, the folder of the trajectory.onnx to refit")
+        onnx_path = args.out_dir / "trajectory.onnx"
+        old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
+        # The command that trained it stays on record beside the one that refits it.
+        calibrate(onnx_path, {"command": old["command"], **old["training"]}, old["data_sha256"], argv)
+        return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -227,13 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pen = data.load_pendigits()
-    train = data.training_pendigits(pen)
-    cal = data.calibration_pendigits(pen)
-    _, val = data.split_pendigits(pen)
     started = time.time()
-    x, y = training_set(train, args.variants, args.reverse, args.seed)
+    x, y = training_set(data.training_pendigits(pen), args.variants, args.reverse, args.seed)
     print(f"{len(y)} training sequences in {time.time() - started:.0f} s", flush=True)
 
+    cal = data.calibration_pendigits(pen)
     cal_x, cal_y = model_input([s.strokes for s in cal]), np.array([s.label for s in cal])
     model = fit(x, y, args.width, args.epochs, args.seed, (cal_x, cal_y, "calibration writers"))
 
@@ -244,13 +255,29 @@ def main(argv: list[str] | None = None) -> int:
     drift = float(np.abs(np.array(net.forward()).reshape(len(cal_x), -1) - predict(model, cal_x)).max())
     print(f"cv2.dnn vs torch on the calibration writers: max |logit difference| {drift:.2e}")
 
+    training = {"epochs": args.epochs, "variants": args.variants, "reverse": args.reverse, "width": args.width,
+                "seed": args.seed, "writers": "pendigits 1-20", "seconds": round(time.time() - started)}
+    calibrate(onnx_path, training, data.data_hashes(), argv)
+    return 0
+
+
+def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, str], argv: list[str] | None) -> None:
+    """Fit the stroke model's weight against the picture model on the calibration writers' digits, measure
+    both on the held-out writers', and write ``trajectory.json`` beside ``onnx_path``."""
+    net = cv2.dnn.readNetFromONNX(str(onnx_path))
+    pen = data.load_pendigits()
+    _, val = data.split_pendigits(pen)
+
     # The weight: the log-likelihood of the calibration digits' labels (and their variants) under the combined beliefs.
     def measured(samples: list[data.PenSample], k: int, salt: str) -> Measured:
         strokes, labels, ids = variants(samples, k, salt)
-        logits = predict(model, model_input(strokes)).astype(np.float64)
+        x = model_input(strokes)
+        net.setInput(x)
+        logits = np.array(net.forward(), dtype=np.float64).reshape(len(x), -1)
         return image_probabilities(strokes, salt), logits, labels, ids
 
-    cal_img, cal_traj, cal_labels, cal_ids = measured(cal, CALIBRATION_VARIANTS, "calibration")
+    cal_img, cal_traj, cal_labels, cal_ids = measured(data.calibration_pendigits(pen), CALIBRATION_VARIANTS,
+                                                      "calibration")
     trusted = np.array([i.split(" variant")[0] not in evaluation.KNOWN_LABEL_ERRORS for i in cal_ids])
 
     def nll(w: float) -> float:
@@ -279,13 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         f"each digit as written and in {CALIBRATION_VARIANTS} more ways; candidates {WEIGHTS[0]}-{WEIGHTS[-1]} by "
         f"{WEIGHTS[1]}), known label errors left out",
         "figures (digits drawn as clean pen ink, boxes accepted alone)": report,
-        "training": {"epochs": args.epochs, "variants": args.variants, "reverse": args.reverse, "width": args.width,
-                     "seed": args.seed, "writers": "pendigits 1-20", "seconds": round(time.time() - started)},
-        "data_sha256": data.data_hashes(),
+        "training": training,
+        "data_sha256": hashes,
     }
     save_meta(onnx_path, meta, report, "train_trajectory", argv)
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
