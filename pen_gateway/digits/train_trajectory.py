@@ -311,5 +311,6 @@ def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, st
     }
     save_meta(onnx_path, meta, report, "train_trajectory", argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())
