@@ -31,7 +31,6 @@ nothing: it fits the shipped model's weight again and measures it again, in a mi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch
 from . import data, evaluation, preprocess, synth, train
 from .recognizer import DigitRecognizer
 from .skeleton import traced_strokes
-from .train_trajectory import WEIGHTS, compared, export_onnx, figures, fit, predict, save_meta
+from .train_trajectory import WEIGHTS, compared, export_onnx, figures, fit, predict, save_meta, shipped_record
 from .trajectory import CHANNELS, POINTS, combine, model_input
 
 SEED = 20290
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out_dir is None:
             ap.error("--refit needs --out-dir, the folder of the traced.onnx to refit")
         onnx_path = args.out_dir / "traced.onnx"
-        old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
-        # The command that trained it stays on record beside the one that refits it.
-        calibrate(onnx_path, calibration_crops(), {"command": old["command"], **old["training"]}, old["data_sha256"],
-                  argv)
+        calibrate(onnx_path, calibration_crops(), *shipped_record(onnx_path), argv)
         return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -146,11 +142,9 @@ def calibrate(
 ) -> None:
     """Fit the traced model's weight against the picture model on the calibration crops (``calibration_crops``),
     measure both on the held-out crops, and write ``traced.json`` beside ``onnx_path``."""
-    net = cv2.dnn.readNetFromONNX(str(onnx_path))
 
     def logits(x: np.ndarray) -> np.ndarray:
-        net.setInput(x)
-        return np.array(net.forward(), dtype=np.float64).reshape(len(x), -1)
+        return train.cv2_logits(onnx_path, x).astype(np.float64)
 
     cal_img, cal_x, cal_y, cal_ids = crops
     cal_logits = logits(cal_x)

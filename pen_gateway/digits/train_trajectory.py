@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, evaluation, preprocess, synth
+from . import data, evaluation, preprocess, synth, train
 from .recognizer import DigitRecognizer
 from .strokes import smooth_stroke
 from .trajectory import CHANNELS, POINTS, combine, model_input
@@ -197,6 +197,13 @@ def compared(
     }
 
 
+def shipped_record(onnx_path: Path) -> tuple[dict[str, object], dict[str, str]]:
+    """(training record, data hashes) of a shipped stroke model, for a refit of its weight: the command
+    that trained it stays on record beside the one that refits it."""
+    old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
+    return {"command": old["command"], **old["training"]}, old["data_sha256"]
+
+
 def save_meta(
     onnx_path: Path, meta: dict[str, object], report: dict[str, object], trainer: str, argv: list[str] | None
 ) -> None:
@@ -228,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out_dir is None:
             ap.error("--refit needs --out-dir, the folder of the trajectory.onnx to refit")
         onnx_path = args.out_dir / "trajectory.onnx"
-        old = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
-        # The command that trained it stays on record beside the one that refits it.
-        calibrate(onnx_path, {"command": old["command"], **old["training"]}, old["data_sha256"], argv)
+        calibrate(onnx_path, *shipped_record(onnx_path), argv)
         return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -264,16 +269,13 @@ def main(argv: list[str] | None = None) -> int:
 def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, str], argv: list[str] | None) -> None:
     """Fit the stroke model's weight against the picture model on the calibration writers' digits, measure
     both on the held-out writers', and write ``trajectory.json`` beside ``onnx_path``."""
-    net = cv2.dnn.readNetFromONNX(str(onnx_path))
     pen = data.load_pendigits()
     _, val = data.split_pendigits(pen)
 
     # The weight: the log-likelihood of the calibration digits' labels (and their variants) under the combined beliefs.
     def measured(samples: list[data.PenSample], k: int, salt: str) -> Measured:
         strokes, labels, ids = variants(samples, k, salt)
-        x = model_input(strokes)
-        net.setInput(x)
-        logits = np.array(net.forward(), dtype=np.float64).reshape(len(x), -1)
+        logits = train.cv2_logits(onnx_path, model_input(strokes)).astype(np.float64)
         return image_probabilities(strokes, salt), logits, labels, ids
 
     cal_img, cal_traj, cal_labels, cal_ids = measured(data.calibration_pendigits(pen), CALIBRATION_VARIANTS,
