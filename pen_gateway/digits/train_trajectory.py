@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out_dir is None:
             ap.error("--refit needs --out-dir, the folder of the trajectory.onnx to refit")
         onnx_path = args.out_dir / "trajectory.onnx"
-        calibrate(onnx_path, *shipped_record(onnx_path), argv)
+        calibrate(onnx_path, data.load_pendigits(), *shipped_record(onnx_path), argv)
         return 0
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -262,14 +262,20 @@ def main(argv: list[str] | None = None) -> int:
 
     training = {"epochs": args.epochs, "variants": args.variants, "reverse": args.reverse, "width": args.width,
                 "seed": args.seed, "writers": "pendigits 1-20", "seconds": round(time.time() - started)}
-    calibrate(onnx_path, training, data.data_hashes(), argv)
+    calibrate(onnx_path, pen, training, data.data_hashes(), argv)
     return 0
 
 
-def calibrate(onnx_path: Path, training: dict[str, object], hashes: dict[str, str], argv: list[str] | None) -> None:
-    """Fit the stroke model's weight against the picture model on the calibration writers' digits, measure
-    both on the held-out writers', and write ``trajectory.json`` beside ``onnx_path``."""
-    pen = data.load_pendigits()
+def calibrate(
+    onnx_path: Path,
+    pen: list[data.PenSample],
+    training: dict[str, object],
+    hashes: dict[str, str],
+    argv: list[str] | None,
+) -> None:
+    """Fit the stroke model's weight against the picture model on the calibration writers' digits of `pen`
+    (``data.load_pendigits``), measure both on the held-out writers', and write ``trajectory.json`` beside
+    ``onnx_path``."""
     _, val = data.split_pendigits(pen)
 
     # The weight: the log-likelihood of the calibration digits' labels (and their variants) under the combined beliefs.
