@@ -18,7 +18,9 @@ share of consistent forms (with its 95 % interval), wrong values accepted withou
 be 0), suggestions that restore the true figure on the deliberately wrong forms, forms per
 second on one core, and the reliability of the confidences: written boxes read as a digit, by the
 confidence of their reading, [read wrong, expected wrong (the sum of 1 - confidence), boxes]
-(`--without-reliability-map`: the models' own confidences, before the recognizer's map).
+(`--without-reliability-map`: the models' own confidences, before the recognizer's map); and what
+holds the forms read entirely right: the held-out samples in the least sure box of their unsure
+fields, by the number of such forms each held (with the lowest and highest confidence it was read at).
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +46,9 @@ import numpy as np  # noqa: E402
 from forms import load_election  # noqa: E402
 from pen_gateway.decode import decode_upload  # noqa: E402
 from pen_gateway.digits.fit_reliability import bands  # noqa: E402
-from pen_gateway.recognition.assess import UploadFacts, assess  # noqa: E402
+from pen_gateway.recognition.assess import Assessment, UploadFacts, assess  # noqa: E402
 from pen_gateway.recognition.job import write_artefacts  # noqa: E402
-from pen_gateway.recognition.pipeline import read_page  # noqa: E402
+from pen_gateway.recognition.pipeline import PageReading, read_page  # noqa: E402
 from registry import load_registry  # noqa: E402
 from registry.demo import generate  # noqa: E402
 from tests.form_fill import (  # noqa: E402
@@ -81,6 +83,9 @@ class Tally:
     # Written boxes read as a digit: the confidence of their reading, and whether it is right.
     confidences: list[float] = field(default_factory=list)
     rights: list[bool] = field(default_factory=list)
+    # Consistent forms read entirely right yet held: per held-out sample, the confidence of its box
+    # each time it was the least sure box of a field held as unsure.
+    held_by: dict[str, list[float]] = field(default_factory=dict)
 
     def report(self) -> dict[str, object]:
         def pct(a: int, b: int) -> float | None:
@@ -112,6 +117,11 @@ class Tally:
             "forms_per_second_per_core": round(self.forms / self.seconds_cpu, 2) if self.seconds_cpu else None,
             "review_reasons": dict(self.reasons.most_common()),
             "top_confusions": dict(self.confusions.most_common(8)),
+            # What holds the forms read right: [right forms held, lowest and highest confidence of its box].
+            "right_forms_held_by": {
+                sample: [len(c), round(min(c), 3), round(max(c), 3)]
+                for sample, c in sorted(self.held_by.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:12]
+            },
             # By the reliability map's bands (its fit's figures): [read wrong, expected wrong, boxes].
             "reliability_wrong_expected_boxes": {
                 f"{b['band'][0]}-{b['band'][1]}": [b["wrong"], b["expected_wrong"], b["boxes"]]
@@ -128,6 +138,7 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
     hw = load_handwriting()
     rng = np.random.default_rng(seed)
     tally = Tally()
+    fields = [f.id for f in election.fields]
     for i in range(n):
         bureau = bureaux[i % len(bureaux)]
         truth = consistent_counts(election, rng, inscrits=bureau.inscrits)
@@ -137,7 +148,10 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
         else:
             written_counts = truth
         align = "left" if rng.random() < 0.2 else "right"
-        data, content_type, written = filled_upload(mode, election, bureau.code, written_counts, hw, rng, align=align)
+        drawn: list[str] = []
+        data, content_type, written = filled_upload(
+            mode, election, bureau.code, written_counts, replace(hw, drawn=drawn), rng, align=align
+        )
         # A docking station names the bureau with an InkML upload; a scan's is read from the page.
         facts = UploadFacts(f"bench{i}", "bench-station", None, bureau.code if mode == "inkml" else None)
         started = time.process_time()
@@ -176,6 +190,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             tally.accepted_consistent += accepted
             tally.read_right_consistent += values_right
             tally.accepted_read_right += accepted and values_right
+            if values_right and not accepted:
+                note_held(tally, reading, outcome, samples_by_box(written, drawn, fields))
         else:
             tally.erroneous += 1
             tally.accepted_erroneous += accepted
@@ -186,6 +202,27 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
         if not accepted:
             tally.reasons.update({str(f.code) for f in outcome.findings})
     return tally
+
+
+def samples_by_box(
+    written: dict[str, list[int | None]], drawn: list[str], fields: list[str]
+) -> dict[str, list[str | None]]:
+    """Each box's held-out sample (None: left empty), from the samples named in writing order."""
+    names = iter(drawn)
+    return {fid: [None if d is None else next(names) for d in written[fid]] for fid in fields}
+
+
+def note_held(tally: Tally, reading: PageReading, outcome: Assessment, samples: dict[str, list[str | None]]) -> None:
+    """A form read right but held: the sample in the least sure box of each field held as unsure."""
+    for finding in outcome.findings:
+        fr = reading.fields.get(finding.field) if finding.field else None
+        if fr is None or "least_sure_box" not in (finding.details or {}):
+            continue
+        named = samples[fr.field_id]
+        boxes = [(d.confidence, d.digit, named[i]) for i, d in enumerate(fr.digits) if d.digit is not None]
+        confidence, digit, sample = min(boxes, key=lambda b: b[0])
+        if sample is not None:
+            tally.held_by.setdefault(f"{sample} ({digit})", []).append(float(confidence))
 
 
 def tesseract_second_opinion(recognizer: object, cells: int, seed: int) -> dict[str, object]:

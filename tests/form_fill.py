@@ -50,18 +50,27 @@ def handwriting_available() -> bool:
 
 @dataclass(frozen=True)
 class Handwriting:
-    """Held-out real digits by class: pen trajectories (tablet units, y down) and MNIST images (white on black)."""
+    """Held-out real digits by class: pen trajectories (tablet units, y down) and MNIST images (white on black),
+    each with its sample's name ("pendigits w27 s14", "mnist 4123"). With a `drawn` list
+    (`dataclasses.replace(hw, drawn=[])`), every digit written is named there, in writing order."""
 
     pen: Mapping[int, tuple[tuple[np.ndarray, ...], ...]]
     mnist: Mapping[int, tuple[np.ndarray, ...]]
+    pen_ids: Mapping[int, tuple[str, ...]]
+    mnist_ids: Mapping[int, tuple[str, ...]]
+    drawn: list[str] | None = None
 
     def pen_digit(self, digit: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-        samples = self.pen[digit]
-        return samples[int(rng.integers(len(samples)))]
+        k = int(rng.integers(len(self.pen[digit])))
+        if self.drawn is not None:
+            self.drawn.append(self.pen_ids[digit][k])
+        return self.pen[digit][k]
 
     def mnist_digit(self, digit: int, rng: np.random.Generator) -> np.ndarray:
-        samples = self.mnist[digit]
-        return samples[int(rng.integers(len(samples)))]
+        k = int(rng.integers(len(self.mnist[digit])))
+        if self.drawn is not None:
+            self.drawn.append(self.mnist_ids[digit][k])
+        return self.mnist[digit][k]
 
 
 @cache
@@ -74,13 +83,20 @@ def load_handwriting(writers: str = "held-out") -> Handwriting:
         "calibration": (PEN_CALIB_WRITERS, MNIST_CALIB_SLICE),
     }[writers]
     pen: dict[int, list[tuple[np.ndarray, ...]]] = {d: [] for d in range(10)}
+    pen_ids: dict[int, list[str]] = {d: [] for d in range(10)}
     for sample in load_pendigits(HANDWRITING_DIR):
         if sample.writer in pen_writers and sample.id not in KNOWN_LABEL_ERRORS:
             pen[sample.label].append(sample.strokes)
+            pen_ids[sample.label].append(sample.id)
     images, labels = load_mnist(HANDWRITING_DIR)
+    numbers = np.arange(len(labels))[mnist_slice]
     images, labels = images[mnist_slice], labels[mnist_slice]
-    mnist = {d: tuple(images[labels == d]) for d in range(10)}
-    return Handwriting({d: tuple(v) for d, v in pen.items()}, mnist)
+    return Handwriting(
+        {d: tuple(v) for d, v in pen.items()},
+        {d: tuple(images[labels == d]) for d in range(10)},
+        {d: tuple(v) for d, v in pen_ids.items()},
+        {d: tuple(f"mnist {n}" for n in numbers[labels == d]) for d in range(10)},
+    )
 
 
 # --- the figures ---

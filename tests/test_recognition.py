@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pytest
 
 from forms import Election
 from forms.layout import form_layout
@@ -26,7 +27,7 @@ from tests.filled_forms import (
     threshold,
     well_read_seed,
 )
-from tests.form_fill import consistent_counts
+from tests.form_fill import consistent_counts, filled_upload, load_handwriting
 from validation import Reason
 
 
@@ -179,6 +180,21 @@ def test_an_ink_page_is_read_from_its_strokes_as_well_as_from_its_picture(
                 assert not (confident and fr.value != counts[fid]), f"{how}: {fid} read {fr.value} with confidence"
                 sure[how] += sum(d.digit is not None and d.confidence >= 0.9999 for d in fr.digits)
     assert sure["both"] > sure["picture"], sure
+
+
+@needs_handwriting
+@pytest.mark.parametrize("mode", ["inkml", "scan-mnist"])
+def test_each_written_box_is_named_by_the_held_out_sample_written_in_it(election_t1: Election, mode: str) -> None:
+    # What bench/ocr_accuracy.py relies on to say which samples hold the forms read right.
+    hw = load_handwriting()
+    drawn: list[str] = []
+    counts = consistent_counts(election_t1, np.random.default_rng(9), inscrits=900)
+    _, _, written = filled_upload(mode, election_t1, "B", counts, replace(hw, drawn=drawn), np.random.default_rng(9))
+    digits = [d for f in election_t1.fields for d in written[f.id] if d is not None]
+    assert len(drawn) == len(digits) > 10
+    names = hw.pen_ids if mode == "inkml" else hw.mnist_ids
+    assert all(name in names[digit] for name, digit in zip(drawn, digits, strict=True))
+    assert hw.drawn is None  # the shared, cached handwriting names nothing
 
 
 @needs_handwriting
