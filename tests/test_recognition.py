@@ -12,9 +12,10 @@ from forms.layout import form_layout
 from pen_gateway.decode import DecodedPage, decode_upload
 from pen_gateway.digits.recognizer import readings
 from pen_gateway.digits.reliability import Knots, ReliabilityMap
-from pen_gateway.recognition.assess import UploadFacts, assess, checked_confidences, suggest_fixes
+from pen_gateway.recognition.assess import FIELD_BAR, UploadFacts, assess, checked_confidences, suggest_fixes
 from pen_gateway.recognition.cells import ink_boxes, ink_cells
 from pen_gateway.recognition.pipeline import PageReading, field_reading, read_cells, read_page
+from registry import Bureau as RegistryBureau
 from registry import Registry
 from tests.filled_forms import (
     ELECTION,
@@ -129,6 +130,39 @@ def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds
     coin = _reading(election_t1, values, {("aubry", 1): Box(1, 0.55, ((7, 0.44),))})
     findings = assess(coin, facts, None, ELECTION, 0.9999).findings
     assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"aubry"}
+
+
+def test_a_reading_no_one_writes_or_no_bureau_could_count_weighs_less(election_t1: Election) -> None:
+    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
+              "montebourg": 60, "royal": 30, "valls": 25}
+    # Aubry's 1 at 0.9: were it a 7 (720) the president slipped, and the sums say he probably did not, but
+    # 1 in 10 times 1 in 1,000 is over the bar. Were it a 0, he also wrote 120 as "020": that, nobody does.
+    maybe_seven = _reading(election_t1, values, {("aubry", 1): Box(1, 0.9, ((7, 0.095),))})
+    maybe_zero = _reading(election_t1, values, {("aubry", 1): Box(1, 0.9, ((0, 0.095),))})
+    assert checked_confidences(values, maybe_seven, election_t1)["aubry"] < FIELD_BAR
+    assert checked_confidences(values, maybe_zero, election_t1)["aubry"] >= FIELD_BAR
+    # Votants 472 and blancs_nuls 67 add up as well as 412 and 7 do: two misreads, no slip needed. Unless
+    # the bureau has fewer than 472 inscrits: then 472 cannot be its count, and the sums vouch for 412.
+    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
+                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    for inscrits in (None, 900, 472):
+        checked = checked_confidences(values, total, election_t1, inscrits)
+        assert checked["votants"] < FIELD_BAR and checked["blancs_nuls"] < FIELD_BAR, inscrits
+    checked = checked_confidences(values, total, election_t1, 471)
+    assert checked["votants"] >= FIELD_BAR and checked["blancs_nuls"] >= FIELD_BAR
+
+
+def test_the_decision_knows_the_bureaus_inscrits_from_the_registry(election_t1: Election) -> None:
+    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
+              "montebourg": 60, "royal": 30, "valls": 25}
+    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
+                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    held = {}
+    for inscrits in (450, 900):
+        registry = Registry({"750120": RegistryBureau("750120", "École", "Paris", "75 Paris", inscrits, "x", (), ())})
+        findings = assess(total, UploadFacts("u", "s", None, "750120"), registry, ELECTION, 0.9999).findings
+        held[inscrits] = {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE}
+    assert held == {450: set(), 900: {"votants", "blancs_nuls"}}
 
 
 # --- the whole pipeline on real handwriting ---

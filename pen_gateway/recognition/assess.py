@@ -113,6 +113,10 @@ FIELD_BAR = 0.9999
 # 1 and read as the 1 at 0.93 made the sums hold and was accepted (BENCHMARKS.md, tenth session).
 SLIP_PRIOR = 1e-3
 NEGLIGIBLE = 1e-9  # an alternative reading less likely than this, relative to the one read, weighs nothing
+# The odds that a president pads a count with a leading zero ("045" for 45) rather than writing the
+# number: nobody does, the form asks for a number, not a fixed-width code. One in a hundred, to be safe.
+# A reading that would need it (a 6 read where a 0 could stand first) is weighed that much lower.
+LEADING_ZERO_PRIOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,10 @@ class _Change:
     """Reading `digit` in one box instead of what was read, and what that does to the form's two sums."""
 
     field_id: str
-    ratio: float  # p(alternative) / p(what was read)
+    ratio: float  # p(alternative) / p(what was read), times LEADING_ZERO_PRIOR if it would write one
     sums: tuple[int, int] | None  # change of (blancs + exprimes - votants, candidates - exprimes); None: emptied
+    # The value it gives could be a true count: at most the bureau's inscrits (when the registry knows them).
+    possible: bool = True
 
 
 def _sum_coefficients(field_id: str, election: Election) -> tuple[int, int]:
@@ -135,11 +141,14 @@ def _sum_coefficients(field_id: str, election: Election) -> tuple[int, int]:
     return (0, 1) if field_id in election.candidate_ids else (0, 0)
 
 
-def _changes(reading: PageReading, election: Election) -> tuple[list[_Change], dict[str, float]]:
+def _changes(
+    reading: PageReading, election: Election, inscrits: int | None
+) -> tuple[list[_Change], dict[str, float]]:
     """Every alternative the recognizer gave for every box, and per field the probability mass it left out."""
     changes, left_out = [], dict.fromkeys(reading.fields, 0.0)
     for fr in reading.fields.values():
         coefficients = _sum_coefficients(fr.field_id, election)
+        written = sum(d.digit is not None for d in fr.digits)
         for i, d in enumerate(fr.digits):
             p0 = max(float(d.confidence), 1e-12)
             others = [(a, float(p)) for a, p in d.alternatives if a != d.digit and p > 0]
@@ -153,12 +162,14 @@ def _changes(reading: PageReading, election: Election) -> tuple[list[_Change], d
                 else:
                     delta = value - fr.value
                     sums = (coefficients[0] * delta, coefficients[1] * delta)
-                changes.append(_Change(fr.field_id, p / p0, sums))
+                padded = value is not None and written > 1 and len(str(value)) < written
+                possible = value is None or inscrits is None or value <= inscrits
+                changes.append(_Change(fr.field_id, p / p0 * (LEADING_ZERO_PRIOR if padded else 1.0), sums, possible))
     return changes, left_out
 
 
 def checked_confidences(
-    counts: Mapping[str, int | None], reading: PageReading, election: Election
+    counts: Mapping[str, int | None], reading: PageReading, election: Election, inscrits: int | None = None
 ) -> dict[str, float]:
     """Each field's probability of being read right, given the digit model's beliefs and the form's sums.
 
@@ -166,7 +177,9 @@ def checked_confidences(
     readings the model thought possible are weighed against the one read: a reading that
     changes one box breaks a sum, so it stands only if the president slipped (SLIP_PRIOR);
     two or three changes in different fields that keep the sums holding (the same misread in
-    votants and exprimes, two candidates off by opposite amounts) are weighed at full odds. A
+    votants and exprimes, two candidates off by opposite amounts) are weighed at full odds, unless
+    one of them gives a count above the bureau's `inscrits`, which no true count can be. A
+    reading that would make a number start with 0 is weighed by LEADING_ZERO_PRIOR. A
     field's confidence is the posterior share of the readings that leave it as read (the
     probabilities are the recognizer's calibrated ones), to be held against `FIELD_BAR`. When
     the sums do not hold, a field's confidence is its least confident box.
@@ -174,7 +187,7 @@ def checked_confidences(
     raw = {fid: fr.confidence for fid, fr in reading.fields.items()}
     if not raw or any(v is None for v in counts.values()) or check_arithmetic(counts, election):
         return raw
-    changes, left_out = _changes(reading, election)
+    changes, left_out = _changes(reading, election, inscrits)
     against = dict.fromkeys(raw, 0.0)
     total = 1.0  # the reading itself; every weight is relative to it
     spread = sum(c.ratio for c in changes) + sum(left_out.values())
@@ -185,12 +198,13 @@ def checked_confidences(
         weight = SLIP_PRIOR * mine * (1.0 + spread)
         against[field_id] += weight
         total += weight
-    # Sets of changes in different fields that keep both sums holding: found through their effect on the sums.
+    # Sets of changes in different fields that keep both sums holding, each to a count the bureau can have (no
+    # slip needed): found through their effect on the sums.
     by_effect: dict[tuple[int, int], list[int]] = {}
     for k, c in enumerate(changes):
-        if c.sums is not None:
+        if c.sums is not None and c.possible:
             by_effect.setdefault(c.sums, []).append(k)
-    likely = [k for k, c in enumerate(changes) if c.sums is not None and c.ratio >= NEGLIGIBLE]
+    likely = [k for k, c in enumerate(changes) if c.sums is not None and c.possible and c.ratio >= NEGLIGIBLE]
     for a_pos, a in enumerate(likely):
         ca = changes[a]
         for b in likely[a_pos + 1 :]:
@@ -304,7 +318,9 @@ def assess(
             {"form": election.id, "configured": configured_election},
         ))
     findings.extend(check_return(ret, election, entry))
-    checked = checked_confidences({fid: fr.value for fid, fr in reading.fields.items()}, reading, election)
+    checked = checked_confidences(
+        {fid: fr.value for fid, fr in reading.fields.items()}, reading, election, entry.inscrits if entry else None
+    )
     findings.extend(confidence_findings(reading, election, checked))
     suggestions = suggest_fixes(ret.counts, reading, election, threshold) if not problem else []
     return Assessment(ret, findings, suggestions, bureau, how, problem, checked)
