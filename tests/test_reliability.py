@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from pen_gateway.digits import fit_reliability
-from pen_gateway.digits.recognizer import DigitRecognizer, readings
+from pen_gateway.digits.recognizer import MODEL_PATH, DigitRecognizer, readings
 from pen_gateway.digits.reliability import RELIABILITY_PATH, Knots, ReliabilityMap, load_reliability, odds_against
 from pen_gateway.digits.strokes import render_strokes
+from tests.filled_forms import needs_handwriting
 
 
 def _probs(*rows: dict[int, float]) -> np.ndarray:
@@ -97,6 +98,23 @@ def test_the_shipped_map_names_both_channels_and_was_fitted_on_the_calibration_w
     at_080 = np.array([np.log(0.2 / 0.8)])
     assert rmap.channels["inset"].at(at_080)[0] > 1.3
     assert rmap.channels["ink"].at(at_080)[0] > 1.5
+
+
+@needs_handwriting
+def test_the_scans_temperature_is_fitted_on_scanned_forms_and_written_beside_the_rest(tmp_path: Path) -> None:
+    shipped = json.loads(MODEL_PATH.with_suffix(".json").read_text(encoding="utf-8"))
+    path = tmp_path / "digits.json"
+    path.write_text(json.dumps(shipped), encoding="utf-8")
+    temperature = fit_reliability.fit_scan_temperature(6, 7, 1, path)
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    assert meta["crop_temperatures"] == {"inset": round(temperature, 5)}
+    def rest(m: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in m.items() if not k.startswith("crop_temperatures")}
+
+    assert rest(meta) == rest(shipped)
+    figures = meta["crop_temperatures_figures"]["inset"]
+    assert figures["boxes"] > 6 * 2 * 9  # the written boxes of 12 forms, at least
+    assert figures["nll at its own"] <= figures["nll at the ensemble's temperature"]
 
 
 def test_the_recognizer_reads_the_same_digits_with_the_map_and_is_never_surer(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_a_scanned_box_is_read_at_least_as_well_and_more_boxes_are_sure_none_wro
         both = recognizer.read(s.cells, crop="inset")
         # The picture model alone, on the same inputs.
         inputs, _ = preprocess.prepare_batch(s.cells, crop="inset")
-        alone = recognizer.probabilities(inputs)
+        alone = recognizer.probabilities(inputs, "inset")
         right_both = sum(r.digit == y for r, y in zip(both, s.labels, strict=True))
         assert right_both >= (alone.argmax(1) == s.labels).sum() - 1, s.name
         sure = [(r, y) for r, y in zip(both, s.labels, strict=True) if r.confidence >= 0.9999]

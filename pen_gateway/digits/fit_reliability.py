@@ -24,6 +24,10 @@ digits scanned, half each, for ``"inset"``.
 Reproduce the shipped map (about 25 min on two cores)::
 
     cd <repo> && .venv/bin/python -m pen_gateway.digits.fit_reliability --out pen_gateway/digits/reliability.json
+
+It also owns, with ``--scan-temperature``, the step that comes before the traced model's weight and
+the map: the picture ensemble's temperature for a scan's boxes (``digits.json``'s
+``crop_temperatures``), fitted on the same kind of forms (``fit_scan_temperature``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .recognizer import DigitRecognizer, readings
+from . import preprocess
+from .evaluation import fit_temperature, softmax
+from .recognizer import MODEL_PATH, DigitRecognizer, readings
 from .reliability import RELIABILITY_PATH, Knots, ReliabilityMap, odds_against, read_as_digit
 
 # Which benchmark modes stand for each channel's uploads.
@@ -51,24 +57,29 @@ ELECTION = "primaire-2011-t1"
 
 
 class _Recording:
-    """A recognizer that keeps the combined beliefs of every box it reads, before any reliability map."""
+    """A recognizer that keeps the combined beliefs of every box it reads, before any reliability map
+    (with `logits`: the picture ensemble's logits instead, before any temperature)."""
 
-    def __init__(self) -> None:
+    def __init__(self, logits: bool = False) -> None:
         self.inner = DigitRecognizer(reliability=None)
+        self.keep_logits = logits
         self.probs: list[np.ndarray] = []
         self.rule_empty: list[np.ndarray] = []
 
     def read(self, cells: Sequence[np.ndarray], *, crop: str = "box",
              strokes: Sequence[Sequence[np.ndarray]] | None = None) -> list:
         probs, rule_empty = self.inner.beliefs(cells, crop=crop, strokes=strokes)  # type: ignore[arg-type]
-        self.probs.append(probs)
+        if self.keep_logits:
+            self.probs.append(self.inner.logits(preprocess.prepare_batch(cells, crop=crop)[0]))  # type: ignore[arg-type]
+        else:
+            self.probs.append(probs)
         self.rule_empty.append(rule_empty)
         return readings(probs, rule_empty)
 
 
-def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(combined beliefs (N, 11), boxes read as a digit (N,), what was written (N,): 0-9 or 10 for empty)
-    of every box of `forms` forms."""
+def collect(mode: str, forms: int, seed: int, logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(combined beliefs (N, 11) (with `logits`: the picture ensemble's logits), boxes the rules found empty
+    (N,), what was written (N,): 0-9 or 10 for empty) of every box of `forms` forms."""
     from forms import load_election
     from pen_gateway.decode import decode_upload
     from pen_gateway.recognition.pipeline import read_page
@@ -80,7 +91,7 @@ def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     election = load_election(ELECTION)
     hw = load_handwriting("calibration")
     rng = np.random.default_rng(seed)
-    recorder = _Recording()
+    recorder = _Recording(logits)
     truth: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         generate(60, Path(tmp) / "registry.csv", Path(tmp) / "pins.csv", scrypt_n=2**8)
@@ -97,7 +108,7 @@ def collect(mode: str, forms: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     probs = np.concatenate(recorder.probs)
     if len(probs) != len(truth):
         raise RuntimeError(f"{mode}: {len(probs)} boxes read, {len(truth)} written")
-    return probs, read_as_digit(probs, np.concatenate(recorder.rule_empty)), np.array(truth)
+    return probs, np.concatenate(recorder.rule_empty), np.array(truth)
 
 
 def nll(probs: np.ndarray, truth: np.ndarray) -> float:
@@ -141,20 +152,63 @@ def bands(confidence: np.ndarray, right: np.ndarray) -> list[dict[str, object]]:
             for lo, hi, band in in_bands(confidence)]
 
 
+def fit_scan_temperature(forms: int, seed: int, jobs: int, path: Path | None = None) -> float:
+    """The temperature of the picture ensemble for a scan's boxes as the pipeline cuts them, written into `path`
+    (the shipped digits.json by default).
+
+    The ensemble's own temperature is fitted on calibration cells (digits.json), made up single
+    crops; a box cut from a scanned form through the homography is another thing, and the
+    ensemble's logits are not as sure of it as they could be. Its temperature is the one that
+    maximises the likelihood of what was written in the boxes that reached the networks (not found
+    empty by the rules) on forms filled by the calibration writers and scanned as for the map.
+    """
+    modes = CHANNELS["inset"]
+    with ProcessPoolExecutor(jobs) as pool:
+        done = [pool.submit(collect, m, forms, seed + 100 + k, True) for k, m in enumerate(modes)]
+        collected = [job.result() for job in done]
+    logits, rule_empty, truth = (np.concatenate([c[i] for c in collected]) for i in range(3))
+    logits, truth = logits[~rule_empty], truth[~rule_empty]
+    temperature = fit_temperature(logits, truth)
+    path = path or MODEL_PATH.with_suffix(".json")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    before = float(meta["temperature"])
+    meta["crop_temperatures"] = {"inset": round(temperature, 5)}
+    meta["crop_temperatures_rule"] = (
+        "inset (scans): NLL of the ensemble's logits on the boxes that reached the networks on forms filled by the "
+        f"calibration writers (pendigits 21-24, MNIST 3500-3999), {forms} a mode, scanned and cut as "
+        "bench/ocr_accuracy.py does (pen_gateway.digits.fit_reliability --scan-temperature)"
+    )
+    meta["crop_temperatures_figures"] = {"inset": {
+        "boxes": len(truth), "nll at the ensemble's temperature": round(nll(softmax(logits, before), truth), 5),
+        "nll at its own": round(nll(softmax(logits, temperature), truth), 5),
+    }}
+    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"inset: temperature {before} -> {temperature:.5f} on {len(truth)} boxes; "
+          f"NLL {nll(softmax(logits, before), truth):.5f} -> {nll(softmax(logits, temperature), truth):.5f}")
+    return temperature
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--forms", type=int, default=1000, help="forms per benchmark mode (default 1000)")
     parser.add_argument("--seed", type=int, default=101)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RELIABILITY_PATH)
+    parser.add_argument("--scan-temperature", action="store_true",
+                        help="fit nothing but the temperature of the picture ensemble for scans' boxes "
+                        "(digits.json's crop_temperatures), the step before train_traced.py --refit and the map")
     args = parser.parse_args()
+    if args.scan_temperature:
+        fit_scan_temperature(args.forms, args.seed, args.jobs)
+        return 0
     modes = [m for ms in CHANNELS.values() for m in ms]
     with ProcessPoolExecutor(args.jobs) as pool:
         jobs = {m: pool.submit(collect, m, args.forms, args.seed + k) for k, m in enumerate(modes)}
         collected = {m: job.result() for m, job in jobs.items()}
     channels, figures = {}, {}
     for channel, channel_modes in CHANNELS.items():
-        probs, digit, truth = (np.concatenate([collected[m][i] for m in channel_modes]) for i in range(3))
+        probs, rule_empty, truth = (np.concatenate([collected[m][i] for m in channel_modes]) for i in range(3))
+        digit = read_as_digit(probs, rule_empty)
         knots = fit_knots(probs, digit, truth)
         channels[channel] = {"log_odds": list(knots.log_odds), "multiplier": list(knots.multiplier)}
         mapped = ReliabilityMap({channel: knots}).apply(probs, channel, digit)

@@ -60,6 +60,9 @@ class _Loaded:
     lock: threading.Lock
     temperature: float
     empty_class: int
+    # A crop kind's own temperature, where its boxes are not like the calibration cells (digits.json's
+    # "crop_temperatures": scans' boxes as the pipeline cuts them, fitted by fit_reliability.py --scan-temperature).
+    crop_temperatures: dict[str, float]
 
 
 _cache: dict[tuple[int, str], _Loaded] = {}
@@ -68,7 +71,8 @@ _cache_lock = threading.Lock()
 
 def _load(path: Path) -> _Loaded:
     # Keyed by pid too: a forked worker must not share its parent's net.
-    key = (os.getpid(), str(path.resolve()))
+    # Not resolved: a digits.onnx linked to another folder's comes with the digits.json beside the link.
+    key = (os.getpid(), str(path.absolute()))
     with _cache_lock:
         loaded = _cache.get(key)
         if loaded is None:
@@ -84,6 +88,7 @@ def _load(path: Path) -> _Loaded:
                 threading.Lock(),
                 float(meta["temperature"]),
                 int(meta["empty_class"]),
+                {str(crop): float(t) for crop, t in meta.get("crop_temperatures", {}).items()},
             )
             _cache[key] = loaded
         return loaded
@@ -101,8 +106,12 @@ class DigitRecognizer:
     def temperature(self) -> float:
         return self._model.temperature
 
-    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (N, 11) for preprocessed inputs (N, 1, S, S)."""
+    def temperature_for(self, crop: Crop) -> float:
+        """The temperature the picture ensemble's logits are divided by for cells of this kind."""
+        return self._model.crop_temperatures.get(crop, self._model.temperature)
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """The ensemble's logits (N, 11), its members' averaged, for preprocessed inputs (N, 1, S, S)."""
         out = []
         m = self._model
         for i in range(0, len(inputs), _BATCH):
@@ -112,12 +121,15 @@ class DigitRecognizer:
                 for net in m.nets:
                     net.setInput(blob)
                     logits += np.array(net.forward(), dtype=np.float64).reshape(len(blob), -1)
-            logits /= len(m.nets)
-            z = logits / m.temperature
-            z -= z.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            out.append(e / e.sum(axis=1, keepdims=True))
+            out.append(logits / len(m.nets))
         return np.concatenate(out) if out else np.zeros((0, m.empty_class + 1))
+
+    def probabilities(self, inputs: np.ndarray, crop: Crop = "box") -> np.ndarray:
+        """Calibrated class probabilities (N, 11) for preprocessed inputs (N, 1, S, S) of cells of kind `crop`."""
+        z = self.logits(inputs) / self.temperature_for(crop)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
 
     def is_empty(self, cell: np.ndarray) -> bool:
         """True when the box holds no digit (only paper, noise, border remnants)."""
@@ -148,7 +160,7 @@ class DigitRecognizer:
         # Every cell the rules found empty is the same blank input (half a form's boxes): the
         # networks read it once, after the written cells, and it stands for all of them.
         unique = np.concatenate([inputs[written], np.zeros_like(inputs[:1])])
-        seen = self.probabilities(unique)
+        seen = self.probabilities(unique, crop)
         probs = np.repeat(seen[-1:], len(cells), axis=0)
         probs[written] = seen[:-1]
         empty = self._model.empty_class

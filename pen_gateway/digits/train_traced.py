@@ -64,7 +64,7 @@ def scan_crops(sets: list[evaluation.EvalSet]) -> tuple[np.ndarray, np.ndarray, 
     rows = np.flatnonzero(~empty)[kept]
     labels = np.concatenate([s.labels for s in sets])[rows]
     ids = [i for s in sets for i in s.ids]
-    return DigitRecognizer().probabilities(inputs[rows]), x, labels, [ids[r] for r in rows]
+    return DigitRecognizer().probabilities(inputs[rows], synth.CROP.crop), x, labels, [ids[r] for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,7 +168,7 @@ def image_probabilities(strokes: list[list[np.ndarray]], salt: str) -> np.ndarra
     rng = np.random.default_rng(evaluation._seed("trajectory", salt))
     cells = [synth.pen_cell(s, rng, synth.CLEAN) for s in strokes]
     inputs, _ = preprocess.prepare_batch(cells, crop=synth.CLEAN.crop)
-    return DigitRecognizer().probabilities(inputs)
+    return DigitRecognizer().probabilities(inputs, synth.CLEAN.crop)
 
 
 def figures(probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> dict[str, object]:
