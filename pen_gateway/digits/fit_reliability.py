@@ -111,6 +111,17 @@ def collect(mode: str, forms: int, seed: int, logits: bool = False) -> tuple[np.
     return probs, np.concatenate(recorder.rule_empty), np.array(truth)
 
 
+def collect_all(
+    runs: Sequence[tuple[str, int, int, bool]], jobs: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`collect` for each (mode, forms, seed, logits), on `jobs` processes; in this one if `jobs` is 1 (a
+    process that runs threads, as a test session does, cannot safely fork)."""
+    if jobs <= 1:
+        return [collect(*run) for run in runs]
+    with ProcessPoolExecutor(jobs) as pool:
+        return [job.result() for job in [pool.submit(collect, *run) for run in runs]]
+
+
 def nll(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(truth)), truth], 1e-300))))
 
@@ -163,9 +174,7 @@ def fit_scan_temperature(forms: int, seed: int, jobs: int, path: Path | None = N
     empty by the rules) on forms filled by the calibration writers and scanned as for the map.
     """
     modes = CHANNELS["inset"]
-    with ProcessPoolExecutor(jobs) as pool:
-        done = [pool.submit(collect, m, forms, seed + 100 + k, True) for k, m in enumerate(modes)]
-        collected = [job.result() for job in done]
+    collected = collect_all([(m, forms, seed + 100 + k, True) for k, m in enumerate(modes)], jobs)
     logits, rule_empty, truth = (np.concatenate([c[i] for c in collected]) for i in range(3))
     logits, truth = logits[~rule_empty], truth[~rule_empty]
     temperature = fit_temperature(logits, truth)
@@ -202,9 +211,8 @@ def main() -> int:
         fit_scan_temperature(args.forms, args.seed, args.jobs)
         return 0
     modes = [m for ms in CHANNELS.values() for m in ms]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        jobs = {m: pool.submit(collect, m, args.forms, args.seed + k) for k, m in enumerate(modes)}
-        collected = {m: job.result() for m, job in jobs.items()}
+    runs = collect_all([(m, args.forms, args.seed + k, False) for k, m in enumerate(modes)], args.jobs)
+    collected = dict(zip(modes, runs, strict=True))
     channels, figures = {}, {}
     for channel, channel_modes in CHANNELS.items():
         probs, rule_empty, truth = (np.concatenate([collected[m][i] for m in channel_modes]) for i in range(3))
