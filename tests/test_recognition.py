@@ -46,6 +46,10 @@ def _scan_reading(election: Election, bureau: str, counts: dict[str, int], seed:
 
 # --- pure stages, on plain data ---
 
+# A bureau's figures whose sums hold: blancs_nuls + exprimes = votants, the candidates add up to exprimes.
+CONSISTENT = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
+              "montebourg": 60, "royal": 30, "valls": 25}
+
 @dataclass(frozen=True)
 class Box:
     digit: int | None
@@ -65,8 +69,7 @@ def test_a_number_is_the_concatenation_of_its_non_empty_boxes() -> None:
 
 
 def test_the_recognizers_alternatives_give_the_one_fix_that_makes_the_sums_hold(election_t1: Election) -> None:
-    truth = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
-             "montebourg": 60, "royal": 30, "valls": 25}
+    truth = CONSISTENT
     read = {**truth, "hollande": 100}  # its 6 read as 0, unsure, with 6 as the runner-up
     reading = PageReading("ink", election_t1, None, "none", None, None)
     for fid, value in read.items():
@@ -90,9 +93,14 @@ def _reading(election: Election, values: dict[str, int], unsure: dict[tuple[str,
     return reading
 
 
+def _total_472_and_67(election: Election) -> PageReading:
+    """CONSISTENT, read with votants' 1 maybe a 7 and blancs_nuls' empty box maybe a 6: 472 and 67 add up too."""
+    return _reading(election, CONSISTENT, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
+                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+
+
 def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds_up(election_t1: Election) -> None:
-    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
-              "montebourg": 60, "royal": 30, "valls": 25}
+    values = CONSISTENT
     facts = UploadFacts("u", "s", None, "750120")
     # A scan's 1 at 0.93, maybe a 7, is held although the sums hold, where the recognizer's reliability map
     # says that scanned boxes read at that confidence are wrong twice as often as they say (the map fitted
@@ -122,8 +130,7 @@ def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds
     findings = assess(twice, facts, None, ELECTION, 0.9999).findings
     assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"aubry", "hollande"}
     # The same doubts on votants and blancs_nuls (472 and 67: the total holds too).
-    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
-                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    total = _total_472_and_67(election_t1)
     findings = assess(total, facts, None, ELECTION, 0.9999).findings
     assert {f.field for f in findings if f.code == Reason.LOW_CONFIDENCE} == {"votants", "blancs_nuls"}
     # A box the model can hardly tell (0.55) is never vouched for by the sums alone.
@@ -133,8 +140,7 @@ def test_the_forms_sums_vouch_for_an_unsure_box_unless_another_reading_also_adds
 
 
 def test_a_reading_no_one_writes_or_no_bureau_could_count_weighs_less(election_t1: Election) -> None:
-    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
-              "montebourg": 60, "royal": 30, "valls": 25}
+    values = CONSISTENT
     # Aubry's 1 at 0.9: were it a 7 (720) the president slipped, and the sums say he probably did not, but
     # 1 in 10 times 1 in 1,000 is over the bar. Were it a 0, he also wrote 120 as "020": that, nobody does.
     maybe_seven = _reading(election_t1, values, {("aubry", 1): Box(1, 0.9, ((7, 0.095),))})
@@ -143,8 +149,7 @@ def test_a_reading_no_one_writes_or_no_bureau_could_count_weighs_less(election_t
     assert checked_confidences(values, maybe_zero, election_t1)["aubry"] >= FIELD_BAR
     # Votants 472 and blancs_nuls 67 add up as well as 412 and 7 do: two misreads, no slip needed. Unless
     # the bureau has fewer than 472 inscrits: then 472 cannot be its count, and the sums vouch for 412.
-    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
-                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    total = _total_472_and_67(election_t1)
     for inscrits in (None, 900, 472):
         checked = checked_confidences(values, total, election_t1, inscrits)
         assert checked["votants"] < FIELD_BAR and checked["blancs_nuls"] < FIELD_BAR, inscrits
@@ -153,10 +158,7 @@ def test_a_reading_no_one_writes_or_no_bureau_could_count_weighs_less(election_t
 
 
 def test_the_decision_knows_the_bureaus_inscrits_from_the_registry(election_t1: Election) -> None:
-    values = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
-              "montebourg": 60, "royal": 30, "valls": 25}
-    total = _reading(election_t1, values, {("votants", 2): Box(1, 0.95, ((7, 0.045),)),
-                                           ("blancs_nuls", 2): Box(None, 0.95, ((6, 0.045),))})
+    total = _total_472_and_67(election_t1)
     held = {}
     for inscrits in (450, 900):
         registry = Registry({"750120": RegistryBureau("750120", "École", "Paris", "75 Paris", inscrits, "x", (), ())})

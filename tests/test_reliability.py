@@ -108,10 +108,8 @@ def test_the_scans_temperature_is_fitted_on_scanned_forms_and_written_beside_the
     temperature = fit_reliability.fit_scan_temperature(6, 7, 1, path)
     meta = json.loads(path.read_text(encoding="utf-8"))
     assert meta["crop_temperatures"] == {"inset": round(temperature, 5)}
-    def rest(m: dict[str, object]) -> dict[str, object]:
-        return {k: v for k, v in m.items() if not k.startswith("crop_temperatures")}
-
-    assert rest(meta) == rest(shipped)
+    assert [(k, v) for k, v in meta.items() if not k.startswith("crop_temperatures")] == [
+        (k, v) for k, v in shipped.items() if not k.startswith("crop_temperatures")]
     figures = meta["crop_temperatures_figures"]["inset"]
     assert figures["boxes"] > 6 * 2 * 9  # the written boxes of 12 forms, at least
     assert figures["nll at its own"] <= figures["nll at the ensemble's temperature"]

@@ -68,10 +68,15 @@ class _Recording:
 
     def read(self, cells: Sequence[np.ndarray], *, crop: str = "box",
              strokes: Sequence[Sequence[np.ndarray]] | None = None) -> list:
-        probs, rule_empty = self.inner.beliefs(cells, crop=crop, strokes=strokes)  # type: ignore[arg-type]
         if self.keep_logits:
-            self.probs.append(self.inner.logits(preprocess.prepare_batch(cells, crop=crop)[0]))  # type: ignore[arg-type]
+            # The pictures alone: no strokes traced, and the readings (which the fit does not use) at the
+            # crop's temperature.
+            inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)  # type: ignore[arg-type]
+            logits = self.inner.logits(inputs)
+            self.probs.append(logits)
+            probs = softmax(logits, self.inner.temperature_for(crop))  # type: ignore[arg-type]
         else:
+            probs, rule_empty = self.inner.beliefs(cells, crop=crop, strokes=strokes)  # type: ignore[arg-type]
             self.probs.append(probs)
         self.rule_empty.append(rule_empty)
         return readings(probs, rule_empty)
@@ -187,13 +192,12 @@ def fit_scan_temperature(forms: int, seed: int, jobs: int, path: Path | None = N
         f"calibration writers (pendigits 21-24, MNIST 3500-3999), {forms} a mode, scanned and cut as "
         "bench/ocr_accuracy.py does (pen_gateway.digits.fit_reliability --scan-temperature)"
     )
+    was, now = nll(softmax(logits, before), truth), nll(softmax(logits, temperature), truth)
     meta["crop_temperatures_figures"] = {"inset": {
-        "boxes": len(truth), "nll at the ensemble's temperature": round(nll(softmax(logits, before), truth), 5),
-        "nll at its own": round(nll(softmax(logits, temperature), truth), 5),
+        "boxes": len(truth), "nll at the ensemble's temperature": round(was, 5), "nll at its own": round(now, 5),
     }}
     path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    print(f"inset: temperature {before} -> {temperature:.5f} on {len(truth)} boxes; "
-          f"NLL {nll(softmax(logits, before), truth):.5f} -> {nll(softmax(logits, temperature), truth):.5f}")
+    print(f"inset: temperature {before} -> {temperature:.5f} on {len(truth)} boxes; NLL {was:.5f} -> {now:.5f}")
     return temperature
 
 
