@@ -30,8 +30,10 @@ from forms.layout import Box, form_layout
 from forms.render import DPI, px_per_mm, render_form
 from pen_gateway.digits.data import (
     MNIST_CALIB_SLICE,
+    MNIST_TRAIN_SLICE,
     MNIST_VAL_SLICE,
     PEN_CALIB_WRITERS,
+    PEN_TRAIN_WRITERS,
     PEN_VAL_WRITERS,
     default_data_dir,
     load_mnist,
@@ -75,12 +77,15 @@ class Handwriting:
 
 @cache
 def load_handwriting(writers: str = "held-out") -> Handwriting:
-    """The held-out digits (what everything measures on), or with ``writers="calibration"`` the
+    """The held-out digits (what everything measures on); with ``writers="calibration"`` the
     calibration writers' (pendigits 21-24, MNIST 3500-3999: what the recognizer's reliability map is
-    fitted on, `pen_gateway.digits.fit_reliability`)."""
+    fitted on, `pen_gateway.digits.fit_reliability`); with ``writers="training"`` the training writers'
+    (pendigits 1-20, MNIST 0-3499: whose boxes, cut from forms, the networks are fine-tuned on,
+    `pen_gateway.digits.form_boxes`)."""
     pen_writers, mnist_slice = {
         "held-out": (PEN_VAL_WRITERS, MNIST_VAL_SLICE),
         "calibration": (PEN_CALIB_WRITERS, MNIST_CALIB_SLICE),
+        "training": (PEN_TRAIN_WRITERS, MNIST_TRAIN_SLICE),
     }[writers]
     pen: dict[int, list[tuple[np.ndarray, ...]]] = {d: [] for d in range(10)}
     pen_ids: dict[int, list[str]] = {d: [] for d in range(10)}

@@ -9,7 +9,8 @@ boxes), ``skeleton`` (strokes traced from a scanned digit's picture, read by the
 same kind of network for scans), ``reliability`` (what a channel's confidences are
 worth on whole forms), ``synth``/``data``/``evaluation`` (training, calibration and
 held-out data), ``train`` / ``train_trajectory`` / ``train_traced`` (PyTorch,
-training time only) and ``fit_reliability`` (fitting time only).
+training time only), ``fit_reliability`` (fitting time only) and ``form_boxes`` (the boxes the
+pipeline cuts from whole forms, which the fits and the fine-tuning read).
 Data sources and licences: ``ATTRIBUTION.md``.
 """
 

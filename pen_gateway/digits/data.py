@@ -30,6 +30,7 @@ PENDIGITS_FILE = "pendigits-dev.jsonl"
 MNIST_FILE = "mnist-dev.npz"
 PEN_VAL_WRITERS = frozenset(range(25, 31))  # held out: measured on, never trained or tuned on
 PEN_CALIB_WRITERS = frozenset(range(21, 25))  # carved out of the training writers to fit T and the threshold
+PEN_TRAIN_WRITERS = frozenset(range(1, 21))
 MNIST_VAL_SLICE = slice(4000, 5000)
 MNIST_CALIB_SLICE = slice(3500, 4000)
 MNIST_TRAIN_SLICE = slice(0, 3500)
@@ -89,7 +90,7 @@ def calibration_pendigits(samples: list[PenSample]) -> list[PenSample]:
 
 def training_pendigits(samples: list[PenSample]) -> list[PenSample]:
     """Writers 1-20."""
-    return [s for s in samples if s.writer not in PEN_VAL_WRITERS | PEN_CALIB_WRITERS]
+    return [s for s in samples if s.writer in PEN_TRAIN_WRITERS]
 
 
 def load_mnist(data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -16,10 +16,8 @@ is (boxes read wrong + α) / (wrong readings the confidences expect + α), at le
 expected errors of shrinkage towards 1, so that a band with few errors stays as it is. It sits at
 the band's mean log-odds. The boxes come from forms filled by the calibration writers (pendigits
 21-24, MNIST 3500-3999; never trained on, and never the held-out writers the benchmark measures
-on), filled, distorted and read as ``bench/ocr_accuracy.py`` does (``tests/form_fill.py``; the
-figures drawn by ``consistent_counts``, without the benchmark's deliberate slips, since a box's
-truth is what was written in it): InkML for ``"ink"``; pen ink printed and scanned, and MNIST
-digits scanned, half each, for ``"inset"``.
+on), filled, distorted and read as ``bench/ocr_accuracy.py`` does (``form_boxes``): InkML for
+``"ink"``; pen ink printed and scanned, and MNIST digits scanned, half each, for ``"inset"``.
 
 Reproduce the shipped map (about 25 min on two cores)::
 
@@ -36,95 +34,20 @@ import argparse
 import itertools
 import json
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from . import preprocess
 from .evaluation import fit_temperature, softmax
-from .recognizer import MODEL_PATH, DigitRecognizer, readings
+from .form_boxes import SCAN_MODES, collect_all
+from .recognizer import MODEL_PATH
 from .reliability import RELIABILITY_PATH, Knots, ReliabilityMap, odds_against, read_as_digit
 
 # Which benchmark modes stand for each channel's uploads.
-CHANNELS = {"ink": ("inkml",), "inset": ("scan-pen", "scan-mnist")}
+CHANNELS = {"ink": ("inkml",), "inset": SCAN_MODES}
 BANDS = (0.0, 0.7, 0.9, 0.97, 0.99, 0.999, 0.9999, 1.0)  # of the confidence of a box's reading
 SHRINKAGE = 2.0  # α: pseudo-errors, expected and seen, in every band
-ELECTION = "primaire-2011-t1"
-
-
-class _Recording:
-    """A recognizer that keeps the combined beliefs of every box it reads, before any reliability map
-    (with `logits`: the picture ensemble's logits instead, before any temperature)."""
-
-    def __init__(self, logits: bool = False) -> None:
-        self.inner = DigitRecognizer(reliability=None)
-        self.keep_logits = logits
-        self.probs: list[np.ndarray] = []
-        self.rule_empty: list[np.ndarray] = []
-
-    def read(self, cells: Sequence[np.ndarray], *, crop: str = "box",
-             strokes: Sequence[Sequence[np.ndarray]] | None = None) -> list:
-        if self.keep_logits:
-            # The pictures alone: no strokes traced, and the readings (which the fit does not use) at the
-            # crop's temperature.
-            inputs, rule_empty = preprocess.prepare_batch(cells, crop=crop)  # type: ignore[arg-type]
-            logits = self.inner.logits(inputs)
-            self.probs.append(logits)
-            probs = softmax(logits, self.inner.temperature_for(crop))  # type: ignore[arg-type]
-        else:
-            probs, rule_empty = self.inner.beliefs(cells, crop=crop, strokes=strokes)  # type: ignore[arg-type]
-            self.probs.append(probs)
-        self.rule_empty.append(rule_empty)
-        return readings(probs, rule_empty)
-
-
-def collect(mode: str, forms: int, seed: int, logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(combined beliefs (N, 11) (with `logits`: the picture ensemble's logits), boxes the rules found empty
-    (N,), what was written (N,): 0-9 or 10 for empty) of every box of `forms` forms."""
-    from forms import load_election
-    from pen_gateway.decode import decode_upload
-    from pen_gateway.recognition.pipeline import read_page
-    from registry import load_registry
-    from registry.demo import generate
-    from tests.form_fill import consistent_counts, filled_upload, load_handwriting
-
-    cv2.setNumThreads(1)
-    election = load_election(ELECTION)
-    hw = load_handwriting("calibration")
-    rng = np.random.default_rng(seed)
-    recorder = _Recording(logits)
-    truth: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(60, Path(tmp) / "registry.csv", Path(tmp) / "pins.csv", scrypt_n=2**8)
-        codes = sorted(load_registry(Path(tmp) / "registry.csv").bureaux)
-    for i in range(forms):
-        counts = consistent_counts(election, rng)
-        align = "left" if rng.random() < 0.2 else "right"
-        data, content_type, written = filled_upload(mode, election, codes[i % len(codes)], counts, hw, rng, align=align)
-        before = len(recorder.probs)
-        reading = read_page(decode_upload(data, content_type), recorder, ELECTION)
-        if len(recorder.probs) == before:
-            continue  # the page was not located: no box was read
-        truth.extend(10 if d is None else d for fid in reading.fields for d in written[fid])
-    probs = np.concatenate(recorder.probs)
-    if len(probs) != len(truth):
-        raise RuntimeError(f"{mode}: {len(probs)} boxes read, {len(truth)} written")
-    return probs, np.concatenate(recorder.rule_empty), np.array(truth)
-
-
-def collect_all(
-    runs: Sequence[tuple[str, int, int, bool]], jobs: int
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """`collect` for each (mode, forms, seed, logits), on `jobs` processes; in this one if `jobs` is 1 (a
-    process that runs threads, as a test session does, cannot safely fork)."""
-    if jobs <= 1:
-        return [collect(*run) for run in runs]
-    with ProcessPoolExecutor(jobs) as pool:
-        return [job.result() for job in [pool.submit(collect, *run) for run in runs]]
 
 
 def nll(probs: np.ndarray, truth: np.ndarray) -> float:
@@ -179,7 +102,7 @@ def fit_scan_temperature(forms: int, seed: int, jobs: int, path: Path | None = N
     empty by the rules) on forms filled by the calibration writers and scanned as for the map.
     """
     modes = CHANNELS["inset"]
-    collected = collect_all([(m, forms, seed + 100 + k, True) for k, m in enumerate(modes)], jobs)
+    collected = collect_all([(m, forms, seed + 100 + k, "logits", "calibration") for k, m in enumerate(modes)], jobs)
     logits, rule_empty, truth = (np.concatenate([c[i] for c in collected]) for i in range(3))
     logits, truth = logits[~rule_empty], truth[~rule_empty]
     temperature = fit_temperature(logits, truth)
@@ -215,7 +138,8 @@ def main() -> int:
         fit_scan_temperature(args.forms, args.seed, args.jobs)
         return 0
     modes = [m for ms in CHANNELS.values() for m in ms]
-    runs = collect_all([(m, args.forms, args.seed + k, False) for k, m in enumerate(modes)], args.jobs)
+    runs = collect_all(
+        [(m, args.forms, args.seed + k, "beliefs", "calibration") for k, m in enumerate(modes)], args.jobs)
     collected = dict(zip(modes, runs, strict=True))
     channels, figures = {}, {}
     for channel, channel_modes in CHANNELS.items():

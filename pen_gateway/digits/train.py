@@ -122,6 +122,39 @@ class DigitNet(nn.Module):
         return self.head(self.features(x))
 
 
+def load_exported(path: Path) -> DigitNet:
+    """A `DigitNet` with the weights of an exported member, to fine-tune. The export folded each batch norm into
+    the convolution before it: the net gets the folded weights, and batch norms that pass them through (to be
+    kept frozen, `freeze_batch_norm`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    net = DigitNet(int(weights[convs[0].input[1]].shape[0]))
+    conv_layers = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net.features if isinstance(m, nn.BatchNorm2d)]
+    for node, conv, norm in zip(convs, conv_layers, norms, strict=True):
+        conv.weight.data = torch.from_numpy(weights[node.input[1]].copy())
+        norm.weight.data.fill_(1.0)
+        norm.bias.data = torch.from_numpy(weights[node.input[2]].copy())
+        norm.running_mean.zero_()
+        norm.running_var.fill_(1.0 - norm.eps)
+    for node, linear in zip(gemms, [m for m in net.head if isinstance(m, nn.Linear)], strict=True):
+        linear.weight.data = torch.from_numpy(weights[node.input[1]].copy())
+        linear.bias.data = torch.from_numpy(weights[node.input[2]].copy())
+    return net
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+            m.requires_grad_(False)
+
+
 def _make_chunk(
     job: tuple[str, int, int, int, int],
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -310,6 +343,13 @@ def ensemble_main(members: list[Path], out_dir: Path, command: str) -> int:
     return 0
 
 
+def _training_record(member: Path) -> dict[str, object]:
+    """How the member fine-tuned from was trained, from the digits.json beside it (its name only, if none)."""
+    meta = member.with_suffix(".json")
+    record = json.loads(meta.read_text(encoding="utf-8")).get("training") if meta.is_file() else None
+    return record if isinstance(record, dict) else {"model": member.name}
+
+
 def _command(argv: list[str] | None) -> str:
     """This run's command line, as recorded in digits.json."""
     args = argv if argv is not None else sys.argv[1:]
@@ -339,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ensemble", type=Path, nargs="+", help="calibrate these trained members together")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1: two members train side by side)")
+    ap.add_argument(
+        "--init-from", type=Path, metavar="ONNX",
+        help="fine-tune this exported member instead of training a new one (its batch norms stay frozen)",
+    )
+    ap.add_argument("--lr", type=float, default=3e-3, help="the schedule's peak learning rate (3e-4 to fine-tune)")
+    ap.add_argument(
+        "--extra-cells", type=Path, nargs="+", default=[], metavar="NPZ",
+        help="boxes cut from forms (form_boxes.py) added to the training cells",
+    )
     args = ap.parse_args(argv)
     if args.ensemble:
         return ensemble_main(args.ensemble, args.out_dir, _command(argv))
@@ -355,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         args.pen_variants, args.mnist_variants, args.empty, args.seed, workers, args.mnist_training_set,
         args.mnist_training_variants,
     )
+    for path in args.extra_cells:
+        with np.load(path) as z:
+            x_u8, y = np.concatenate([x_u8, z["x"]]), np.concatenate([y, z["y"].astype(y.dtype)])
+        print(f"with {path.name}: {len(y)} cells", flush=True)
     t_data = time.time() - t0
     print(f"data built in {t_data:.0f} s", flush=True)
 
@@ -366,12 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     cal_sets = evaluation.calibration_sets(n_empty=200 if args.quick else 1000)
     cx, cy, cal_names = _prepared(cal_sets)
 
-    model = DigitNet(args.width).to(memory_format=torch.channels_last)
+    model = (load_exported(args.init_from) if args.init_from else DigitNet(args.width)).to(
+        memory_format=torch.channels_last)
+    if args.init_from:
+        args.width = model.features[0].out_channels
+        freeze_batch_norm(model)
     batch = 128
     steps = (len(y) + batch - 1) // batch
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=3e-3, total_steps=args.epochs * steps, pct_start=0.2
+        opt, max_lr=args.lr, total_steps=args.epochs * steps, pct_start=0.2
     )
     gen = torch.Generator().manual_seed(args.seed)
     xt = torch.from_numpy(x_u8)
@@ -379,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(args.epochs):
         model.train()
+        if args.init_from:
+            freeze_batch_norm(model)
         perm = torch.randperm(len(yt), generator=gen)
         total, te = 0.0, time.time()
         for i in range(steps):
@@ -487,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "opencv": cv2.__version__,
             "train_split": "pendigits writers 1-20, MNIST dev images 0-3499"
-            + (", MNIST's 60,000 training images" if args.mnist_training_set else ""),
+            + (", MNIST's 60,000 training images" if args.mnist_training_set else "")
+            + (", boxes the pipeline cut from their scanned forms" if args.extra_cells else ""),
+            "fine_tuned_from": _training_record(args.init_from) if args.init_from else None,
+            "peak_lr": args.lr,
+            "extra_cells": [p.name for p in args.extra_cells],
             "calibration_split": "pendigits writers 21-24, MNIST dev images 3500-3999",
             "heldout_split": "pendigits writers 25-30, MNIST dev images 4000-4999",
             "data_sha256": data.data_hashes()
