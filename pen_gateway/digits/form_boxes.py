@@ -15,7 +15,7 @@ pipeline, and keeps, for every box, one of:
 Writers: ``"calibration"`` (pendigits 21-24, MNIST 3500-3999) for the fits, ``"training"`` (pendigits
 1-20, MNIST 0-3499) for fine-tuning; never the held-out writers the benchmark measures on.
 
-Harvest the training writers' scanned boxes (about 8 min on two cores)::
+Harvest the training writers' scanned boxes (25 min here, on two cores shared with two training runs)::
 
     .venv/bin/python -m pen_gateway.digits.form_boxes --out /tmp/scan-boxes.npz
 """
