@@ -22,6 +22,15 @@ confidence of their reading, [read wrong, expected wrong (the sum of 1 - confide
 holds the forms read entirely right: the held-out samples in the least sure box of their unsure
 fields, by the number of such forms each held (with the lowest and highest confidence it was read at).
 
+A wrong value is accepted when a misread undoes the president's slip: the misread makes the sums
+hold. Such a form is rare (a few in ten thousand slips), so the count of wrong values accepted says
+little about the odds of one. `slip_undo` measures them on the consistent forms, many more: a form
+with one box misread (a candidate's digit w read as r) is what a slip from r to w, undone by the
+same misread, would look like, and `assess.confidences_if_sums_hold` says whether that reading
+would pass. Slips change one digit of one candidate (its figure, then its digit, at random) to one
+of the other nine, so a slipped form is undone and accepted with probability about the mean, over
+consistent forms, of the slip-weighted share of such passing misreads, divided by 9.
+
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
 
@@ -44,9 +53,16 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from forms import load_election  # noqa: E402
+from forms.definitions import Election  # noqa: E402
 from pen_gateway.decode import decode_upload  # noqa: E402
 from pen_gateway.digits.fit_reliability import bands  # noqa: E402
-from pen_gateway.recognition.assess import Assessment, UploadFacts, assess  # noqa: E402
+from pen_gateway.recognition.assess import (  # noqa: E402
+    FIELD_BAR,
+    Assessment,
+    UploadFacts,
+    assess,
+    confidences_if_sums_hold,
+)
 from pen_gateway.recognition.job import write_artefacts  # noqa: E402
 from pen_gateway.recognition.pipeline import PageReading, read_page  # noqa: E402
 from registry import load_registry  # noqa: E402
@@ -86,6 +102,20 @@ class Tally:
     # Consistent forms read entirely right yet held: per held-out sample, the confidence of its box
     # each time it was the least sure box of a field held as unsure.
     held_by: dict[str, list[float]] = field(default_factory=dict)
+    # Consistent forms with one candidate's box misread, digit for digit (what an undone slip looks like), and the
+    # sum over consistent forms of the chance that the bench's slip lands on a box so misread that it would pass.
+    lone_misreads: int = 0
+    lone_misreads_passing: int = 0
+    undone_slip_odds: float = 0.0
+
+    def slip_undo(self) -> dict[str, object]:
+        per_slip = self.undone_slip_odds / self.consistent / 9 if self.consistent else 0.0
+        return {
+            "lone_candidate_misreads": self.lone_misreads,
+            "of_which_would_pass_as_an_undone_slip": self.lone_misreads_passing,
+            "expected_wrong_accepted_per_10000_slips": round(1e4 * per_slip, 2),
+            "expected_wrong_accepted_on_this_run": round(per_slip * self.erroneous, 4),
+        }
 
     def report(self) -> dict[str, object]:
         def pct(a: int, b: int) -> float | None:
@@ -111,6 +141,7 @@ class Tally:
             "read_entirely_right_pct": pct(self.read_right_consistent, self.consistent),
             "straight_through_of_read_right_pct": pct(self.accepted_read_right, self.read_right_consistent),
             "wrong_values_accepted": self.wrong_accepted,
+            "slip_undo": self.slip_undo(),
             "erroneous_forms": self.erroneous,
             "erroneous_accepted": self.accepted_erroneous,
             "suggestion_restores_pct": pct(self.suggestion_restores, self.erroneous),
@@ -192,6 +223,7 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             tally.accepted_read_right += accepted and values_right
             if values_right and not accepted:
                 note_held(tally, reading, outcome, samples_by_box(written, drawn, fields))
+            note_lone_misread(tally, reading, written, election, bureau.inscrits)
         else:
             tally.erroneous += 1
             tally.accepted_erroneous += accepted
@@ -223,6 +255,28 @@ def note_held(tally: Tally, reading: PageReading, outcome: Assessment, samples: 
         confidence, digit, sample = min(boxes, key=lambda b: b[0])
         if sample is not None:
             tally.held_by.setdefault(f"{sample} ({digit})", []).append(float(confidence))
+
+
+def note_lone_misread(
+    tally: Tally, reading: PageReading, written: dict[str, list[int | None]], election: Election, inscrits: int
+) -> None:
+    """A consistent form with exactly one box misread, a candidate's digit as another digit: would that reading
+    pass, had the president slipped to the digit read wrong and the misread undone it? (see the module's docstring)"""
+    wrong = [(fid, i) for fid, boxes in written.items() for i, want in enumerate(boxes)
+             if (fr := reading.fields.get(fid)) is None or fr.digits[i].digit != want]
+    if len(wrong) != 1:
+        return
+    (fid, i), = wrong
+    want, have = written[fid][i], reading.fields[fid].digits[i].digit
+    if fid not in election.candidate_ids or want is None or have is None:
+        return
+    tally.lone_misreads += 1
+    checked = confidences_if_sums_hold(reading, election, inscrits)
+    if min(checked.values()) >= FIELD_BAR:
+        tally.lone_misreads_passing += 1
+        # The slip's box: one candidate of them all, one digit of its figure.
+        figure_digits = sum(d is not None for d in written[fid])
+        tally.undone_slip_odds += 1.0 / (len(election.candidate_ids) * figure_digits)
 
 
 def tesseract_second_opinion(recognizer: object, cells: int, seed: int) -> dict[str, object]:

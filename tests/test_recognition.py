@@ -12,7 +12,14 @@ from forms.layout import form_layout
 from pen_gateway.decode import DecodedPage, decode_upload
 from pen_gateway.digits.recognizer import readings
 from pen_gateway.digits.reliability import Knots, ReliabilityMap
-from pen_gateway.recognition.assess import FIELD_BAR, UploadFacts, assess, checked_confidences, suggest_fixes
+from pen_gateway.recognition.assess import (
+    FIELD_BAR,
+    UploadFacts,
+    assess,
+    checked_confidences,
+    confidences_if_sums_hold,
+    suggest_fixes,
+)
 from pen_gateway.recognition.cells import ink_boxes, ink_cells
 from pen_gateway.recognition.pipeline import PageReading, field_reading, read_cells, read_page
 from registry import Bureau as RegistryBureau
@@ -155,6 +162,21 @@ def test_a_reading_no_one_writes_or_no_bureau_could_count_weighs_less(election_t
         assert checked["votants"] < FIELD_BAR and checked["blancs_nuls"] < FIELD_BAR, inscrits
     checked = checked_confidences(values, total, election_t1, 471)
     assert checked["votants"] >= FIELD_BAR and checked["blancs_nuls"] >= FIELD_BAR
+
+
+def test_a_misread_that_breaks_a_sum_is_weighed_as_the_slip_it_could_undo(election_t1: Election) -> None:
+    # Aubry's 120 read as 170, its 2 taken for a 7: the sums break, and the decision holds the form on its
+    # least sure box. Had the president meant 170 and slipped to 120, the same reading would make every sum
+    # hold: bench/ocr_accuracy.py asks whether it would then pass (a wrong value accepted).
+    sure = {**CONSISTENT, "aubry": 170}
+    surely_seven = _reading(election_t1, sure, {("aubry", 1): Box(7, 0.99, ((2, 0.009),))})
+    assert checked_confidences(sure, surely_seven, election_t1)["aubry"] == 0.99
+    assert min(confidences_if_sums_hold(surely_seven, election_t1).values()) >= FIELD_BAR
+    maybe_two = _reading(election_t1, sure, {("aubry", 1): Box(7, 0.9, ((2, 0.095),))})
+    assert confidences_if_sums_hold(maybe_two, election_t1)["aubry"] < FIELD_BAR
+    # On figures whose sums hold, it is the decision's own weighing.
+    unsure = _reading(election_t1, CONSISTENT, {("aubry", 1): Box(2, 0.9, ((7, 0.095),))})
+    assert confidences_if_sums_hold(unsure, election_t1) == checked_confidences(CONSISTENT, unsure, election_t1)
 
 
 def test_the_decision_knows_the_bureaus_inscrits_from_the_registry(election_t1: Election) -> None:
