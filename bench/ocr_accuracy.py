@@ -27,9 +27,10 @@ hold. Such a form is rare (a few in ten thousand slips), so the count of wrong v
 little about the odds of one. `slip_undo` measures them on the consistent forms, many more: a form
 with one box misread (a candidate's digit w read as r) is what a slip from r to w, undone by the
 same misread, would look like, and `assess.confidences_if_sums_hold` says whether that reading
-would pass. Slips change one digit of one candidate (its figure, then its digit, at random) to one
-of the other nine, so a slipped form is undone and accepted with probability about the mean, over
-consistent forms, of the slip-weighted share of such passing misreads, divided by 9.
+would pass. A slip changes one digit of one candidate (its figure, then its digit, at random) from
+r to one of the other nine, w: it is undone and accepted when the president's w is read as r and
+passes. Per slip, that is about the sum over (w, r) of the chance that the slip lands on an r, over
+9, times the share of the boxes written w that were misread as r alone and would pass (`Tally.slip_undo`).
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
@@ -102,17 +103,24 @@ class Tally:
     # Consistent forms read entirely right yet held: per held-out sample, the confidence of its box
     # each time it was the least sure box of a field held as unsure.
     held_by: dict[str, list[float]] = field(default_factory=dict)
-    # Consistent forms with one candidate's box misread, digit for digit (what an undone slip looks like), and the
-    # sum over consistent forms of the chance that the bench's slip lands on a box so misread that it would pass.
+    # The consistent forms' candidates' boxes: how many were written with each digit, and the chance that the
+    # bench's slip lands on a box written so (summed over the forms); their lone misreads, digit for digit (what
+    # an undone slip looks like), and those that would pass, by (written, read) and by the held-out sample.
+    candidate_boxes: Counter[int] = field(default_factory=Counter)
+    slip_lands_on: dict[int, float] = field(default_factory=lambda: dict.fromkeys(range(10), 0.0))
     lone_misreads: int = 0
-    lone_misreads_passing: int = 0
-    undone_slip_odds: float = 0.0
+    passing: Counter[tuple[int, int]] = field(default_factory=Counter)
+    passing_samples: Counter[str] = field(default_factory=Counter)
 
     def slip_undo(self) -> dict[str, object]:
-        per_slip = self.undone_slip_odds / self.consistent / 9 if self.consistent else 0.0
+        """A slip from r to w (w drawn among the nine other digits) is undone and passes when the president's w
+        is read as r and passes: per slip, the sum over (w, r) of P(the slip's box holds r) / 9 times the share of
+        boxes written w that were misread as r and would pass."""
+        per_slip = sum(self.slip_lands_on[r] / self.consistent / 9 * n / self.candidate_boxes[w]
+                       for (w, r), n in self.passing.items())
         return {
             "lone_candidate_misreads": self.lone_misreads,
-            "of_which_would_pass_as_an_undone_slip": self.lone_misreads_passing,
+            "would_pass_as_an_undone_slip": dict(self.passing_samples.most_common()),
             "expected_wrong_accepted_per_10000_slips": round(1e4 * per_slip, 2),
             "expected_wrong_accepted_on_this_run": round(per_slip * self.erroneous, 4),
         }
@@ -223,7 +231,8 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             tally.accepted_read_right += accepted and values_right
             if values_right and not accepted:
                 note_held(tally, reading, outcome, samples_by_box(written, drawn, fields))
-            note_lone_misread(tally, reading, written, election, bureau.inscrits)
+            note_lone_misread(tally, reading, written, samples_by_box(written, drawn, fields), election,
+                              bureau.inscrits)
         else:
             tally.erroneous += 1
             tally.accepted_erroneous += accepted
@@ -258,10 +267,18 @@ def note_held(tally: Tally, reading: PageReading, outcome: Assessment, samples: 
 
 
 def note_lone_misread(
-    tally: Tally, reading: PageReading, written: dict[str, list[int | None]], election: Election, inscrits: int
+    tally: Tally, reading: PageReading, written: dict[str, list[int | None]], samples: dict[str, list[str | None]],
+    election: Election, inscrits: int,
 ) -> None:
-    """A consistent form with exactly one box misread, a candidate's digit as another digit: would that reading
-    pass, had the president slipped to the digit read wrong and the misread undone it? (see the module's docstring)"""
+    """A consistent form: its candidates' digits, where a slip may land (one candidate of them all, then one digit of
+    its figure, as `break_one_digit` picks); and, if exactly one box is misread, a candidate's digit as another
+    that could stand there, whether that reading would pass had the president slipped to the digit read wrong and
+    the misread undone it (see the module's docstring)."""
+    for fid in election.candidate_ids:
+        figure = [d for d in written[fid] if d is not None]
+        for d in figure:
+            tally.candidate_boxes[d] += 1
+            tally.slip_lands_on[d] += 1.0 / (len(election.candidate_ids) * len(figure))
     wrong = [(fid, i) for fid, boxes in written.items() for i, want in enumerate(boxes)
              if (fr := reading.fields.get(fid)) is None or fr.digits[i].digit != want]
     if len(wrong) != 1:
@@ -271,12 +288,11 @@ def note_lone_misread(
     if fid not in election.candidate_ids or want is None or have is None:
         return
     tally.lone_misreads += 1
-    checked = confidences_if_sums_hold(reading, election, inscrits)
-    if min(checked.values()) >= FIELD_BAR:
-        tally.lone_misreads_passing += 1
-        # The slip's box: one candidate of them all, one digit of its figure.
-        figure_digits = sum(d is not None for d in written[fid])
-        tally.undone_slip_odds += 1.0 / (len(election.candidate_ids) * figure_digits)
+    if have == 0 and all(d is None for d in written[fid][:i]) and sum(d is not None for d in written[fid]) > 1:
+        return  # no figure the president meant starts with 0
+    if min(confidences_if_sums_hold(reading, election, inscrits).values()) >= FIELD_BAR:
+        tally.passing[(want, have)] += 1
+        tally.passing_samples[f"{samples[fid][i]} ({want}→{have})"] += 1
 
 
 def tesseract_second_opinion(recognizer: object, cells: int, seed: int) -> dict[str, object]:
