@@ -39,7 +39,7 @@ from .trajectory import TRACED_MODEL_PATH, TrajectoryModel, combine
 MODEL_PATH = Path(__file__).resolve().with_name("digits.onnx")
 # Copied from digits.json ("recommended_threshold") of the shipped model; a
 # test keeps the two equal.
-RECOMMENDED_THRESHOLD: float = 0.99999
+RECOMMENDED_THRESHOLD: float = 0.99995
 _BATCH = 256  # cells per cv2.dnn forward pass
 
 __all__ = ["MODEL_PATH", "RECOMMENDED_THRESHOLD", "DigitReading", "DigitRecognizer"]
