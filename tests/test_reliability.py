@@ -88,16 +88,24 @@ def test_the_fit_raises_only_bands_whose_readings_were_wrong_more_often_than_the
     assert by_band[round(float(np.log(0.999999 / 1e-6)), 1)] == 1.0
 
 
-def test_the_shipped_map_names_both_channels_and_was_fitted_on_the_calibration_writers() -> None:
+def test_the_shipped_map_names_both_channels_and_is_its_recorded_fit() -> None:
     meta = json.loads(RELIABILITY_PATH.read_text(encoding="utf-8"))
     rmap = load_reliability(RELIABILITY_PATH)
     assert set(rmap.channels) == {"ink", "inset"}
     assert "calibration writers (pendigits 21-24, MNIST 3500-3999)" in meta["rule"]
-    # What the calibration writers' forms bear out on both channels: boxes read at 0.7-0.9 are wrong more often
-    # than they say (on scans 1.6 times, on InkML 2.7 times, in the fit's figures).
-    at_080 = np.array([np.log(0.2 / 0.8)])
-    assert rmap.channels["inset"].at(at_080)[0] > 1.3
-    assert rmap.channels["ink"].at(at_080)[0] > 1.5
+    # Each knot is the rule applied to the band it stands for, in the fit's recorded figures (boxes read wrong and
+    # expected wrong on the calibration writers' forms), raised only where a less likely reading would come out surer.
+    for channel, knots in rmap.channels.items():
+        bands = [b for b in meta["figures (calibration writers' forms)"][channel]["bands before"] if b["boxes"]]
+        ratios = [(b["wrong"] + fit_reliability.SHRINKAGE) / (b["expected_wrong"] + fit_reliability.SHRINKAGE)
+                  for b in reversed(bands)]  # surest band first, as the knots go
+        assert len(ratios) == len(knots.multiplier), channel
+        for k, (ratio, multiplier) in enumerate(zip(ratios, knots.multiplier, strict=True)):
+            raised = k and np.log(multiplier) == pytest.approx(
+                np.log(knots.multiplier[k - 1]) - (knots.log_odds[k] - knots.log_odds[k - 1]), abs=1e-3)
+            assert multiplier == pytest.approx(max(1.0, ratio), abs=1e-4) or raised, (channel, k)
+        # Where the forms showed more errors than the confidences said, the map makes the readings less sure.
+        assert max(knots.multiplier) > 1.2, channel
 
 
 @needs_handwriting
