@@ -23,14 +23,15 @@ holds the forms read entirely right: the held-out samples in the least sure box 
 fields, by the number of such forms each held (with the lowest and highest confidence it was read at).
 
 A wrong value is accepted when a misread undoes the president's slip: the misread makes the sums
-hold. Such a form is rare (a few in ten thousand slips), so the count of wrong values accepted says
-little about the odds of one. `slip_undo` measures them on the consistent forms, many more: a form
-with one box misread (a candidate's digit w read as r) is what a slip from r to w, undone by the
-same misread, would look like, and `assess.confidences_if_sums_hold` says whether that reading
-would pass. A slip changes one digit of one candidate (its figure, then its digit, at random) from
-r to one of the other nine, w: it is undone and accepted when the president's w is read as r and
-passes. Per slip, that is about the sum over (w, r) of the chance that the slip lands on an r, over
-9, times the share of the boxes written w that were misread as r alone and would pass (`Tally.slip_undo`).
+hold. Such a form is rare (about one in ten thousand slips, BENCHMARKS.md), so the count of wrong
+values accepted says little about the odds of one. `slip_undo` measures them on the consistent
+forms, many more: a form with one box misread (a candidate's digit w read as r) is what a slip from
+r to w, undone by the same misread, would look like, and `assess.confidences_if_sums_hold` says
+whether that reading would pass. A slip changes one digit of one candidate (its figure, then its
+digit, at random) from r to one of the other nine, w: it is undone and accepted when the president's
+w is read as r and passes. Per slip, that is about the sum over (w, r) of the chance that the slip
+lands on an r, over 9, times the share of the boxes written w that were misread as r alone and would
+pass (`Tally.slip_undo`).
 
     .venv/bin/python bench/ocr_accuracy.py [--forms 200] [--modes inkml,scan-pen,scan-mnist]
 """
@@ -229,10 +230,10 @@ def run(mode: str, n: int, seed: int, error_share: float, recognizer: object, th
             tally.accepted_consistent += accepted
             tally.read_right_consistent += values_right
             tally.accepted_read_right += accepted and values_right
+            samples = samples_by_box(written, drawn, fields)
             if values_right and not accepted:
-                note_held(tally, reading, outcome, samples_by_box(written, drawn, fields))
-            note_lone_misread(tally, reading, written, samples_by_box(written, drawn, fields), election,
-                              bureau.inscrits)
+                note_held(tally, reading, outcome, samples)
+            note_lone_misread(tally, reading, written, samples, election, bureau.inscrits)
         else:
             tally.erroneous += 1
             tally.accepted_erroneous += accepted
