@@ -169,13 +169,15 @@ def test_a_misread_that_breaks_a_sum_is_weighed_as_the_slip_it_could_undo(electi
     # least sure box. Had the president meant 170 and slipped to 120, the same reading would make every sum
     # hold: bench/ocr_accuracy.py asks whether it would then pass (a wrong value accepted).
     sure = {**CONSISTENT, "aubry": 170}
-    surely_seven = _reading(election_t1, sure, {("aubry", 1): Box(7, 0.99, ((2, 0.009),))})
+    surely_seven = _reading(election_t1, sure, {("aubry", 2): Box(7, 0.99, ((2, 0.009),))})
+    assert surely_seven.fields["aubry"].value == 170
     assert checked_confidences(sure, surely_seven, election_t1)["aubry"] == 0.99
     assert min(confidences_if_sums_hold(surely_seven, election_t1).values()) >= FIELD_BAR
-    maybe_two = _reading(election_t1, sure, {("aubry", 1): Box(7, 0.9, ((2, 0.095),))})
+    maybe_two = _reading(election_t1, sure, {("aubry", 2): Box(7, 0.9, ((2, 0.095),))})
     assert confidences_if_sums_hold(maybe_two, election_t1)["aubry"] < FIELD_BAR
     # On figures whose sums hold, it is the decision's own weighing.
-    unsure = _reading(election_t1, CONSISTENT, {("aubry", 1): Box(2, 0.9, ((7, 0.095),))})
+    unsure = _reading(election_t1, CONSISTENT, {("aubry", 2): Box(2, 0.9, ((7, 0.095),))})
+    assert unsure.fields["aubry"].value == 120
     assert confidences_if_sums_hold(unsure, election_t1) == checked_confidences(CONSISTENT, unsure, election_t1)
 
 
