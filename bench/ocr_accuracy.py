@@ -54,8 +54,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from forms import load_election  # noqa: E402
-from forms.definitions import Election  # noqa: E402
+from forms import Election, load_election  # noqa: E402
 from pen_gateway.decode import decode_upload  # noqa: E402
 from pen_gateway.digits.fit_reliability import bands  # noqa: E402
 from pen_gateway.recognition.assess import (  # noqa: E402
