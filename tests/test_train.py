@@ -19,6 +19,7 @@ import torch
 from pen_gateway.digits import data, preprocess, synth, train, train_trajectory
 from pen_gateway.digits.recognizer import MODEL_PATH
 from pen_gateway.digits.trajectory import CHANNELS, POINTS
+from pen_gateway.digits.trajectory import MODEL_PATH as STROKE_MODEL_PATH
 from tests.test_digits import DATA_DIR, _idx_tarball, needs_data
 
 MEMBERS = {MODEL_PATH.with_name("digits.onnx"): 32, MODEL_PATH.with_name("digits-4.onnx"): 40}  # file: width
@@ -87,3 +88,6 @@ def test_mnist_training_digits_become_bent_traced_strokes_under_their_labels(
     again, _ = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=3)
     other, _ = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=4)
     assert np.array_equal(x, again) and not np.array_equal(x, other)  # the seed alone decides how each is bent
+    # What was traced is the digit: the shipped stroke model reads these unseen calibration digits from it.
+    read = train.cv2_logits(STROKE_MODEL_PATH, x).argmax(1)
+    assert (read == y).mean() >= 0.9

@@ -1,9 +1,9 @@
 """Train the stroke model for scans on strokes traced from pictures, fit its weight, export it (training time only).
 
 This module owns the recipe of ``traced.onnx`` and ``traced.json``. A scan carries no pen
-trajectory, so the stroke-order model (``trajectory.onnx``, trained on real pen paths) reads the
-strokes ``skeleton.traced_strokes`` walks out of a scanned digit badly (78-80 % right on the
-calibration and held-out crops). The same network (``train_trajectory.TrajectoryNet``, the same
+trajectory, and the stroke-order model (``trajectory.onnx``), when it was trained on real pen paths
+alone, read the strokes ``skeleton.traced_strokes`` walks out of a scanned digit badly (78-80 % right
+on the calibration and held-out crops). The same network (``train_trajectory.TrajectoryNet``, the same
 ``trajectory.features``) trained on traced strokes reads them well, and it reads the digit as a
 centre line rather than as pixels, so it errs differently from the picture model: a second reader
 for scans, as the stroke model is for InkML (``trajectory.combine``).
