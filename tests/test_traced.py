@@ -93,6 +93,9 @@ def test_the_traced_model_reads_held_out_scanned_digits(heldout_crops: list[eval
         strokes = traced_strokes(inputs[~empty, 0])
         right = model.logits(strokes).argmax(1) == s.labels[~empty]
         assert right.mean() >= 0.92, s.name
+        # Each picture is traced on its own: how many are thinned at once changes nothing.
+        in_threes = traced_strokes(inputs[~empty, 0], chunk=3)
+        assert [[p.tolist() for p in d] for d in in_threes] == [[p.tolist() for p in d] for d in strokes], s.name
 
 
 @needs_data

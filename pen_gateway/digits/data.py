@@ -123,6 +123,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def data_hashes(data_dir: Path | None = None) -> dict[str, str]:
+def data_hashes(data_dir: Path | None = None, mnist_training_set: Path | None = None) -> dict[str, str]:
+    """SHA-256 of the shared data files, and of MNIST's training-set tarball when a model was trained on it
+    (checked against ``MNIST_TRAINING_SET_SHA256`` as it was read)."""
     d = data_dir or default_data_dir()
-    return {name: sha256_file(d / name) for name in (PENDIGITS_FILE, MNIST_FILE)}
+    hashes = {name: sha256_file(d / name) for name in (PENDIGITS_FILE, MNIST_FILE)}
+    if mnist_training_set is not None:
+        hashes[mnist_training_set.name] = MNIST_TRAINING_SET_SHA256
+    return hashes

@@ -567,8 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "extra_cells": [p.name for p in args.extra_cells],
             "calibration_split": "pendigits writers 21-24, MNIST dev images 3500-3999",
             "heldout_split": "pendigits writers 25-30, MNIST dev images 4000-4999",
-            "data_sha256": data.data_hashes()
-            | ({args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}),
+            "data_sha256": data.data_hashes(mnist_training_set=args.mnist_training_set),
         },
     }
     (args.out_dir / "digits.json").write_text(

@@ -51,7 +51,7 @@ SEED = 20290
 
 def traced_input(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(model input for the pictures (N, 28, 28, ink 1 on 0) that hold a stroke, their indices)."""
-    strokes = [s for i in range(0, len(images), 1000) for s in traced_strokes(images[i : i + 1000])]
+    strokes = traced_strokes(images)
     kept = np.array([i for i, s in enumerate(strokes) if s], dtype=np.int64)
     return model_input([strokes[i] for i in kept]), kept
 
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     training = {"epochs": args.epochs, "pen_variants": args.pen_variants, "mnist_variants": args.mnist_variants,
                 "mnist_training_set": bool(args.mnist_training_set), "width": args.width, "seed": args.seed,
                 "seconds": round(time.time() - started)}
-    hashes = data.data_hashes() | (
-        {args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}
-    )
-    calibrate(onnx_path, crops, training, hashes, argv)
+    calibrate(onnx_path, crops, training, data.data_hashes(mnist_training_set=args.mnist_training_set), argv)
     return 0
 
 

@@ -95,8 +95,7 @@ def traced_training_set(tarball: Path, reverse: float, seed: int) -> tuple[np.nd
     """MNIST's training digits (``data.load_mnist_training_set``) as strokes traced from their pictures
     (``skeleton.traced_strokes``), each bent once as ``augment`` bends a pen digit; those with no stroke left out."""
     images, labels = data.load_mnist_training_set(tarball)
-    traced = [s for i in range(0, len(images), 2000)
-              for s in traced_strokes(images[i : i + 2000].astype(np.float32) / 255)]
+    traced = traced_strokes(images.astype(np.float32) / 255)
     kept = [i for i, s in enumerate(traced) if s]
     rng = np.random.default_rng(seed)
     x = model_input([augment(tuple(traced[i]), rng, reverse) for i in kept])
@@ -288,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     training = {"epochs": args.epochs, "variants": args.variants, "reverse": args.reverse, "width": args.width,
                 "seed": args.seed, "writers": "pendigits 1-20", "mnist_training_set": bool(args.mnist_training_set),
                 "seconds": round(time.time() - started)}
-    hashes = data.data_hashes() | (
-        {args.mnist_training_set.name: data.MNIST_TRAINING_SET_SHA256} if args.mnist_training_set else {}
-    )
-    calibrate(onnx_path, pen, training, hashes, argv)
+    calibrate(onnx_path, pen, training, data.data_hashes(mnist_training_set=args.mnist_training_set), argv)
     return 0
 
 
