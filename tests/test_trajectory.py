@@ -16,7 +16,7 @@ import pytest
 from pen_gateway.digits import data, evaluation, synth
 from pen_gateway.digits.recognizer import DigitRecognizer
 from pen_gateway.digits.trajectory import CHANNELS, MODEL_PATH, POINTS, TrajectoryModel, combine, features
-from tests.test_digits import DATA_DIR, needs_data
+from tests.handwriting import DATA_DIR, needs_data
 
 SAMPLE = 300  # held-out digits, spread over the six writers
 
