@@ -12,7 +12,7 @@ import pytest
 from forms import load_election
 from forms.layout import QR_BOX, FormIdentity, form_layout
 from forms.render import px_per_mm, render_form
-from pen_gateway.recognition.align import AlignmentError, align_page
+from pen_gateway.recognition.align import AlignmentError, align_page, reduced
 from pen_gateway.recognition.cells import (
     CELL_PX_PER_MM,
     INK_SPILL_MM,
@@ -62,6 +62,24 @@ def test_the_boxes_are_found_where_they_are_on_a_distorted_scan(distortion: Dist
     error_mm = np.linalg.norm(found - expected, axis=1).max() / (px_per_mm() * distortion.scale)
     assert error_mm < TOLERANCE_MM
     assert alignment.px_per_mm == pytest.approx(px_per_mm() * distortion.scale, rel=0.01)
+
+
+@pytest.mark.parametrize("shape", [(3508, 2480), (3973, 2877), (2339, 1653), (1200, 900)])
+def test_a_page_is_reduced_for_detection_as_one_area_averaging_would(shape: tuple[int, int]) -> None:
+    """Halving first (cheap) and averaging the rest gives the picture one averaging gives, at the scale it says."""
+    rng = np.random.default_rng(3)
+    page = cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (0, 0), 3)
+    y, x = shape[0] * 0.61, shape[1] * 0.37  # a dark square's centre, in page pixels
+    page[round(y) - 30 : round(y) + 31, round(x) - 30 : round(x) + 31] = 0
+    small, scale = reduced(page, 1400)
+    assert scale == min(1.0, 1400 / max(shape))
+    once = cv2.resize(page, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else page
+    # Sizes are rounded at each step: the last row or column may be left out.
+    assert abs(small.shape[0] - once.shape[0]) <= 1 and abs(small.shape[1] - once.shape[1]) <= 1
+    h, w = min(small.shape[0], once.shape[0]), min(small.shape[1], once.shape[1])
+    assert np.abs(small[:h, :w].astype(int) - once[:h, :w].astype(int)).mean() < 1.0  # grey levels
+    dark = np.argwhere(small < 10).mean(axis=0)  # the square's centre, found in the reduced picture
+    np.testing.assert_allclose((dark + 0.5) / scale - 0.5, (y, x), atol=0.5 / scale)
 
 
 def test_cut_boxes_of_a_blank_form_hold_no_ink() -> None:

@@ -55,14 +55,31 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def reduced(gray: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
+    """(`gray` shrunk by area averaging to about `long_side` px on its longer side, never enlarged; the scale).
+
+    OpenCV averages 2x2 blocks fast and any other factor an order of magnitude slower (34 ms
+    against under 2 on a scanned 300 dpi page), so the page is halved while that keeps it at
+    least `long_side`, and only the rest of the way is averaged at the odd factor. Each step
+    maps pixel centres by its own factor exactly, so the scale is their product.
+    """
+    scale = min(1.0, long_side / max(gray.shape))
+    image, done = gray, 1.0
+    while scale <= done / 2:
+        image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        done /= 2
+    if scale < done:
+        image = cv2.resize(image, None, fx=scale / done, fy=scale / done, interpolation=cv2.INTER_AREA)
+    return image, scale
+
+
 def detect_fiducials(gray: np.ndarray) -> dict[int, np.ndarray]:
     """The form's markers found on the page: {marker id: its 4 corners in image pixels (ArUco order)}."""
     wanted = {f.marker_id for f in fiducials()}
-    scale = min(1.0, DETECT_LONG_SIDE / max(gray.shape))
-    attempts = [scale, 1.0] if scale < 1.0 else [1.0]
+    small, scale = reduced(gray, DETECT_LONG_SIDE)
+    attempts = [(small, scale), (gray, 1.0)] if scale < 1.0 else [(gray, 1.0)]
     found: dict[int, np.ndarray] = {}
-    for s in attempts:
-        image = gray if s == 1.0 else cv2.resize(gray, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    for image, s in attempts:
         corners, ids, _ = _detector().detectMarkers(image)
         if ids is None:
             continue

@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from forms.definitions import Election, ElectionDefinitionError, load_election
 from forms.layout import FormIdentity, FormLayout, form_layout
 from pen_gateway.digits.preprocess import Crop
-from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, to_gray
+from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, reduced, to_gray
 from pen_gateway.recognition.cells import (
     ink_boxes,
     ink_cells,
@@ -176,8 +175,7 @@ def _read_scan(gray: np.ndarray, recognizer: Recognizer, configured_election: st
     except AlignmentError as exc:
         reading = PageReading("image", None, None, "none", None, None, problem=str(exc))
         # The reviewer still gets the page as scanned, reduced.
-        scale = min(1.0, 1400 / max(gray.shape))
-        reading.page_image = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        reading.page_image, _ = reduced(gray, 1400)
         return reading
     found = identify_scan(gray, alignment)
     reading = PageReading("image", None, found.identity, found.how, found.raw, alignment)
