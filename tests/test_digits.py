@@ -185,6 +185,23 @@ def test_preprocessing_is_deterministic() -> None:
     assert not a.empty
 
 
+def test_a_blank_box_is_found_empty_before_the_rules_and_the_faintest_ink_is_not() -> None:
+    """A box with nothing darker than the lowest ink bar is empty, with no ink; a mark past that bar is judged by
+    the rules: ink when it is digit-sized (a faint stroke), nothing when it is a speck."""
+    bar = max(preprocess.INK_LEVEL * preprocess.MIN_CONTRAST, preprocess.MIN_INK_DELTA)
+    rng = np.random.default_rng(8)
+    paper = np.clip(rng.normal(230, 3, (105, 80)), 0, 255).astype(np.uint8)
+    blank = preprocess.prepare(paper, crop="inset")
+    assert blank.empty and blank.ink_pixels == 0 and not blank.image.any()
+    stroke, speck = paper.copy(), paper.copy()
+    stroke[20:85, 38:44] = 230 - (bar + 12)  # a faint "1", darker than the bar after the blur
+    speck[50:52, 40:42] = 230 - (bar + 40)
+    faint = preprocess.prepare(stroke, crop="inset")
+    assert not faint.empty and faint.ink_pixels > 0 and faint.image.max() > 0.5
+    dust = preprocess.prepare(speck, crop="inset")
+    assert dust.empty and dust.ink_pixels == 0
+
+
 def test_render_strokes_dark_on_white() -> None:
     img = render_strokes([[(10, 10), (50, 60)], [(30, 30)]], (64, 72), 3.5)
     assert img.shape == (72, 64)

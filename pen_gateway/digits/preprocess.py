@@ -36,6 +36,8 @@ MIN_CONTRAST = 60.0  # grey levels; keeps paper noise from being stretched into 
 MIN_INK_DELTA = (
     24.0  # a pixel must be at least this much darker than paper to count as ink
 )
+INK_LEVEL = 0.45  # ... and darker than this share of the cell's contrast (its 99.5th percentile of darkness)
+BORDER_LEVEL = 0.2  # printed lines are sought down to this share: they are often lighter than pen ink
 EDGE_BAND = 0.2  # fraction of each side where box-border remnants may lie
 LINE_MIN_LENGTH = 0.30  # a border remnant hugging the edge is a straight run over this fraction of the side
 LINE_LONG = 0.85  # ... and one further in (up to EDGE_BAND) must span the crop
@@ -181,11 +183,16 @@ def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
     )  # halves pixel noise before thresholding
     paper = float(np.median(smooth))  # ink and borders cover well under half a box
     darkness = paper - smooth  # > 0 where darker than paper
+    zeros = np.zeros((INPUT_SIZE, INPUT_SIZE), np.float32)
+    if float(darkness.max()) <= max(INK_LEVEL * MIN_CONTRAST, MIN_INK_DELTA):
+        # No pixel is ink at the lowest bar any contrast gives: what the rules below would conclude
+        # (no ink at all, so empty), without running them on half a form's boxes, blank ones.
+        return Prepared(zeros, True, 0)
     contrast = max(float(np.percentile(darkness, 99.5)), MIN_CONTRAST)
-    mask = (darkness > max(0.45 * contrast, MIN_INK_DELTA)).astype(np.uint8)
+    mask = (darkness > max(INK_LEVEL * contrast, MIN_INK_DELTA)).astype(np.uint8)
     # Borders are found on a lower threshold: printed lines are often lighter
     # than pen ink and would otherwise survive as broken dashes.
-    faint = (darkness > max(0.2 * contrast, MIN_INK_DELTA)).astype(np.uint8)
+    faint = (darkness > max(BORDER_LEVEL * contrast, MIN_INK_DELTA)).astype(np.uint8)
     if crop != "ink":
         lines = _border_lines(faint, crop)
         if crop == "inset":
@@ -204,7 +211,6 @@ def prepare(cell: np.ndarray, *, crop: Crop = "box") -> Prepared:
         keep[i] = True
     kept = keep[labels]
     ink_pixels = int(kept.sum())
-    zeros = np.zeros((INPUT_SIZE, INPUT_SIZE), np.float32)
     if ink_pixels < EMPTY_MIN_AREA:
         return Prepared(zeros, True, ink_pixels)
     ys, xs = np.nonzero(kept)
