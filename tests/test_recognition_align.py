@@ -82,6 +82,17 @@ def test_a_page_is_reduced_for_detection_as_one_area_averaging_would(shape: tupl
     np.testing.assert_allclose((dark + 0.5) / scale - 0.5, (y, x), atol=0.5 / scale)
 
 
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (3, 9000), (2, 2)])
+def test_a_sliver_of_a_page_is_refused_with_a_reason(shape: tuple[int, int]) -> None:
+    """A page a pixel or two thick: no side vanishes when it is reduced (OpenCV would raise), and it is no form."""
+    page = np.full(shape, 250, np.uint8)
+    small, scale = reduced(page, 1400)
+    assert min(small.shape) >= 1 and 0 < scale <= 1
+    assert abs(max(small.shape) - max(shape) * scale) <= 1  # the scale it says is the one it shrank by
+    with pytest.raises(AlignmentError, match="repères"):
+        align_page(page)
+
+
 def test_cut_boxes_of_a_blank_form_hold_no_ink() -> None:
     """An inset crop leaves the printed border out: every box of a blank, rotated, JPEG'd form is paper only."""
     distortion = Distortion(rotation_deg=-4.0, scale=1.05, jpeg_quality=60)

@@ -61,15 +61,18 @@ def reduced(gray: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
     OpenCV averages 2x2 blocks fast and any other factor an order of magnitude slower (34 ms
     against under 2 on a scanned 300 dpi page), so the page is halved while that keeps it at
     least `long_side`, and only the rest of the way is averaged at the odd factor. Each step
-    maps pixel centres by its own factor exactly, so the scale is their product.
+    maps pixel centres by its own factor exactly, so the scale is their product. A sliver of a
+    page (a side of a pixel or two) is shrunk only as far as it keeps a pixel on every side.
     """
-    scale = min(1.0, long_side / max(gray.shape))
-    image, done = gray, 1.0
-    while scale <= done / 2:
+    target = min(1.0, long_side / max(gray.shape))
+    image, scale = gray, 1.0
+    while target <= scale / 2 and min(image.shape) >= 2:
         image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-        done /= 2
-    if scale < done:
-        image = cv2.resize(image, None, fx=scale / done, fy=scale / done, interpolation=cv2.INTER_AREA)
+        scale /= 2
+    rest = target / scale
+    if rest < 1.0 and min(image.shape) * rest >= 1.0:
+        image = cv2.resize(image, None, fx=rest, fy=rest, interpolation=cv2.INTER_AREA)
+        scale = target
     return image, scale
 
 
