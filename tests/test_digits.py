@@ -185,7 +185,7 @@ def test_preprocessing_is_deterministic() -> None:
     assert not a.empty
 
 
-def test_a_blank_box_is_found_empty_before_the_rules_and_the_faintest_ink_is_not() -> None:
+def test_a_blank_box_is_empty_with_no_ink_and_the_faintest_stroke_is_ink() -> None:
     """A box with nothing darker than the lowest ink bar is empty, with no ink; a mark past that bar is judged by
     the rules: ink when it is digit-sized (a faint stroke), nothing when it is a speck."""
     bar = max(preprocess.INK_LEVEL * preprocess.MIN_CONTRAST, preprocess.MIN_INK_DELTA)
