@@ -108,8 +108,9 @@ class RawStore:
         if final.is_file() and final.stat().st_size == len(data):
             return StoredFile(digest, final, created=False)
         temporary = final.parent / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
+            # Creating it can fail for a full disk too: no inode left (ENOSPC), or the quota's (EDQUOT).
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
                 while view:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -23,11 +24,12 @@ def tmpfs() -> Iterator[Callable[[Path, int], Path]]:
     """Mount a tmpfs of a given size (a real filesystem that really fills up); unmounted afterwards."""
     mounted: list[Path] = []
 
-    def mount(path: Path, size: int) -> Path:
+    def mount(path: Path, size: int, inodes: int | None = None) -> Path:
         if os.geteuid() != 0:
             pytest.skip("a real full disk needs a tmpfs mount, which needs root; not root here")
         path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        options = f"size={size},mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {result.stderr.strip()}")
@@ -93,6 +95,28 @@ def test_a_full_disk_raises_storage_full_and_leaves_nothing(tmp_path: Path, tmpf
     assert caught.value.errno == errno.ENOSPC
     assert files_under(uploads) == []
     assert store.put(b"a small page").created  # the store still works once there is room
+
+
+def test_a_disk_out_of_inodes_raises_storage_full_and_leaves_nothing(tmp_path: Path, tmpfs: Any) -> None:
+    """Room for bytes but no inode for the temporary file: a full disk all the same (was an OSError, a 500)."""
+    uploads = tmpfs(tmp_path / "var" / "uploads", 1024 * 1024, inodes=16)
+    store = RawStore(tmp_path / "var")
+    page = b"a page with room for its bytes"
+    store.path_for(hashlib.sha256(page).hexdigest()).parent.mkdir(parents=True)
+    fillers = []
+    with pytest.raises(OSError) as filled:
+        while True:
+            fillers.append(uploads / f"filler-{len(fillers)}")
+            fillers[-1].touch()
+    assert filled.value.errno == errno.ENOSPC
+    before = files_under(uploads)
+    with pytest.raises(StorageFull) as caught:
+        store.put(page)
+    assert caught.value.errno == errno.ENOSPC
+    assert files_under(uploads) == before
+    for filler in fillers[:-1]:
+        filler.unlink()
+    assert store.put(page).created  # the store still works once there is an inode
 
 
 def test_upload_to_a_full_disk_is_507_and_changes_nothing(tmp_path: Path, tmpfs: Any, redis: Redis,
