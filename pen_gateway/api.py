@@ -54,7 +54,7 @@ from telemetry import logs, metrics
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PEN_SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-BUREAU = re.compile(r"^\d{1,10}$")
+BUREAU = re.compile(r"^[0-9]{1,10}$")  # ASCII digits: \d takes "٧" and "７" too
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 

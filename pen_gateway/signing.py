@@ -219,7 +219,7 @@ def check_headers(headers: Mapping[str, str], registry: StationRegistry, *, now:
     if not station_id or not raw_timestamp or not signature:
         raise SignatureError("MISSING_SIGNATURE",
                              f"a signed request needs {STATION_HEADER}, {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}")
-    if not raw_timestamp.isdigit() or len(raw_timestamp) > 12:
+    if not raw_timestamp.isascii() or not raw_timestamp.isdigit() or len(raw_timestamp) > 12:  # isdigit() takes "²"
         raise SignatureError("BAD_TIMESTAMP", f"{TIMESTAMP_HEADER} must be whole unix seconds")
     if not re.fullmatch(r"[0-9a-f]{64}", signature):
         raise SignatureError("BAD_SIGNATURE", f"{SIGNATURE_HEADER} must be 64 hex digits (HMAC-SHA256)")

@@ -177,6 +177,9 @@ def _tamper(kind: str, g: Gateway, body: bytes, headers: dict[str, str]) -> dict
     elif kind in ("stale-past", "stale-future"):
         ts = int(time.time()) + (-301 if kind == "stale-past" else 301)
         headers.update(signature_headers(g.station, g.secret, body, timestamp=ts))
+    elif kind == "superscript-timestamp":
+        # "¹" is a digit to str.isdigit() but not to int(); a WSGI server hands header bytes over as Latin-1.
+        headers["X-Remontee-Timestamp"] = "¹" + headers["X-Remontee-Timestamp"][1:]
     elif kind == "missing":
         del headers["X-Remontee-Signature"]
     elif kind == "body-changed":
@@ -191,6 +194,7 @@ def _tamper(kind: str, g: Gateway, body: bytes, headers: dict[str, str]) -> dict
     ("unknown-station", "UNKNOWN_STATION"),
     ("stale-past", "STALE_TIMESTAMP"),
     ("stale-future", "STALE_TIMESTAMP"),
+    ("superscript-timestamp", "BAD_TIMESTAMP"),
     ("missing", "MISSING_SIGNATURE"),
 ])
 def test_bad_signatures_get_401_and_change_nothing(pen: Gateway, redis: Redis, page_png: bytes, kind: str,
@@ -354,6 +358,8 @@ def test_bad_pages_get_a_clear_error_and_change_nothing(pen: Gateway, redis: Red
     ({"station_field": "station-02"}, "STATION_MISMATCH"),
     ({"pen_serial": ""}, "BAD_PEN_SERIAL"),
     ({"bureau": "75-012"}, "BAD_BUREAU"),
+    ({"bureau": "\u0667\u0665\u0660\u0661\u0662\u0660"}, "BAD_BUREAU"),  # 750120 in Arabic-Indic digits
+    ({"bureau": "\uff17\uff15\uff10\uff11\uff12\uff10"}, "BAD_BUREAU"),  # 750120 in full-width digits
     ({"idempotency_key": "with space"}, "BAD_IDEMPOTENCY_KEY"),
 ])
 def test_bad_fields_get_422_and_change_nothing(pen: Gateway, redis: Redis, page_png: bytes, change: dict[str, str],
