@@ -77,7 +77,7 @@ def _parse_row(row: dict[str, str | None], path: Path, line: int) -> Bureau:
     inscrits_text = (row.get("inscrits") or "").strip()
     inscrits: int | None = None
     if inscrits_text:
-        if not inscrits_text.isdigit():
+        if not inscrits_text.isascii() or not inscrits_text.isdigit():  # isdigit() alone takes "²"
             raise RegistryError(path, line, f"inscrits {inscrits_text!r} is not a whole number")
         inscrits = int(inscrits_text)
     pin_hash = (row["pin_hash"] or "").strip()

@@ -22,7 +22,7 @@ def hash_pin(pin: str, n: int = DEFAULT_N) -> str:
 
 def is_pin_hash(value: str) -> bool:
     parts = value.split("$")
-    return len(parts) == 6 and parts[0] == "scrypt" and all(p.isdigit() for p in parts[1:4])
+    return len(parts) == 6 and parts[0] == "scrypt" and all(p.isascii() and p.isdigit() for p in parts[1:4])
 
 
 def verify_pin(pin: str, pin_hash: str) -> bool:

@@ -66,8 +66,10 @@ def _row(code: str = "750101", inscrits: str = "800", pens: str = "AJX-1") -> li
         ([_row(), _row(code="75A101")], 3, "must be 1 to 10 digits"),
         ([_row(code="")], 2, "empty code"),
         ([_row(inscrits="huit")], 2, "inscrits"),
+        ([_row(inscrits="8²")], 2, "inscrits"),  # a digit to str.isdigit(), not to int()
         ([_row(), _row(code="750102")], 3, "pen serial AJX-1 already belongs to 750101"),
         ([[*_row()[:5], "1234", *_row()[6:]]], 2, "never stored in clear"),
+        ([[*_row()[:5], PIN_HASH.replace("$8$", "$⁸$"), *_row()[6:]]], 2, "never stored in clear"),
         ([[*_row(), "extra"]], 2, "more values than columns"),
     ],
 )
