@@ -138,18 +138,20 @@ def _discard(gateway: PenGateway, stored: StoredFile) -> None:
     """Remove the bytes this request wrote, unless a journaled upload holds the same bytes.
 
     Content addressing makes twins share one file: a replay racing its original (or any two
-    requests with identical bytes) can be the one that wrote it, while the other's row, committed,
-    points at it. When the journal cannot be read, the bytes go (nothing half-kept): a journal that
+    requests with identical bytes) can be the one that wrote it, while the other's row points at
+    it. The store waits for the twins still on their way to the journal (their claims), then this
+    asks the journal. When it cannot be read, the bytes go (nothing half-kept): a journal that
     fails this read failed the twin's commit too."""
-    if not stored.created:
-        return
-    try:
-        with gateway.journal.read() as conn:
-            if uploads_with_bytes(conn, stored.sha256):
-                return
-    except SQLAlchemyError as exc:
-        current_app.logger.warning("journal unreadable, bytes of the refused upload removed: %s", exc)
-    gateway.store.discard(stored)
+
+    def journaled() -> bool:
+        try:
+            with gateway.journal.read() as conn:
+                return uploads_with_bytes(conn, stored.sha256)
+        except SQLAlchemyError as exc:
+            current_app.logger.warning("journal unreadable, bytes of the refused upload removed: %s", exc)
+            return False
+
+    gateway.store.discard(stored, in_use=journaled)
 
 
 def _retry(gateway: PenGateway, signed: SignedRequest, first: Upload, sha256: str, pen_serial: str,
@@ -207,10 +209,20 @@ def create_upload() -> Any:
     # stored under the same name, so nothing new is written for them.
     # The bytes are made durable by the recorder, for the whole batch at once, before its commit.
     stored: StoredFile = gateway.store.write(data, sha256)
+    try:
+        return _record(gateway, signed, stored, probed.content_type, len(data), pen_serial, bureau, key)
+    finally:
+        gateway.store.release(stored)  # refused or committed: no longer this request's to keep
+
+
+def _record(gateway: PenGateway, signed: SignedRequest, stored: StoredFile, content_type: str, size: int,
+            pen_serial: str, bureau: str | None, key: str | None) -> Any:
+    """Journal the upload whose bytes `stored` holds (claimed), and answer."""
+    sha256 = stored.sha256
     upload_id = str(ULID())
     logs.bind(upload_id=upload_id)  # every later line of this request carries it (undone at its end)
     upload = Upload(
-        upload_id=upload_id, sha256=sha256, path=stored.path, content_type=probed.content_type, size=len(data),
+        upload_id=upload_id, sha256=sha256, path=stored.path, content_type=content_type, size=size,
         station_id=signed.station_id, pen_serial=pen_serial, bureau=bureau, idempotency_key=key, status="queued",
         return_id=None, receipt=None, error=None, received_at=time.time(),
     )
@@ -219,8 +231,8 @@ def create_upload() -> Any:
     except TimeoutError as exc:
         # Not known to be committed: keep the bytes (a row may yet point at them); the station retries.
         raise ApiError("JOURNAL_UNAVAILABLE", str(exc), 503) from exc
-    except OSError as exc:  # the bytes could not be made durable (make_durable left nothing of them)
-        gateway.store.discard(stored)
+    except OSError as exc:  # the bytes could not be made durable
+        _discard(gateway, stored)
         if exc.errno in FULL_ERRNOS:
             raise StorageFull(exc.errno, str(exc)) from exc
         raise

@@ -14,6 +14,13 @@ The recorder does the second step before the commit of the rows that point at th
 API answers 202 only after both (and after the journal commit). `put` does both for one file.
 Identical bytes are stored once, whoever sent them.
 
+So two requests may share a file, and one may be refused (a replay, a reused key, a journal
+error) while the other, with the same bytes, is about to commit a row pointing at it. A file
+comes from `write` claimed: a shared flock on its directory, held until `release`, from before
+the request looks for the file until after its row is committed or refused. `discard` takes the
+lock exclusively, so it waits for every other claim on that directory (gunicorn's workers
+included), then removes the file only if nothing journaled holds it.
+
 A full disk (ENOSPC, EDQUOT) raises `StorageFull` and leaves nothing behind: the temporary file
 is removed, and a file is never renamed into place unless it was completely written and synced.
 """
@@ -22,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +52,7 @@ class StoredFile:
     sha256: str
     path: Path
     created: bool  # False when identical bytes were already stored
+    claim: int | None = None  # the request's claim (its directory, open, shared-locked) until RawStore.release
 
 
 def fsync_directory(path: Path) -> None:
@@ -61,6 +70,17 @@ def _sync_directory(directory: Path) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def _claim(directory: Path) -> int:
+    """A shared flock on `directory`, on a descriptor of its own: closing it ends the claim."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _full(exc: OSError, what: str) -> OSError:
@@ -99,15 +119,27 @@ class RawStore:
     def write(self, data: bytes, sha256: str | None = None) -> StoredFile:
         """Write `data`, sync it and rename it into place; its name is durable once `make_durable` has run.
 
-        Raises StorageFull when the disk is full (nothing kept). Identical bytes already stored
-        are not written again; their directory is synced by make_durable all the same (the
-        process that renamed them may have died before syncing it)."""
+        The file comes claimed (see the module's docstring): `release` it once its row is committed
+        or refused. Raises StorageFull when the disk is full (nothing kept, nothing claimed).
+        Identical bytes already stored are not written again; their directory is synced by
+        make_durable all the same (the process that renamed them may have died before syncing it)."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         self._ensure_directory(final.parent)
+        claim = _claim(final.parent)
+        try:
+            created = self._write_unless_stored(data, final)
+        except BaseException:
+            os.close(claim)
+            raise
+        return StoredFile(digest, final, created, claim)
+
+    @staticmethod
+    def _write_unless_stored(data: bytes, final: Path) -> bool:
+        """Write the file unless the same bytes are already there; True when this call wrote it."""
         if final.is_file() and final.stat().st_size == len(data):
-            return StoredFile(digest, final, created=False)
-        temporary = final.parent / f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            return False
+        temporary = final.parent / f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         try:
             # Creating it can fail for a full disk too: no inode left (ENOSPC), or the quota's (EDQUOT).
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -125,7 +157,7 @@ class RawStore:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
             raise _full(exc, "the upload") from exc
-        return StoredFile(digest, final, created=True)
+        return True
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None or self._executor_pid != os.getpid():  # none yet, or a parent's
@@ -139,7 +171,7 @@ class RawStore:
         """Fsync, all at once, each directory the files were renamed into: their names become durable.
 
         Returns the files whose directory could not be synced, with why (StorageFull for a full
-        disk); those this request created are removed (nothing half-kept)."""
+        disk). Their requests discard them (nothing half-kept): not here, where their claims are held."""
         directories: dict[Path, list[StoredFile]] = {}
         for stored in files:
             directories.setdefault(stored.path.parent, []).append(stored)
@@ -153,25 +185,46 @@ class RawStore:
                 continue
             for stored in directories[directory]:
                 failed[stored] = _full(error, "the upload")
-                self.discard(stored)
-                stored.created = False  # removed: nothing of this request's is left to discard
         return failed
 
     def put(self, data: bytes, sha256: str | None = None) -> StoredFile:
         """Store `data` durably, alone; returns where. Raises StorageFull when the disk is full (nothing kept)."""
         stored = self.write(data, sha256)
-        failed = self.make_durable([stored])
-        if stored in failed:
-            raise failed[stored]
+        try:
+            failed = self.make_durable([stored])
+            if stored in failed:
+                self.discard(stored)
+                raise failed[stored]
+        finally:
+            self.release(stored)
         return stored
 
-    def discard(self, stored: StoredFile) -> None:
-        """Remove a file this request created, when the journal could not record it (nothing half-kept)."""
-        if stored.created:
-            with contextlib.suppress(FileNotFoundError):
-                stored.path.unlink()
-            with contextlib.suppress(OSError):
-                fsync_directory(stored.path.parent)
+    def release(self, stored: StoredFile) -> None:
+        """End the request's claim on its file: from now on only the journal's rows keep it."""
+        if stored.claim is not None:
+            os.close(stored.claim)
+            stored.claim = None
+
+    def discard(self, stored: StoredFile, in_use: Callable[[], bool] = lambda: False) -> None:
+        """Remove a file this request created and nobody holds (nothing half-kept); ends its claim.
+
+        Waits until no other request holds a claim on the file's directory, then keeps the file
+        if `in_use()` says a journaled upload points at it (the caller's check of the journal)."""
+        if not stored.created:
+            self.release(stored)
+            return
+        if stored.claim is None:
+            stored.claim = _claim(stored.path.parent)
+        try:
+            fcntl.flock(stored.claim, fcntl.LOCK_EX)
+            if not in_use():
+                with contextlib.suppress(FileNotFoundError):
+                    stored.path.unlink()
+                with contextlib.suppress(OSError):
+                    fsync_directory(stored.path.parent)
+        finally:
+            stored.created = False  # what is left of it is no longer this request's to remove
+            self.release(stored)
 
     def read(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()

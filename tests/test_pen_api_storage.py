@@ -7,6 +7,8 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,54 @@ def test_written_bytes_are_in_place_and_a_batch_makes_their_names_durable(tmp_pa
     os.unlink(lost.path)
     os.rmdir(lost.path.parent)  # a directory that cannot be synced any more: only its files fail
     failed = store.make_durable([*written, store.write(pages[1])])
-    assert list(failed) == [lost] and isinstance(failed[lost], FileNotFoundError) and not lost.created
+    assert list(failed) == [lost] and isinstance(failed[lost], FileNotFoundError)
     assert all(w.path.read_bytes() == page for w, page in zip(written, pages, strict=True) if w is not lost)
     assert not store.write(pages[1]).created  # identical bytes: stored once
     assert not any(name.endswith(".tmp") for name in files_under(tmp_path))
+
+
+# A docking station's request in another process (a gunicorn worker) that found the same bytes stored:
+# it holds its claim on them until its stdin closes (its row committed, say).
+TWIN = """
+import sys
+from pathlib import Path
+from pen_gateway.storage import RawStore
+stored = RawStore(Path(sys.argv[1])).write(sys.argv[2].encode())
+print(stored.created, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_refused_upload_leaves_the_bytes_a_twin_is_about_to_journal(tmp_path: Path) -> None:
+    """Identical bytes share one file. The request that wrote it is refused (a reused key, a replay) while
+    another, in another process, found it in place and is about to commit a row pointing at it: the
+    refusal waits for that claim, then sees the row and keeps the file (it used to remove it at once: a
+    202 for bytes that were gone)."""
+    store = RawStore(tmp_path)
+    page, journaled = b"the same page, sent twice", set()
+    refused = store.write(page)
+    assert refused.created
+    twin = subprocess.Popen([sys.executable, "-c", TWIN, str(tmp_path), page.decode()], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert twin.stdout is not None and twin.stdout.readline().strip() == "False"  # found in place, claimed
+        refusing = threading.Thread(target=store.discard, args=(refused,),
+                                    kwargs={"in_use": lambda: refused.sha256 in journaled})
+        refusing.start()
+        refusing.join(0.5)
+        assert refusing.is_alive() and refused.path.read_bytes() == page  # waiting for the twin's claim
+        journaled.add(refused.sha256)  # the twin's row is committed; its request ends
+    finally:
+        assert twin.stdin is not None
+        twin.stdin.close()
+        twin.wait(30)
+    refusing.join(30)
+    assert not refusing.is_alive() and refused.claim is None
+    assert refused.path.read_bytes() == page
+    # With no twin and nothing journaled, a refused request's bytes go.
+    alone = store.write(b"a page nobody else sent")
+    store.discard(alone, in_use=lambda: False)
+    assert not alone.path.exists() and alone.claim is None
 
 
 def test_a_full_disk_raises_storage_full_and_leaves_nothing(tmp_path: Path, tmpfs: Any) -> None:
