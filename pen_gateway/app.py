@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 from pen_gateway.multipart import parse_form_data
 from pen_gateway.ocr_relay import OCR_JOB, OcrRelay, ocr_job_data
 from pen_gateway.recorder import UploadRecorder
-from pen_gateway.signing import SIGNATURE_WINDOW, StationRegistry
+from pen_gateway.signing import REPLAY_MEMORY, SIGNATURE_WINDOW, StationRegistry
 from pen_gateway.storage import RawStore
 from pen_gateway.uploads import Upload, create_tables
 from returns_queue.jobs import OCR_QUEUE, ocr_queue
@@ -76,6 +76,11 @@ class PenGateway:
 
     def __init__(self, settings: Settings, *, ocr_job: str = OCR_JOB, signature_window: int = SIGNATURE_WINDOW,
                  relay_grace: float = 5.0) -> None:
+        if not 0 < signature_window <= REPLAY_MEMORY / 2:
+            # A timestamp is good from `window` before it to `window` after: a signature used at the start
+            # could be replayed at the end, 2 x window later, and must still be remembered then.
+            raise ValueError(f"a signature window of {signature_window} s needs used signatures remembered "
+                             f"for {2 * signature_window} s; they are for {REPLAY_MEMORY} s")
         self.settings = settings
         settings.var_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(settings.db_url_resolved)

@@ -29,8 +29,8 @@ from redis import Redis
 from rq.job import Job
 from sqlalchemy import func, select
 
-from pen_gateway.app import create_app, gateway_of
-from pen_gateway.signing import seen_signatures, signature_headers
+from pen_gateway.app import PenGateway, create_app, gateway_of
+from pen_gateway.signing import REPLAY_MEMORY, seen_signatures, signature_headers
 from pen_gateway.uploads import get_upload, set_upload_status, uploads
 from returns_queue.jobs import ocr_job_id, ocr_queue
 from settings import Settings
@@ -208,6 +208,15 @@ def test_bad_signatures_get_401_and_change_nothing(pen: Gateway, redis: Redis, p
     assert_error(answer, 401, code)
     assert answer.headers["www-authenticate"].startswith("Remontee-HMAC")
     assert snapshot(pen, redis) == before
+
+
+@pytest.mark.parametrize("window", [0, REPLAY_MEMORY // 2 + 1])
+def test_a_signature_window_longer_than_replays_are_remembered_is_refused(tmp_path: Path, window: int) -> None:
+    """A signature is good for 2 x window (its timestamp may be off either way): used at the start, it must
+    still be remembered at the end, or it could be replayed."""
+    with pytest.raises(ValueError, match="remembered"):
+        PenGateway(Settings(var_dir=tmp_path / "var"), signature_window=window)
+    assert not (tmp_path / "var").exists()  # refused before anything was opened
 
 
 def test_a_replayed_upload_gets_401_and_changes_nothing(pen: Gateway, redis: Redis, page_png: bytes) -> None:
