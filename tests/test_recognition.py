@@ -20,7 +20,7 @@ from pen_gateway.recognition.assess import (
     confidences_if_sums_hold,
     suggest_fixes,
 )
-from pen_gateway.recognition.cells import ink_boxes, ink_cells
+from pen_gateway.recognition.cells import crossed_fields, ink_boxes, ink_cells
 from pen_gateway.recognition.pipeline import PageReading, field_reading, read_cells, read_page
 from registry import Bureau as RegistryBureau
 from registry import Registry
@@ -35,7 +35,7 @@ from tests.filled_forms import (
     threshold,
     well_read_seed,
 )
-from tests.form_fill import consistent_counts, filled_upload, load_handwriting
+from tests.form_fill import consistent_counts, filled_upload, inkml_document, load_handwriting, pen_strokes
 from validation import Reason
 
 
@@ -52,6 +52,31 @@ def _scan_reading(election: Election, bureau: str, counts: dict[str, int], seed:
 
 
 # --- pure stages, on plain data ---
+
+def test_ink_running_through_boxes_it_was_not_written_in_is_found(election_t1: Election) -> None:
+    layout = form_layout(election_t1)
+    aubry, royal = layout.field("aubry").cells, layout.field("royal").cells
+    (x, y, w, h), last = aubry[-2], aubry[-1]
+    digit = np.array([[x + 2, y + 2], [x + w - 2, y + 2], [x + 3, y + h - 2]])  # a 7, in its box
+    assert crossed_fields([digit], layout) == set()
+    # A line struck through the row's last two boxes, sampled only at its ends: its middle is in a box.
+    strike = np.array([[x - 1, y + h / 2], [last[0] + last[2] + 1, y + h / 2 + 0.3]])
+    assert crossed_fields([digit, strike], layout) == {"aubry"}
+    # A cross over the sheet, from margin to margin: its middle is in no box.
+    cross = np.array([[5.0, royal[0][1] - 60], [205.0, royal[0][1] + 40]])
+    assert "aubry" not in crossed_fields([cross], layout) and crossed_fields([cross], layout)
+    # A digit sprawling 3 mm into its neighbour's box: whose is it?
+    sprawl = np.array([[x + 2, y + 2], [x + w + 2 + 3, y + 5], [x + 3, y + h - 2]])
+    assert crossed_fields([sprawl], layout) == {"aubry"}
+    # Across the 2 mm gap and less than CROSSING_DEPTH_MM into the next box: a digit that strayed, no more.
+    stray = np.array([[x + 2, y + 2], [x + w + 2 + 1.5, y + 5], [x + 3, y + h - 2]])
+    assert crossed_fields([stray], layout) == set()
+    # A signature, a dot, nonsense coordinates: nothing crossed, nothing raised.
+    sx, sy, _, sh = layout.signature_box
+    signature = np.stack([sx + 10 + 60 * np.linspace(0, 1, 50), sy + sh / 2 + np.zeros(50)], axis=1)
+    far = np.array([[1e300, -1e300], [-1e300, 1e300], [np.inf, 5.0], [np.nan, 5.0]])
+    assert crossed_fields([signature, np.array([[x + 4, y + 5]]), far, np.zeros((0, 2))], layout) == set()
+
 
 # A bureau's figures whose sums hold: blancs_nuls + exprimes = votants, the candidates add up to exprimes.
 CONSISTENT = {"votants": 412, "blancs_nuls": 7, "exprimes": 405, "aubry": 120, "baylet": 10, "hollande": 160,
@@ -287,6 +312,31 @@ def test_a_form_with_an_arithmetic_error_goes_to_review_with_the_suggestion(
     assert Reason.SUM_MISMATCH in {f.code for f in assessment.findings}
     assert assessment.suggestions == [(field, truth[field])]
     assert assessment.ret is not None and assessment.ret.counts[field] == written[field], "never applied alone"
+
+
+@needs_handwriting
+def test_figures_struck_through_on_an_ink_page_go_to_a_human(election_t1: Election, registry: Registry) -> None:
+    """A president swaps two candidates' figures (the sums still hold), notices, strikes both rows through
+    and writes the right figures in the margin. The boxes read as written, with confidence: the strike-
+    throughs must send the page to a human (they used to be dropped, and the swapped figures accepted)."""
+    bureau = _bureau(registry)
+    truth = consistent_counts(election_t1, np.random.default_rng(13), inscrits=bureau.inscrits)
+    written = {**truth, "aubry": truth["montebourg"], "montebourg": truth["aubry"]}
+    assert written != truth
+    seed = well_read_seed(lambda s: _inkml_reading(election_t1, written, seed=s), written, confident=registry,
+                          bureau=bureau.code)
+    strokes, _ = pen_strokes(election_t1, written, load_handwriting(), np.random.default_rng(seed))
+    layout = form_layout(election_t1)
+    for fid in ("aubry", "montebourg"):
+        x, y, w, h = layout.field(fid).cells[-1]
+        strokes.append(np.array([[60.0, y + h / 2], [x + w + 1.0, y + h / 2 + 0.3]]))  # one line through the row
+        strokes.append(np.array([[194.0, y + 2], [197.0, y + h - 2]]))  # the right figure, in the margin
+    reading = read(inkml_document(strokes), "application/inkml+xml")
+    assert {fid: fr.value for fid, fr in reading.fields.items()} == written  # what the boxes hold
+    assessment = assess(reading, UploadFacts("u", "s", None, bureau.code), registry, ELECTION, threshold())
+    assert {(f.code, f.field) for f in assessment.findings} == {
+        (Reason.LOW_CONFIDENCE, "aubry"), (Reason.LOW_CONFIDENCE, "montebourg")}
+    assert all("traverse" in f.message for f in assessment.findings)
 
 
 def test_a_page_that_is_not_the_form_is_unreadable_for_a_human(registry: Registry) -> None:

@@ -3,8 +3,8 @@
 The pen channel's own findings come on top of `validation.check_return`:
 - `LOW_CONFIDENCE` for each field that may have been read wrong: the probability of its
   reading, with the form's sums as evidence, is under `FIELD_BAR` (or it has an empty box
-  between two digits); and for a bureau that only the printed text (not the QR) or a
-  disagreeing upload says;
+  between two digits, or pen ink written elsewhere runs through its boxes: struck out?); and
+  for a bureau that only the printed text (not the QR) or a disagreeing upload says;
 - `UNREADABLE` (field None) when the page could not be located or identified.
 A return is accepted only with no finding at all: every sum holds and every digit is confident.
 
@@ -254,6 +254,11 @@ def confidence_findings(
                 f"{f.label} : lecture incertaine ({fr.value}, confiance {checked[f.id]:.4f})",
                 {"value": fr.value, "confidence": round(checked[f.id], 6), "least_sure_box": round(fr.confidence, 6),
                  "threshold": FIELD_BAR},
+            ))
+        elif f.id in reading.crossed:
+            findings.append(Finding(
+                Reason.LOW_CONFIDENCE, f.id, f"{f.label} : un trait traverse les cases (chiffres barrés ?)",
+                {"value": fr.value},
             ))
         elif fr.gap:
             findings.append(Finding(

@@ -4,6 +4,8 @@ A scan's box is cut straight through the fitted homography and inset so the prin
 stays out. An InkML page has no border and no distortion: each stroke goes to the box its
 middle lies in, and the box is drawn from its own strokes (a digit that spills over the
 printed line is kept whole), with the pen width of a ballpoint, as the digit model saw in training.
+Ink that runs through boxes it was not written in (a line striking figures out, a cross voiding
+the sheet) is in no box's picture, so `crossed_fields` says where it is, for a human to look.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ STROKE_REACH_MM = (CELL_GAP_MM / 2, 3.0)  # how far outside a box a stroke's mid
 # reaches further (a line across the form, a corrupt or hostile coordinate) is cut there: the box stays
 # a box's size, not metres of canvas.
 INK_SPILL_MM = 8.0
+# How deep into a box a stroke written elsewhere must run to be crossing it: deeper than a digit that strays
+# over its own box's printed line and across the 2 mm gap.
+CROSSING_DEPTH_MM = 2.0
+_SEGMENTS_AT_ONCE = 4096  # a stroke's segments tested against every box at once, this many at a time
 FIELD_MARGIN_MM = 2.0  # around a field's boxes in the reviewer's crop
 PAGE_PX_PER_MM = 5.0  # page.png: enough for a reviewer to read the form, small enough to send quickly
 
@@ -51,24 +57,82 @@ def scan_page_image(gray: np.ndarray, alignment: Alignment, layout: FormLayout) 
     return warp_region(gray, alignment, (0.0, 0.0, layout.width_mm, layout.height_mm), PAGE_PX_PER_MM)
 
 
+class _Boxes:
+    """Every box of the form, in field order, as arrays: where strokes are placed and what they cross."""
+
+    def __init__(self, layout: FormLayout) -> None:
+        cells = [((f.id, i), cell) for f in layout.fields for i, cell in enumerate(f.cells)]
+        self.keys = [key for key, _ in cells]
+        self.centres = np.array([(x + w / 2, y + h / 2) for _, (x, y, w, h) in cells])
+        self.reach = np.array([(w / 2 + STROKE_REACH_MM[0], h / 2 + STROKE_REACH_MM[1]) for _, (_, _, w, h) in cells])
+        insides = [inset(cell, CROSSING_DEPTH_MM) for _, cell in cells]
+        self.insides = np.array([(x, y, x + w, y + h) for x, y, w, h in insides])
+
+    def owner(self, stroke: np.ndarray) -> int | None:
+        """The box a stroke was written in: the nearest whose reach holds the middle of its extent; None if none."""
+        middle = (stroke.min(axis=0) + stroke.max(axis=0)) / 2
+        offset = np.abs(self.centres - middle)
+        inside = np.all(offset <= self.reach, axis=1)
+        if not inside.any():
+            return None
+        # Boxes' reaches overlap by design (gaps and rows): the nearest centre wins.
+        distance = np.where(inside, np.hypot(offset[:, 0], offset[:, 1]), np.inf)
+        return int(np.argmin(distance))
+
+    def entered(self, stroke: np.ndarray) -> np.ndarray:
+        """Which boxes' insides (N,) the stroke's path runs through: its segments, not only its sampled points.
+
+        Each segment a + t(b - a), t in [0, 1], is clipped to each inside, one axis at a time (Liang-Barsky);
+        a point (a one-point stroke) is a segment of no length."""
+        hit = np.zeros(len(self.keys), dtype=bool)
+        ends = np.asarray(stroke, dtype=np.float64)
+        # Only boxes whose inside meets the stroke's extent can be entered (most strokes: their own box alone).
+        near = np.all((self.insides[:, :2] <= ends.max(axis=0)) & (self.insides[:, 2:] >= ends.min(axis=0)), axis=1)
+        if not near.any():
+            return hit
+        lo, hi = self.insides[None, near, :2], self.insides[None, near, 2:]
+        for k in range(0, max(1, len(ends) - 1), _SEGMENTS_AT_ONCE):
+            a = ends[k : k + _SEGMENTS_AT_ONCE + 1]
+            a, b = (a[:-1], a[1:]) if len(a) > 1 else (a, a)
+            a, d = a[:, None, :], (b - a)[:, None, :]
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                t_lo, t_hi = (lo - a) / d, (hi - a) / d
+                within = (a >= lo) & (a <= hi)  # what a segment along an axis (d = 0) decides alone
+                enter = np.where(d == 0, np.where(within, -np.inf, np.inf), np.minimum(t_lo, t_hi))
+                leave = np.where(d == 0, np.where(within, np.inf, -np.inf), np.maximum(t_lo, t_hi))
+                first, last = np.maximum(enter.max(axis=2), 0.0), np.minimum(leave.min(axis=2), 1.0)
+            hit[near] |= (first <= last).any(axis=0)
+        return hit
+
+
 def assign_strokes(strokes: Sequence[np.ndarray], layout: FormLayout) -> dict[tuple[str, int], list[np.ndarray]]:
     """{(field id, box index): the strokes written in that box}; strokes outside every box (a signature) are dropped."""
-    boxes = [((f.id, i), cell) for f in layout.fields for i, cell in enumerate(f.cells)]
-    centres = np.array([(x + w / 2, y + h / 2) for _, (x, y, w, h) in boxes])
-    half = np.array([(w / 2 + STROKE_REACH_MM[0], h / 2 + STROKE_REACH_MM[1]) for _, (_, _, w, h) in boxes])
+    boxes = _Boxes(layout)
     out: dict[tuple[str, int], list[np.ndarray]] = {}
+    for stroke in strokes:
+        owner = boxes.owner(stroke) if len(stroke) else None
+        if owner is not None:
+            out.setdefault(boxes.keys[owner], []).append(stroke)
+    return out
+
+
+def crossed_fields(strokes: Sequence[np.ndarray], layout: FormLayout) -> set[str]:
+    """The fields with a box that ink written elsewhere runs through (`CROSSING_DEPTH_MM` deep at least).
+
+    A line striking a row of figures out, a cross over the sheet: their middle lies in no box, or in one
+    box they run far beyond, and a box is drawn from its own strokes only, so the figures read as if
+    nothing crossed them. A digit sprawling into its neighbour's box is counted too: whose is it?"""
+    boxes = _Boxes(layout)
+    crossed: set[str] = set()
     for stroke in strokes:
         if len(stroke) == 0:
             continue
-        middle = (stroke.min(axis=0) + stroke.max(axis=0)) / 2
-        offset = np.abs(centres - middle)
-        inside = np.all(offset <= half, axis=1)
-        if not inside.any():
-            continue
-        # Boxes' reaches overlap by design (gaps and rows): the nearest centre wins.
-        distance = np.where(inside, np.hypot(offset[:, 0], offset[:, 1]), np.inf)
-        out.setdefault(boxes[int(np.argmin(distance))][0], []).append(stroke)
-    return out
+        entered = boxes.entered(stroke)
+        owner = boxes.owner(stroke)
+        if owner is not None:
+            entered[owner] = False
+        crossed.update(boxes.keys[k][0] for k in np.flatnonzero(entered))
+    return crossed
 
 
 def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:

@@ -20,6 +20,7 @@ from forms.layout import FormIdentity, FormLayout, form_layout
 from pen_gateway.digits.preprocess import Crop
 from pen_gateway.recognition.align import Alignment, AlignmentError, align_page, reduced, to_gray
 from pen_gateway.recognition.cells import (
+    crossed_fields,
     ink_boxes,
     ink_cells,
     ink_field_crop,
@@ -106,6 +107,7 @@ class PageReading:
     page_image: np.ndarray | None = None
     field_images: dict[str, np.ndarray] = field(default_factory=dict)
     problem: str | None = None  # why the page could not be read, in French, for the reviewer
+    crossed: set[str] = field(default_factory=set)  # fields whose boxes ink written elsewhere runs through (InkML)
 
     @property
     def layout(self) -> FormLayout | None:
@@ -166,6 +168,7 @@ def _read_ink(strokes: list[np.ndarray], recognizer: Recognizer, election_id: st
     cells = ink_cells(boxes, layout)
     reading.fields = read_cells(recognizer, cells, "ink", boxes)
     reading.field_images = {f.id: ink_field_crop(f, cells[f.id]) for f in layout.fields}
+    reading.crossed = crossed_fields(strokes, layout)
     return reading
 
 
