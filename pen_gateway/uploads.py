@@ -182,6 +182,20 @@ def set_upload_status(
     conn.execute(update(uploads).where(uploads.c.upload_id == upload_id).values(**values))
 
 
+def settle_uploads_of(conn: Connection, decided_return_id: str, status: str, *, return_id: str | None = None,
+                      receipt: str | None = None) -> None:
+    """Every upload whose figures are in `decided_return_id` takes the decision on it, inside the caller's transaction.
+
+    That is the upload the return was read from and every upload answered as its DUPLICATE (the same
+    page docked by another station): each carries the return's id since it was journaled."""
+    values: dict[str, object] = {"status": status, "updated_at": time.time()}
+    if return_id is not None:
+        values["return_id"] = return_id
+    if receipt is not None:
+        values["receipt"] = receipt
+    conn.execute(update(uploads).where(uploads.c.return_id == decided_return_id).values(**values))
+
+
 def uploads_with_bytes(conn: Connection, sha256: str) -> bool:
     """Whether a journaled upload is stored under `sha256` (the raw file is shared by identical bytes)."""
     return conn.execute(select(uploads.c.upload_id).where(uploads.c.sha256 == sha256).limit(1)).first() is not None

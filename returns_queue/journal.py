@@ -244,7 +244,11 @@ class Journal:
         with self._reader.connect() as conn:
             yield conn
 
-    def _lock_bureau(self, conn: Connection, election: str, bureau: str) -> None:
+    def lock_bureau(self, conn: Connection, election: str, bureau: str) -> None:
+        """Serialize, inside the caller's transaction, every writer that reads or decides a bureau's returns.
+
+        A submission and a supervisor's decision on the same bureau must not interleave: a duplicate
+        journaled meanwhile would be answered with the fate of a return decided without it."""
         if not self.sqlite:  # SQLite's BEGIN IMMEDIATE already serializes writers
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"{election}/{bureau}"})
 
@@ -313,7 +317,7 @@ class Journal:
         findings: Sequence[Finding],
         also: Callable[[Connection, Submission], None] | None,
     ) -> Submission:
-        self._lock_bureau(conn, ret.election, ret.bureau)
+        self.lock_bureau(conn, ret.election, ret.bureau)
         latest = self._latest_accepted(conn, ret.election, ret.bureau)
         pending = self._pending(conn, ret.election, ret.bureau)
         all_findings = (*findings, *check_history(ret, latest, pending))

@@ -303,6 +303,8 @@ class ReviewItems:
         def also(conn: Connection, submission: Submission) -> None:
             if submission.status != "accepted":  # a supervisor's return is the decision itself: never reviewed again
                 raise ItemUnavailable(f"le retour corrigé n'a pas été accepté ({submission.status})")
+            # The journal locked the bureau approved; the item's may be another (the supervisor changed it).
+            self.journal.lock_bureau(conn, item.election, item.bureau)
             self._close(conn, item, username,
                         {"state": "approved", "decision_note": note or None, "result_return_id": submission.return_id})
             conn.execute(
@@ -314,7 +316,7 @@ class ReviewItems:
             if note:
                 after["note"] = note
             Journal.record_audit(conn, username, "approve", item.return_id, audit_view(item.ret), after)
-            _mark_upload(conn, item.ret, "accepted", submission.return_id, submission.receipt)
+            _settle_uploads(conn, item.return_id, "accepted", submission.return_id, submission.receipt)
 
         submission = self.journal.submit(ret, (), also=also)
         return Approval(ret, [], submission)
@@ -328,6 +330,7 @@ class ReviewItems:
         if item is None:
             raise ItemUnavailable("élément inconnu")
         with self.journal.write() as conn:
+            self.journal.lock_bureau(conn, item.election, item.bureau)
             self._close(conn, item, username, {"state": "rejected", "decision_note": reason})
             conn.execute(
                 update(returns)
@@ -335,16 +338,19 @@ class ReviewItems:
                 .values(status="rejected")
             )
             Journal.record_audit(conn, username, "reject", item.return_id, audit_view(item.ret), {"note": reason})
-            _mark_upload(conn, item.ret, "rejected", None, None)
+            _settle_uploads(conn, item.return_id, "rejected", None, None)
 
 
-def _mark_upload(conn: Connection, ret: Return, status: str, return_id: str | None, receipt: str | None) -> None:
-    """Keep the pen upload's row truthful when its return is decided here (the table exists once pen has run)."""
-    upload_id = ret.source.get("upload_id")
-    if ret.channel != "pen" or not upload_id:
-        return
-    from pen_gateway.uploads import set_upload_status, uploads
+def _settle_uploads(conn: Connection, decided_return_id: str, status: str, return_id: str | None,
+                    receipt: str | None) -> None:
+    """Keep the rows of the pen uploads whose figures are in the decided return truthful.
+
+    Not only the upload it was read from: a duplicate upload (the same page docked by another
+    station) is answered with this return and would otherwise wait in `review` for a decision
+    already made. Whatever the decided return's channel: a pen page may repeat a phone return.
+    The table exists once pen has run."""
+    from pen_gateway.uploads import settle_uploads_of, uploads
 
     if not conn.dialect.has_table(conn, uploads.name):
         return
-    set_upload_status(conn, upload_id, status, return_id=return_id, receipt=receipt)
+    settle_uploads_of(conn, decided_return_id, status, return_id=return_id, receipt=receipt)

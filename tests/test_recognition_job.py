@@ -60,7 +60,7 @@ def settings(tmp_path: Path, journal: Journal, demo_registry_files: tuple[Path, 
 
 
 def store_upload(journal: Journal, directory: Path, data: bytes, content_type: str, *,
-                 bureau: str | None = None, pen_serial: str | None = None) -> str:
+                 bureau: str | None = None, pen_serial: str | None = None, station_id: str = "station-7") -> str:
     """What the upload API leaves behind before its 202: the raw bytes on disk and a `queued` row."""
     upload_id = str(ULID())
     sha = hashlib.sha256(data).hexdigest()
@@ -68,7 +68,7 @@ def store_upload(journal: Journal, directory: Path, data: bytes, content_type: s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     with journal.write() as conn:
-        record_upload(conn, Upload(upload_id, sha, path, content_type, len(data), "station-7", pen_serial, bureau,
+        record_upload(conn, Upload(upload_id, sha, path, content_type, len(data), station_id, pen_serial, bureau,
                                    None, "queued", None, None, None, 0.0))
     return upload_id
 

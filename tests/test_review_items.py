@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from review_support import (
     GOOD_T1,
@@ -21,14 +22,16 @@ from review_support import (
     write_pen_artefacts,
 )
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
 from sqlalchemy import select, update
 
-from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
+from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload, set_upload_status
 from returns_queue.jobs import RETURNS_QUEUE, return_job_id
 from returns_queue.journal import audit, returns, review_items
 from returns_queue.relay import Relay
 from review.review_items import ItemUnavailable
+from tests.filled_forms import inkml_upload, read, well_read_seed
+from tests.form_fill import consistent_counts, handwriting_available
 
 __all__ = ["env"]
 JOB = "returns_queue.consolidation.consolidate"
@@ -312,6 +315,8 @@ def test_pen_upload_row_follows_the_decision(env: ReviewEnv) -> None:
                                    "AJX-1", code, None, "review", None, None, None, time.time()))
     sub = submit(env.journal, env.election, env.registry, code, {**GOOD_T1, "votants": 260}, "pen",
                  {"upload_id": upload_id, "station_id": "station-1"})
+    with env.journal.write() as conn:  # as the OCR job leaves it, in the transaction of its return
+        set_upload_status(conn, upload_id, "review", return_id=sub.return_id, receipt=sub.receipt)
     client = env.client()
     token = login(client, "alice")
     item = item_id_for(env.journal, sub.return_id)
@@ -320,6 +325,72 @@ def test_pen_upload_row_follows_the_decision(env: ReviewEnv) -> None:
     upload = get_upload(env.journal, upload_id)
     assert upload.status == "accepted"
     assert upload.return_id == env.app.extensions["remontee_review"].items.get(item).result_return_id
+
+
+INKML = "application/inkml+xml"
+
+
+def slipped_page(env: ReviewEnv, bureau: str) -> tuple[bytes, dict[str, int]]:
+    """A page the president slipped on (votants one short of blancs_nuls + exprimes), in a hand the model reads as
+    written, so its return waits in review; and the true figures, the supervisor's."""
+    truth = consistent_counts(env.election, np.random.default_rng(31), inscrits=env.registry.get(bureau).inscrits)
+    slipped = {**truth, "votants": truth["votants"] - 1}
+    seed = well_read_seed(lambda s: read(inkml_upload(env.election, slipped, s), INKML), slipped)
+    return inkml_upload(env.election, slipped, seed), truth
+
+
+def read_by_a_worker(env: ReviewEnv, monkeypatch: pytest.MonkeyPatch, page: bytes, bureau: str,
+                     stations: list[str]) -> list[str]:
+    """The page docked by each station in turn, each upload read by the real `ocr` job on a real RQ worker."""
+    from tests.test_recognition_job import run_worker, store_upload
+
+    for key, value in {"REMONTEE_VAR_DIR": env.settings.var_dir, "REMONTEE_DB_URL": env.journal.url,
+                       "REMONTEE_REGISTRY": env.settings.registry_path, "REMONTEE_ELECTION": env.election.id}.items():
+        monkeypatch.setenv(key, str(value))
+    upload_ids = [store_upload(env.journal, env.settings.var_dir.parent, page, INKML, bureau=bureau, station_id=s)
+                  for s in stations]
+    assert [job.get_status() for job in run_worker(env.redis, upload_ids)] == [JobStatus.FINISHED] * len(stations)
+    return upload_ids
+
+
+def decide(env: ReviewEnv, item: int, decision: str, truth: dict[str, int]) -> tuple[str, str, str]:
+    """The supervisor's decision through the UI; what every upload of the item's return should now say."""
+    client = env.client()
+    token = login(client, "alice")
+    original = env.app.extensions["remontee_review"].items.get(item)
+    if decision == "approve":
+        assert client.post(f"/items/{item}/approve", data=form(truth, token)).status_code == 303
+        decided = env.journal.get(env.app.extensions["remontee_review"].items.get(item).result_return_id)
+        return "accepted", decided.ret.return_id, decided.receipt
+    assert client.post(f"/items/{item}/reject",
+                       data={"csrf_token": token, "reason": "PV raturé, rappeler le bureau"}).status_code == 303
+    return "rejected", original.return_id, original.receipt
+
+
+def settled(env: ReviewEnv, upload_id: str) -> tuple[str, str | None, str | None]:
+    upload = get_upload(env.journal, upload_id)
+    return upload.status, upload.return_id, upload.receipt
+
+
+@pytest.mark.skipif(not handwriting_available(),
+                    reason="../shared/data/handwriting is absent: the page is written with real held-out handwriting")
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_a_page_docked_by_two_stations_follows_the_decision_on_its_return(
+    env: ReviewEnv, monkeypatch: pytest.MonkeyPatch, decision: str
+) -> None:
+    """Station 9 docks the page station 7 docked: a DUPLICATE of the return in review, answered with its fate. The
+    supervisor's decision on that return is the second upload's too: no upload waits in review for it."""
+    code = bureau_codes(env.registry)[8]
+    page, truth = slipped_page(env, code)
+    first, second = read_by_a_worker(env, monkeypatch, page, code, ["station-7", "station-9"])
+    waiting = settled(env, first)
+    assert waiting[0] == "review" and settled(env, second) == waiting
+    assert env.journal.get(waiting[1]).ret.source["upload_id"] == first
+    item = item_id_for(env.journal, waiting[1])
+    assert env.app.extensions["remontee_review"].items.counts()["open"] == 1  # one item for the two uploads
+
+    after = decide(env, item, decision, truth)
+    assert settled(env, first) == settled(env, second) == after
 
 
 def test_channel_conflict_shows_both_returns_side_by_side(env: ReviewEnv) -> None:
