@@ -4,7 +4,8 @@ Shares the journal's database (and its durability): a row is committed before th
 Statuses: queued → recognized → accepted | review | rejected; `failed` when recognition
 itself broke (the raw bytes stay, a supervisor or a retry picks it up). `review` with no return
 means no bureau was found: a supervisor assigns one in the review UI and the upload is `queued`
-again, its outbox mark cleared (review/unassigned_uploads.py), or rejects it.
+again, its outbox mark cleared (review/unassigned_uploads.py), or rejects it. An upload answered as a
+DUPLICATE carries the return it repeats, and takes the supervisor's decision on it with its original.
 
 It is also the OCR outbox: `ocr_enqueued_at` stays NULL until the OCR relay has seen the upload's
 `ocr` job on RQ, so an upload acknowledged while Redis was down is enqueued when Redis is back.
