@@ -11,6 +11,8 @@ Content-Type alone. Everything that goes wrong raises `DecodeError(code, message
 `http_status` the upload API answers with (415 for a type we do not take, 422 for a file we
 cannot or will not read). `probe_upload` is the upload-time check: cheap for images (headers,
 dimensions, checksums), a full parse for InkML; `decode_upload` is the full decode the OCR uses.
+Both refuse an InkML with more traces or points (or XML elements) than a form page holds, counted
+while the XML is parsed, before any point is read.
 
 XML is parsed with defusedxml, which refuses DTDs, entity declarations and external references:
 a billion-laughs or an external-entity upload is a 422, never an expansion.
@@ -49,6 +51,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 _UNDECLARED = {"", "application/octet-stream", "binary/octet-stream"}
 _ALIASES = {"image/jpg": JPEG, "image/pjpeg": JPEG, "image/tif": TIFF, "image/x-tiff": TIFF,
             "application/xml": INKML, "text/xml": INKML, "application/x-inkml+xml": INKML}
+
+# The most ink a form page holds; past either the InkML is refused (422 INKML_TOO_LARGE) before its points
+# are parsed. The largest form (primaire-2011-t1, 36 boxes) filled as the benchmark fills it
+# (tests/form_fill.py, 200 pages for each election) has 10-34 traces and 344-979 points, 44 traces and 1,649
+# points with every box written. A real pen samples about 100 points a second and a digit takes under a
+# second: ~100 points a box, 3,600 for every box, twice that with every box struck out and written again,
+# and a signature of a few seconds and a few dozen strokes: about 200 traces and 8,000 points at most.
+# 5,000 traces is 25 times that, 100,000 points 12 times (17 minutes of pen-down at 100 Hz), and the OCR
+# still reads such a page in seconds; a page of 20 MiB (the upload limit) of one-point traces, 877,870 of
+# them, cost 22 s of CPU to probe in the request and 95 s to read.
+MAX_INK_TRACES = 5_000
+MAX_INK_POINTS = 100_000
+# And the XML around them: a page is its traces and a few definitions; ten elements a trace at the trace
+# limit (groups, annotations, views) is room enough. 20 MiB of empty elements, 5.2 million, cost 33 s of
+# CPU to probe, though they hold no trace at all.
+MAX_INK_ELEMENTS = 50_000
 
 INKML_NS = "http://www.w3.org/2003/InkML"
 XML_NS = "http://www.w3.org/XML/1998/namespace"
@@ -243,10 +261,35 @@ def _local(tag: object) -> str:
     return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
 
 
+def _too_much_ink(what: str, limit: int) -> DecodeError:
+    return DecodeError("INKML_TOO_LARGE",
+                       f"the InkML has more than {limit:,} {what}: a filled form has a few dozen traces and a few "
+                       f"thousand points, so this is not one form page")
+
+
 def _parse_xml(data: bytes) -> Element:
+    """The InkML document's tree, counting elements, traces and points as it is built and stopping past the limits.
+
+    A trace's points are counted as its comma-separated parts, before any is parsed (blank parts are no
+    point but cost the parse a step all the same)."""
+    traces = points = 0
     try:
-        root = defusedxml.ElementTree.fromstring(data, forbid_dtd=True, forbid_entities=True,
-                                                 forbid_external=True)
+        parsing = defusedxml.ElementTree.iterparse(io.BytesIO(data), events=("end",), forbid_dtd=True,
+                                                   forbid_entities=True, forbid_external=True)
+        for elements, (_event, element) in enumerate(parsing, start=1):
+            if elements > MAX_INK_ELEMENTS:
+                raise _too_much_ink("XML elements", MAX_INK_ELEMENTS)
+            if _local(element.tag) != "trace":
+                continue
+            traces += 1
+            if traces > MAX_INK_TRACES:
+                raise _too_much_ink("traces", MAX_INK_TRACES)
+            text = element.text
+            if text and not text.isspace():
+                points += text.count(",") + 1
+                if points > MAX_INK_POINTS:
+                    raise _too_much_ink("points", MAX_INK_POINTS)
+        root = parsing.root  # type: ignore[attr-defined]
     except defusedxml.DefusedXmlException as exc:
         raise DecodeError("XML_FORBIDDEN",
                           f"the InkML declares a DTD, entities or external references, which are refused: {exc!r}"

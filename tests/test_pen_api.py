@@ -30,6 +30,7 @@ from rq.job import Job
 from sqlalchemy import func, select
 
 from pen_gateway.app import PenGateway, create_app, gateway_of
+from pen_gateway.decode import MAX_INK_POINTS, MAX_INK_TRACES
 from pen_gateway.signing import REPLAY_MEMORY, seen_signatures, signature_headers
 from pen_gateway.uploads import get_upload, set_upload_status, uploads
 from returns_queue.jobs import ocr_job_id, ocr_queue
@@ -340,6 +341,8 @@ BAD_PAGES = {
     "external-dtd": (EXTERNAL_DTD, "application/inkml+xml", 422, "XML_FORBIDDEN"),
     "broken-xml": (b"<?xml version='1.0'?><ink><trace>1 2, 3", "application/inkml+xml", 422, "BAD_INKML"),
     "empty": (b"", "image/png", 422, "EMPTY_FILE"),
+    "too-many-traces": ("too-many-traces", "application/inkml+xml", 422, "INKML_TOO_LARGE"),
+    "too-many-points": ("too-many-points", "application/inkml+xml", 422, "INKML_TOO_LARGE"),
 }
 
 
@@ -354,6 +357,8 @@ def test_bad_pages_get_a_clear_error_and_change_nothing(pen: Gateway, redis: Red
         "truncated-jpeg": lambda: _jpeg(page_png)[:-2000],
         "bomb": bomb_png,
         "huge": lambda: huge_png_header(200_000, 200_000),
+        "too-many-traces": lambda: inkml_page([[(10.0, 20.0)]] * (MAX_INK_TRACES + 1)),
+        "too-many-points": lambda: b"<ink><trace>" + b", ".join([b"10 20"] * (MAX_INK_POINTS + 1)) + b"</trace></ink>",
     }
     if isinstance(data, str):
         data = made[data]()

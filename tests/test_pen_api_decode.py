@@ -17,9 +17,13 @@ from pen_helpers import (
 )
 from PIL import Image
 
+import pen_gateway.decode
 from pen_gateway.decode import (
     INKML,
     JPEG,
+    MAX_INK_ELEMENTS,
+    MAX_INK_POINTS,
+    MAX_INK_TRACES,
     PNG,
     TIFF,
     DecodeError,
@@ -114,6 +118,52 @@ def test_inkml_without_namespace_and_with_a_prefix() -> None:
 def test_bad_or_hostile_inkml_is_422(doc: bytes, code: str) -> None:
     assert _code(doc, INKML) == (code, 422)
     assert _code(doc, INKML, probe=True) == (code, 422)
+
+
+def _one_point_traces(count: int) -> bytes:
+    return b"<ink xmlns='http://www.w3.org/2003/InkML'>" + b"<trace>10 20</trace>" * count + b"</ink>"
+
+
+def _one_trace_of(points: int) -> bytes:
+    return b"<ink xmlns='http://www.w3.org/2003/InkML'><trace>" + b",".join([b"10 20"] * points) + b"</trace></ink>"
+
+
+def test_an_inkml_page_with_more_traces_than_a_form_has_is_422_before_any_point_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert probe_upload(_one_point_traces(MAX_INK_TRACES), INKML).strokes == MAX_INK_TRACES
+    read: list[str] = []
+    original = pen_gateway.decode._trace_points
+    monkeypatch.setattr(pen_gateway.decode, "_trace_points", lambda text, fmt: read.append(text) or original(text, fmt))
+    too_many = _one_point_traces(MAX_INK_TRACES + 1)
+    assert _code(too_many, INKML, probe=True) == ("INKML_TOO_LARGE", 422)
+    assert _code(too_many, INKML) == ("INKML_TOO_LARGE", 422)
+    assert read == []  # refused while counting, not after parsing every point
+
+
+def test_an_inkml_page_with_more_points_than_a_form_has_is_422_before_any_point_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert probe_upload(_one_trace_of(MAX_INK_POINTS), INKML).points == MAX_INK_POINTS
+    split = b"<ink><trace>" + b",".join([b"1 2"] * (MAX_INK_POINTS // 2)) + b"</trace><trace>" + b", ".join(
+        [b"3 4"] * (MAX_INK_POINTS // 2 + 1)) + b"</trace></ink>"
+    read: list[str] = []
+    original = pen_gateway.decode._trace_points
+    monkeypatch.setattr(pen_gateway.decode, "_trace_points", lambda text, fmt: read.append(text) or original(text, fmt))
+    for doc in (_one_trace_of(MAX_INK_POINTS + 1), split):  # in one stroke, or over the page
+        assert _code(doc, INKML, probe=True) == ("INKML_TOO_LARGE", 422)
+        assert _code(doc, INKML) == ("INKML_TOO_LARGE", 422)
+    assert read == []
+
+
+def test_an_inkml_page_of_more_xml_elements_than_a_form_has_is_422_even_without_traces() -> None:
+    # 20 MiB of empty elements (5.2 million) cost 33 s of CPU to probe, inside the upload request.
+    filler = b"<annotation/>" * MAX_INK_ELEMENTS
+    doc = b"<ink xmlns='http://www.w3.org/2003/InkML'>" + filler + b"<trace>10 20</trace></ink>"
+    assert _code(doc, INKML, probe=True) == ("INKML_TOO_LARGE", 422)
+    assert _code(doc, INKML) == ("INKML_TOO_LARGE", 422)
+    room = b"<annotation/>" * (MAX_INK_ELEMENTS - 2)  # with the trace and <ink>, exactly the limit
+    assert probe_upload(doc.replace(filler, room), INKML).strokes == 1
 
 
 # --- images ---
