@@ -166,6 +166,26 @@ def test_an_inkml_page_of_more_xml_elements_than_a_form_has_is_422_even_without_
     assert probe_upload(doc.replace(filler, room), INKML).strokes == 1
 
 
+@pytest.mark.parametrize("text", [
+    "10 20, 12.5 20, 12.5 30.25", " 1 2 ,3 4,\n5 6 , ", "1 2,,3 4", "-1.5e1 +.5, 7. 1E-2", "1-2 3, 4 5",
+    "1 2 3, 4 5", "1, 2", "1 2, 3", "1e999 2", "1 2, x 3", "\u0663 4", "1\u00a02, 3 4", "1 2, '1 '1", "", "  ",
+])
+@pytest.mark.parametrize("names", [("X", "Y"), ("T", "Y", "X")])
+def test_plain_traces_read_at_once_read_as_point_by_point(text: str, names: tuple[str, ...],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = pen_gateway.decode._Format(names, names.index("X"), names.index("Y"), 10.0, 1.0)
+
+    def read() -> object:
+        try:
+            return pen_gateway.decode._trace_points(text, fmt).tolist()
+        except DecodeError as exc:
+            return exc.code
+
+    at_once = read()
+    monkeypatch.setattr(pen_gateway.decode, "_plain_points", lambda text, width: None)
+    assert at_once == read()
+
+
 # --- images ---
 
 def test_png_decodes_to_grayscale_dark_ink_on_light() -> None:
