@@ -11,8 +11,8 @@ Content-Type alone. Everything that goes wrong raises `DecodeError(code, message
 `http_status` the upload API answers with (415 for a type we do not take, 422 for a file we
 cannot or will not read). `probe_upload` is the upload-time check: cheap for images (headers,
 dimensions, checksums), a full parse for InkML; `decode_upload` is the full decode the OCR uses.
-Both refuse an InkML with more traces or points (or XML elements) than a form page holds, counted
-while the XML is parsed, before any point is read.
+Both refuse what is not one form page: a TIFF of several pages, an InkML with more traces or points
+(or XML elements) than a form holds, counted while the XML is parsed, before any point is read.
 
 XML is parsed with defusedxml, which refuses DTDs, entity declarations and external references:
 a billion-laughs or an external-entity upload is a 422, never an expansion.
@@ -180,13 +180,21 @@ def _probe_image(data: bytes, content_type: str) -> ProbedUpload:
             image.load()
         else:
             # TIFF has no cheap whole-file check: decode it (rare from docking stations).
-            _ = image.n_frames  # walks the IFD chain: a broken chain shows here
+            _one_page(image)  # walks the IFD chain: a broken chain shows here
             image.load()
     except Image.DecompressionBombError as exc:
         raise DecodeError("IMAGE_TOO_LARGE", f"the image is too large to be a form page: {exc}") from exc
     except _CORRUPT as exc:
         raise DecodeError("CORRUPT_IMAGE", f"the image is damaged or truncated: {exc}") from exc
     return ProbedUpload(content_type, width=width, height=height)
+
+
+def _one_page(image: Image.Image) -> None:
+    """Refuse a TIFF of several pages: only its first would be read, and a second form in it never would."""
+    pages = image.n_frames
+    if pages > 1:
+        raise DecodeError("MULTIPLE_PAGES",
+                          f"the TIFF has {pages} pages; send each page of a form in an upload of its own")
 
 
 def _decode_image(data: bytes, content_type: str) -> DecodedPage:
@@ -197,6 +205,8 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
             # A colour JPEG decoded straight to its luma: what convert("L") would compute (within
             # rounding), without building the RGB page first.
             image.draft("L", image.size)
+        elif content_type == TIFF:
+            _one_page(image)  # an upload stored before the probe refused them is not read as its first page alone
         image.load()
         image = ImageOps.exif_transpose(image) or image  # a phone photo's orientation tag
         gray = _to_gray(image)

@@ -341,9 +341,18 @@ BAD_PAGES = {
     "external-dtd": (EXTERNAL_DTD, "application/inkml+xml", 422, "XML_FORBIDDEN"),
     "broken-xml": (b"<?xml version='1.0'?><ink><trace>1 2, 3", "application/inkml+xml", 422, "BAD_INKML"),
     "empty": (b"", "image/png", 422, "EMPTY_FILE"),
+    "two-page-tiff": ("two-page-tiff", "image/tiff", 422, "MULTIPLE_PAGES"),
     "too-many-traces": ("too-many-traces", "application/inkml+xml", 422, "INKML_TOO_LARGE"),
     "too-many-points": ("too-many-points", "application/inkml+xml", 422, "INKML_TOO_LARGE"),
 }
+
+
+def _two_page_tiff(page_png: bytes) -> bytes:
+    page = Image.open(io.BytesIO(page_png))
+    buffer = io.BytesIO()
+    flipped = page.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    page.save(buffer, "TIFF", compression="tiff_lzw", save_all=True, append_images=[flipped])
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("name", list(BAD_PAGES))
@@ -357,6 +366,7 @@ def test_bad_pages_get_a_clear_error_and_change_nothing(pen: Gateway, redis: Red
         "truncated-jpeg": lambda: _jpeg(page_png)[:-2000],
         "bomb": bomb_png,
         "huge": lambda: huge_png_header(200_000, 200_000),
+        "two-page-tiff": lambda: _two_page_tiff(page_png),
         "too-many-traces": lambda: inkml_page([[(10.0, 20.0)]] * (MAX_INK_TRACES + 1)),
         "too-many-points": lambda: b"<ink><trace>" + b", ".join([b"10 20"] * (MAX_INK_POINTS + 1)) + b"</trace></ink>",
     }

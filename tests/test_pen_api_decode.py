@@ -248,6 +248,15 @@ def test_jpeg_and_tiff_including_16_bit() -> None:
     assert page.image is not None and page.image.dtype == np.uint8 and page.image[0, 0] == 255
 
 
+def test_a_tiff_of_two_pages_is_422_not_its_first_page_alone() -> None:
+    first, second = Image.new("L", (64, 48), 240), Image.new("L", (64, 48), 200)
+    two = _image_bytes(first, "TIFF", save_all=True, append_images=[second])
+    assert _code(two, TIFF, probe=True) == ("MULTIPLE_PAGES", 422)
+    assert _code(two, TIFF) == ("MULTIPLE_PAGES", 422)
+    one = _image_bytes(first, "TIFF", save_all=True)
+    assert probe_upload(one, TIFF).width == 64 and decode_upload(one, TIFF).image is not None
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
 def test_corrupt_and_truncated_images_are_422(fmt: str) -> None:
     data = scribbled_page(800, 1000, strokes=300, fmt=fmt)
