@@ -111,6 +111,30 @@ def test_a_page_that_is_not_the_form_is_refused_with_a_reason() -> None:
         align_page(blank)
 
 
+@pytest.mark.parametrize("arrangement", ["side-by-side", "one-above-the-other", "scanned-side-by-side"])
+def test_two_forms_on_one_page_are_refused_not_read_as_one(arrangement: str) -> None:
+    """Two bureaux' forms photographed on one page: each marker id is there twice. Keeping one of each
+    read one bureau's return and dropped the other's without a word; the page is not one form."""
+    first, second = blank_form("750120"), blank_form("750121")
+    page = np.vstack([first, second]) if arrangement == "one-above-the-other" else np.hstack([first, second])
+    if arrangement.startswith("scanned"):
+        page, _ = distort(page, Distortion(rotation_deg=2.0, scale=0.6, noise=5, blur=0.8, jpeg_quality=70),
+                          np.random.default_rng(4))
+    with pytest.raises(AlignmentError, match="repères d'angle 0, 1, 2 et 3 présents plusieurs fois"):
+        align_page(page)
+
+
+def test_a_marker_copied_onto_the_page_is_refused() -> None:
+    page = blank_form().copy()
+    s = px_per_mm()
+    side = round(30 * s)
+    top_left = page[:side, :side].copy()  # marker 0 and the paper around it
+    y, x = round(130 * s), round(90 * s)  # mid-page
+    page[y : y + side, x : x + side] = top_left
+    with pytest.raises(AlignmentError, match="repère d'angle 0 présent plusieurs fois"):
+        align_page(page)
+
+
 def test_one_corner_torn_off_still_aligns() -> None:
     page = blank_form().copy()
     s = px_per_mm()

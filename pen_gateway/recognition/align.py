@@ -77,7 +77,11 @@ def reduced(gray: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
 
 
 def detect_fiducials(gray: np.ndarray) -> dict[int, np.ndarray]:
-    """The form's markers found on the page: {marker id: its 4 corners in image pixels (ArUco order)}."""
+    """The form's markers found on the page: {marker id: its 4 corners in image pixels (ArUco order)}.
+
+    Raises AlignmentError when one detection finds a marker id more than once: two forms side by side
+    (or a marker copied onto the page) are not one form, and keeping either would read one bureau's
+    return and drop the other's without a word."""
     wanted = {f.marker_id for f in fiducials()}
     small, scale = reduced(gray, DETECT_LONG_SIDE)
     attempts = [(small, scale), (gray, 1.0)] if scale < 1.0 else [(gray, 1.0)]
@@ -86,13 +90,22 @@ def detect_fiducials(gray: np.ndarray) -> dict[int, np.ndarray]:
         corners, ids, _ = _detector().detectMarkers(image)
         if ids is None:
             continue
+        seen = [int(i) for i in ids.ravel() if int(i) in wanted]
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        if twice:
+            # On 200 distorted scans of filled forms (tests/form_fill.py: rotated, scaled, noisy, JPEG'd),
+            # no detection ever found an id twice: a repeat is on the page, not noise.
+            which = f"repère d'angle {twice[0]} présent" if len(twice) == 1 else (
+                f"repères d'angle {', '.join(map(str, twice[:-1]))} et {twice[-1]} présents")
+            raise AlignmentError(f"{which} plusieurs fois : plusieurs formulaires sur la page, ou un repère "
+                                 "recopié ; une page ne doit porter qu'un formulaire")
         for marker_corners, marker_id in zip(corners, ids.ravel(), strict=True):
             marker_id = int(marker_id)
             if marker_id not in wanted:
                 continue
             # Pixel centres are at integer coordinates in OpenCV: scale about the centre, not the corner.
             points = (marker_corners.reshape(4, 2).astype(np.float64) + 0.5) / s - 0.5
-            # The same id twice (a marker photocopied onto the page?): keep the bigger one, the real corner.
+            # Seen in both passes (the reduced one missed another marker): the same marker; keep the larger outline.
             if marker_id not in found or cv2.contourArea(points.astype(np.float32)) > cv2.contourArea(
                 found[marker_id].astype(np.float32)
             ):
