@@ -32,7 +32,7 @@ from twisted.internet import defer, threads
 from forms.definitions import CountField, Election
 from ivr import prompts as P
 from ivr.agi import AGIChannel, ChannelHungUp, CommandFailed
-from ivr.call_state import ANONYMOUS, CallState, Partial
+from ivr.call_state import ANONYMOUS, CallState, Partial, PinAttempt
 from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
 from registry import Bureau, Registry, verify_pin
 from returns_queue.journal import Journal, Submission
@@ -375,21 +375,33 @@ async def already_reported(call: Call) -> bool:
 @dataclass(frozen=True)
 class PinVerdict:
     right: bool
-    locked: tuple[str, ...] = ()  # what this wrong PIN locked: "bureau", "caller"
+    locked: tuple[str, ...] = ()  # what this wrong PIN locked, or what refused the attempt: "bureau", "caller"
+    refused: bool = False  # the bureau or the caller id was locked when the PIN was keyed: it was not checked
 
 
 async def pin_verdict(call: Call, pin: str) -> PinVerdict:
-    """Check the PIN and count the outcome in Redis: all of it happens even if the caller hangs up meanwhile."""
+    """Let the attempt in, check the PIN, count the outcome: all of it happens even if the caller hangs up meanwhile.
+
+    The locks are read again at every attempt, atomically with letting it in: a call that was asked
+    for its PIN before the bureau or the caller id was locked by another call gets no more tries,
+    and a right PIN keyed while locked is refused without being checked.
+    """
     assert call.bureau is not None
     state, code = call.line.state, call.bureau.code
+    attempt = await call.redis("pin attempt", state.begin_pin_attempt, code, call.caller_id,
+                               default=PinAttempt(code, call.caller_id, ""))
+    if attempt.refused is not None:
+        log.info("call %s: PIN attempt for bureau %s from %r refused: %s locked", call.call_id, code,
+                 call.caller_id, attempt.refused)
+        return PinVerdict(False, (attempt.refused,), refused=True)
     right = bool(await call.line.run_pin_check(in_context(verify_pin), pin, call.bureau.pin_hash))
     if right:
         metrics.IVR_PIN_CHECKS.labels("right").inc()
-        await call.redis("pin accepted", state.pin_accepted, code, default=None)
+        await call.redis("pin accepted", state.pin_right, attempt, default=None)
         return PinVerdict(True)
     log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
     metrics.IVR_PIN_CHECKS.labels("wrong").inc()
-    locked = await call.redis("pin failure", state.record_pin_failure, code, call.caller_id, default=[])
+    locked = await call.redis("pin failure", state.pin_wrong, attempt, default=[])
     for kind in locked:
         metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
     return PinVerdict(False, tuple(locked))
@@ -432,11 +444,12 @@ async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
         verdict = await call.finish(call.start("pin", pin_verdict(call, pin)), P.CHECKING_PIN)
         if verdict.right:
             return
+        wrong = [] if verdict.refused else [P.PIN_WRONG]  # a refused PIN was not checked: nobody knows
         if "bureau" in verdict.locked:
-            await call.play(P.PIN_WRONG, P.BUREAU_LOCKED)
+            await call.play(*wrong, P.BUREAU_LOCKED)
             raise Handoff("bureau-locked")
         if "caller" in verdict.locked:
-            await call.play(P.PIN_WRONG, P.CALLER_LOCKED)
+            await call.play(*wrong, P.CALLER_LOCKED)
             raise Handoff("caller-locked")
         preface = [P.PIN_WRONG]
     raise Handoff("wrong-pin")  # only when Redis could not count the failures

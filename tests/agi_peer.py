@@ -16,8 +16,9 @@ The script is consumed by the commands that listen:
 - `SILENCE`: the caller says nothing: `200 result= (timeout)`, `200 result=0`.
 - `HANGUP`: the caller hangs up during the next playing command: `200 result=-1`, then the bare
   `HANGUP` line; from then on every command but the dead-safe ones is answered 511.
-`tamper` (answer a command with these bytes instead) and `inject_after` (send these bytes after
-the answer) name a command by its number from 1, or by how its line starts (the first such).
+`tamper` (answer a command with these bytes instead), `inject_after` (send these bytes after
+the answer) and `hold` (answer only once a `Gate` is opened: the caller thinks, another call goes
+on meanwhile) name a command by its number from 1, or by how its line starts (the first such).
 The peer does not wait out prompts or timeouts unless told to (`answer_delay`): a test's
 silence costs nothing.
 """
@@ -30,6 +31,7 @@ import itertools
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 DEAD_SAFE = {"ASYNCAGI BREAK", "DATABASE DEL", "DATABASE DELTREE", "DATABASE GET", "DATABASE PUT", "EXEC",
              "GET FULL VARIABLE", "GET VARIABLE", "HANGUP", "NOOP", "SET VARIABLE", "VERBOSE"}
@@ -59,9 +61,10 @@ PLAYED_ENDPOS = 16_000  # samples: 2 s at 8 kHz, what a prompt played to its end
 ANSWER_511 = b"511 Command Not Permitted on a dead channel or intercept routine\n"
 ANSWER_510 = b"510 Invalid or unknown command\n"
 _uniqueids = itertools.count(1)
+R = TypeVar("R")
 
 
-def _rule(rules: dict[int | str, bytes], number: int, line: str) -> bytes | None:
+def _rule(rules: dict[int | str, R], number: int, line: str) -> R | None:
     """The bytes a test put at this command: keyed by its number (from 1) or, once, by how it starts."""
     if number in rules:
         return rules[number]
@@ -69,6 +72,14 @@ def _rule(rules: dict[int | str, bytes], number: int, line: str) -> bytes | None
         if isinstance(key, str) and line.startswith(key):
             return rules.pop(key)
     return None
+
+
+@dataclass
+class Gate:
+    """A command held: `reached` is set when it comes, and it is answered once `opened` is set."""
+
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,7 @@ class AsteriskPeer:
         extra_env: Mapping[str, str] | None = None,
         tamper: Mapping[int | str, bytes] | None = None,
         inject_after: Mapping[int | str, bytes] | None = None,
+        hold: Mapping[int | str, Gate] | None = None,
         trying_before_exec: bool = True,
         answer_delay: float = 0.0,
         io_timeout: float = 10.0,
@@ -181,6 +193,7 @@ class AsteriskPeer:
         self.extra_env = dict(extra_env or {})
         self.tamper: dict[int | str, bytes] = dict(tamper or {})
         self.inject_after: dict[int | str, bytes] = dict(inject_after or {})
+        self.hold: dict[int | str, Gate] = dict(hold or {})
         self.trying_before_exec, self.answer_delay = trying_before_exec, answer_delay
         self.io_timeout, self.max_commands = io_timeout, max_commands
         self.dead = False
@@ -252,6 +265,10 @@ class AsteriskPeer:
                 if number > self.max_commands:
                     record.ended = "too many commands"
                     break
+                gate = _rule(self.hold, number, line)
+                if gate is not None:
+                    gate.reached.set()
+                    await gate.opened.wait()
                 tampered = _rule(self.tamper, number, line)
                 if tampered is not None:
                     writer.write(tampered)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agi_peer import HANGUP, SILENCE, AsteriskPeer, CallRecord, barge, press
+from agi_peer import HANGUP, SILENCE, AsteriskPeer, CallRecord, Gate, barge, press
 from redis import Redis
 from twisted.internet import defer, reactor
 from twisted.internet.threads import blockingCallFromThread
@@ -83,7 +83,7 @@ def _phone(election_id: str, tmp: Path, redis_server: RedisServer, registry_file
 @pytest.fixture(scope="module")
 def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
-    codes = sorted(pins)[:50]
+    codes = sorted(pins)[:57]  # the demo registry has 60 bureaux; the second round needs one
     yield from _phone("primaire-2011-t1", tmp_path_factory.mktemp("ivr-t1"), redis_server, demo_registry_files,
                       pins, codes)
 
@@ -91,7 +91,7 @@ def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_
 @pytest.fixture(scope="module")
 def phone_t2(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
              demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
-    codes = sorted(pins)[50:]
+    codes = sorted(pins)[57:]
     yield from _phone("primaire-2011-t2", tmp_path_factory.mktemp("ivr-t2"), redis_server, demo_registry_files,
                       pins, codes)
 
@@ -243,6 +243,98 @@ def test_withheld_numbers_are_never_locked_together(phone: Phone, state: CallSta
     assert state.locked_for("caller", "unknown") == 0
     code, pin = phone.next_bureau()
     assert phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="unknown").outcome == "accepted"
+
+
+def _wrong_pin(pin: str, n: int = 0) -> str:
+    wrong = f"{n:06d}"
+    return wrong if wrong != pin else f"{n + 1:06d}"
+
+
+def _while_waiting_at_the_pin_question(phone: Phone, waiting: list[Any], meanwhile: Callable[[], Any],
+                                       callerid: str) -> tuple[CallRecord, Any]:
+    """A call that has keyed its bureau code and hears the PIN question; `meanwhile` runs; then it keys `waiting`."""
+    async def run() -> tuple[CallRecord, Any]:
+        gate = Gate()
+        peer = AsteriskPeer(waiting, sounds=CATALOG, callerid=callerid, hold={f"GET DATA {P.ASK_PIN}": gate},
+                            io_timeout=30)
+        call = asyncio.create_task(peer.call("127.0.0.1", phone.port))
+        await asyncio.wait_for(gate.reached.wait(), 10)
+        other = await asyncio.to_thread(meanwhile)
+        gate.opened.set()
+        return await call, other
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("keys", ["right", "wrong, wrong, right"])
+def test_a_call_at_the_pin_question_when_the_bureau_is_locked_gets_no_more_tries(
+        phone: Phone, state: CallState, keys: str) -> None:
+    """The lock is read at every attempt: not only when the bureau code is keyed, or M calls would get 3 × M tries."""
+    code, pin = phone.next_bureau()
+    wrong = _wrong_pin(pin)
+    pins = [pin] if keys == "right" else [_wrong_pin(pin, 1), _wrong_pin(pin, 1), pin]
+    script = [press(code + "#"), *[press(p + "#") for p in pins], *phone.counts_script(GOOD_T1), press("1")]
+    record, locking = _while_waiting_at_the_pin_question(
+        phone, script, lambda: phone.call([press(code + "#"), *[press(wrong + "#")] * 3], callerid="0600000021"),
+        callerid="0600000022")
+    assert locking.variables["REMONTEE_HANDOFF"] == "bureau-locked" and state.locked_for("bureau", code) > 0
+    # Even the right PIN is refused while the bureau is locked, unchecked: the caller is not told it is wrong.
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "bureau-locked"
+    assert record.prompts_asked() == [P.ASK_BUREAU, P.ASK_PIN] and P.PIN_WRONG not in record.played
+    assert heard(record)[-2:] == [P.BUREAU_LOCKED, P.TO_OPERATOR]
+    assert phone.entries(code) == [] and state.locked_for("bureau", code) > 14 * 60
+
+
+def test_a_call_at_the_pin_question_when_its_caller_id_is_locked_gets_no_more_tries(
+        phone: Phone, state: CallState) -> None:
+    caller = "0600000023"
+    code, pin = phone.next_bureau()
+    other, other_pin = phone.next_bureau()
+    wrong = _wrong_pin(other_pin)
+    script = phone.happy_script(code, pin, GOOD_T1)
+    record, _ = _while_waiting_at_the_pin_question(
+        phone, script, lambda: phone.call([press(other + "#"), *[press(wrong + "#")] * 3], callerid=caller),
+        callerid=caller)
+    assert state.locked_for("caller", caller) > 0
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "caller-locked"
+    assert heard(record)[-2:] == [P.CALLER_LOCKED, P.TO_OPERATOR] and P.PIN_WRONG not in record.played
+    assert phone.entries(code) == []
+
+
+def test_pins_being_checked_for_a_bureau_count_as_its_tries(phone: Phone, state: CallState) -> None:
+    """Three wrong PINs keyed at the same moment on three lines, and a fourth call: no fourth try is checked."""
+    code, pin = phone.next_bureau()
+    wrong = _wrong_pin(pin)
+    checkers = phone.service.pin_checker
+    release = threading.Event()
+    for _ in range(checkers.max):
+        checkers.callInThread(release.wait)  # the PIN checkers busy: the three wrong PINs wait together
+    later = threading.Timer(5.0, release.set)  # whatever happens, the checks end
+    later.start()
+
+    async def run() -> tuple[list[CallRecord], CallRecord]:
+        trying = [asyncio.create_task(AsteriskPeer([press(code + "#"), press(wrong + "#"), HANGUP], sounds=CATALOG,
+                                                   callerid=f"06000000{30 + i}", io_timeout=30)
+                                      .call("127.0.0.1", phone.port)) for i in range(3)]
+        deadline = asyncio.get_running_loop().time() + 10
+        while checkers.q.qsize() < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert checkers.q.qsize() == 3  # the three wrong PINs are queued to be checked, none counted yet
+        # Prompts of 10 ms: a fourth PIN waiting for a checker would hear holds, not thousands of them.
+        fourth = await AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=CATALOG, callerid="0600000039",
+                                    answer_delay=0.01, io_timeout=30).call("127.0.0.1", phone.port)
+        release.set()
+        return list(await asyncio.gather(*trying)), fourth
+
+    try:
+        tried, fourth = asyncio.run(run())
+    finally:
+        release.set()
+        later.cancel()
+    assert all(r.caller_hung_up for r in tried)
+    assert fourth.outcome == "operator" and fourth.variables["REMONTEE_HANDOFF"] == "bureau-locked"
+    assert P.PIN_WRONG not in fourth.played and phone.entries(code) == []
+    assert state.locked_for("bureau", code) > 0  # the three wrong PINs, counted once checked
 
 
 # --- silence ---
