@@ -32,7 +32,7 @@ from twisted.internet import defer, threads
 from forms.definitions import CountField, Election
 from ivr import prompts as P
 from ivr.agi import AGIChannel, ChannelHungUp, CommandFailed
-from ivr.call_state import ANONYMOUS, CallState, Partial, PinAttempt
+from ivr.call_state import ANONYMOUS, CallState, Partial
 from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
 from registry import Bureau, Registry, verify_pin
 from returns_queue.journal import Journal, Submission
@@ -271,7 +271,7 @@ async def results_call(call: Call) -> None:
         assert call.bureau is not None
         # What the call needs once the PIN is right, fetched while the caller keys it (nothing of
         # it is said before the PIN is right).
-        bureau_lock = call.start("bureau-lock", call.redis("bureau lock", state.locked_for, "bureau", code, default=0))
+        bureau_lock = call.start("bureau-lock", call.in_thread(state.locked_for, "bureau", code))
         history = call.start("history", already_reported(call))
         resume = call.start("resume", call.redis("resume", state.load_partial, election.id, code, default=None))
         await agi.set_variable("REMONTEE_BUREAU", code)
@@ -363,7 +363,7 @@ async def _quietly(coroutine: Any) -> None:
 async def caller_locked(call: Call) -> int:
     if not call.caller_id:
         return 0
-    return await call.redis("caller lock", call.line.state.locked_for, "caller", call.caller_id, default=0)
+    return await call.in_thread(call.line.state.locked_for, "caller", call.caller_id)
 
 
 async def already_reported(call: Call) -> bool:
@@ -388,8 +388,8 @@ async def pin_verdict(call: Call, pin: str) -> PinVerdict:
     """
     assert call.bureau is not None
     state, code = call.line.state, call.bureau.code
-    attempt = await call.redis("pin attempt", state.begin_pin_attempt, code, call.caller_id,
-                               default=PinAttempt(code, call.caller_id, ""))
+    # Not `call.redis`: the lockout does not go away with Redis, CallState keeps it in this process then.
+    attempt = await call.in_thread(state.begin_pin_attempt, code, call.caller_id)
     if attempt.refused is not None:
         log.info("call %s: PIN attempt for bureau %s from %r refused: %s locked", call.call_id, code,
                  call.caller_id, attempt.refused)
@@ -401,7 +401,7 @@ async def pin_verdict(call: Call, pin: str) -> PinVerdict:
         return PinVerdict(True)
     log.info("call %s: wrong PIN for bureau %s from %r", call.call_id, code, call.caller_id)
     metrics.IVR_PIN_CHECKS.labels("wrong").inc()
-    locked = await call.redis("pin failure", state.pin_wrong, attempt, default=[])
+    locked = await call.in_thread(state.pin_wrong, attempt)
     for kind in locked:
         metrics.IVR_PIN_LOCKOUTS.labels(kind).inc()
     return PinVerdict(False, tuple(locked))
@@ -452,7 +452,7 @@ async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
             await call.play(*wrong, P.CALLER_LOCKED)
             raise Handoff("caller-locked")
         preface = [P.PIN_WRONG]
-    raise Handoff("wrong-pin")  # only when Redis could not count the failures
+    raise Handoff("wrong-pin")  # three wrong PINs that locked nothing: a right PIN on another line forgave some
 
 
 async def enter_counts(call: Call) -> None:

@@ -565,6 +565,34 @@ def test_redis_away_the_call_is_still_journaled(phone: Phone, redis_server: Redi
     assert record.outcome == "accepted" and [e.status for e in phone.entries(code)] == ["accepted"]
 
 
+def test_redis_away_the_pin_lockout_holds_in_this_server(phone: Phone, redis_server: RedisServer, redis: Redis,
+                                                         state: CallState) -> None:
+    """Phone reporting goes on without Redis, and so does the lockout: the server counts the failures itself."""
+    code, pin = phone.next_bureau()
+    other, other_pin = phone.next_bureau()
+    fresh, fresh_pin = phone.next_bureau()
+    caller, wrong = "0600000041", _wrong_pin(pin)
+    redis_server.stop()
+    try:
+        tried = phone.call([press(code + "#"), *[press(wrong + "#")] * 3], callerid=caller)
+        right_pin = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="0600000042")
+        same_caller = phone.call(phone.happy_script(other, other_pin, GOOD_T1), callerid=caller)
+        nobody_tried = phone.call(phone.happy_script(fresh, fresh_pin, GOOD_T1), callerid="0600000043")
+    finally:
+        redis_server.start()
+    assert tried.outcome == "operator" and tried.variables["REMONTEE_HANDOFF"] == "bureau-locked"
+    assert said(tried, P.PIN_WRONG, P.BUREAU_LOCKED)
+    # The bureau is locked for every call, the caller id for every bureau, as with Redis.
+    assert right_pin.variables["REMONTEE_HANDOFF"] == "bureau-locked" and P.ASK_PIN not in right_pin.prompts_asked()
+    assert same_caller.variables["REMONTEE_HANDOFF"] == "caller-locked" and same_caller.prompts_asked() == []
+    assert phone.entries(code) == [] and phone.entries(other) == []
+    assert nobody_tried.outcome == "accepted" and len(phone.entries(fresh)) == 1
+    # Redis back knows nothing of it (the server counted alone), and the lock still holds in this server.
+    assert state.locked_for("bureau", code) == 0 and 14 * 60 < phone.service.state.locked_for("bureau", code) <= 15 * 60
+    again = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="0600000044")
+    assert again.variables["REMONTEE_HANDOFF"] == "bureau-locked" and phone.entries(code) == []
+
+
 def test_many_calls_at_once_each_get_their_own_receipt(phone: Phone) -> None:
     bureaux = [phone.next_bureau() for _ in range(12)]
     peers = [AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=CATALOG, callerid=f"06{i:08d}")
