@@ -18,8 +18,9 @@ What Asterisk answers (see DESIGN.md, "What a real Asterisk answers"):
 `result=-1` alone does not mean the caller left (a missing sound file answers it too); only the
 HANGUP line, a 511 or a closed connection say so.
 
-Anything else from the peer (a line that is not a reply, a reply nobody asked for, a line over
-`max_line` bytes, an environment that never ends) is a protocol violation: that one connection
+Anything else from the peer (a line that is not a reply, a reply nobody asked for, a result the
+command cannot read such as a key code over 127, a line over `max_line` bytes, an environment
+that never ends) is a protocol violation: that one connection
 is closed with a log line, its pending commands fail, and no other call notices.
 """
 
@@ -32,7 +33,7 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -43,6 +44,7 @@ from twisted.python.failure import Failure
 from telemetry.logs import ids
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Commands res_agi runs on a dead channel (its `dead` flag); every other one is answered 511.
 DEAD_SAFE = frozenset({
@@ -112,7 +114,7 @@ class Reply:
         try:
             return int(self.result)
         except ValueError as exc:
-            raise ProtocolViolation(f"result is not a number: {self.raw!r}") from exc
+            raise ProtocolViolation(f"result {self.result[:20]!r} is not a number") from exc
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,8 @@ class AGIChannel(LineReceiver):
     def wait_for_digit(self, timeout_ms: int) -> defer.Deferred[str | None]:
         """The key pressed within `timeout_ms` (-1: forever), None on silence."""
         d = self.send_command("WAIT FOR DIGIT", timeout_ms, timeout=self._playing_timeout(timeout_ms))
-        return d.addCallback(self._check_failed, "WAIT FOR DIGIT").addCallback(lambda r: _digit(r.number))
+        d.addCallback(self._check_failed, "WAIT FOR DIGIT")
+        return d.addCallback(self._decode, "WAIT FOR DIGIT", lambda r: _digit(r.number))
 
     def get_data(self, filename: str, timeout_ms: int, max_digits: int) -> defer.Deferred[tuple[str, bool]]:
         """Play `filename` and read keys until `#`, `max_digits` or `timeout_ms` of silence: (digits, timed_out).
@@ -350,7 +353,7 @@ class AGIChannel(LineReceiver):
     def exec(self, application: str, options: str = "") -> defer.Deferred[int]:
         """Run a dialplan application; its result (-2 when Asterisk does not know it)."""
         d = self.send_command("EXEC", application, options)
-        return d.addCallback(lambda r: r.number)
+        return d.addCallback(self._decode, "EXEC", lambda r: r.number)
 
     # --- plumbing for the typed commands ---
 
@@ -364,6 +367,14 @@ class AGIChannel(LineReceiver):
             raise CommandFailed(name, reply)
         return reply
 
+    def _decode(self, reply: Reply, name: str, decode: Callable[[Reply], T]) -> T:
+        """`decode(reply)`; a result it cannot read (`result=abc`, a key code over 127) is a protocol violation."""
+        try:
+            return decode(reply)
+        except ProtocolViolation as exc:
+            self._violation(f"unreadable answer to {name}: {reply.raw[:80]!r} ({exc})")
+            raise
+
     def _expect_success(self, name: str, *arguments: str | int) -> defer.Deferred[None]:
         d = self.send_command(name, *arguments)
         return d.addCallback(self._check_failed, name).addCallback(lambda _: None)
@@ -371,7 +382,7 @@ class AGIChannel(LineReceiver):
     def _playback(self, name: str, *arguments: str | int) -> defer.Deferred[Playback]:
         d = self.send_command(name, *arguments)
         d.addCallback(self._check_failed, name)
-        return d.addCallback(lambda r: Playback(_digit(r.number), r.endpos))
+        return d.addCallback(self._decode, name, lambda r: Playback(_digit(r.number), r.endpos))
 
     def _send_next(self) -> None:
         if self._inflight is not None or not self._queue or not self._env_done or self._closed:

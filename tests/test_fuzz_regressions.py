@@ -98,9 +98,9 @@ def test_a_key_code_past_ascii_is_a_protocol_violation(code: bytes) -> None:
     call.channel.dataReceived(b"200 result=" + code + b"\n")
     failure = outcome(d)
     assert isinstance(failure, Failure) and failure.check(ProtocolViolation)
-    d = channel.stream_file("remontee/welcome", "#")  # the channel itself goes on
-    call.channel.dataReceived(b"200 result=55 endpos=10\n")
-    assert outcome(d).digit == "7"
+    # A violation like any other: counted, and this connection closed (the next command fails at once).
+    assert call.transport.disconnecting and call.factory.stats.violations == 1
+    assert isinstance(outcome(channel.stream_file("remontee/welcome", "#")), Failure)
 
 
 # --- InkML (fuzz/inkml.py) ---

@@ -8,6 +8,7 @@ missing file with `result=-1`, as Asterisk does, and records it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -535,6 +536,23 @@ def test_garbage_from_one_peer_closes_that_call_only(phone: Phone, garbage: byte
     assert bad_record.outcome is None and phone.entries(code) == []
     assert good_record.outcome == "accepted" and len(phone.entries(other_code)) == 1
     assert phone.service.stats.violations == violations + 1
+
+
+@pytest.mark.parametrize("answer", [b"200 result=999 endpos=100\n", b"200 result=abc endpos=100\n"])
+def test_an_unreadable_result_is_a_violation_said_and_counted(phone: Phone, answer: bytes,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A key code no keypad sends, or no number at all, where a STREAM FILE's result is read: the line is FastAGI,
+    its value is not; the call is closed like any other violation, with a log line and the count."""
+    violations = phone.service.stats.violations
+    caplog.set_level(logging.WARNING, logger="ivr.agi")
+    record = AsteriskPeer([press("999901#")], sounds=CATALOG,
+                          tamper={"STREAM FILE remontee/bienvenue": answer}).call_sync("127.0.0.1", phone.port)
+    assert record.ended == "server closed" and record.commands[-1].startswith("STREAM FILE remontee/bienvenue")
+    assert record.outcome is None and len(record.commands) == 2  # ANSWER, the welcome: nothing after it
+    assert phone.service.stats.violations == violations + 1
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ivr.agi"]
+    assert "unreadable answer to STREAM FILE" in line and answer.split()[1].decode() in line
+    assert "closing this connection" in line and record.env["agi_uniqueid"] in line
 
 
 def test_garbage_environment_is_refused(phone: Phone) -> None:
