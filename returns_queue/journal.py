@@ -39,6 +39,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from validation import Finding, Reason, Return, check_history, decide
 
@@ -198,6 +199,10 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+class _BatchBroken(Exception):
+    """A database error inside a request's savepoint: the batch's transaction can no longer be trusted."""
+
+
 @dataclass
 class _Request:
     ret: Return
@@ -295,20 +300,38 @@ class Journal:
                     break
             # One order for the bureau locks across processes (PostgreSQL), arrival order within a bureau.
             batch.sort(key=lambda r: (r.ret.election, r.ret.bureau))
-            try:
-                with self.write() as conn:
-                    for request in batch:
-                        try:
-                            with conn.begin_nested():
-                                request.submission = self._submit_in(conn, request.ret, request.findings,
-                                                                     request.also)
-                        except Exception as exc:  # handed back to that caller alone
-                            request.error = exc
-            except Exception as exc:  # the commit failed: nobody is acknowledged
-                for request in batch:
-                    request.submission, request.error = None, request.error or exc
+            self._commit_batch(batch)
             for request in batch:
                 request.done.set()
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        """Commit the batch in one transaction, each request in a savepoint of its own; say what became of each.
+
+        A request that fails on its own terms (a supervisor's item taken meanwhile) is rolled back to its
+        savepoint and the others commit. A database error is another matter: on a full disk or an I/O
+        error SQLite undoes the whole transaction, savepoints and all, and the next savepoint silently
+        begins a new one, so the requests before it would be acknowledged for rows that are gone. Then
+        the transaction is abandoned and each request is committed again alone.
+        """
+        try:
+            with self.write() as conn:
+                for request in batch:
+                    try:
+                        with conn.begin_nested():
+                            request.submission = self._submit_in(conn, request.ret, request.findings, request.also)
+                    except SQLAlchemyError as exc:
+                        if len(batch) > 1:
+                            raise _BatchBroken from exc
+                        request.error = exc
+                    except Exception as exc:  # handed back to that caller alone
+                        request.error = exc
+        except _BatchBroken:
+            for request in batch:
+                request.submission = request.error = None
+                self._commit_batch([request])
+        except Exception as exc:  # the commit failed: nobody is acknowledged
+            for request in batch:
+                request.submission, request.error = None, request.error or exc
 
     def _submit_in(
         self,

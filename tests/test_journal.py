@@ -10,12 +10,12 @@ from pathlib import Path
 
 from redis import Redis
 from rq import Queue
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from conftest import RedisServer
 from forms import Election
 from returns_queue.jobs import return_job_id
-from returns_queue.journal import Journal, receipt_for, returns, review_items
+from returns_queue.journal import Journal, _Request, receipt_for, returns, review_items
 from returns_queue.relay import Relay
 from validation import Reason, new_return
 
@@ -196,6 +196,33 @@ def test_a_failing_submission_in_a_group_commit_changes_nothing_for_the_others(
     assert isinstance(results[3], RuntimeError)
     assert all(r.status == "accepted" for i, r in enumerate(results) if i != 3)
     assert sorted(e.ret.bureau for e in journal.entries()) == ["500", "501", "502", "504", "505"]
+
+
+def test_a_database_error_in_a_group_commit_acknowledges_only_what_is_on_disk(
+    tmp_path: Path, election_t2: Election
+) -> None:
+    """On SQLITE_FULL (or an I/O error) SQLite undoes the whole transaction, savepoints and all: the returns
+    already in the batch must not be acknowledged for rows that are gone (two callers got one receipt)."""
+    journal = Journal(f"sqlite:///{tmp_path / 'j.sqlite3'}")
+    with journal.write() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+
+    @event.listens_for(journal._writer, "connect")
+    def cap(dbapi_connection, _record) -> None:  # the file may grow a few pages: room for small returns only
+        dbapi_connection.execute(f"PRAGMA max_page_count={pages + 6}")
+
+    journal._writer.dispose()
+    small = [new_return(election_t2, code, COUNTS, "ivr", {"call_id": code}) for code in ("501", "503")]
+    big = new_return(election_t2, "502", COUNTS, "ivr", {"call_id": "c", "caller_id": "X" * 60_000})
+    batch = [_Request(r, (), None) for r in (small[0], big, small[1])]  # one group commit, in bureau order
+    journal._commit_batch(batch)
+    assert batch[1].submission is None and batch[1].error is not None
+    acknowledged = [r.submission for r in batch if r.submission is not None]
+    assert [s.status for s in acknowledged] == ["accepted", "accepted"]
+    assert len({s.receipt for s in acknowledged}) == 2
+    on_disk = {e.ret.return_id: e.receipt for e in journal.entries()}
+    assert on_disk == {s.return_id: s.receipt for s in acknowledged}
+    journal.dispose()
 
 
 def test_reconciliation_enqueues_again_what_redis_lost(journal: Journal, redis: Redis, election_t2: Election) -> None:
