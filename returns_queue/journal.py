@@ -397,10 +397,11 @@ class Journal:
         return Return.from_dict(json.loads(row.payload)) if row else None
 
     def _pending(self, conn: Connection, election: str, bureau: str) -> list[Return]:
+        """The bureau's returns waiting in review, the latest first."""
         rows = conn.execute(
-            select(returns.c.payload).where(
-                returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "review"
-            )
+            select(returns.c.payload)
+            .where(returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "review")
+            .order_by(returns.c.seq.desc())
         )
         return [Return.from_dict(json.loads(r.payload)) for r in rows]
 

@@ -80,6 +80,19 @@ def test_duplicate_correction_and_conflict(journal: Journal, election_t2: Electi
     assert [p["return_id"] for p in journal.outbox()] == [first.return_id]
 
 
+def test_new_figures_while_the_first_wait_in_review_wait_too(journal: Journal, election_t2: Election) -> None:
+    """A president sends figures whose sums break (review), then calls back with others: nothing is accepted
+    yet, and the second set must not be, or the supervisor's decision on the first overwrites it unseen."""
+    from validation import check_return
+
+    broken = new_return(election_t2, "750120", {**COUNTS, "aubry": 160}, "ivr", {"call_id": "c1"})
+    first = journal.submit(broken, check_return(broken, election_t2, None))
+    fixed = submit(journal, election_t2)
+    assert first.status == "review" and fixed.status == "review"
+    assert [(f.code, f.details["return_id"]) for f in fixed.findings] == [(Reason.CORRECTION, first.return_id)]
+    assert journal.outbox() == []
+
+
 def test_a_page_docked_twice_with_low_confidence_is_a_duplicate_of_the_waiting_one(
     journal: Journal, election_t2: Election
 ) -> None:

@@ -128,6 +128,23 @@ def test_history_duplicate_correction_and_conflict() -> None:
     assert check_history(supervisor, first) == []
 
 
+def test_other_figures_from_a_bureau_whose_figures_wait_in_review_wait_too() -> None:
+    """Nothing accepted yet, a first return in review (its sums broke): figures sent again, otherwise, are
+    a correction of it (a conflict from the other channel), for a human: accepted alone, they used to be
+    overwritten by the supervisor's later decision on the first."""
+    counts = {"votants": 10, "blancs_nuls": 0, "exprimes": 10, "hollande": 6, "aubry": 5}
+    waiting = make(T2, counts)
+    fixed = {**counts, "aubry": 4}
+    correction = check_history(make(T2, fixed), None, [waiting])
+    assert [f.code for f in correction] == [Reason.CORRECTION]
+    assert correction[0].details == {"return_id": waiting.return_id, "channel": "ivr", "fields": ["aubry"]}
+    assert "en attente" in correction[0].message
+    assert [f.code for f in check_history(make(T2, fixed, "pen"), None, [waiting])] == [Reason.CHANNEL_CONFLICT]
+    # Against the latest of several waiting (the journal gives them latest first).
+    later = make(T2, {**counts, "hollande": 7})
+    assert check_history(make(T2, fixed), None, [later, waiting])[0].details["return_id"] == later.return_id
+
+
 def test_decide() -> None:
     counts = {"votants": 10, "blancs_nuls": 0, "exprimes": 10, "hollande": 6, "aubry": 4}
     dup = check_history(make(T2, counts), make(T2, counts))

@@ -125,12 +125,15 @@ def check_return(ret: Return, election: Election, bureau: RegisteredBureau | Non
 
 
 def check_history(ret: Return, latest_accepted: Return | None, pending: Sequence[Return] = ()) -> list[Finding]:
-    """Compare with what the bureau already sent: the latest accepted return and returns waiting in review.
+    """Compare with what the bureau already sent: the latest accepted return and returns waiting in review
+    (`pending`, the latest first).
 
     Identical figures are a DUPLICATE (answered idempotently). Different figures from a bureau
     that already has an accepted return are a CORRECTION from the same channel, a
-    CHANNEL_CONFLICT from the other one. A supervisor's return (it supersedes another) is the
-    decision itself and is not compared.
+    CHANNEL_CONFLICT from the other one; from a bureau whose figures all wait in review, the same
+    against the latest of them: two sets of figures, and a human to say which holds (accepted
+    alone, the second would be overwritten by the supervisor's decision on the first). A
+    supervisor's return (it supersedes another) is the decision itself and is not compared.
     """
     if ret.supersedes is not None:
         return []
@@ -141,19 +144,21 @@ def check_history(ret: Return, latest_accepted: Return | None, pending: Sequence
                     Reason.DUPLICATE, None, f"identique au retour {earlier.return_id}", {"return_id": earlier.return_id}
                 )
             ]
-    if latest_accepted is None:
+    earlier = latest_accepted or (pending[0] if pending else None)
+    if earlier is None:
         return []
-    changed = sorted(k for k, v in ret.counts.items() if latest_accepted.counts.get(k) != v)
-    details = {"return_id": latest_accepted.return_id, "channel": latest_accepted.channel, "fields": changed}
-    if latest_accepted.channel == ret.channel:
-        return [
-            Finding(Reason.CORRECTION, None, f"le bureau avait déjà transmis ({', '.join(changed)} diffèrent)", details)
-        ]
+    changed = sorted(k for k, v in ret.counts.items() if earlier.counts.get(k) != v)
+    details = {"return_id": earlier.return_id, "channel": earlier.channel, "fields": changed}
+    waiting = "" if earlier is latest_accepted else ", en attente de vérification"
+    if earlier.channel == ret.channel:
+        return [Finding(Reason.CORRECTION, None,
+                        f"le bureau avait déjà transmis{waiting} ({', '.join(changed)} diffèrent)", details)]
+    state = "accepté" if earlier is latest_accepted else "en attente de vérification"
     return [
         Finding(
             Reason.CHANNEL_CONFLICT,
             None,
-            f"diffère du retour accepté par {latest_accepted.channel} ({', '.join(changed)})",
+            f"diffère du retour {state} par {earlier.channel} ({', '.join(changed)})",
             details,
         )
     ]
