@@ -39,6 +39,7 @@ from review.review_items import (
     CHANNEL_LABELS,
     REASON_LABELS,
     STATE_LABELS,
+    AcceptedMeanwhile,
     ItemFilter,
     ItemUnavailable,
     ReviewItem,
@@ -209,7 +210,10 @@ def _item_page(
     if 0 < len(fixes) <= MAX_SUGGESTIONS:  # many fixes say nothing: the form's checksum cannot choose
         suggestions += [(f, v, "arithmétique") for f, v in fixes if (f, v) not in {(s[0], s[1]) for s in suggestions}]
     labels = {f.id: f.label for f in election.fields}
-    history = [e for e in ctx.journal.entries(item.election, item.bureau) if e.ret.return_id != item.return_id]
+    # The bureau the approval is for: the item's, or the one the supervisor typed (an unknown bureau's item).
+    target = (bureau_value or item.bureau).strip() or item.bureau
+    history = [e for e in ctx.journal.entries(item.election, target) if e.ret.return_id != item.return_id]
+    latest = ctx.journal.latest_accepted(item.election, target)
     editable = item.state == "open" and not item.held_by_other(g.user.username)
     return render_template(
         "item.html",
@@ -224,6 +228,8 @@ def _item_page(
         suggestions=[(f, v, src, labels.get(f, f)) for f, v, src in suggestions],
         approve_findings=approve_findings or [],
         history=history,
+        history_bureau=target,
+        seen_accepted=latest.return_id if latest else "",
         editable=editable,
         unknown_bureau=Reason.UNKNOWN_BUREAU in item.reasons,
         bureau_value=bureau_value if bureau_value is not None else item.bureau,
@@ -313,8 +319,13 @@ def approve(item_id: int) -> Any:
     bureau = request.form.get("bureau", "").strip() if Reason.UNKNOWN_BUREAU in item.reasons else None
     try:
         outcome = context().items.approve(
-            item_id, g.user.username, submitted, context().registry(), request.form.get("note", ""), bureau
+            item_id, g.user.username, submitted, context().registry(), request.form.get("note", ""), bureau,
+            seen_accepted=request.form.get("seen_accepted", ""),
         )
+    except AcceptedMeanwhile as exc:
+        # Nothing written: the page again, the supervisor's figures kept, with the bureau's returns to compare.
+        flash(f"Approbation suspendue : {exc}.", "error")
+        return _item_page(_get(item_id), submitted=submitted, bureau_value=bureau, status=409)
     except ItemUnavailable as exc:
         flash(f"Approbation impossible : {exc}.", "error")
         return _item_page(_get(item_id), status=409)

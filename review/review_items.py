@@ -49,6 +49,11 @@ class ItemUnavailable(Exception):
     """The item cannot be acted on by this supervisor now; the message is French."""
 
 
+class AcceptedMeanwhile(ItemUnavailable):
+    """The bureau's latest accepted return is not the one the supervisor was shown: the approval would replace
+    figures nobody compared it with (a return accepted since the page was opened, or another bureau's)."""
+
+
 C = TypeVar("C", bound="Claimable")
 
 
@@ -280,11 +285,15 @@ class ReviewItems:
         registry: Registry | None,
         note: str = "",
         bureau: str | None = None,
+        seen_accepted: str | None = None,
     ) -> Approval:
         """Journal a `review` return with the supervisor's figures, superseding the item's return.
 
         Nothing is written unless every check passes (arithmetic, registry, digits); then the
         return, the item's closing, the original's new status and the audit row are one transaction.
+        `seen_accepted`: the return id of the bureau's latest accepted return as the page showed it
+        ("" for none); if another is the latest when the approval commits, AcceptedMeanwhile is raised
+        and nothing is written. None skips that check (a caller that shows no page).
         """
         item = self.get(item_id)
         if item is None:
@@ -303,6 +312,8 @@ class ReviewItems:
         def also(conn: Connection, submission: Submission) -> None:
             if submission.status != "accepted":  # a supervisor's return is the decision itself: never reviewed again
                 raise ItemUnavailable(f"le retour corrigé n'a pas été accepté ({submission.status})")
+            if seen_accepted is not None:
+                _check_latest_accepted(conn, election.id, bureau_code, submission.return_id, seen_accepted)
             # The journal locked the bureau approved; the item's may be another (the supervisor changed it).
             self.journal.lock_bureau(conn, item.election, item.bureau)
             self._close(conn, item, username,
@@ -339,6 +350,22 @@ class ReviewItems:
             )
             Journal.record_audit(conn, username, "reject", item.return_id, audit_view(item.ret), {"note": reason})
             _settle_uploads(conn, item.return_id, "rejected", None, None)
+
+
+def _check_latest_accepted(conn: Connection, election: str, bureau: str, approval: str, seen: str) -> None:
+    """Raise AcceptedMeanwhile unless the bureau's latest accepted return (before `approval`) is `seen`."""
+    latest = conn.execute(
+        select(returns.c.return_id, returns.c.channel, returns.c.receipt)
+        .where(returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "accepted",
+               returns.c.return_id != approval)
+        .order_by(returns.c.seq.desc())
+        .limit(1)
+    ).first()
+    if latest is not None and latest.return_id != seen:
+        raise AcceptedMeanwhile(
+            f"le bureau {bureau} a un retour accepté que cette page ne montrait pas ({latest.channel}, reçu "
+            f"{latest.receipt}) : comparez-le ci-dessous, puis approuvez à nouveau si vos chiffres doivent le remplacer"
+        )
 
 
 def _settle_uploads(conn: Connection, decided_return_id: str, status: str, return_id: str | None,

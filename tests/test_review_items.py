@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -410,7 +411,9 @@ def test_channel_conflict_shows_both_returns_side_by_side(env: ReviewEnv) -> Non
     assert {r.split('data-row="')[1].split('"')[0] for r in differing} == {"aubry", "hollande"}
     assert "Reprendre les chiffres du retour téléphone" in page
     # The supervisor keeps the pen's figures: a review return supersedes the pen return and is accepted.
-    assert client.post(f"/items/{item}/approve", data=form(pen_counts, token)).status_code == 303
+    assert seen_accepted(page) == phone.return_id  # the page says which accepted figures it compared with
+    assert client.post(f"/items/{item}/approve",
+                       data=form(pen_counts, token, seen_accepted=seen_accepted(page))).status_code == 303
     latest = env.journal.latest_accepted(env.election.id, code)
     assert latest.channel == "review" and dict(latest.counts) == pen_counts
 
@@ -438,6 +441,67 @@ def test_unknown_bureau_item_can_be_given_its_bureau(env: ReviewEnv) -> None:
     assert refused.status_code == 422 and "inconnu du registre" in text(refused)
     code = bureau_codes(env.registry)[9]
     assert client.post(f"/items/{item}/approve", data=form(GOOD_T1, token, bureau=code)).status_code == 303
+    assert env.journal.latest_accepted(env.election.id, code).channel == "review"
+
+
+OTHER_T1 = {**GOOD_T1, "votants": 251, "exprimes": 241, "aubry": 61}  # other figures whose sums hold too
+
+
+def seen_accepted(page: str) -> str:
+    return re.search(r'name="seen_accepted" value="([^"]*)"', page).group(1)
+
+
+def test_approving_over_figures_accepted_since_the_page_was_opened_is_held_until_seen(env: ReviewEnv) -> None:
+    """Alice opens a broken return's item; meanwhile Bob approves the bureau's other item (the president called
+    back with other figures), so the bureau has accepted figures Alice's page did not show. Her approval would
+    replace them unseen: refused with 409, nothing written, her figures kept and the bureau's returns shown;
+    approving again from that page replaces them knowingly."""
+    code = bureau_codes(env.registry)[10]
+    first = submit(env.journal, env.election, env.registry, code, {**GOOD_T1, "votants": 251})
+    callback = submit(env.journal, env.election, env.registry, code, OTHER_T1)
+    assert first.status == callback.status == "review"
+    alice, bob = env.client(), env.client()
+    alice_token, bob_token = login(alice, "alice"), login(bob, "bob")
+    page = text(alice.get(f"/items/{item_id_for(env.journal, first.return_id)}"))
+    assert seen_accepted(page) == ""
+    second = item_id_for(env.journal, callback.return_id)
+    bob.get(f"/items/{second}")
+    assert bob.post(f"/items/{second}/approve", data=form(OTHER_T1, bob_token, seen_accepted="")).status_code == 303
+    by_bob = env.journal.latest_accepted(env.election.id, code)
+    count = n_returns(env)
+    item = item_id_for(env.journal, first.return_id)
+    held = alice.post(f"/items/{item}/approve", data=form(GOOD_T1, alice_token, seen_accepted=""))
+    assert held.status_code == 409
+    page = text(held)
+    receipt = env.journal.get(by_bob.return_id).receipt
+    assert f"un retour accepté que cette page ne montrait pas (review, reçu {receipt})" in page
+    assert 'value="250"' in page and by_bob.return_id in page and seen_accepted(page) == by_bob.return_id
+    assert n_returns(env) == count and env.journal.latest_accepted(env.election.id, code) == by_bob
+    assert alice.post(f"/items/{item}/approve",
+                      data=form(GOOD_T1, alice_token, seen_accepted=by_bob.return_id)).status_code == 303
+    assert env.journal.latest_accepted(env.election.id, code).source == {"supervisor": "alice"}
+
+
+def test_an_unknown_bureau_given_a_bureau_that_reported_shows_its_figures_before_replacing_them(
+    env: ReviewEnv,
+) -> None:
+    code = bureau_codes(env.registry)[11]
+    phone = submit(env.journal, env.election, env.registry, code, GOOD_T1)
+    assert phone.status == "accepted"
+    misread = submit(env.journal, env.election, env.registry, "999999", OTHER_T1, "pen")
+    item = item_id_for(env.journal, misread.return_id)
+    client = env.client()
+    token = login(client, "alice")
+    page = text(client.get(f"/items/{item}"))
+    held = client.post(f"/items/{item}/approve",
+                       data=form(OTHER_T1, token, bureau=code, seen_accepted=seen_accepted(page)))
+    assert held.status_code == 409
+    page = text(held)
+    assert f"le bureau {code} a un retour accepté" in page and f"Autres retours du bureau {code}" in page
+    assert phone.return_id in page and seen_accepted(page) == phone.return_id
+    assert env.journal.latest_accepted(env.election.id, code).return_id == phone.return_id
+    assert client.post(f"/items/{item}/approve",
+                       data=form(OTHER_T1, token, bureau=code, seen_accepted=phone.return_id)).status_code == 303
     assert env.journal.latest_accepted(env.election.id, code).channel == "review"
 
 
