@@ -8,9 +8,11 @@ session itself, its expiry and its user's role are read from the database on eve
 from __future__ import annotations
 
 import functools
+import unicodedata
 from collections.abc import Callable
 from math import ceil
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
@@ -71,9 +73,24 @@ def admin_required(view: F) -> F:
     return cast(F, wrapped)
 
 
+def _is_local_path(target: str) -> bool:
+    """A path on this site and nothing else: no scheme, no host, nothing a browser would read as either.
+
+    Browsers drop tabs and newlines from a URL and read a backslash as a slash, so `/<TAB>/evil.example`
+    and `/\\evil.example` lead off-site; werkzeug drops the tab from the Location header too, and a newline
+    there is an error. Any control or space character is therefore refused, not cleaned.
+    """
+    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in target):
+        return False
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return False
+    parts = urlsplit(target)
+    return not parts.scheme and not parts.netloc
+
+
 def _safe_next(target: str | None) -> str:
     # Only a path on this site: an open redirect after login would be a phishing aid.
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    if target and _is_local_path(target):
         return target
     return url_for("items.queue")
 
