@@ -65,6 +65,8 @@ def common_parser() -> argparse.ArgumentParser:
     group.add_argument("--agi-port", type=int, default=argparse.SUPPRESS, help="FastAGI port (default 4573)")
     group.add_argument("--pen-port", type=int, default=argparse.SUPPRESS, help="upload API port (default 8080)")
     group.add_argument("--review-port", type=int, default=argparse.SUPPRESS, help="review UI port (default 8081)")
+    group.add_argument("--review-trusted-proxies", type=int, default=argparse.SUPPRESS,
+                       help="reverse proxies in front of the review UI whose X-Forwarded-For is believed (default 0)")
     group.add_argument("--redis-url", default=argparse.SUPPRESS, help="Redis; unset: a private redis-server")
     group.add_argument("--db-url", default=argparse.SUPPRESS, help="journal database (default SQLite in var/)")
     group.add_argument("--election", default=argparse.SUPPRESS, help="election id from forms/elections/")
@@ -185,6 +187,7 @@ class Supervisor:
             "REMONTEE_AGI_PORT": str(s.agi_port),
             "REMONTEE_PEN_PORT": str(s.pen_port),
             "REMONTEE_REVIEW_PORT": str(s.review_port),
+            "REMONTEE_REVIEW_TRUSTED_PROXIES": str(s.review_trusted_proxies),
             "REMONTEE_CONSOLIDATE_JOB": s.consolidate_job,
             "REMONTEE_IVR_METRICS_PORT": str(s.ivr_metrics_port),
             "REMONTEE_WORKER_METRICS_PORT": str(s.worker_metrics_port),

@@ -21,6 +21,9 @@ class Settings:
     agi_port: int = 4573
     pen_port: int = 8080
     review_port: int = 8081
+    # Reverse proxies in front of the review UI, each appending the address it saw to X-Forwarded-For; the
+    # client is the address the outermost of them saw. 0: none is trusted, so a client cannot forge its address.
+    review_trusted_proxies: int = 0
     redis_url: str | None = None  # None: run_gateway.py starts a private redis-server under var/redis/
     db_url: str | None = None  # None: SQLite under var/
     election: str = "primaire-2011-t1"

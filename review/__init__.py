@@ -1,11 +1,11 @@
 """The supervisors' review UI: a Flask app of its own (own port, own process), never the upload API's.
 
-`create_app(test_config=None)` builds it: configuration from the defaults below, then the
-`test_config` mapping (tests) or `REMONTEE_REVIEW_*` environment variables, and the
-`Settings` (journal, Redis, registry, election) from `test_config["SETTINGS"]` or the
-environment. Blueprints: `auth` (login, logout, users), `items` (the queue and decisions, and the
-pen uploads the OCR could not attach to a bureau), `audit` (the trail and its CSV export),
-`progress` (the dashboard).
+`create_app(test_config=None, settings=None)` builds it: configuration from the defaults below, then the
+`test_config` mapping (tests) or `REMONTEE_REVIEW_*` environment variables, and the `Settings` (journal,
+Redis, registry, election, trusted proxies) from `settings` (`run_gateway.py review`: the environment and
+the flags), `test_config["SETTINGS"]` or the environment. Blueprints: `auth` (login, logout, users),
+`items` (the queue and decisions, and the pen uploads the OCR could not attach to a bureau), `audit` (the
+trail and its CSV export), `progress` (the dashboard).
 
 `/metrics` (telemetry/) needs no login: Prometheus scrapes it, and it holds counts only (request
 durations, decisions, queue depths, backlogs, review items and uploads by status).
@@ -27,6 +27,7 @@ from flask import Flask, current_app, render_template
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from redis import Redis
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from registry import Registry, load_registry
 from returns_queue.journal import Journal
@@ -122,15 +123,30 @@ def context() -> ReviewContext:
     return current_app.extensions["remontee_review"]
 
 
-def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+def trust_proxies(app: Flask, count: int) -> None:
+    """Take the client's address from X-Forwarded-For as `count` reverse proxies in front of the app wrote it.
+
+    The lockout counts failures by address, and the audit trail and sessions keep it: behind a proxy every
+    request would come from the proxy's address. Only X-Forwarded-For is believed, not X-Forwarded-Proto: a
+    request seen as HTTPS makes Flask-WTF compare the Referer with the Host, which the documented nginx
+    does not pass on, and every form would be refused.
+    """
+    if count < 0:
+        raise ValueError(f"REMONTEE_REVIEW_TRUSTED_PROXIES must be 0 or more, not {count}")
+    if count:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=0)  # type: ignore[method-assign]
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
     if test_config is None:
         app.config.from_prefixed_env("REMONTEE_REVIEW")
     else:
         app.config.update(test_config)
-    settings: Settings = app.config.get("SETTINGS") or Settings.from_env()
+    settings = settings or app.config.get("SETTINGS") or Settings.from_env()
     app.config["SETTINGS"] = settings
+    trust_proxies(app, settings.review_trusted_proxies)
     app.config["SECRET_KEY"] = secret_key_for(settings)
     app.config["PERMANENT_SESSION_LIFETIME"] = app.config["SESSION_LIFETIME_SECONDS"]
 

@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app()
+            return create_app(settings=settings)  # the flags too, not only the environment
 
     log.info("review UI on http://%s:%d/", settings.bind, settings.review_port)
     ReviewServer().run()

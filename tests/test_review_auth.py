@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from redis import Redis
 from review_support import (
+    CHEAP_HASHER,
     GOOD_T1,
     PASSWORDS,
     ReviewEnv,
@@ -33,6 +36,7 @@ from forms import Election
 from pen_gateway.uploads import uploads
 from registry import Registry
 from returns_queue.journal import Journal, audit
+from review import create_app
 from review.accounts import login_attempts, sessions, users
 
 __all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
@@ -266,6 +270,36 @@ def test_an_address_spraying_many_names_is_locked(env: ReviewEnv) -> None:
     assert _try(client, "bob", PASSWORDS["bob"]) == 429
 
 
+def _try_through_proxy(client, username: str, password: str, forwarded_for: str) -> int:
+    """A login through nginx (docs/deploy.md): the request comes from 127.0.0.1, the browser's address is in
+    X-Forwarded-For."""
+    environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": forwarded_for}
+    token = csrf_token(client.get("/login", environ_base=environ).get_data(as_text=True))
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token},
+                       environ_base=environ).status_code
+
+
+def test_behind_a_trusted_proxy_one_address_locked_is_not_everyone_locked(env: ReviewEnv) -> None:
+    settings = replace(env.settings, review_trusted_proxies=1)
+    app = create_app({"TESTING": True, "SETTINGS": settings, "JOURNAL": env.journal, "PASSWORD_HASHER": CHEAP_HASHER})
+    for i in range(20):
+        assert _try_through_proxy(app.test_client(), f"nom{i}", "mauvais-mot-de-passe", "203.0.113.7") == 401
+    assert _try_through_proxy(app.test_client(), "bob", PASSWORDS["bob"], "203.0.113.7") == 429
+    # An address the client wrote before nginx's own entry is not believed: the sprayer stays locked.
+    assert _try_through_proxy(app.test_client(), "bob", PASSWORDS["bob"], "198.51.100.9, 203.0.113.7") == 429
+    # Supervisors at other workstations log in, and the audit trail and their sessions say where from.
+    assert _try_through_proxy(app.test_client(), "root", PASSWORDS["root"], "198.51.100.9") == 302
+    with env.journal.read() as conn:
+        login_row = conn.execute(select(audit).where(audit.c.action == "login", audit.c.subject == "root")).one()
+        session_row = conn.execute(select(sessions).where(sessions.c.username == "root")).one()
+    assert json.loads(login_row.after)["address"] == session_row.address == "198.51.100.9"
+    # With no proxy trusted (the default), X-Forwarded-For is the client's word and is not believed.
+    assert _try_through_proxy(env.client(), "alice", "mauvais-mot-de-passe", "192.0.2.1") == 401
+    with env.journal.read() as conn:
+        assert conn.execute(select(login_attempts.c.address).where(login_attempts.c.username == "alice")
+                            ).scalar_one() == "127.0.0.1"
+
+
 def test_sessions_expire_when_idle_and_at_their_lifetime(env: ReviewEnv) -> None:
     client = env.client()
     login(client, "alice")
@@ -379,6 +413,25 @@ def test_cli_users_add_from_stdin_then_login(tmp_path: Path, redis: Redis, redis
     assert row.actor.startswith("cli:")
 
 
+def _failed_login_over_http(port: int, forwarded_for: str) -> int:
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(f"http://127.0.0.1:{port}/login", timeout=5) as response:
+        token = csrf_token(response.read().decode())
+    body = urllib.parse.urlencode({"username": "alice", "password": "mauvais-mot-de-passe", "csrf_token": token})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/login", data=body.encode(),
+                                     headers={"X-Forwarded-For": forwarded_for})
+    try:
+        with opener.open(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, sqlite_journal: Journal,
                                                 demo_registry_files: tuple[Path, Path]) -> None:
     import urllib.request
@@ -386,7 +439,8 @@ def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, sq
     port = free_port()
     var = tmp_path / "var"
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "run_gateway.py"), "review", "--review-port", str(port), "--workers", "1"],
+        [sys.executable, str(ROOT / "run_gateway.py"), "review", "--review-port", str(port), "--workers", "1",
+         "--review-trusted-proxies", "1"],
         env={**os.environ, "REMONTEE_DB_URL": sqlite_journal.url, "REMONTEE_VAR_DIR": str(var),
              "REMONTEE_REDIS_URL": redis_server.url, "REMONTEE_REGISTRY": str(demo_registry_files[0])},
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -405,6 +459,10 @@ def test_review_subcommand_serves_with_gunicorn(tmp_path: Path, redis_server, sq
                 time.sleep(0.1)
         assert "Connexion des superviseurs" in body
         assert (var / "secret_key").is_file() and oct((var / "secret_key").stat().st_mode)[-3:] == "600"
+        # The settings flags reach the app, not only the environment: here, the proxy in front of it is trusted.
+        assert _failed_login_over_http(port, "203.0.113.7") == 401
+        with sqlite_journal.read() as conn:
+            assert conn.execute(select(login_attempts.c.address)).scalar_one() == "203.0.113.7"
     finally:
         process.terminate()
         process.wait(15)
