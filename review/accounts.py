@@ -87,6 +87,14 @@ class AccountError(ValueError):
     """A request about an account that cannot be done; the message is French, for the person who asked."""
 
 
+class AccountLocked(AccountError):
+    """The name or the address is locked out by too many wrong passwords; `retry_after` seconds to wait."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("trop d'échecs de mot de passe")
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class User:
     username: str
@@ -293,16 +301,25 @@ class Accounts:
         return max(waits)
 
     def authenticate(self, username: str, password: str, address: str | None) -> LoginResult:
-        """Check a login. The attempt is written as a failure *before* the password is verified, and
-        turned into a success after, so parallel guesses cannot slip past the lockout."""
-        username = username.strip().lower()[:64]
+        """Check a login; on success it goes on the audit trail as a `login`."""
+        return self._check_password(username.strip().lower()[:64], password, address)
+
+    def _check_password(self, username: str, password: str, address: str | None,
+                        during: str | None = None) -> LoginResult:
+        """Every check of a password goes through here, so the lockout counts them all and the audit trail
+        shows every failure. The attempt is written as a failure *before* the password is verified, and
+        turned into a success after, so parallel guesses cannot slip past the lockout.
+
+        `during` names the form that asked when it is not the login (the own-password change); it goes on
+        the audit rows, and a success there is audited by what follows it, not as a login."""
         address = (address or "")[:64] or None
+        where = {"address": address} if during is None else {"address": address, "during": during}
         now = time.time()
         with self.journal.write() as conn:
             wait = self._lock_state(conn, username, address, now)
             if wait > 0:
                 Journal.record_audit(conn, username or "?", "login_locked", username, None,
-                                     {"address": address, "retry_after_s": round(wait)})
+                                     {**where, "retry_after_s": round(wait)})
                 return LoginResult(None, locked=True, retry_after=wait)
             attempt_id = conn.execute(
                 insert(login_attempts).values(username=username, address=address, at=now, success=False)
@@ -317,15 +334,15 @@ class Accounts:
         with self.journal.write() as conn:
             if not ok:
                 why = "unknown" if row is None else ("inactive" if not row.active else "password")
-                Journal.record_audit(conn, username or "?", "login_failed", username, None,
-                                     {"address": address, "why": why})
+                Journal.record_audit(conn, username or "?", "login_failed", username, None, {**where, "why": why})
                 return LoginResult(None)
             conn.execute(update(login_attempts).where(login_attempts.c.id == attempt_id).values(success=True))
             if self.hasher.check_needs_rehash(stored):
                 conn.execute(
                     update(users).where(users.c.username == username).values(password_hash=self.hasher.hash(password))
                 )
-            Journal.record_audit(conn, username, "login", username, None, {"address": address})
+            if during is None:
+                Journal.record_audit(conn, username, "login", username, None, where)
         return LoginResult(_user(row))
 
     # --- sessions ---
@@ -374,13 +391,13 @@ class Accounts:
             if actor is not None:
                 Journal.record_audit(conn, actor, "logout", actor, None, None)
 
-    def change_own_password(self, username: str, current: str, new: str) -> None:
-        with self.journal.read() as conn:
-            row = conn.execute(select(users.c.password_hash).where(users.c.username == username)).first()
-        try:
-            ok = row is not None and self.hasher.verify(row.password_hash, current)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
-        if not ok:
+    def change_own_password(self, username: str, current: str, new: str, address: str | None) -> None:
+        """A supervisor's own change, proved by the current password. That proof is a login's check, lockout
+        and audit included: a stolen session must not become a way to guess the owner's password."""
+        check_password(new)  # a refused new password costs no attempt
+        result = self._check_password(username, current, address, during="password_change")
+        if result.locked:
+            raise AccountLocked(result.retry_after)
+        if result.user is None:
             raise AccountError("le mot de passe actuel est incorrect")
         self.set_password(username, new, username)

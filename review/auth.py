@@ -18,7 +18,7 @@ from flask import Blueprint, abort, flash, g, redirect, render_template, request
 from werkzeug.wrappers import Response
 
 from review import context
-from review.accounts import ROLE_LABELS, ROLES, AccountError
+from review.accounts import ROLE_LABELS, ROLES, AccountError, AccountLocked
 
 bp = Blueprint("auth", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,6 +95,10 @@ def _safe_next(target: str | None) -> str:
     return url_for("items.queue")
 
 
+def _minutes(seconds: float) -> int:
+    return max(1, ceil(seconds / 60))
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     next_url = request.values.get("next", "")
@@ -110,9 +114,8 @@ def login() -> Any:
         return render_template("login.html", next=next_url, username=username), 400
     result = context().accounts.authenticate(username, password, request.remote_addr)
     if result.locked:
-        minutes = max(1, ceil(result.retry_after / 60))
-        flash(f"Trop d'échecs de connexion : réessayez dans {minutes} min, ou demandez à un administrateur.",
-              "error")
+        flash(f"Trop d'échecs de connexion : réessayez dans {_minutes(result.retry_after)} min, "
+              "ou demandez à un administrateur.", "error")
         return render_template("login.html", next=next_url, username=username), 429
     if result.user is None:
         flash("Identifiant ou mot de passe incorrect.", "error")
@@ -144,7 +147,12 @@ def own_password() -> Any:
         flash("Les deux saisies du nouveau mot de passe diffèrent.", "error")
         return render_template("password.html"), 400
     try:
-        context().accounts.change_own_password(g.user.username, request.form.get("current_password", ""), new)
+        context().accounts.change_own_password(g.user.username, request.form.get("current_password", ""), new,
+                                               request.remote_addr)
+    except AccountLocked as exc:
+        flash(f"Mot de passe inchangé : {exc} ; réessayez dans {_minutes(exc.retry_after)} min, "
+              "ou demandez à un administrateur.", "error")
+        return render_template("password.html"), 429
     except AccountError as exc:
         flash(f"Mot de passe inchangé : {exc}.", "error")
         return render_template("password.html"), 400

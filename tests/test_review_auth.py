@@ -379,6 +379,29 @@ def test_own_password_change(env: ReviewEnv) -> None:
     assert _try(env.client(), "alice", "encore-un-mot-de-passe") == 302
 
 
+def test_guessing_the_current_password_is_locked_out_and_audited(env: ReviewEnv) -> None:
+    # A stolen session must not become a way to guess its owner's password, then take the account.
+    thief = env.client()
+    token = login(thief, "alice")
+    new = {"csrf_token": token, "new_password": "volé-volé-volé", "confirm_password": "volé-volé-volé"}
+    for n in range(5):
+        assert thief.post("/account/password", data={**new, "current_password": f"essai-{n}"}).status_code == 400
+    locked = thief.post("/account/password", data={**new, "current_password": PASSWORDS["alice"]})
+    assert locked.status_code == 429 and "trop d'échecs" in html.unescape(locked.get_data(as_text=True))
+    with env.journal.read() as conn:
+        failures = conn.execute(select(login_attempts).where(login_attempts.c.username == "alice",
+                                                             login_attempts.c.success.is_(False))).all()
+        trail = conn.execute(select(audit).where(audit.c.subject == "alice").order_by(audit.c.id)).all()
+    assert len(failures) == 5
+    assert [r.action for r in trail] == ["user_add", "login", *["login_failed"] * 5, "login_locked"]
+    assert all(json.loads(r.after)["during"] == "password_change" for r in trail[2:])
+    # The password is unchanged, and the name is locked at the login form as well.
+    assert _try(env.client(), "alice", PASSWORDS["alice"]) == 429
+    with env.journal.write() as conn:
+        conn.execute(update(login_attempts).values(at=login_attempts.c.at - 16 * 60))
+    assert _try(env.client(), "alice", PASSWORDS["alice"]) == 302
+
+
 def test_security_headers(env: ReviewEnv) -> None:
     response = env.client().get("/login")
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
