@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from flask import Flask, current_app, render_template
+from flask import Flask, current_app, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from redis import Redis
 from werkzeug.exceptions import HTTPException
@@ -121,6 +121,18 @@ class ReviewContext:
 
 def context() -> ReviewContext:
     return current_app.extensions["remontee_review"]
+
+
+# Far beyond the pages of any night's queue or audit trail, and small enough that a page's OFFSET fits the
+# databases' 64-bit integers (SQLite refuses a larger Python int outright).
+MAX_PAGE = 1_000_000
+
+
+def requested_page() -> int:
+    """The `page` query argument: 1 when absent, not a number or below 1, and never above MAX_PAGE; a page
+    past the last one is empty, as it always was, whatever its number."""
+    page = request.args.get("page", 1, type=int) or 1
+    return min(max(1, page), MAX_PAGE)
 
 
 def trust_proxies(app: Flask, count: int) -> None:

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, render_template, request, st
 from sqlalchemy import func, select
 
 from returns_queue.journal import audit
-from review import context
+from review import context, requested_page
 from review.auth import require_admin
 
 bp = Blueprint("audit", __name__)
@@ -105,7 +105,7 @@ def _filtered(query: Any) -> tuple[Any, dict[str, str]]:
 @bp.get("/audit")
 def trail() -> str:
     per_page = int(current_app.config["AUDIT_PER_PAGE"])
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = requested_page()
     query, chosen = _filtered(select(audit))
     count, _ = _filtered(select(func.count()).select_from(audit))
     with context().journal.read() as conn:

@@ -33,7 +33,7 @@ from werkzeug.wrappers import Response
 from forms import Election, load_election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
 from pen_gateway.uploads import get_upload
-from review import context
+from review import context, requested_page
 from review.auth import require_login
 from review.review_items import (
     CHANNEL_LABELS,
@@ -101,7 +101,7 @@ def _filters() -> tuple[ItemFilter, dict[str, str]]:
 def queue() -> str:
     filters, chosen = _filters()
     per_page = int(current_app.config["ITEMS_PER_PAGE"])
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = requested_page()
     items, total = context().items.list(filters, limit=per_page, offset=(page - 1) * per_page)
     registry = context().registry()
     now = time.time()
@@ -132,7 +132,14 @@ def queue() -> str:
     )
 
 
+# The largest id a review item can have: its column is an INTEGER, 32 bits on PostgreSQL, which answers a larger
+# number with "integer out of range" (and SQLite refuses one above 2**63 - 1 outright). Beyond it, no item.
+MAX_ITEM_ID = 2**31 - 1
+
+
 def _get(item_id: int) -> ReviewItem:
+    if item_id > MAX_ITEM_ID:
+        abort(404)
     item = context().items.get(item_id)
     if item is None:
         abort(404)

@@ -510,3 +510,22 @@ def test_unknown_item_is_404(env: ReviewEnv) -> None:
     token = login(client, "alice")
     assert client.get("/items/999").status_code == 404
     assert client.post("/items/999/approve", data=form(GOOD_T1, token)).status_code == 404
+
+
+def test_numbers_beyond_the_database_integers_are_no_item_and_an_empty_page(
+    env: ReviewEnv, total_mismatch: tuple[str, int]
+) -> None:
+    # SQLite refuses a Python int above 2**63 - 1 with an OverflowError: each of these answered 500.
+    _, item = total_mismatch
+    client = env.client()
+    token = login(client, "alice")
+    for number in (2**31, 2**63 - 1, 2**63, 10**20):
+        assert client.get(f"/items/{number}").status_code == 404
+        assert client.get(f"/items/{number}/page.png").status_code == 404
+        assert client.get(f"/items/{number}/fields/votants.png").status_code == 404
+        assert client.post(f"/items/{number}/approve", data=form(GOOD_T1, token)).status_code == 404
+    assert f'href="/items/{item}"' in text(client.get("/items?page=1"))
+    for page in (999999, 2**63, 10**20):  # a page past the last one is empty, whatever its number
+        response = client.get(f"/items?page={page}")
+        assert response.status_code == 200 and f'href="/items/{item}"' not in text(response)
+
