@@ -529,3 +529,18 @@ def test_numbers_beyond_the_database_integers_are_no_item_and_an_empty_page(
         response = client.get(f"/items?page={page}")
         assert response.status_code == 200 and f'href="/items/{item}"' not in text(response)
 
+
+@pytest.mark.parametrize("digits", [19, 4301, 5000])
+def test_a_count_with_more_digits_than_any_count_is_refused_as_unreadable(
+    env: ReviewEnv, total_mismatch: tuple[str, int], digits: int
+) -> None:
+    # int() refuses more than 4300 digits with a ValueError: a count pasted into the form answered 500.
+    _, item = total_mismatch
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/items/{item}")
+    before = n_returns(env)
+    response = client.post(f"/items/{item}/approve", data=form({**GOOD_T1, "aubry": "1" * digits}, token))
+    assert response.status_code == 422 and "illisible" in text(response)
+    assert n_returns(env) == before
+    assert env.app.extensions["remontee_review"].items.get(item).state == "open"

@@ -485,6 +485,10 @@ def test_counts_that_break_the_form_or_an_unknown_bureau_are_refused_and_change_
     assert f'value="{broken["votants"]}"' in page  # what was typed is kept for the next try
     unknown = client.post(f"/uploads/{FAILED}/counts", data=count_form(env, token, "999999", counts))
     assert unknown.status_code == 422 and "inconnu du registre" in text(unknown)
+    # More digits than int() converts (4300): a count pasted by mistake answered 500.
+    pasted = client.post(f"/uploads/{FAILED}/counts",
+                         data=count_form(env, token, code, {**counts, "aubry": "1" * 5000}))
+    assert pasted.status_code == 422 and "illisible" in text(pasted)
     upload = get_upload(env.journal, FAILED)
     assert upload.status == "failed" and upload.return_id is None and upload.error == BROKE
     assert audit_rows(env, "enter_upload_counts") == []

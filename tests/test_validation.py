@@ -106,6 +106,19 @@ def test_parse_count(raw: object, value: int | None) -> None:
     assert parse_count(raw) == value
 
 
+def test_a_digit_string_longer_than_any_count_is_unreadable() -> None:
+    # int() refuses more than 4300 digits with a ValueError: a count pasted into the review form answered 500.
+    assert parse_count("1" * 4301) is None
+    assert parse_count("1" * 5000) is None
+    assert parse_count("9" * 19) is None
+    assert parse_count("9" * 18) == 10**18 - 1
+    assert parse_count("0" * 40 + "42") == 42  # leading zeros are no digits too many
+    counts = {"votants": "1" * 5000, "blancs_nuls": 0, "exprimes": 10, "hollande": 6, "aubry": 4}
+    findings = check_return(make(T2, counts), T2, BUREAU)
+    assert [(f.code, f.field, f.message) for f in findings] == [
+        (Reason.UNREADABLE, "votants", "Nombre de votants (émargements) : valeur absente ou illisible")]
+
+
 def test_normalize_bureau_code_keeps_leading_zeros() -> None:
     assert normalize_bureau_code(" 01 0101 ") == "010101"
     assert normalize_bureau_code("75A") is None

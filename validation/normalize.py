@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import unicodedata
 
+# More digits than any count on any form (max_digits is 5 at most) and than a 64-bit integer holds: beyond this a
+# digit string is not a count. Checked before int(), which refuses more than 4300 digits with a ValueError.
+MAX_COUNT_DIGITS = 18
+
 
 def parse_count(raw: object) -> int | None:
-    """A count from keyed or read text: `"0042"` → 42, `" 1 204 "` → 1204; blank or not a number → None.
+    """A count from keyed or read text: `"0042"` → 42, `" 1 204 "` → 1204; blank, not a number, or more than
+    MAX_COUNT_DIGITS significant digits → None.
 
     Only ASCII digits count: a phone keys them and the OCR reads them; anything else is
     a problem for a human, never guessed at.
@@ -20,6 +25,8 @@ def parse_count(raw: object) -> int | None:
     # Thin and no-break spaces are common thousands separators in French text.
     text = "".join(ch for ch in unicodedata.normalize("NFKC", raw) if not ch.isspace())
     if not text or not text.isascii() or not text.isdigit():
+        return None
+    if len(text.lstrip("0")) > MAX_COUNT_DIGITS:  # leading zeros are harmless: "0042" is 42, however many
         return None
     return int(text)
 
