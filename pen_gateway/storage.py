@@ -39,6 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# A full upload directory is a passing state on the night (the API answers 507 meanwhile): an OCR job
+# waits this long for room for its artefacts, rather than failing an acknowledged upload at once.
+# Its RQ timeout is derived from it (pen_gateway/ocr_relay.py), so RQ never kills the job mid-wait.
+ROOM_WAIT_SECONDS = 300.0
 # Directories synced at once by make_durable: one thread each (they wait on the disk, not the CPU).
 DIRECTORY_SYNC_THREADS = 16
 

@@ -6,24 +6,29 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from redis import Redis
-from rq import SimpleWorker
+from rq import Retry, SimpleWorker
 from rq.job import Job, JobStatus
 from sqlalchemy import func, select
+from test_pen_api_storage import fill, tmpfs  # noqa: F401 - tmpfs is a fixture
 from ulid import ULID
 
 from forms import Election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
-from pen_gateway.recognition.job import context, process_upload
+from pen_gateway.ocr_relay import enqueue_ocr
+from pen_gateway.recognition.job import ROOM_WAIT_SECONDS, context, process_upload
 from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
 from registry import Registry
 from returns_queue.jobs import RETURNS_QUEUE, ocr_job_id, ocr_queue, return_job_id
 from returns_queue.journal import Journal, returns, review_items
 from returns_queue.relay import Relay
+from returns_queue.worker import StopsPromptly
 from settings import Settings
 from tests.filled_forms import (
     inkml_upload,
@@ -211,3 +216,60 @@ def test_the_operators_worker_forks_a_horse_per_job_with_its_own_flags(
     entry = journal.get(upload.return_id)
     assert entry is not None and entry.ret.bureau == bureau.code and entry.receipt == upload.receipt
     assert load_reading(var, upload_id) is not None, "artefacts under the worker's --var-dir"
+
+
+# --- an attempt that fails: a full disk, RQ's timeout and retries ---
+
+def store_bureau_page(journal: Journal, registry: Registry, election: Election, tmp_path: Path, seed: int) -> str:
+    bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[seed]
+    counts = consistent_counts(election, np.random.default_rng(seed), inscrits=bureau.inscrits)
+    return store_upload(journal, tmp_path, inkml_upload(election, counts, seed=seed), "application/inkml+xml",
+                        bureau=bureau.code)
+
+
+class PromptWorker(StopsPromptly, SimpleWorker):
+    """In this process, and quitting at once (RQ's own often waits a minute for its pub/sub thread)."""
+
+
+def run_due_jobs(redis: Redis) -> None:
+    """A burst worker with RQ's scheduler, as `run_gateway.py worker` runs it: scheduled retries that are due run."""
+    PromptWorker([ocr_queue(redis)], connection=redis).work(burst=True, with_scheduler=True)
+
+
+def run_one_attempt(redis: Redis) -> None:
+    """The next attempt of the `ocr` jobs, as if their retry's interval had passed."""
+    scheduled = ocr_queue(redis).scheduled_job_registry
+    for job_id in scheduled.get_job_ids():
+        scheduled.schedule(Job.fetch(job_id, connection=redis), datetime.now(UTC) - timedelta(seconds=1))
+    run_due_jobs(redis)
+
+
+def test_rq_lets_an_ocr_job_wait_for_room_before_it_kills_it(redis: Redis) -> None:
+    """A timeout under the wait for room killed the job mid-wait, on every attempt while the disk stayed full."""
+    enqueue_ocr(redis, "01JTIMEOUTOUTLASTSROOMWAIT0")
+    job = Job.fetch(ocr_job_id("01JTIMEOUTOUTLASTSROOMWAIT0"), connection=redis)
+    assert job.timeout is not None and job.timeout >= ROOM_WAIT_SECONDS + 60
+
+
+def test_a_job_killed_by_its_timeout_while_a_retry_remains_leaves_the_upload_queued(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path,
+    tmpfs,  # type: ignore[no-untyped-def]  # noqa: F811 - the fixture imported above
+) -> None:
+    """The artefact disk full, the job waiting for room when RQ's timeout kills it: a retry remains, so the upload
+    is not `failed` (which sends it to a supervisor as beyond retries); once there is room, the retry reads it."""
+    upload_id = store_bureau_page(journal, registry, election_t1, tmp_path, seed=14)
+    filler = fill(tmpfs(settings.var_dir / "uploads" / "artefacts", 1024 * 1024))
+    ocr_queue(redis).enqueue(JOB, upload_id, job_id=ocr_job_id(upload_id), job_timeout=5,
+                             retry=Retry(max=1, interval=60))
+    started = time.monotonic()
+    run_due_jobs(redis)
+    assert time.monotonic() - started < 30, "killed by its timeout, in the middle of its wait for room"
+    job = Job.fetch(ocr_job_id(upload_id), connection=redis)
+    assert job.get_status() == JobStatus.SCHEDULED and job.retries_left == 0
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "queued" and upload.error is None
+
+    filler.unlink()
+    run_one_attempt(redis)
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id

@@ -9,6 +9,12 @@ then the journal's to relay onto `returns`; a doubtful one is a review item.
 Running twice for the same upload never makes two returns: an upload already past `queued`
 is answered from its row, and the row is checked again inside the journal's transaction, so
 two workers racing on one upload leave exactly one return (the loser's transaction rolls back).
+
+When the job raises, the upload row goes `failed` (for a supervisor to read the page) only on
+its last attempt: while RQ has a retry left (pen_gateway/ocr_relay.py: spread over minutes), the
+row stays as it was, since the journal, Redis or the disk may well be back by then. When even the
+last attempt cannot write the row, it stays `queued` and the OCR relay's reconciliation enqueues
+the job again.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from typing import Any
 
 import cv2
 import numpy as np
+from rq import get_current_job
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
 from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
-from pen_gateway.storage import FULL_ERRNOS
+from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS
 from pen_gateway.uploads import Upload, create_tables, get_upload, set_upload_status, uploads
 from registry import Registry, load_registry
 from returns_queue.journal import Journal, Submission
@@ -41,9 +49,6 @@ log = logging.getLogger(__name__)
 # Statuses from which a run (first, retried, or asked again by a supervisor) recognizes the upload.
 TO_RECOGNIZE = ("queued", "recognized", "failed")
 UPLOAD_STATUS_FOR = {"accepted": "accepted", "review": "review", "rejected": "rejected"}
-# A full upload directory is a passing state on the night (the API answers 507 meanwhile): a job
-# waits this long for room for its artefacts, rather than failing an acknowledged upload at once.
-ROOM_WAIT_SECONDS = 300.0
 
 
 class AlreadyRecognized(Exception):
@@ -123,20 +128,41 @@ def recognize_upload(upload_id: str) -> dict[str, Any]:
 
 
 def process_upload(upload_id: str, ctx: Context) -> dict[str, Any]:
-    upload = get_upload(ctx.journal, upload_id)
-    if upload is None:
-        raise LookupError(f"no upload {upload_id!r} in the journal")
-    if upload.status not in TO_RECOGNIZE:
-        log.info("upload %s already %s: nothing to do", upload_id, upload.status)
-        return _outcome(upload)
     try:
+        upload = get_upload(ctx.journal, upload_id)
+        if upload is None:
+            raise LookupError(f"no upload {upload_id!r} in the journal")
+        if upload.status not in TO_RECOGNIZE:
+            log.info("upload %s already %s: nothing to do", upload_id, upload.status)
+            return _outcome(upload)
         return _recognize(upload, ctx)
     except Exception as exc:
-        # Recognition itself broke: say so on the row (the raw bytes stay) and let RQ keep the traceback.
+        # A retry may still mend it (a journal or a disk back, a timeout): `failed` sends the upload to a
+        # supervisor, so only the last attempt says so. RQ keeps the traceback either way.
+        if not _retries_left():
+            _mark_failed(ctx, upload_id, exc)
+        raise
+
+
+def _retries_left() -> int:
+    """How many times RQ will run this job again if it raises now (0 outside RQ, or with no Retry)."""
+    job = get_current_job()
+    return (job.retries_left or 0) if job is not None else 0
+
+
+def _mark_failed(ctx: Context, upload_id: str, exc: Exception) -> None:
+    """Recognition broke for good: say so on the row (the raw bytes stay), unless the journal is away too.
+
+    When it is, the row stays `queued` with its job ended, and the OCR relay's reconciliation runs the
+    job again once the journal is back (pen_gateway/ocr_relay.py): the upload is not forgotten.
+    """
+    try:
         with ctx.journal.write() as conn:
             if _status(conn, upload_id) in TO_RECOGNIZE:
                 set_upload_status(conn, upload_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        raise
+    except (SQLAlchemyError, TimeoutError) as journal_error:
+        log.warning("upload %s: could not mark it failed (%s); it stays queued for the OCR relay", upload_id,
+                    journal_error)
 
 
 def _recognize(upload: Upload, ctx: Context) -> dict[str, Any]:
