@@ -26,7 +26,7 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from sqlalchemy import Connection, select
@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.storage import ROOM_WAIT_SECONDS
 from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
-from returns_queue.jobs import RETRY, jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
+from returns_queue.jobs import jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 from returns_queue.relay import RelayLoop
 
@@ -46,6 +46,12 @@ OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
 ENDED = frozenset(s.value for s in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED))
 
 
+# Retried: a work horse killed in the middle of a job (or a worker lost with Redis) leaves it failed or
+# abandoned, and what broke it (the journal, Redis, a full disk) is often back minutes later. The retries
+# are spread over about eight minutes, so that a short outage does not use them all up in a second (RQ's
+# scheduler, which `run_gateway.py worker` runs for the `ocr` queue, enqueues each when due). A retry is
+# safe: the job re-reads the upload's status and journals at most one return per upload.
+OCR_RETRY = Retry(max=5, interval=[15, 30, 60, 120, 240])
 # The work itself (decode, read, journal) takes seconds; RQ's timeout adds that margin to the job's wait
 # for room on a full disk, so the wait ends (and the job says why) before RQ kills it.
 OCR_WORK_SECONDS = 120
@@ -54,13 +60,9 @@ OCR_JOB_TIMEOUT = int(ROOM_WAIT_SECONDS) + OCR_WORK_SECONDS
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
     # Keep results a day and failures a week: a supervisor may want to see why a page failed.
-    # Retried like a return's job: a work horse killed in the middle of a job (or a worker lost with
-    # Redis) leaves it failed or abandoned, and the OCR relay never enqueues an upload whose job exists,
-    # so without retries the acknowledged upload would stay `queued` for good. A retry is safe: the
-    # job re-reads the upload's status and journals at most one return per upload.
     return Queue.prepare_data(
         job_path, args=(upload_id,), job_id=ocr_job_id(upload_id), result_ttl=86400, failure_ttl=7 * 86400,
-        timeout=OCR_JOB_TIMEOUT, retry=RETRY, description=f"recognize upload {upload_id}",
+        timeout=OCR_JOB_TIMEOUT, retry=OCR_RETRY, description=f"recognize upload {upload_id}",
     )
 
 

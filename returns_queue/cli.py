@@ -66,7 +66,9 @@ def _worker(args: argparse.Namespace) -> int:
                                     [StateCollector(None, redis, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
     worker: Worker = GatewayWorker(args.queues.split(","), connection=redis)
     try:
-        worker.work(burst=args.burst, logging_level="INFO", with_scheduler=False)
+        # An `ocr` job's retries wait minutes (pen_gateway/ocr_relay.py): RQ's scheduler enqueues them when due,
+        # one scheduler per queue among all the workers (a Redis lock), the others taking over if it dies.
+        worker.work(burst=args.burst, logging_level="INFO", with_scheduler=OCR_QUEUE in args.queues.split(","))
     finally:
         if listener is not None:
             listener.close()

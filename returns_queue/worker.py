@@ -12,6 +12,10 @@ job, then SIGKILL after its grace) or kills it leaves no horse behind. The job i
 when a horse is killed: RQ moves it out of the started registry once the worker's heartbeat expires,
 and the job's Retry runs it again (both job kinds journal at most once: returns_queue/jobs.py).
 
+The same holds for RQ's scheduler process, which a worker forks when it runs with `with_scheduler`
+(`run_gateway.py worker` does for the `ocr` queue, whose retries wait minutes: returns_queue/cli.py).
+RQ stops it when the worker stops cleanly, but nothing stops it when the worker is killed.
+
 `StopsPromptly`: the worker's warm shutdown, once its job is done, ends in about a second instead of
 waiting up to a minute for RQ's pub/sub thread (see its docstring).
 """
@@ -25,6 +29,8 @@ import sys
 from typing import Any
 
 from rq import Worker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.scheduler import RQScheduler
 
 PR_SET_PDEATHSIG = 1
 
@@ -40,13 +46,50 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+class SchedulerDiesWithWorker(RQScheduler):
+    """RQ's scheduler, whose process is killed by the kernel when the worker that forked it ends."""
+
+    _worker_pid = 0
+
+    def start(self) -> Any:
+        self._worker_pid = os.getpid()  # before the fork: the child inherits it
+        return super().start()
+
+    def work(self) -> None:
+        # Runs in the scheduler's process.
+        die_with_parent(self._worker_pid or os.getppid())
+        super().work()
+
+
 class HorseDiesWithWorker(Worker):
-    """An RQ forking worker whose work horse is killed by the kernel when the worker process ends."""
+    """An RQ forking worker whose work horse (and scheduler) is killed by the kernel when the worker process ends."""
 
     def main_work_horse(self, job: Any, queue: Any) -> None:
         # Runs in the horse, just after the fork: `self.pid` is still the worker's.
         die_with_parent(self.pid or os.getppid())
         super().main_work_horse(job, queue)
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
+                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+                         log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
+        # RQ's own (rq 3.0, rq/worker/base.py), with our scheduler class: RQ offers no other way to choose it.
+        self.scheduler = SchedulerDiesWithWorker(
+            self.queues, connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format, log_format=log_format, serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return
+        if burst:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
+        else:
+            self.scheduler.start()
 
 
 class StopsPromptly(Worker):

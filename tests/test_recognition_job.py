@@ -218,13 +218,24 @@ def test_the_operators_worker_forks_a_horse_per_job_with_its_own_flags(
     assert load_reading(var, upload_id) is not None, "artefacts under the worker's --var-dir"
 
 
-# --- an attempt that fails: a full disk, RQ's timeout and retries ---
+# --- an attempt that fails: the journal away, a full disk; RQ's timeout and retries ---
 
 def store_bureau_page(journal: Journal, registry: Registry, election: Election, tmp_path: Path, seed: int) -> str:
     bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[seed]
     counts = consistent_counts(election, np.random.default_rng(seed), inscrits=bureau.inscrits)
     return store_upload(journal, tmp_path, inkml_upload(election, counts, seed=seed), "application/inkml+xml",
                         bureau=bureau.code)
+
+
+def journal_away(journal: Journal) -> None:
+    """Every read and write of the uploads table fails from now on, as with the database down."""
+    with journal.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE uploads RENAME TO uploads_away")
+
+
+def journal_back(journal: Journal) -> None:
+    with journal.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE uploads_away RENAME TO uploads")
 
 
 class PromptWorker(StopsPromptly, SimpleWorker):
@@ -242,6 +253,28 @@ def run_one_attempt(redis: Redis) -> None:
     for job_id in scheduled.get_job_ids():
         scheduled.schedule(Job.fetch(job_id, connection=redis), datetime.now(UTC) - timedelta(seconds=1))
     run_due_jobs(redis)
+
+
+def test_an_attempt_that_fails_is_retried_minutes_later_not_at_once(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    """RQ's retries with no interval all ran within a second: a journal away for a few seconds used them all up."""
+    upload_id = store_bureau_page(journal, registry, election_t1, tmp_path, seed=12)
+    enqueue_ocr(redis, upload_id)
+    journal_away(journal)
+    try:
+        run_due_jobs(redis)
+        job = Job.fetch(ocr_job_id(upload_id), connection=redis)
+        assert job.get_status() == JobStatus.SCHEDULED and job.retries_left == 4
+        due = ocr_queue(redis).scheduled_job_registry.get_scheduled_time(job)
+        assert due >= datetime.now(UTC) + timedelta(seconds=10)
+    finally:
+        journal_back(journal)
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "queued" and upload.error is None  # a retry remains
+    run_one_attempt(redis)
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
 
 
 def test_rq_lets_an_ocr_job_wait_for_room_before_it_kills_it(redis: Redis) -> None:

@@ -1,5 +1,6 @@
 """No RQ work horse outlives its worker (returns_queue/worker.py): a real `run_gateway.py worker` on the real
-redis-server, a job that sleeps, then the worker SIGKILLed, or its supervisor stopped: the horse is gone too."""
+redis-server, a job that sleeps, then the worker SIGKILLed, or its supervisor stopped: the horse is gone too.
+Nor does the scheduler an `ocr` worker runs for its jobs' retries."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from redis import Redis
 from rq import Queue
 from test_run_gateway import ROOT, alive, descendants
 
-from returns_queue.jobs import RETURNS_QUEUE
+from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
 
 
 def _env(tmp_path: Path, redis_url: str) -> dict[str, str]:
@@ -25,11 +27,18 @@ def _env(tmp_path: Path, redis_url: str) -> dict[str, str]:
     return env
 
 
+def _leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
 def _horse_of(worker_pid: int, timeout: float = 30.0) -> int:
-    """The work horse the worker forked for the sleeping job."""
+    """The work horse the worker forked for the sleeping job (a process group of its own, unlike RQ's scheduler)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        horses = [pid for pid in descendants(worker_pid) if alive(pid)]
+        horses = [pid for pid in descendants(worker_pid) if alive(pid) and _leads_its_group(pid)]
         if horses:
             return horses[0]
         time.sleep(0.1)
@@ -64,6 +73,35 @@ def test_a_worker_killed_mid_job_takes_its_work_horse_with_it(tmp_path: Path, re
             worker.wait()
         if horse is not None and alive(horse):
             os.kill(horse, signal.SIGKILL)
+
+
+def test_an_ocr_worker_runs_retries_when_due_and_its_scheduler_dies_with_it(
+    tmp_path: Path, redis: Redis, redis_server
+) -> None:
+    """An `ocr` job's retry waits minutes in RQ's scheduled registry (pen_gateway/ocr_relay.py): only RQ's scheduler
+    enqueues it when due, and a worker that ran none left it there for good. The scheduler is a process of the
+    worker's own, which must not outlive it any more than a work horse."""
+    worker = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker", "--queues", OCR_QUEUE],
+                              cwd=ROOT, env=_env(tmp_path, redis_server.url), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    family: set[int] = set()
+    try:
+        Queue(OCR_QUEUE, connection=redis).enqueue_in(timedelta(seconds=1), "time.sleep", 300, job_timeout=600)
+        horse = _horse_of(worker.pid, timeout=60)  # the scheduled job was enqueued when due, and runs
+        family = {pid for pid in descendants(worker.pid) if alive(pid)}
+        assert len(family) >= 2, "a work horse and RQ's scheduler"
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        assert _gone(horse)
+        assert not [pid for pid in family if not _gone(pid)], "RQ's scheduler outlived its worker"
+    finally:
+        if worker.poll() is None:
+            family |= descendants(worker.pid)
+            worker.kill()
+            worker.wait()
+        for pid in family:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, redis: Redis, redis_server) -> None:
