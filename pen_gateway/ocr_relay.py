@@ -7,9 +7,11 @@ this relay finds such uploads once they are `grace` seconds old, enqueues the mi
 supervisor sends back to be read again (the review UI assigns the bureau its page did not name)
 is `queued` and unmarked again while its first job, ended, still holds the job id: that job is
 replaced by a new one. Every so often it also reconciles: an upload still `queued` a minute
-after its job was seen on RQ gets its job again if Redis has lost it, or holds it as queued in
-no queue (`returns_queue.jobs.stranded_jobs`). It also
-marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
+after its job was seen on RQ gets its job again if Redis has lost it, holds it as queued in
+no queue (`returns_queue.jobs.stranded_jobs`), or holds it as ended: a job that could not write
+the upload's row (the journal or Redis away through all its retries, its work horse killed on its
+last attempt) has its ended job replaced, so no outage during the job strands an acknowledged
+upload. It also marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
 write per upload. And it forgets used signatures once they are too old to be replayed.
 
 It runs as a thread in every pen gateway process (the app factory starts it when
@@ -35,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.storage import ROOM_WAIT_SECONDS
 from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
-from returns_queue.jobs import jobs_exist, ocr_job_id, ocr_queue, stranded_jobs
+from returns_queue.jobs import ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 from returns_queue.relay import RelayLoop
 
@@ -96,13 +98,12 @@ class OcrRelay(RelayLoop):
             enqueued = 0
             before = (time.time() if now is None else now) - self.grace
             while upload_ids := ocr_outbox(self.journal, before, self.batch):
-                with self.redis.pipeline() as pipe:
-                    for upload_id in upload_ids:
-                        pipe.hget(Job.key_for(ocr_job_id(upload_id)), "status")
-                    statuses = [s.decode() if isinstance(s, bytes) else s for s in pipe.execute()]
+                statuses = self._job_statuses(upload_ids)
                 missing = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
-                missing += self._replace_ended(
-                    [u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
+                again = self._replace_ended([u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
+                if again:
+                    log.info("ocr relay: %d upload(s) sent back to be read again", len(again))
+                missing += again
                 if missing:
                     self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in missing])
                     log.info("ocr relay: enqueued %d upload(s) acknowledged without a job", len(missing))
@@ -115,8 +116,15 @@ class OcrRelay(RelayLoop):
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
+    def _job_statuses(self, upload_ids: list[str]) -> list[str | None]:
+        """The status RQ holds for each upload's job, None where Redis has no such job; one round trip."""
+        with self.redis.pipeline() as pipe:
+            for upload_id in upload_ids:
+                pipe.hget(Job.key_for(ocr_job_id(upload_id)), "status")
+            return [s.decode() if isinstance(s, bytes) else s for s in pipe.execute()]
+
     def _replace_ended(self, upload_ids: list[str]) -> list[str]:
-        """Of the uploads whose job has ended, those queued to be read again; their old job is deleted.
+        """Of the uploads whose job has ended, those still `queued`, to be enqueued again; their old job is deleted.
 
         The rows are read after the jobs' statuses, and a job writes its upload's row before it
         ends: an upload whose first job has just finished is no longer `queued`, and is not read twice.
@@ -125,30 +133,47 @@ class OcrRelay(RelayLoop):
         for upload_id in again:
             with contextlib.suppress(NoSuchJobError):  # expired meanwhile: nothing to replace
                 Job.fetch(ocr_job_id(upload_id), connection=self.redis).delete()
-        if again:
-            log.info("ocr relay: %d upload(s) sent back to be read again", len(again))
         return again
 
     def reconcile(self, now: float | None = None, older_than: float = 60.0) -> int:
-        """Enqueue again the jobs of uploads still queued long after their job was seen on RQ; the number."""
-        before = (time.time() if now is None else now) - older_than
+        """Enqueue again the jobs of uploads still queued long after their job was seen on RQ; the number.
+
+        Redis may have lost the job, or hold it queued in no queue; or the job may have ended without
+        writing the upload's row: the journal (or Redis) away through all its retries, its work horse
+        killed on its last attempt. Under the relay's lock, as `relay_once`, so that two gateway
+        processes never replace the same job at once.
+        """
+        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
+        if not lock.acquire():
+            return 0
+        try:
+            return self._reconcile((time.time() if now is None else now) - older_than)
+        finally:
+            with contextlib.suppress(RedisError):  # the lock expires by itself
+                lock.release()
+
+    def _reconcile(self, marked_before: float) -> int:
         with self.journal.read() as conn:
             upload_ids = [r.upload_id for r in conn.execute(
-                select(uploads.c.upload_id).where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at < before)
+                select(uploads.c.upload_id)
+                .where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at < marked_before)
                 .order_by(uploads.c.received_at).limit(10 * self.batch))]
         if not upload_ids:
             return 0
-        exists = jobs_exist(self.redis, [ocr_job_id(u) for u in upload_ids])
-        lost = [u for u, e in zip(upload_ids, exists, strict=True) if not e]
-        if lost:
-            self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost])
-        stranded = stranded_jobs(self.queue, [ocr_job_id(u) for u, e in zip(upload_ids, exists, strict=True) if e])
+        statuses = self._job_statuses(upload_ids)
+        lost = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
+        ended = self._replace_ended([u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
+        if lost or ended:
+            self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost + ended])
+        stranded = stranded_jobs(self.queue, [ocr_job_id(u) for u, s in zip(upload_ids, statuses, strict=True)
+                                              if s is not None and s not in ENDED])
         for job in stranded:
             self.queue.enqueue_job(job)
-        if lost or stranded:
-            log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job was in no queue: enqueued "
-                        "again", len(lost), len(stranded))
-        return len(lost) + len(stranded)
+        if lost or ended or stranded:
+            log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job ended with the upload "
+                        "still queued, %d whose job was in no queue: enqueued again", len(lost), len(ended),
+                        len(stranded))
+        return len(lost) + len(ended) + len(stranded)
 
     def _write(self, fn: Callable[[Connection], Any]) -> Any:
         with self.journal.write() as conn:

@@ -21,7 +21,7 @@ from ulid import ULID
 
 from forms import Election
 from pen_gateway.artefacts import field_crop_path, load_reading, page_path
-from pen_gateway.ocr_relay import enqueue_ocr
+from pen_gateway.ocr_relay import OcrRelay, enqueue_ocr
 from pen_gateway.recognition.job import ROOM_WAIT_SECONDS, context, process_upload
 from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
 from registry import Registry
@@ -218,7 +218,7 @@ def test_the_operators_worker_forks_a_horse_per_job_with_its_own_flags(
     assert load_reading(var, upload_id) is not None, "artefacts under the worker's --var-dir"
 
 
-# --- an attempt that fails: the journal away, a full disk; RQ's timeout and retries ---
+# --- an attempt that fails: the journal away, a full disk; RQ's retries and the OCR relay's reconciliation ---
 
 def store_bureau_page(journal: Journal, registry: Registry, election: Election, tmp_path: Path, seed: int) -> str:
     bureau = sorted(registry.bureaux.values(), key=lambda b: b.code)[seed]
@@ -275,6 +275,38 @@ def test_an_attempt_that_fails_is_retried_minutes_later_not_at_once(
     run_one_attempt(redis)
     upload = get_upload(journal, upload_id)
     assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+
+
+def test_an_upload_whose_job_used_up_its_retries_while_the_journal_was_away_is_read_once_it_is_back(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    """Every attempt, and the failure handler's own write, failed with the journal: the job ended FAILED with the
+    upload still `queued` and marked seen on RQ, which neither the relay's pass nor its reconciliation ran again."""
+    upload_id = store_bureau_page(journal, registry, election_t1, tmp_path, seed=13)
+    enqueue_ocr(redis, upload_id)  # what the API does before its 202
+    relay = OcrRelay(journal, redis, grace=0.0)
+    assert relay.relay_once(now=time.time() + 1) == 0  # the job is on RQ: the upload is marked
+    journal_away(journal)
+    try:
+        for _ in range(6):  # the first run and its five retries
+            run_one_attempt(redis)
+        job = Job.fetch(ocr_job_id(upload_id), connection=redis)
+        assert job.get_status() == JobStatus.FAILED and job.retries_left == 0
+    finally:
+        journal_back(journal)
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "queued"
+
+    assert relay.relay_once(now=time.time() + 3600) == 0  # already marked: the pass leaves it
+    assert relay.reconcile(now=time.time() + 3600) == 1
+    assert ocr_queue(redis).job_ids == [ocr_job_id(upload_id)]
+    assert relay.reconcile(now=time.time() + 3600) == 0  # its new job is waiting: not enqueued twice
+    run_one_attempt(redis)
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+    assert relay.reconcile(now=time.time() + 3600) == 0
+    with journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
 
 
 def test_rq_lets_an_ocr_job_wait_for_room_before_it_kills_it(redis: Redis) -> None:
