@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.storage import ROOM_WAIT_SECONDS
-from pen_gateway.uploads import mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
+from pen_gateway.uploads import fail_queued_in, mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
 from returns_queue.jobs import ocr_job_id, ocr_queue, stranded_jobs
 from returns_queue.journal import Journal
 from returns_queue.relay import RelayLoop
@@ -58,6 +58,13 @@ OCR_RETRY = Retry(max=5, interval=[15, 30, 60, 120, 240])
 # for room on a full disk, so the wait ends (and the job says why) before RQ kills it.
 OCR_WORK_SECONDS = 120
 OCR_JOB_TIMEOUT = int(ROOM_WAIT_SECONDS) + OCR_WORK_SECONDS
+# How many times reconciliation gives an upload a new job after one ended without writing its row (each
+# after all its retries). A page whose work horse dies every time (out of memory) would loop for ever; past
+# this, the upload is marked `failed`, which lists it for supervisors, with the reason.
+MAX_JOB_REPLACEMENTS = 3
+REPLACED_KEY = "remontee:ocr:replaced:{}"  # how many times, per upload (kept a day)
+GAVE_UP = ("la lecture n'a abouti à aucun des {} essais, ni à leurs reprises (le processus meurt-il sur cette "
+           "page ?) : à saisir à la main")
 
 
 def ocr_job_data(queue: Queue, upload_id: str, job_path: str = OCR_JOB) -> object:
@@ -80,12 +87,13 @@ class OcrRelay(RelayLoop):
     interval = 1.0
 
     def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
-                 batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None) -> None:
+                 batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None,
+                 max_replacements: int = MAX_JOB_REPLACEMENTS) -> None:
         super().__init__()
         self.journal, self.redis, self.job_path = journal, redis, job_path
         # How to write to the journal: through the gateway's recorder thread when there is one.
         self.write = write or self._write
-        self.grace, self.batch = grace, batch
+        self.grace, self.batch, self.max_replacements = grace, batch, max_replacements
         self.queue = ocr_queue(redis)
         self._last_purge = 0.0
 
@@ -163,6 +171,7 @@ class OcrRelay(RelayLoop):
         statuses = self._job_statuses(upload_ids)
         lost = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
         ended = self._replace_ended([u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
+        ended = self._unless_given_up(ended)
         if lost or ended:
             self.queue.enqueue_many([ocr_job_data(self.queue, u, self.job_path) for u in lost + ended])
         stranded = stranded_jobs(self.queue, [ocr_job_id(u) for u, s in zip(upload_ids, statuses, strict=True)
@@ -174,6 +183,23 @@ class OcrRelay(RelayLoop):
                         "still queued, %d whose job was in no queue: enqueued again", len(lost), len(ended),
                         len(stranded))
         return len(lost) + len(ended) + len(stranded)
+
+    def _unless_given_up(self, upload_ids: list[str]) -> list[str]:
+        """Of the uploads whose job ended with them still `queued`, those to give a new job; the others
+        (given one `max_replacements` times already) are marked `failed`, for a supervisor."""
+        with self.redis.pipeline() as pipe:
+            for upload_id in upload_ids:
+                pipe.incr(REPLACED_KEY.format(upload_id))
+                pipe.expire(REPLACED_KEY.format(upload_id), 86_400)
+            counts = pipe.execute()[::2]
+        again = [u for u, n in zip(upload_ids, counts, strict=True) if n <= self.max_replacements]
+        given_up = [u for u in upload_ids if u not in again]
+        if given_up:
+            attempts = (self.max_replacements + 1) * ((OCR_RETRY.max or 0) + 1)
+            self.write(lambda conn: fail_queued_in(conn, given_up, GAVE_UP.format(attempts)))
+            log.error("ocr relay: %d upload(s) whose every job ended without a word, %d times: marked failed, "
+                      "for a supervisor: %s", len(given_up), self.max_replacements + 1, ", ".join(given_up))
+        return again
 
     def _write(self, fn: Callable[[Connection], Any]) -> Any:
         with self.journal.write() as conn:

@@ -183,6 +183,12 @@ def set_upload_status(
     conn.execute(update(uploads).where(uploads.c.upload_id == upload_id).values(**values))
 
 
+def fail_queued_in(conn: Connection, upload_ids: Sequence[str], error: str) -> None:
+    """Mark `failed`, with why, those of the uploads still `queued` (one a job has just read stays as it is)."""
+    conn.execute(update(uploads).where(uploads.c.upload_id.in_(list(upload_ids)), uploads.c.status == "queued")
+                 .values(status="failed", error=error, updated_at=time.time()))
+
+
 def settle_uploads_of(conn: Connection, decided_return_id: str, status: str, *, return_id: str | None = None,
                       receipt: str | None = None) -> None:
     """Every upload whose figures are in `decided_return_id` takes the decision on it, inside the caller's transaction.

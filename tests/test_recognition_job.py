@@ -309,6 +309,31 @@ def test_an_upload_whose_job_used_up_its_retries_while_the_journal_was_away_is_r
         assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
 
 
+def test_an_upload_whose_jobs_keep_ending_without_a_word_goes_to_a_supervisor_not_round_and_round(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    """Reconciliation gives an upload whose job ended without writing its row a new job, but not for ever: a page
+    whose work horse dies every time would be read again every eight minutes all night, and reach nobody."""
+    upload_id = store_bureau_page(journal, registry, election_t1, tmp_path, seed=15)
+    enqueue_ocr(redis, upload_id)
+    relay = OcrRelay(journal, redis, grace=0.0, max_replacements=1)
+    assert relay.relay_once(now=time.time() + 1) == 0
+    replaced = []
+    for _ in range(2):
+        journal_away(journal)
+        try:
+            for _ in range(6):  # the first run and its five retries
+                run_one_attempt(redis)
+        finally:
+            journal_back(journal)
+        replaced.append(relay.reconcile(now=time.time() + 3600))
+    assert replaced == [1, 0]
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status == "failed" and "à saisir à la main" in (upload.error or "")
+    assert ocr_queue(redis).job_ids == []
+    assert relay.reconcile(now=time.time() + 3600) == 0  # failed: no longer the relay's
+
+
 def test_rq_lets_an_ocr_job_wait_for_room_before_it_kills_it(redis: Redis) -> None:
     """A timeout under the wait for room killed the job mid-wait, on every attempt while the disk stayed full."""
     enqueue_ocr(redis, "01JTIMEOUTOUTLASTSROOMWAIT0")
