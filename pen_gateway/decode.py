@@ -398,7 +398,8 @@ def _trace_points(text: str, fmt: _Format) -> np.ndarray:
     width = len(fmt.names)
     plain = _plain_points(text, width)
     if plain is not None:
-        points = np.stack([plain[:, fmt.x_index] * fmt.x_scale, plain[:, fmt.y_index] * fmt.y_scale], axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e308 inches: infinite, refused just below
+            points = np.stack([plain[:, fmt.x_index] * fmt.x_scale, plain[:, fmt.y_index] * fmt.y_scale], axis=1)
         if not np.isfinite(points).all():
             raise DecodeError("BAD_INKML", "a trace has a coordinate that is not a finite number")
         return points
