@@ -52,6 +52,17 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
     return not alive(pid)
 
 
+def _kill_all(process: subprocess.Popen, family: set[int]) -> None:
+    """What a failed test leaves running: the process, its descendants, and those seen before it died."""
+    if process.poll() is None:
+        family |= descendants(process.pid)
+        process.kill()
+        process.wait()
+    for pid in family:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _sleeping_job(redis: Redis) -> None:
     Queue(RETURNS_QUEUE, connection=redis).enqueue("time.sleep", 300, job_timeout=600)
 
@@ -95,13 +106,7 @@ def test_an_ocr_worker_runs_retries_when_due_and_its_scheduler_dies_with_it(
         assert _gone(horse)
         assert not [pid for pid in family if not _gone(pid)], "RQ's scheduler outlived its worker"
     finally:
-        if worker.poll() is None:
-            family |= descendants(worker.pid)
-            worker.kill()
-            worker.wait()
-        for pid in family:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(worker, family)
 
 
 def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, redis: Redis, redis_server) -> None:
@@ -131,10 +136,4 @@ def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, red
         assert _gone(horse), f"work horse {horse} outlived the stopped supervisor"
         assert not [pid for pid in family if alive(pid)]
     finally:
-        if supervisor.poll() is None:
-            family |= descendants(supervisor.pid)
-            supervisor.kill()
-            supervisor.wait()
-        for pid in family:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(supervisor, family)
