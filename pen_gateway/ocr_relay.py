@@ -8,11 +8,13 @@ supervisor sends back to be read again (the review UI assigns the bureau its pag
 is `queued` and unmarked again while its first job, ended, still holds the job id: that job is
 replaced by a new one. Every so often it also reconciles: an upload still `queued` a minute
 after its job was seen on RQ gets its job again if Redis has lost it, holds it as queued in
-no queue (`returns_queue.jobs.stranded_jobs`), or holds it as ended: a job that could not write
-the upload's row (the journal or Redis away through all its retries, its work horse killed on its
-last attempt) has its ended job replaced, so no outage during the job strands an acknowledged
-upload. It also marks the uploads whose job the API did enqueue, in batches, so the API pays no second journal
-write per upload. And it forgets used signatures once they are too old to be replayed.
+no queue (`returns_queue.jobs.stranded_jobs`), holds its retry as scheduled long past its time
+(RQ's scheduler died, with Redis say, and is started again only every ten minutes), or holds it
+as ended: a job that could not write the upload's row (the journal or Redis away through all its
+retries, its work horse killed on its last attempt) has its ended job replaced, so no outage during
+the job strands an acknowledged upload. It also marks the uploads whose job the API did enqueue,
+in batches, so the API pays no second journal write per upload. And it forgets used signatures
+once they are too old to be replayed.
 
 It runs as a thread in every pen gateway process (the app factory starts it when
 `OCR_RELAY` is set, which `run_gateway.py pen` does); a Redis lock lets one work at a time.
@@ -62,6 +64,10 @@ OCR_JOB_TIMEOUT = int(ROOM_WAIT_SECONDS) + OCR_WORK_SECONDS
 # after all its retries). A page whose work horse dies every time (out of memory) would loop for ever; past
 # this, the upload is marked `failed`, which lists it for supervisors, with the reason.
 MAX_JOB_REPLACEMENTS = 3
+# A retry waits in RQ's scheduled registry until RQ's scheduler enqueues it. That scheduler runs in one
+# worker's process, can die with a Redis restart, and is started again only at a worker's maintenance (every
+# ten minutes): a retry overdue by this much is enqueued by the reconciliation itself.
+RETRY_OVERDUE_SECONDS = 30.0
 REPLACED_KEY = "remontee:ocr:replaced:{}"  # how many times, per upload (kept a day)
 GAVE_UP = ("la lecture n'a abouti à aucun des {} essais, ni à leurs reprises (le processus meurt-il sur cette "
            "page ?) : à saisir à la main")
@@ -154,13 +160,14 @@ class OcrRelay(RelayLoop):
         lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
         if not lock.acquire():
             return 0
+        now = time.time() if now is None else now
         try:
-            return self._reconcile((time.time() if now is None else now) - older_than)
+            return self._reconcile(now - older_than, now)
         finally:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
 
-    def _reconcile(self, marked_before: float) -> int:
+    def _reconcile(self, marked_before: float, now: float) -> int:
         with self.journal.read() as conn:
             upload_ids = [r.upload_id for r in conn.execute(
                 select(uploads.c.upload_id)
@@ -178,11 +185,30 @@ class OcrRelay(RelayLoop):
                                               if s is not None and s not in ENDED])
         for job in stranded:
             self.queue.enqueue_job(job)
-        if lost or ended or stranded:
+        overdue = self._enqueue_overdue([u for u, s in zip(upload_ids, statuses, strict=True)
+                                         if s == JobStatus.SCHEDULED.value], now)
+        if lost or ended or stranded or overdue:
             log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job ended with the upload "
-                        "still queued, %d whose job was in no queue: enqueued again", len(lost), len(ended),
-                        len(stranded))
-        return len(lost) + len(ended) + len(stranded)
+                        "still queued, %d whose job was in no queue, %d whose retry was overdue: enqueued again",
+                        len(lost), len(ended), len(stranded), overdue)
+        return len(lost) + len(ended) + len(stranded) + overdue
+
+    def _enqueue_overdue(self, upload_ids: list[str], now: float) -> int:
+        """Enqueue the scheduled retries of these uploads that RQ's scheduler left overdue; the number.
+
+        Should the scheduler enqueue one at the same moment, the job runs twice: it reads its upload once."""
+        registry = self.queue.scheduled_job_registry
+        with self.redis.pipeline() as pipe:
+            for upload_id in upload_ids:
+                pipe.zscore(registry.key, ocr_job_id(upload_id))
+            due = pipe.execute()
+        overdue = [ocr_job_id(u) for u, at in zip(upload_ids, due, strict=True)
+                   if at is not None and at < now - RETRY_OVERDUE_SECONDS]
+        jobs = [job for job in Job.fetch_many(overdue, connection=self.redis) if job is not None]
+        for job in jobs:
+            registry.remove(job)
+            self.queue.enqueue_job(job)
+        return len(jobs)
 
     def _unless_given_up(self, upload_ids: list[str]) -> list[str]:
         """Of the uploads whose job ended with them still `queued`, those to give a new job; the others

@@ -277,6 +277,31 @@ def test_an_attempt_that_fails_is_retried_minutes_later_not_at_once(
     assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
 
 
+def test_a_retry_left_overdue_by_a_dead_scheduler_is_enqueued_by_the_reconciliation(
+    settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
+) -> None:
+    """A retry waits for RQ's scheduler, which dies with a Redis restart and comes back only at a worker's
+    maintenance (ten minutes): the election-night simulation ended with an upload still queued that way."""
+    upload_id = store_bureau_page(journal, registry, election_t1, tmp_path, seed=16)
+    enqueue_ocr(redis, upload_id)
+    relay = OcrRelay(journal, redis, grace=0.0)
+    assert relay.relay_once(now=time.time() + 1) == 0
+    journal_away(journal)
+    try:
+        run_due_jobs(redis)  # the first attempt fails: its retry is scheduled
+    finally:
+        journal_back(journal)
+    job_id = ocr_job_id(upload_id)
+    scheduled = ocr_queue(redis).scheduled_job_registry
+    assert scheduled.get_job_ids() == [job_id]
+    assert relay.reconcile(now=time.time() + 20, older_than=0) == 0  # due, not overdue: the scheduler's to enqueue
+    assert relay.reconcile(now=time.time() + 3600) == 1  # long overdue, and no scheduler came
+    assert scheduled.get_job_ids() == [] and ocr_queue(redis).job_ids == [job_id]
+    PromptWorker([ocr_queue(redis)], connection=redis).work(burst=True)  # a worker without a scheduler
+    upload = get_upload(journal, upload_id)
+    assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+
+
 def test_an_upload_whose_job_used_up_its_retries_while_the_journal_was_away_is_read_once_it_is_back(
     settings: Settings, journal: Journal, redis: Redis, registry: Registry, election_t1: Election, tmp_path: Path
 ) -> None:
