@@ -173,14 +173,13 @@ def set_upload_status(
     conn: Connection, upload_id: str, status: str, *, return_id: str | None = None,
     receipt: str | None = None, error: str | None = None,
 ) -> None:
-    values: dict[str, object] = {"status": status, "updated_at": time.time()}
-    if return_id is not None:
-        values["return_id"] = return_id
-    if receipt is not None:
-        values["receipt"] = receipt
-    if error is not None:
-        values["error"] = error
+    values = _status_values(status, return_id=return_id, receipt=receipt, error=error)
     conn.execute(update(uploads).where(uploads.c.upload_id == upload_id).values(**values))
+
+
+def _status_values(status: str, **known: str | None) -> dict[str, object]:
+    """The columns a new status sets: itself, when, and whichever of return id, receipt and error are known."""
+    return {"status": status, "updated_at": time.time(), **{k: v for k, v in known.items() if v is not None}}
 
 
 def fail_queued_in(conn: Connection, upload_ids: Sequence[str], error: str) -> None:
@@ -195,11 +194,7 @@ def settle_uploads_of(conn: Connection, decided_return_id: str, status: str, *, 
 
     That is the upload the return was read from and every upload answered as its DUPLICATE (the same
     page docked by another station): each carries the return's id since it was journaled."""
-    values: dict[str, object] = {"status": status, "updated_at": time.time()}
-    if return_id is not None:
-        values["return_id"] = return_id
-    if receipt is not None:
-        values["receipt"] = receipt
+    values = _status_values(status, return_id=return_id, receipt=receipt)
     conn.execute(update(uploads).where(uploads.c.return_id == decided_return_id).values(**values))
 
 

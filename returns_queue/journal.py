@@ -199,6 +199,15 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+def latest_accepted_row(conn: Connection, election: str, bureau: str, excluding: str | None = None) -> Any:
+    """The `returns` row of the bureau's latest accepted return (but `excluding`), inside the caller's transaction."""
+    query = select(returns).where(returns.c.election == election, returns.c.bureau == bureau,
+                                  returns.c.status == "accepted")
+    if excluding is not None:
+        query = query.where(returns.c.return_id != excluding)
+    return conn.execute(query.order_by(returns.c.seq.desc()).limit(1)).first()
+
+
 class _BatchBroken(Exception):
     """A database error inside a request's savepoint: the batch's transaction can no longer be trusted."""
 
@@ -388,12 +397,7 @@ class Journal:
         return submission
 
     def _latest_accepted(self, conn: Connection, election: str, bureau: str) -> Return | None:
-        row = conn.execute(
-            select(returns.c.payload)
-            .where(returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "accepted")
-            .order_by(returns.c.seq.desc())
-            .limit(1)
-        ).first()
+        row = latest_accepted_row(conn, election, bureau)
         return Return.from_dict(json.loads(row.payload)) if row else None
 
     def _pending(self, conn: Connection, election: str, bureau: str) -> list[Return]:

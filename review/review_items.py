@@ -20,7 +20,7 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 
 from forms import Election, load_election
 from registry import Registry
-from returns_queue.journal import Journal, Submission, returns
+from returns_queue.journal import Journal, Submission, latest_accepted_row, returns
 from returns_queue.journal import review_items as items_table
 from validation import Finding, Reason, Return, check_return, new_return
 
@@ -354,13 +354,7 @@ class ReviewItems:
 
 def _check_latest_accepted(conn: Connection, election: str, bureau: str, approval: str, seen: str) -> None:
     """Raise AcceptedMeanwhile unless the bureau's latest accepted return (before `approval`) is `seen`."""
-    latest = conn.execute(
-        select(returns.c.return_id, returns.c.channel, returns.c.receipt)
-        .where(returns.c.election == election, returns.c.bureau == bureau, returns.c.status == "accepted",
-               returns.c.return_id != approval)
-        .order_by(returns.c.seq.desc())
-        .limit(1)
-    ).first()
+    latest = latest_accepted_row(conn, election, bureau, excluding=approval)
     if latest is not None and latest.return_id != seen:
         raise AcceptedMeanwhile(
             f"le bureau {bureau} a un retour accepté que cette page ne montrait pas ({latest.channel}, reçu "
