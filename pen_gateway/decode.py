@@ -171,6 +171,7 @@ def _probe_image(data: bytes, content_type: str) -> ProbedUpload:
     width, height = image.size
     try:
         if content_type == PNG:
+            _one_page(image)  # an animated PNG: its frames are the pages
             # verify() walks every chunk to IEND and checks its CRC: truncation and bit rot show.
             image.verify()
         elif content_type == JPEG:
@@ -190,11 +191,15 @@ def _probe_image(data: bytes, content_type: str) -> ProbedUpload:
 
 
 def _one_page(image: Image.Image) -> None:
-    """Refuse a TIFF of several pages: only its first would be read, and a second form in it never would."""
-    pages = image.n_frames
+    """Refuse a TIFF of several pages, or an animated PNG: only the first page would be read, and a second
+    form in it never would.
+
+    A JPEG of several pictures (MPO, as some cameras write) is read as its first: the others are that
+    picture's previews or stereo views, not other pages."""
+    pages = getattr(image, "n_frames", 1)
     if pages > 1:
-        raise DecodeError("MULTIPLE_PAGES",
-                          f"the TIFF has {pages} pages; send each page of a form in an upload of its own")
+        raise DecodeError("MULTIPLE_PAGES", f"the {image.format} has {pages} pages (frames); send each page "
+                                            f"of a form in an upload of its own")
 
 
 def _decode_image(data: bytes, content_type: str) -> DecodedPage:
@@ -205,7 +210,7 @@ def _decode_image(data: bytes, content_type: str) -> DecodedPage:
             # A colour JPEG decoded straight to its luma: what convert("L") would compute (within
             # rounding), without building the RGB page first.
             image.draft("L", image.size)
-        elif content_type == TIFF:
+        elif content_type in (TIFF, PNG):
             _one_page(image)  # an upload stored before the probe refused them is not read as its first page alone
         image.load()
         image = ImageOps.exif_transpose(image) or image  # a phone photo's orientation tag

@@ -257,6 +257,20 @@ def test_a_tiff_of_two_pages_is_422_not_its_first_page_alone() -> None:
     assert probe_upload(one, TIFF).width == 64 and decode_upload(one, TIFF).image is not None
 
 
+def test_an_animated_png_is_422_but_a_camera_jpeg_of_several_pictures_is_its_first() -> None:
+    first, second = Image.new("L", (64, 48), 240), Image.new("L", (64, 48), 20)
+    animated = _image_bytes(first, "PNG", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(animated)).n_frames == 2
+    assert _code(animated, PNG, probe=True) == ("MULTIPLE_PAGES", 422)
+    assert _code(animated, PNG) == ("MULTIPLE_PAGES", 422)
+    # MPO: the picture, then its previews; the page is the first.
+    mpo = _image_bytes(first.convert("RGB"), "MPO", save_all=True, append_images=[second.convert("RGB")])
+    assert Image.open(io.BytesIO(mpo)).n_frames == 2
+    assert probe_upload(mpo, JPEG).width == 64
+    page = decode_upload(mpo, JPEG)
+    assert page.image is not None and abs(int(page.image.mean()) - 240) <= 2
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
 def test_corrupt_and_truncated_images_are_422(fmt: str) -> None:
     data = scribbled_page(800, 1000, strokes=300, fmt=fmt)
