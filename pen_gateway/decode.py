@@ -263,6 +263,9 @@ def _to_gray(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
+        blank = np.isnan(array)  # a pixel with no value is paper, not ink
+        if blank.any():
+            array = np.where(blank, np.nanmax(array, initial=1.0), array)
         return Image.fromarray(np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8), "L")
     return image.convert("L")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -269,6 +270,18 @@ def test_an_animated_png_is_422_but_a_camera_jpeg_of_several_pictures_is_its_fir
     assert probe_upload(mpo, JPEG).width == 64
     page = decode_upload(mpo, JPEG)
     assert page.image is not None and abs(int(page.image.mean()) - 240) <= 2
+
+
+def test_pixels_of_no_value_in_a_float_tiff_are_paper() -> None:
+    values = np.full((48, 64), 0.9, dtype=np.float32)
+    values[10:20, 10:20] = np.nan
+    values[30, 30] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's cast of NaN warns (and gives 0, ink) where it is not handled
+        page = decode_upload(_image_bytes(Image.fromarray(values, "F"), "TIFF"), TIFF)
+    assert page.image is not None
+    assert page.image[10:20, 10:20].min() >= page.image[0, 0] >= 229  # as light as the page, or lighter
+    assert page.image[30, 30] == 0
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
