@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from registry.pins import is_pin_hash
 COLUMNS = ("code", "name", "commune", "department", "inscrits", "pin_hash", "caller_ids", "pen_serials")
 REQUIRED = ("code", "name", "commune", "department", "pin_hash")
 MAX_CODE_DIGITS = 10
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(ValueError):
@@ -118,6 +122,40 @@ def load_registry(path: Path | str) -> Registry:
                 pens[serial] = bureau.code
             bureaux[bureau.code] = bureau
     return Registry(bureaux)
+
+
+class RegistryFile:
+    """The registry CSV, read again whenever the file changes (an operator adds a bureau or fixes a line on the night).
+
+    A change that does not load (a mistyped line, a file caught half-written) keeps the registry last loaded,
+    with a warning naming the line, until the file changes again: one bad edit must not make every pen page
+    and every review page fail. The first load has nothing to fall back on, and raises.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._registry: Registry | None = None
+
+    def get(self) -> Registry | None:
+        """The registry, or None when there is no file."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    self._registry = load_registry(self.path)
+                except (RegistryError, UnicodeDecodeError) as exc:
+                    if self._registry is None:
+                        raise
+                    log.warning("registry %s changed but does not load (%s): the registry loaded before stays "
+                                "in use until the file is fixed", self.path, exc)
+                self._stamp = stamp
+            return self._registry
 
 
 def write_registry(path: Path, bureaux: list[Bureau]) -> None:

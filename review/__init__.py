@@ -19,7 +19,6 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -29,7 +28,7 @@ from redis import Redis
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from registry import Registry, load_registry
+from registry import Registry, RegistryFile
 from returns_queue.journal import Journal
 from review.accounts import Accounts, LockoutPolicy, SessionPolicy
 from review.review_items import ReviewItems
@@ -83,26 +82,6 @@ def secret_key_for(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-class RegistryCache:
-    """The registry, reloaded when its file changes (an operator may fix a line during the night)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple[float, int] | None = None
-        self._registry: Registry | None = None
-
-    def get(self) -> Registry | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        stamp = (st.st_mtime, st.st_size)
-        if stamp != self._stamp:
-            self._registry = load_registry(self.path)
-            self._stamp = stamp
-        return self._registry
-
-
 @dataclass
 class ReviewContext:
     settings: Settings
@@ -111,12 +90,12 @@ class ReviewContext:
     items: ReviewItems
     uploads: UnassignedUploads
     redis: Redis
-    registry_cache: RegistryCache
+    registry_file: RegistryFile
     tz: ZoneInfo
     progress_cache: dict[str, Any] = field(default_factory=dict)
 
     def registry(self) -> Registry | None:
-        return self.registry_cache.get()
+        return self.registry_file.get()
 
 
 def context() -> ReviewContext:
@@ -178,7 +157,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     tz = ZoneInfo(app.config["TIMEZONE"])
     app.extensions["remontee_review"] = ReviewContext(
         settings, journal, accounts, ReviewItems(journal, app.config["CLAIM_SECONDS"]),
-        UnassignedUploads(journal, app.config["CLAIM_SECONDS"]), redis, RegistryCache(settings.registry_path), tz,
+        UnassignedUploads(journal, app.config["CLAIM_SECONDS"]), redis, RegistryFile(settings.registry_path), tz,
     )
     csrf.init_app(app)
 

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from review_support import build_env, login, sqlite_journal
 
-from registry import Registry, RegistryError, hash_pin, load_registry, verify_pin
+from registry import Registry, RegistryError, RegistryFile, hash_pin, load_registry, verify_pin
 from registry.bureaux import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["sqlite_journal"]
 
 
 def test_generated_registry_is_realistic_and_never_holds_a_pin_in_clear(
@@ -103,3 +105,46 @@ def test_registry_generate_command(tmp_path: Path) -> None:
     assert len(load_registry(out)) == 25
     assert pins.read_text().splitlines()[0] == "bureau,pin"
     assert len(pins.read_text().splitlines()) == 26
+
+
+def _append(path: Path, row: list[str]) -> None:
+    with path.open("a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
+def test_a_registry_edited_into_a_bad_file_keeps_the_one_loaded_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write(tmp_path, [_row()])
+    registry_file = RegistryFile(path)
+    assert "750101" in registry_file.get()
+    _append(path, _row(code="75O102", pens="AJX-2"))  # the operator mistypes a new bureau's code
+    with caplog.at_level("WARNING", logger="registry.bureaux"):
+        kept = registry_file.get()
+    assert kept is not None and "750101" in kept and len(kept) == 1
+    assert ":3: code '75O102'" in caplog.text
+    path.write_text(path.read_text().replace("75O102", "750102"))  # fixed: read again
+    assert "750102" in registry_file.get()
+
+
+def test_a_registry_that_never_loaded_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_row(code="75O102")])
+    with pytest.raises(RegistryError):
+        RegistryFile(path).get()
+    assert RegistryFile(tmp_path / "none.csv").get() is None
+
+
+def test_the_review_ui_keeps_working_when_the_registry_is_edited_into_a_bad_file(
+    tmp_path: Path, sqlite_journal, redis, redis_server, demo_registry_files: tuple[Path, Path],
+    registry: Registry, election_t1
+) -> None:
+    path = tmp_path / "registry.csv"
+    path.write_bytes(demo_registry_files[0].read_bytes())
+    env = build_env(tmp_path, sqlite_journal, redis, path, registry, election_t1, redis_server.url)
+    client = env.client()
+    login(client, "alice")
+    assert client.get("/items").status_code == 200
+    _append(path, ["75O120", "Bureau 20", "Paris", "75 Paris", "900", PIN_HASH, "", ""])
+    page = client.get("/items")
+    assert page.status_code == 200
+    assert client.get("/progress").status_code == 200

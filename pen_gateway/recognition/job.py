@@ -40,7 +40,7 @@ from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
 from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS
 from pen_gateway.uploads import Upload, create_tables, get_upload, set_upload_status, uploads
-from registry import Registry, load_registry
+from registry import Registry, RegistryFile
 from returns_queue.journal import Journal, Submission
 from settings import Settings
 
@@ -68,8 +68,7 @@ class Context:
     settings: Settings
     journal: Journal
     threshold: float
-    _registry: Registry | None = None
-    _registry_mtime: float | None = None
+    registry_file: RegistryFile
 
     @property
     def recognizer(self) -> Recognizer:
@@ -80,14 +79,7 @@ class Context:
     @property
     def registry(self) -> Registry | None:
         """The registry, reloaded when its file changes (bureaux added on the night), None when there is none."""
-        path = self.settings.registry_path
-        try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        if self._registry is None or mtime != self._registry_mtime:
-            self._registry, self._registry_mtime = load_registry(path), mtime
-        return self._registry
+        return self.registry_file.get()
 
 
 _contexts: dict[Settings, Context] = {}
@@ -102,7 +94,7 @@ def context(settings: Settings) -> Context:
 
             journal = Journal(settings.db_url_resolved)
             create_tables(journal)
-            ctx = Context(settings, journal, RECOMMENDED_THRESHOLD)
+            ctx = Context(settings, journal, RECOMMENDED_THRESHOLD, RegistryFile(settings.registry_path))
             _contexts[settings] = ctx
         return ctx
 
