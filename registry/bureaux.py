@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import threading
 from dataclasses import dataclass
@@ -104,7 +105,14 @@ def load_registry(path: Path | str) -> Registry:
     path = Path(path)
     bureaux: dict[str, Bureau] = {}
     pens: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8") as f:
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which is not part of `code`.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(path, data[: exc.start].count(b"\n") + 1,
+                            "not UTF-8 text (save the file as CSV UTF-8)") from exc
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
@@ -149,7 +157,7 @@ class RegistryFile:
             if stamp != self._stamp:
                 try:
                     self._registry = load_registry(self.path)
-                except (RegistryError, UnicodeDecodeError) as exc:
+                except RegistryError as exc:
                     if self._registry is None:
                         raise
                     log.warning("registry %s changed but does not load (%s): the registry loaded before stays "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from registry.bureaux import load_registry
+from registry.bureaux import RegistryError, load_registry
 from registry.demo import generate
 from registry.pins import DEFAULT_N
 
@@ -40,6 +41,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    registry = load_registry(args.path)
+    try:
+        registry = load_registry(args.path)
+    except (RegistryError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{len(registry)} bureaux in {len(registry.departments())} departments, {registry.inscrits_total} inscrits")
     return 0

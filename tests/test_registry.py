@@ -148,3 +148,22 @@ def test_the_review_ui_keeps_working_when_the_registry_is_edited_into_a_bad_file
     page = client.get("/items")
     assert page.status_code == 200
     assert client.get("/progress").status_code == 200
+
+
+def test_a_spreadsheets_csv_utf8_export_loads_and_another_encoding_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_row()])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # the byte-order mark of a "CSV UTF-8" export
+    assert "750101" in load_registry(path)
+    path.write_bytes(_write(tmp_path, [_row(), _row(code="750102", pens="AJX-2")]).read_text()
+                     .replace("Paris", "Évry").encode("cp1252"))
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    assert err.value.line == 2 and "UTF-8" in err.value.why
+
+
+def test_registry_check_says_what_is_wrong_without_a_traceback(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_row(), _row(code="75A101")])
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "registry", "check", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {path}:3: code '75A101' must be 1 to 10 digits"
