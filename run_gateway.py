@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import Settings
+from settings import Settings, SettingsError
 from telemetry.logs import configure_logging
 
 log = logging.getLogger("remontee")
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["all", *(argv if argv is not None else sys.argv[1:])])
     overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
-    args.settings = Settings.from_env(**overrides)
+    try:
+        args.settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     # Every part's log lines as one JSON object each, tagged with the part (telemetry/logs.py).
     configure_logging(args.command, args.settings.log_format)
     return int(args.func(args) or 0)

@@ -14,6 +14,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 
 
+class SettingsError(ValueError):
+    """A `REMONTEE_*` variable whose value is not of its setting's type (a port that is not a number); names it."""
+
+
 @dataclass(frozen=True)
 class Settings:
     var_dir: Path = Path("var")
@@ -43,7 +47,10 @@ class Settings:
         for f in fields(cls):
             raw = environ.get(f"REMONTEE_{f.name.upper()}")
             if raw is not None and raw != "":
-                values[f.name] = _convert(f.type, raw)
+                try:
+                    values[f.name] = _convert(f.type, raw)
+                except ValueError:
+                    raise SettingsError(f"REMONTEE_{f.name.upper()}={raw!r}: not a whole number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 
