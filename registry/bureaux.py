@@ -100,6 +100,11 @@ def _parse_row(row: dict[str, str | None], path: Path, line: int) -> Bureau:
     )
 
 
+def _delimiter(header: str) -> str:
+    """`;` for a file from a French Excel (its list separator), whose header then holds no comma; else `,`."""
+    return ";" if ";" in header and "," not in header else ","
+
+
 def load_registry(path: Path | str) -> Registry:
     """Read and check the registry CSV; any bad line fails the whole load with its line number."""
     path = Path(path)
@@ -113,7 +118,8 @@ def load_registry(path: Path | str) -> Registry:
         raise RegistryError(path, data[: exc.start].count(b"\n") + 1,
                             "not UTF-8 text (save the file as CSV UTF-8)") from exc
     with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=_delimiter(f.readline()))
+        f.seek(0)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")

@@ -167,3 +167,23 @@ def test_registry_check_says_what_is_wrong_without_a_traceback(tmp_path: Path) -
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {path}:3: code '75A101' must be 1 to 10 digits"
+
+
+def test_a_registry_saved_by_a_french_excel_with_semicolons_loads(tmp_path: Path) -> None:
+    """French Excel separates with `;`: the columns are found, and a list column holding `;` comes quoted."""
+    path = tmp_path / "registry.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter=";")
+        writer.writerow(COLUMNS)
+        writer.writerow(["010101", "Bureau 1", "Bourg-en-Bresse", "01 Ain", "800", PIN_HASH,
+                         "0612345678;0698765432", "AJX-1"])
+        writer.writerow(["010102", "Bureau 2", "Bourg-en-Bresse", "01 Ain", "", PIN_HASH, "", ""])
+        writer.writerow(["010102", "Bureau 2", "Bourg-en-Bresse", "01 Ain", "", PIN_HASH, "", ""])
+    with pytest.raises(RegistryError) as err:  # bad lines are still named by number
+        load_registry(path)
+    assert (err.value.line, err.value.why) == (4, "duplicate code 010102")
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
+    registry = load_registry(path)
+    ain = registry.get("010101")
+    assert ain is not None and ain.inscrits == 800 and ain.caller_ids == ("0612345678", "0698765432")
+    assert registry.bureau_for_pen("AJX-1") == ain and registry.get("010102") is not None
