@@ -125,6 +125,8 @@ def load_registry(path: Path | str) -> Registry:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
         for row in reader:
             line = reader.line_num
+            if None not in row and not any((v or "").strip() for v in row.values()):
+                continue  # `,,,,,,,`: Excel's trace of a row once touched below the data, a blank line like any other
             if None in row:
                 raise RegistryError(path, line, "more values than columns")
             bureau = _parse_row(row, path, line)

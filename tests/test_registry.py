@@ -187,3 +187,14 @@ def test_a_registry_saved_by_a_french_excel_with_semicolons_loads(tmp_path: Path
     ain = registry.get("010101")
     assert ain is not None and ain.inscrits == 800 and ain.caller_ids == ("0612345678", "0698765432")
     assert registry.bureau_for_pen("AJX-1") == ain and registry.get("010102") is not None
+
+
+def test_lines_of_separators_alone_are_blank_lines(tmp_path: Path) -> None:
+    """Excel writes `,,,,,,,` for rows it once touched below the data; like blank lines, they are no bureau."""
+    path = _write(tmp_path, [_row(code="750101"), [""] * len(COLUMNS), _row(code="750102", pens="AJX-2")])
+    path.write_text(path.read_text() + ",,,,,,,\r\n\r\n" + " ,, ,,,,,\r\n")
+    assert sorted(load_registry(path).bureaux) == ["750101", "750102"]
+    # A line with something in it is still a bureau, checked as ever.
+    path.write_text(path.read_text() + ",Bureau 9,,,,,,\r\n")
+    with pytest.raises(RegistryError, match=r":8: empty code"):
+        load_registry(path)
