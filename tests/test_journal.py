@@ -80,6 +80,20 @@ def test_duplicate_correction_and_conflict(journal: Journal, election_t2: Electi
     assert [p["return_id"] for p in journal.outbox()] == [first.return_id]
 
 
+def test_a_call_after_a_supervisors_decision_is_a_correction(journal: Journal, election_t2: Election) -> None:
+    """The bureau's accepted figures are a supervisor's (channel `review`): the president calling again with others
+    corrects them; the review queue used to show a CHANNEL_CONFLICT "with review"."""
+    first = submit(journal, election_t2)
+    decided = journal.submit(new_return(election_t2, "750120", {**COUNTS, "hollande": 251, "aubry": 154}, "review",
+                                        {"supervisor": "ana"}, supersedes=first.return_id))
+    again = submit(journal, election_t2, {**COUNTS, "hollande": 252, "aubry": 153})
+    assert decided.status == "accepted" and again.status == "review"
+    assert [(f.code, f.details["return_id"]) for f in again.findings] == [(Reason.CORRECTION, decided.return_id)]
+    with journal.read() as conn:
+        reasons = conn.execute(select(review_items.c.reasons).where(review_items.c.return_id == again.return_id))
+        assert reasons.scalar_one() == json.dumps(["CORRECTION"])
+
+
 def test_new_figures_while_the_first_wait_in_review_wait_too(journal: Journal, election_t2: Election) -> None:
     """A president sends figures whose sums break (review), then calls back with others: nothing is accepted
     yet, and the second set must not be, or the supervisor's decision on the first overwrites it unseen."""

@@ -158,6 +158,22 @@ def test_other_figures_from_a_bureau_whose_figures_wait_in_review_wait_too() -> 
     assert check_history(make(T2, fixed), None, [later, waiting])[0].details["return_id"] == later.return_id
 
 
+def test_other_figures_after_a_supervisors_decision_are_a_correction_not_a_conflict() -> None:
+    """A supervisor's return (channel `review`) is the bureau's figures as decided, not a third reporting channel:
+    a president who sends other figures afterwards, by either channel, corrects them (DESIGN.md: CHANNEL_CONFLICT
+    is a difference with the other channel's accepted return)."""
+    counts = {"votants": 10, "blancs_nuls": 0, "exprimes": 10, "hollande": 6, "aubry": 4}
+    phoned = make(T2, counts)
+    decided = new_return(T2, BUREAU.code, {**counts, "hollande": 5, "aubry": 5}, "review", {"supervisor": "ana"},
+                         supersedes=phoned.return_id)
+    for channel in ("ivr", "pen"):
+        findings = check_history(make(T2, {**counts, "hollande": 7, "aubry": 3}, channel), decided)
+        assert [f.code for f in findings] == [Reason.CORRECTION]
+        assert findings[0].details == {"return_id": decided.return_id, "channel": "review",
+                                       "fields": ["aubry", "hollande"]}
+    assert [f.code for f in check_history(make(T2, decided.counts, "pen"), decided)] == [Reason.DUPLICATE]
+
+
 def test_decide() -> None:
     counts = {"votants": 10, "blancs_nuls": 0, "exprimes": 10, "hollande": 6, "aubry": 4}
     dup = check_history(make(T2, counts), make(T2, counts))

@@ -129,11 +129,12 @@ def check_history(ret: Return, latest_accepted: Return | None, pending: Sequence
     (`pending`, the latest first).
 
     Identical figures are a DUPLICATE (answered idempotently). Different figures from a bureau
-    that already has an accepted return are a CORRECTION from the same channel, a
-    CHANNEL_CONFLICT from the other one; from a bureau whose figures all wait in review, the same
-    against the latest of them: two sets of figures, and a human to say which holds (accepted
-    alone, the second would be overwritten by the supervisor's decision on the first). A
-    supervisor's return (it supersedes another) is the decision itself and is not compared.
+    that already has an accepted return are a CORRECTION from the same channel or after a
+    supervisor's decision, a CHANNEL_CONFLICT from the other one; from a bureau whose figures
+    all wait in review, the same against the latest of them: two sets of figures, and a human
+    to say which holds (accepted alone, the second would be overwritten by the supervisor's
+    decision on the first). A supervisor's return (it supersedes another) is the decision
+    itself and is not compared.
     """
     if ret.supersedes is not None:
         return []
@@ -150,7 +151,9 @@ def check_history(ret: Return, latest_accepted: Return | None, pending: Sequence
     changed = sorted(k for k, v in ret.counts.items() if earlier.counts.get(k) != v)
     details = {"return_id": earlier.return_id, "channel": earlier.channel, "fields": changed}
     waiting = "" if earlier is latest_accepted else ", en attente de vérification"
-    if earlier.channel == ret.channel:
+    # A supervisor's return is the bureau's figures as decided, not a reporting channel: what differs from it,
+    # by phone or by pen, corrects it.
+    if earlier.channel in (ret.channel, "review"):
         return [Finding(Reason.CORRECTION, None,
                         f"le bureau avait déjà transmis{waiting} ({', '.join(changed)} diffèrent)", details)]
     state = "accepté" if earlier is latest_accepted else "en attente de vérification"
