@@ -171,6 +171,7 @@ def test_other_figures_after_a_supervisors_decision_are_a_correction_not_a_confl
         assert [f.code for f in findings] == [Reason.CORRECTION]
         assert findings[0].details == {"return_id": decided.return_id, "channel": "review",
                                        "fields": ["aubry", "hollande"]}
+        assert findings[0].message.startswith("un superviseur avait déjà arrêté les chiffres du bureau")
     assert [f.code for f in check_history(make(T2, decided.counts, "pen"), decided)] == [Reason.DUPLICATE]
 
 

@@ -154,8 +154,9 @@ def check_history(ret: Return, latest_accepted: Return | None, pending: Sequence
     # A supervisor's return is the bureau's figures as decided, not a reporting channel: what differs from it,
     # by phone or by pen, corrects it.
     if earlier.channel in (ret.channel, "review"):
-        return [Finding(Reason.CORRECTION, None,
-                        f"le bureau avait déjà transmis{waiting} ({', '.join(changed)} diffèrent)", details)]
+        before = ("un superviseur avait déjà arrêté les chiffres du bureau" if earlier.channel == "review"
+                  else f"le bureau avait déjà transmis{waiting}")
+        return [Finding(Reason.CORRECTION, None, f"{before} ({', '.join(changed)} diffèrent)", details)]
     state = "accepté" if earlier is latest_accepted else "en attente de vérification"
     return [
         Finding(
