@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from redis.exceptions import RedisError
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from forms.definitions import CountField, Election
 from ivr import prompts as P
@@ -145,6 +146,7 @@ class Call:
         self.pending_key: str | None = None  # a digit pressed during a read-back: the next entry's first
         self.outcome: str | None = None  # the REMONTEE_OUTCOME set on the channel
         self._saves: defer.Deferred[None] = defer.succeed(None)  # Redis writes, in order, not waited for
+        self._save_failed: defer.Deferred[None] = defer.Deferred()  # fires at this call's first failed Redis write
         self._work: list[Work[Any]] = []  # work started for this call, all ended before the call ends
 
     # --- speaking and listening ---
@@ -230,16 +232,25 @@ class Call:
     def _after_saves(self, f: Callable[..., None], *args: Any) -> None:
         work = in_context(f)  # bound now: `run` is called back from whichever context fires the chain
 
+        def failed(failure: Failure) -> None:
+            log.warning("call %s: Redis write failed: %s", self.call_id, failure.getErrorMessage(),
+                        extra=ids(call_id=self.call_id))
+            if not self._save_failed.called:
+                self._save_failed.callback(None)
+
         def run(_: object) -> defer.Deferred[None]:
-            d = self.line.run_blocking(work, *args)
-            return d.addErrback(lambda failure: log.warning("call %s: Redis write failed: %s",
-                                                            self.call_id, failure.getErrorMessage(),
-                                                            extra=ids(call_id=self.call_id)))
+            return self.line.run_blocking(work, *args).addErrback(failed)
 
         self._saves = self._saves.addBoth(run)
 
     async def saves_done(self) -> None:
-        await self._saves
+        """Wait for this call's Redis writes, or for the first of them to fail.
+
+        Once one has failed Redis is away or stalled: each write still queued would hold the call
+        for a socket timeout, so the caller (handed to an operator) would wait in silence for all
+        of them. They go on after the call has ended.
+        """
+        await defer.DeferredList([self._saves, self._save_failed], fireOnOneCallback=True)
 
     async def set_outcome(self, outcome: str, **variables: str) -> None:
         """Channel variables for the dialplan; SET VARIABLE runs even after a hang-up."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -609,6 +610,37 @@ def test_redis_away_the_pin_lockout_holds_in_this_server(phone: Phone, redis_ser
     assert state.locked_for("bureau", code) == 0 and 14 * 60 < phone.service.state.locked_for("bureau", code) <= 15 * 60
     again = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="0600000044")
     assert again.variables["REMONTEE_HANDOFF"] == "bureau-locked" and phone.entries(code) == []
+
+
+def test_a_stalled_redis_does_not_hold_the_caller_handed_to_an_operator(
+        phone: Phone, redis_server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis stops answering while the counts are keyed (stopped, not gone: each write waits out its socket
+    timeout). The counts kept for a call-back are written one after the other; once one has failed, the caller
+    handed to an operator is put through, not held in silence until every write still queued has failed too."""
+    code, pin = phone.next_bureau()
+    process = redis_server.process
+    assert process is not None
+    caplog.set_level(logging.WARNING, logger="ivr.call_flow")
+
+    async def run() -> CallRecord:
+        gate = Gate()
+        script = [press(code + "#"), press(pin + "#"), *phone.counts_script(GOOD_T1), *[SILENCE] * 4]
+        peer = AsteriskPeer(script, sounds=CATALOG, hold={f"GET DATA {P.ask_field(phone.election.fields[0])}": gate},
+                            io_timeout=30)
+        call = asyncio.create_task(peer.call("127.0.0.1", phone.port))
+        await asyncio.wait_for(gate.reached.wait(), 10)
+        process.send_signal(signal.SIGSTOP)
+        gate.opened.set()
+        return await call
+
+    try:
+        record = asyncio.run(run())
+        failed = [r for r in caplog.records if "Redis write failed" in r.getMessage()]
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert record.ended == "server closed", "the server kept the line after the handoff"
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "NoInput:envoi"
+    assert 1 <= len(failed) < len(phone.election.fields)  # put through at the first failed write
 
 
 def test_many_calls_at_once_each_get_their_own_receipt(phone: Phone) -> None:
