@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
@@ -378,8 +379,19 @@ async def caller_locked(call: Call) -> int:
 
 
 async def already_reported(call: Call) -> bool:
+    """Whether the bureau has figures accepted or in review; False (not known) when the journal cannot be read.
+
+    Only the question "a correction, or leave?" hangs on it: the journal compares the return with the
+    bureau's history again as it writes it (DUPLICATE, CORRECTION), so a journal away for a moment (a
+    PostgreSQL restart) costs the caller that question, not the call.
+    """
     assert call.bureau is not None
-    entries = await call.in_thread(call.line.journal.entries, call.election.id, call.bureau.code)
+    try:
+        entries = await call.in_thread(call.line.journal.entries, call.election.id, call.bureau.code)
+    except SQLAlchemyError as exc:
+        log.warning("call %s: the journal cannot say whether bureau %s reported (%s); going on", call.call_id,
+                    call.bureau.code, exc)
+        return False
     return any(e.status in ("accepted", "review") for e in entries)
 
 

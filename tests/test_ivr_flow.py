@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from redis import Redis
 from twisted.internet import defer, reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from conftest import RedisServer
+from conftest import PostgresServer, RedisServer
 from forms import Election
 from ivr import prompts as P
 from ivr.call_flow import HOLD_EVERY
@@ -72,8 +73,9 @@ class Phone:
 
 
 def _phone(election_id: str, tmp: Path, redis_server: RedisServer, registry_files: tuple[Path, Path],
-           pins: dict[str, str], codes: list[str]) -> Iterator[Phone]:
-    settings = Settings(var_dir=tmp, redis_url=redis_server.url, db_url=f"sqlite:///{tmp / 'journal.sqlite3'}",
+           pins: dict[str, str], codes: list[str], db_url: str | None = None) -> Iterator[Phone]:
+    db_url = db_url or f"sqlite:///{tmp / 'journal.sqlite3'}"
+    settings = Settings(var_dir=tmp, redis_url=redis_server.url, db_url=db_url,
                         election=election_id, registry=registry_files[0], bind="127.0.0.1")
     service = PhoneService(settings, relay=False)
     port = blockingCallFromThread(reactor, service.start, 0).getHost().port
@@ -709,5 +711,49 @@ def test_a_journal_that_refuses_the_return_hands_the_caller_to_an_operator(
         # What was typed is kept: the president calling back is offered to resume.
         partial = CallState(phone.service.redis).load_partial(phone.election.id, code)
         assert partial is not None and partial.counts == GOOD_T1
+    finally:
+        next(phones, None)
+
+
+def test_a_journal_away_while_the_pin_is_keyed_does_not_end_the_call(
+        running_reactor: Any, tmp_path: Path, redis_server: RedisServer, redis: Redis, postgres_server: PostgresServer,
+        demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> None:
+    """The journal (PostgreSQL) restarts as a bureau code is keyed: whether the bureau already reported is then
+    unknown. The call goes on (the journal compares the return with the bureau's history when it is written)
+    rather than ending with no outcome, and the return is journaled once the journal is back."""
+    phones = _phone("primaire-2011-t1", tmp_path, redis_server, demo_registry_files, pins, sorted(pins)[:1],
+                    db_url=postgres_server.create_database())
+    phone = next(phones)
+    pg_ctl = [*postgres_server.as_postgres, str(postgres_server.bin / "pg_ctl"), "-D",
+              str(postgres_server.directory / "data"), "-w"]
+    start = [*pg_ctl, "-l", str(postgres_server.directory / "log"), "-o",
+             f"-p {postgres_server.port} -k {postgres_server.directory} -c listen_addresses=127.0.0.1", "start"]
+    try:
+        code, pin = phone.next_bureau()
+
+        async def run() -> CallRecord:
+            away, back = Gate(), Gate()
+            peer = AsteriskPeer(phone.happy_script(code, pin, GOOD_T1), sounds=CATALOG, io_timeout=30,
+                                hold={f"GET DATA {P.ASK_BUREAU}": away,
+                                      f"GET DATA {P.ask_field(phone.election.fields[0])}": back})
+            call = asyncio.create_task(peer.call("127.0.0.1", phone.port))
+            await asyncio.wait_for(away.reached.wait(), 10)
+            await asyncio.to_thread(subprocess.run, [*pg_ctl, "-m", "fast", "stop"], check=True, capture_output=True)
+            away.opened.set()
+            at_the_counts = asyncio.create_task(back.reached.wait())
+            await asyncio.wait({call, at_the_counts}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            at_the_counts.cancel()
+            await asyncio.to_thread(subprocess.run, start, check=True, capture_output=True)
+            back.opened.set()
+            return await call
+
+        try:
+            record = asyncio.run(run())
+        finally:
+            if subprocess.run([*pg_ctl, "status"], capture_output=True).returncode != 0:
+                subprocess.run(start, check=True, capture_output=True)
+        assert record.ended == "server closed" and record.outcome == "accepted", record.commands[-3:]
+        [entry] = phone.entries(code)
+        assert entry.status == "accepted" and entry.receipt == record.receipt
     finally:
         next(phones, None)
