@@ -94,6 +94,41 @@ def test_unreachable_server_and_operator_outcome_go_to_the_operators() -> None:
     assert any(k == "member" for s, k, _ in parse_conf(CONF / "queues.conf") if s == queue_name)
 
 
+def _run_extension(context: str, extension: str, variables: dict[str, str]) -> list[str]:
+    """The applications an extension runs, in order, following its GotoIf jumps to its own labels."""
+    steps: list[tuple[str, str]] = []  # (label, application)
+    current = None
+    for section, key, value in parse_conf(CONF / "extensions.conf"):
+        if section == context and key == "exten":
+            current = value.split(",", 1)[0].strip()
+            if current == extension:
+                steps.append(("", value.split(",", 2)[2].strip()))
+        elif section == context and key == "same" and current == extension:
+            priority, application = (p.strip() for p in value.split(",", 1))
+            label = re.match(r"n\((\w+)\)", priority)
+            steps.append((label[1] if label else "", application))
+    ran, i = [], 0
+    while i < len(steps):
+        application = re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m[1], ""), steps[i][1])
+        ran.append(application)
+        jump = re.match(r'GotoIf\(\$\["(.*)" = "(.*)"\]\?(\w+)\)$', application)
+        if jump and jump[1] == jump[2]:
+            i = next(n for n, (label, _) in enumerate(steps) if label == jump[3])
+            continue
+        i += 1
+    return ran
+
+
+def test_a_caller_the_ivr_hands_over_hears_the_handoff_once() -> None:
+    """The IVR says the handoff itself before setting REMONTEE_OUTCOME=operator; the dialplan says it only for a
+    call the IVR could not take (no FastAGI server answered, no outcome)."""
+    handoff = f"Playback({P.TO_OPERATOR})"
+    for variables in ({"REMONTEE_OUTCOME": call_flow.OPERATOR}, {"AGISTATUS": "FAILURE"}, {}):
+        ran = _run_extension("hotline", "operators", variables)
+        assert any(a.startswith("Queue(") for a in ran), variables
+        assert ran.count(handoff) == (0 if variables.get("REMONTEE_OUTCOME") == call_flow.OPERATOR else 1), ran
+
+
 def test_every_goto_lands_on_an_extension() -> None:
     contexts = dialplan()
     for context, extensions in contexts.items():
