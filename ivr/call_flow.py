@@ -36,7 +36,7 @@ from ivr import prompts as P
 from ivr.agi import AGIChannel, ChannelHungUp, CommandFailed
 from ivr.call_state import ANONYMOUS, CallState, Partial
 from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
-from registry import Bureau, Registry, verify_pin
+from registry import Bureau, Registry, RegistryFile, verify_pin
 from returns_queue.journal import Journal, Submission
 from telemetry import metrics
 from telemetry.logs import bound, ids, in_context
@@ -103,7 +103,7 @@ class ResultsLine:
     def __init__(
         self,
         election: Election,
-        registry: Registry,
+        registry: RegistryFile,
         journal: Journal,
         state: CallState,
         *,
@@ -111,15 +111,22 @@ class ResultsLine:
         run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
         run_pin_check: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
-        self.election, self.registry, self.journal, self.state = election, registry, journal, state
+        self.election, self.registry_file, self.journal, self.state = election, registry, journal, state
         self.on_accepted, self.run_blocking = on_accepted, run_blocking
         # scrypt is CPU- and memory-bound (16 MiB a hash): as many at once as there are cores, on
         # their own threads, so Redis and journal reads never queue behind a burst of PIN checks.
         self.run_pin_check = run_pin_check or run_blocking
-        self.bureau_input = replace(BUREAU, validator=lambda code: code in registry,
+        self.bureau_input = replace(BUREAU, validator=lambda code: code in self.registry,
                                     error_prompt=lambda code: [P.BUREAU, *P.digit_files(code), P.UNKNOWN])
         self.count_inputs = {f.id: count_input(f) for f in election.fields}
         self.line_input = line_input(election)
+
+    @property
+    def registry(self) -> Registry:
+        """The registry as its file now is: a bureau added on the night can report by phone without a restart."""
+        registry = self.registry_file.get()
+        assert registry is not None, "the service loaded it at start, and a file removed keeps it"
+        return registry
 
     async def __call__(self, agi: AGIChannel) -> None:
         call = Call(self, agi)

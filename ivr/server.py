@@ -1,6 +1,7 @@
 """The phone channel as one running service: the FastAGI listener, the results line and the relay.
 
-`PhoneService` loads the registry and the election once, opens the journal and Redis, starts the
+`PhoneService` loads the election once and the registry whenever its file changes (a bureau added on
+the night, as the pen and review parts do), opens the journal and Redis, starts the
 relay thread (woken after each accepted return), and listens for FastAGI connections. `cli.py`
 runs it under the reactor; the tests run it on a reactor in a background thread.
 `start_metrics()` adds the Prometheus listener (`REMONTEE_IVR_METRICS_PORT`, telemetry/).
@@ -24,7 +25,7 @@ from forms import load_election
 from ivr.agi import AGIStats, FastAGIFactory
 from ivr.call_flow import ResultsLine
 from ivr.call_state import CallState
-from registry import load_registry
+from registry import Registry, RegistryFile
 from returns_queue.jobs import RETURNS_QUEUE
 from returns_queue.journal import Journal
 from returns_queue.relay import Relay
@@ -48,7 +49,8 @@ class PhoneService:
     def __post_init__(self) -> None:
         s = self.settings
         self.election = load_election(s.election)
-        self.registry = load_registry(s.registry_path)
+        self.registry_file = RegistryFile(s.registry_path)
+        self.registry_file.get()  # a registry that does not load stops the start, here
         self.journal = Journal(s.db_url_resolved)
         # A short socket timeout: a Redis that hangs must not hold a thread (and a call) for long.
         self.redis = Redis.from_url(s.redis_url_resolved, socket_timeout=5, socket_connect_timeout=5)
@@ -59,7 +61,7 @@ class PhoneService:
             self._relay = Relay(self.journal, Redis.from_url(s.redis_url_resolved), s.consolidate_job)
         self.pin_checker = ThreadPool(1, os.cpu_count() or 2, name="pin-check")
         self.line = ResultsLine(
-            self.election, self.registry, self.journal, self.state, on_accepted=self.wake_relay,
+            self.election, self.registry_file, self.journal, self.state, on_accepted=self.wake_relay,
             run_pin_check=lambda f, *a: threads.deferToThreadPool(reactor, self.pin_checker, f, *a),
         )
         self.factory = FastAGIFactory({SCRIPT: self.line}, command_timeout=self.command_timeout,
@@ -93,6 +95,10 @@ class PhoneService:
         log.info("ivr: FastAGI on agi://%s:%d/%s, election %s, %d bureaux", self.settings.bind,
                  self.port.getHost().port, SCRIPT, self.election.id, len(self.registry))
         return self.port
+
+    @property
+    def registry(self) -> Registry:
+        return self.line.registry
 
     @property
     def url(self) -> str:

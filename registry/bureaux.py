@@ -155,11 +155,11 @@ class RegistryFile:
         self._registry: Registry | None = None
 
     def get(self) -> Registry | None:
-        """The registry, or None when there is no file."""
+        """The registry; None when there is no file and never was (one removed to be written again keeps the last)."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            return None
+            return self._registry
         stamp = (st.st_mtime_ns, st.st_size)
         with self._lock:
             if stamp != self._stamp:

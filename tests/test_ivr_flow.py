@@ -29,6 +29,7 @@ from ivr import prompts as P
 from ivr.call_flow import HOLD_EVERY
 from ivr.call_state import CallState
 from ivr.server import PhoneService
+from registry import hash_pin
 from returns_queue.journal import Journal
 from settings import Settings
 
@@ -711,6 +712,34 @@ def test_a_journal_that_refuses_the_return_hands_the_caller_to_an_operator(
         # What was typed is kept: the president calling back is offered to resume.
         partial = CallState(phone.service.redis).load_partial(phone.election.id, code)
         assert partial is not None and partial.counts == GOOD_T1
+    finally:
+        next(phones, None)
+
+
+def test_a_bureau_added_to_the_registry_on_the_night_reports_by_phone_without_a_restart(
+        running_reactor: Any, tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path],
+        pins: dict[str, str]) -> None:
+    """The operator adds a forgotten bureau to the registry file while the server runs (the pen and review parts
+    read it again when it changes): its president is let in by phone at once. An edit that does not load keeps
+    the registry as it was, and so does the file removed while it is written again."""
+    registry_file = tmp_path / "registry.csv"
+    registry_file.write_bytes(demo_registry_files[0].read_bytes())
+    phones = _phone("primaire-2011-t1", tmp_path, redis_server, (registry_file, demo_registry_files[1]), pins, [])
+    phone = next(phones)
+    try:
+        code, pin = "999001", "4242"
+        assert code not in phone.service.registry
+        before = phone.call([press(code + "#")] * 3)
+        assert said(before, P.BUREAU, *P.digit_files(code), P.UNKNOWN) and before.outcome == "operator"
+        with registry_file.open("a") as f:
+            f.write(f"{code},Bureau oublié,Paris,75 Paris,900,{hash_pin(pin, n=2**8)},,\n")
+        record = phone.call(phone.happy_script(code, pin, GOOD_T1))
+        assert record.outcome == "accepted" and [e.status for e in phone.entries(code)] == ["accepted"]
+        with registry_file.open("a") as f:
+            f.write("75O102,Bureau mal tapé,Paris,75 Paris,900,x,,\n")
+        assert code in phone.service.registry
+        registry_file.unlink()
+        assert code in phone.service.registry
     finally:
         next(phones, None)
 
