@@ -312,12 +312,14 @@ class ReviewItems:
         def also(conn: Connection, submission: Submission) -> None:
             if submission.status != "accepted":  # a supervisor's return is the decision itself: never reviewed again
                 raise ItemUnavailable(f"le retour corrigé n'a pas été accepté ({submission.status})")
-            if seen_accepted is not None:
-                _check_latest_accepted(conn, election.id, bureau_code, submission.return_id, seen_accepted)
             # The journal locked the bureau approved; the item's may be another (the supervisor changed it).
             self.journal.lock_bureau(conn, item.election, item.bureau)
+            # Closed before the check of the latest accepted return: an item decided meanwhile (a double click,
+            # another supervisor) is said so, not taken for figures accepted since the page was opened.
             self._close(conn, item, username,
                         {"state": "approved", "decision_note": note or None, "result_return_id": submission.return_id})
+            if seen_accepted is not None:
+                _check_latest_accepted(conn, election.id, bureau_code, submission.return_id, seen_accepted)
             conn.execute(
                 update(returns)
                 .where(returns.c.return_id == item.return_id, returns.c.status == "review")

@@ -30,9 +30,10 @@ from pen_gateway.uploads import Upload, create_tables, get_upload, record_upload
 from returns_queue.jobs import RETURNS_QUEUE, return_job_id
 from returns_queue.journal import audit, returns, review_items
 from returns_queue.relay import Relay
-from review.review_items import ItemUnavailable
+from review.review_items import AcceptedMeanwhile, ItemUnavailable
 from tests.filled_forms import inkml_upload, read, well_read_seed
 from tests.form_fill import consistent_counts, handwriting_available
+from validation import new_return
 
 __all__ = ["env"]
 JOB = "returns_queue.consolidation.consolidate"
@@ -219,6 +220,58 @@ def test_two_supervisors_approving_at_once_yield_one_return(env: ReviewEnv, tota
     with env.journal.read() as conn:
         reviewed = conn.execute(select(returns).where(returns.c.channel == "review")).all()
     assert len(reviewed) == 1
+
+
+class _Held(Exception):
+    """Ends the test's own journal request, which held the commit, writing nothing."""
+
+
+def test_a_double_click_on_approve_says_the_item_is_already_approved(
+    env: ReviewEnv, total_mismatch: tuple[str, int]
+) -> None:
+    """Both clicks pass the early check before either commits: the second is told the item is decided, not that
+    figures were accepted meanwhile (its own first click's), which asked the supervisor to approve again."""
+    _, item = total_mismatch
+    desk = env.app.extensions["remontee_review"].items
+    held, release = threading.Event(), threading.Event()
+
+    def hold(conn: object, submission: object) -> None:  # the journal's commit waits here, mid-transaction
+        held.set()
+        release.wait(30)
+        raise _Held
+
+    other = new_return(env.election, bureau_codes(env.registry)[1], GOOD_T1, "ivr", {"call_id": "1.1"})
+
+    def hold_the_commit() -> None:
+        with pytest.raises(_Held):
+            env.journal.submit(other, (), also=hold)
+
+    holder = threading.Thread(target=hold_the_commit)
+    holder.start()
+    assert held.wait(30)
+    outcomes: list[object] = []
+
+    def click() -> None:
+        try:
+            outcomes.append(desk.approve(item, "alice", GOOD_T1, env.registry, seen_accepted=""))
+        except ItemUnavailable as exc:
+            outcomes.append(exc)
+
+    clicks = [threading.Thread(target=click) for _ in range(2)]
+    for t in clicks:
+        t.start()
+    deadline = time.monotonic() + 30
+    while env.journal._requests.qsize() < 2 and time.monotonic() < deadline:  # both clicks wait for the commit
+        time.sleep(0.01)
+    release.set()
+    for t in (holder, *clicks):
+        t.join(30)
+    refused = [o for o in outcomes if isinstance(o, ItemUnavailable)]
+    assert len(outcomes) == 2 and len(refused) == 1
+    assert not isinstance(refused[0], AcceptedMeanwhile)
+    assert "déjà été approuvé par alice" in str(refused[0])
+    with env.journal.read() as conn:
+        assert len(conn.execute(select(returns).where(returns.c.channel == "review")).all()) == 1
 
 
 def test_approval_with_broken_arithmetic_is_refused_and_writes_nothing(
