@@ -36,10 +36,17 @@ def load_user() -> None:
 
 
 def login_redirect() -> Response:
-    if getattr(g, "session_expired", False):
-        flash("Votre session a expiré : reconnectez-vous.", "warning")
-    target = request.full_path if request.method == "GET" else request.path
-    return redirect(url_for("auth.login", next=target.rstrip("?")))
+    if request.method == "GET":
+        if getattr(g, "session_expired", False):
+            flash("Votre session a expiré : reconnectez-vous.", "warning")
+        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    # A form sent without a live session (a correction typed while the session ran out) is not recorded: say so,
+    # and come back after the login to the page it was sent from, not to its action, which answers only a POST.
+    flash("Votre session a expiré : ce que vous venez d'envoyer n'a pas été enregistré. "
+          "Reconnectez-vous, puis recommencez.", "warning")
+    referrer = urlsplit(request.referrer or "")
+    target = referrer.path + (f"?{referrer.query}" if referrer.query else "")
+    return redirect(url_for("auth.login", next=target if _is_local_path(target) else url_for("items.queue")))
 
 
 def require_login() -> Response | None:

@@ -10,6 +10,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from redis import Redis
@@ -314,6 +316,37 @@ def test_sessions_expire_when_idle_and_at_their_lifetime(env: ReviewEnv) -> None
     assert client.get("/items").status_code == 302
     with env.journal.read() as conn:
         assert conn.execute(select(sessions)).all() == []  # the expired session was deleted
+
+
+def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_and_leads_back(
+    env: ReviewEnv
+) -> None:
+    """The session ran out while the supervisor typed: nothing is written, the login says so, and after it the
+    supervisor is back on the item's page (the approve action alone answered 405, in English)."""
+    code = bureau_codes(env.registry)[0]
+    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
+                                           {**GOOD_T1, "votants": 251}).return_id)
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/items/{item}")
+    with env.journal.write() as conn:
+        conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
+    sent = client.post(f"/items/{item}/approve", headers={"Referer": f"http://localhost/items/{item}"},
+                       data={"csrf_token": token, **{f"count-{k}": v for k, v in GOOD_T1.items()}})
+    assert sent.status_code == 302
+    page = client.get(sent.headers["Location"])
+    said = html.unescape(page.get_data(as_text=True))
+    assert "Votre session a expiré : ce que vous venez d'envoyer n'a pas été enregistré" in said
+    with env.journal.read() as conn:
+        assert conn.execute(select(audit).where(audit.c.action == "approve")).all() == []
+    back = client.post("/login", data={"username": "alice", "password": PASSWORDS["alice"],
+                                       "csrf_token": csrf_token(said), "next": _next_of(sent)})
+    assert back.status_code == 302 and back.headers["Location"] == f"/items/{item}"
+    assert client.get(back.headers["Location"]).status_code == 200
+
+
+def _next_of(response: Any) -> str:
+    return parse_qs(urlsplit(response.headers["Location"]).query)["next"][0]
 
 
 def test_passwords_are_stored_as_argon2id_hashes(env: ReviewEnv) -> None:
