@@ -57,13 +57,30 @@ class AuditRow:
 
     @property
     def changes(self) -> list[tuple[str, Any, Any]]:
-        """For a correction, the counts that changed: (field, before, after)."""
-        if not (isinstance(self.before, dict) and isinstance(self.after, dict)):
-            return []
-        b, a = self.before.get("counts"), self.after.get("counts")
-        if not (isinstance(b, dict) and isinstance(a, dict)):
-            return []
-        return [(k, b.get(k), a.get(k)) for k in a if b.get(k) != a.get(k)]
+        """For a correction, the bureau and the counts that changed: (field, before, after)."""
+        return _changes(self.before, self.after)
+
+    @property
+    def accepted(self) -> dict[str, Any] | None:
+        """For an approval, the bureau's accepted return it replaced (a conflict's, a correction's), if any."""
+        accepted = self.before.get("accepted") if isinstance(self.before, dict) else None
+        return accepted if isinstance(accepted, dict) else None
+
+    @property
+    def accepted_changes(self) -> list[tuple[str, Any, Any]]:
+        """The counts the approval changed in what the back office had counted for the bureau."""
+        return _changes(self.accepted, self.after) if self.accepted else []
+
+
+def _changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return []
+    b, a = before.get("counts"), after.get("counts")
+    if not (isinstance(b, dict) and isinstance(a, dict)):
+        return []
+    moved = before.get("bureau") != after.get("bureau")  # an unknown bureau's figures given their bureau
+    bureau = [("bureau", before.get("bureau"), after.get("bureau"))] if moved else []
+    return bureau + [(k, b.get(k), a.get(k)) for k in a if b.get(k) != a.get(k)]
 
 
 def _row(r: Any) -> AuditRow:

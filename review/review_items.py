@@ -320,6 +320,9 @@ class ReviewItems:
                         {"state": "approved", "decision_note": note or None, "result_return_id": submission.return_id})
             if seen_accepted is not None:
                 _check_latest_accepted(conn, election.id, bureau_code, submission.return_id, seen_accepted)
+            # What the back office counted for the bureau until now: for a conflict or a correction, not the
+            # item's return, which was never accepted, but the accepted one the approval replaces.
+            replaced = latest_accepted_row(conn, election.id, bureau_code, excluding=submission.return_id)
             conn.execute(
                 update(returns)
                 .where(returns.c.return_id == item.return_id, returns.c.status == "review")
@@ -328,7 +331,11 @@ class ReviewItems:
             after = {**audit_view(ret), "receipt": submission.receipt}
             if note:
                 after["note"] = note
-            Journal.record_audit(conn, username, "approve", item.return_id, audit_view(item.ret), after)
+            before = audit_view(item.ret)
+            if replaced is not None:
+                before["accepted"] = {**audit_view(Return.from_dict(json.loads(replaced.payload))),
+                                      "receipt": replaced.receipt}
+            Journal.record_audit(conn, username, "approve", item.return_id, before, after)
             _settle_uploads(conn, item.return_id, "accepted", submission.return_id, submission.receipt)
 
         submission = self.journal.submit(ret, (), also=also)

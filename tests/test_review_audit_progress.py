@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import json
+import re
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,43 @@ def test_audit_trail_shows_who_when_what_before_after(env: ReviewEnv) -> None:
     assert "approbation" in page and original in page
     assert "<del>251</del> → <ins>250</ins>" in page  # before → after, for the count that changed
     assert "connexion" in page and "création d'utilisateur" in page
+
+
+def _approve(env: ReviewEnv, client: object, token: str, return_id: str, counts: dict[str, int],
+             **extra: str) -> None:
+    item = item_id_for(env.journal, return_id)
+    seen = re.search(r'name="seen_accepted" value="([^"]*)"', text(client.get(f"/items/{item}"))).group(1)
+    response = client.post(f"/items/{item}/approve", data={
+        "csrf_token": token, "seen_accepted": seen, **{f"count-{k}": v for k, v in counts.items()}, **extra})
+    assert response.status_code == 303, text(response)[:300]
+
+
+def test_audit_of_an_approval_keeps_the_accepted_figures_it_replaced_and_a_new_bureau(env: ReviewEnv) -> None:
+    """A conflict approved with the pen's figures replaces the phone's accepted ones: the trail said « chiffres
+    confirmés sans changement » and kept nothing of them; an unknown bureau's figures given their bureau, the same."""
+    codes = bureau_codes(env.registry)
+    phone = submit(env.journal, env.election, env.registry, codes[0], GOOD_T1)
+    pen_counts = {**GOOD_T1, "aubry": 61, "hollande": 89}
+    pen = submit(env.journal, env.election, env.registry, codes[0], pen_counts, "pen")
+    stray = submit(env.journal, env.election, env.registry, "999999", GOOD_T1)
+    assert (phone.status, pen.status, stray.status) == ("accepted", "review", "review")
+    client = env.client()
+    token = login(client, "alice")
+    _approve(env, client, token, pen.return_id, pen_counts)
+    _approve(env, client, token, stray.return_id, GOOD_T1, bureau=codes[1])
+    with env.journal.read() as conn:
+        rows = {r.subject: r for r in conn.execute(audit.select().where(audit.c.action == "approve"))}
+    before = json.loads(rows[pen.return_id].before)
+    assert before["accepted"]["return_id"] == phone.return_id and before["accepted"]["receipt"] == phone.receipt
+    assert before["accepted"]["counts"]["aubry"] == 60
+    assert "accepted" not in json.loads(rows[stray.return_id].before)  # the bureau had nothing accepted
+    admin = env.client()
+    login(admin, "root")
+    page = text(admin.get("/audit?action=approve"))
+    assert "chiffres confirmés sans changement" not in page
+    assert f"remplace le retour accepté téléphone (reçu {phone.receipt})" in page
+    assert "<del>60</del> → <ins>61</ins>" in page and "<del>90</del> → <ins>89</ins>" in page
+    assert f"<del>999999</del> → <ins>{codes[1]}</ins>" in page
 
 
 def test_audit_filters(env: ReviewEnv) -> None:
