@@ -100,7 +100,8 @@ def test_unknown_bureau_over_registered_and_unreadable() -> None:
 @pytest.mark.parametrize(
     ("raw", "value"),
     [("0042", 42), (" 1 204 ", 1204), ("1\u202f204", 1204), ("", None), ("  ", None), (None, None),
-     ("-3", None), ("4.5", None), ("١٢", None), (True, None), (7, 7), (-1, None)],
+     ("-3", None), ("4.5", None), ("١٢", None), (True, None), (7, 7), (-1, None), ("1\u2009204", 1204),
+     ("1\xa0204", 1204), ("\u00b250", None), ("\u2461\u246450", None), ("\uff12\uff15\uff10", None)],
 )
 def test_parse_count(raw: object, value: int | None) -> None:
     assert parse_count(raw) == value

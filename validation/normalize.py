@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
-
 # More digits than any count on any form (max_digits is 5 at most) and than a 64-bit integer holds: beyond this a
 # digit string is not a count. Checked before int(), which refuses more than 4300 digits with a ValueError.
 MAX_COUNT_DIGITS = 18
@@ -22,8 +20,9 @@ def parse_count(raw: object) -> int | None:
         return raw if raw >= 0 else None
     if not isinstance(raw, str):
         return None
-    # Thin and no-break spaces are common thousands separators in French text.
-    text = "".join(ch for ch in unicodedata.normalize("NFKC", raw) if not ch.isspace())
+    # Thin and no-break spaces are common thousands separators in French text. No compatibility folding (NFKC):
+    # it made a superscript ² (a key of the French keyboard, beside 1) or a circled ② a digit 2.
+    text = "".join(ch for ch in raw if not ch.isspace())
     if not text or not text.isascii() or not text.isdigit():
         return None
     if len(text.lstrip("0")) > MAX_COUNT_DIGITS:  # leading zeros are harmless: "0042" is 42, however many
