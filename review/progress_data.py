@@ -118,8 +118,9 @@ def compute_progress(
             .where(returns.c.election == election)
             .order_by(returns.c.seq)
         ).all()
-        open_items = conn.execute(
-            select(items_table.c.claimed_until).where(items_table.c.state == "open")
+        open_items = conn.execute(  # this election's, like every other figure of the panel
+            select(items_table.c.claimed_until).where(items_table.c.state == "open",
+                                                      items_table.c.election == election)
         ).all()
     first_accepted: dict[str, float] = {}
     latest_channel: dict[str, str] = {}

@@ -146,6 +146,21 @@ def _accept(env: ReviewEnv, code: str, channel: str = "ivr") -> None:
     assert submit(env.journal, env.election, env.registry, code, GOOD_T1, channel).status == "accepted"
 
 
+def test_progress_counts_the_items_of_its_own_election(env: ReviewEnv, election_t2: Election) -> None:
+    """The panel says « Élection primaire-2011-t1 »: an item of the other election, left open in the same journal,
+    was counted among its items waiting while none of its returns or bureaux were."""
+    codes = bureau_codes(env.registry)
+    submit(env.journal, env.election, env.registry, codes[0], {**GOOD_T1, "votants": 251})
+    other = submit(env.journal, election_t2, env.registry, codes[1],
+                   {"votants": 100, "blancs_nuls": 0, "exprimes": 100, "hollande": 60, "aubry": 41})
+    assert other.status == "review"
+    client = env.client()
+    login(client, "alice")
+    data = client.get("/progress.json").json
+    assert data["election"] == env.election.id
+    assert data["items_open"] == 1 and data["returns_total"] == 1
+
+
 def test_progress_figures(env: ReviewEnv) -> None:
     codes = bureau_codes(env.registry)
     for code in codes[:3]:
