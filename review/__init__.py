@@ -217,10 +217,17 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
             return exc
         titles = {403: "Accès refusé", 404: "Page introuvable", 405: "Méthode non permise",
                   409: "Conflit", 413: "Requête trop volumineuse"}
+        # werkzeug's descriptions are English: a supervisor reads what happened and what to do, in French.
         messages = {403: "Cette page est réservée aux administrateurs.",
-                    404: "Cette page n'existe pas ou plus."}
+                    404: "Cette page n'existe pas ou plus.",
+                    405: "Cette adresse reçoit un formulaire et ne s'ouvre pas directement : rien n'a été "
+                         "enregistré. Revenez à la file d'attente et rouvrez l'élément.",
+                    413: "Le formulaire envoyé est trop volumineux (une note trop longue ?) : rien n'a été "
+                         "enregistré. Raccourcissez-le et recommencez."}
+        message = messages.get(exc.code, "La requête n'a pas pu être traitée : rien n'a été enregistré. "
+                                         "Revenez à la file d'attente et recommencez.")
         return render_template("error.html", code=exc.code, title=titles.get(exc.code, "Erreur"),
-                               message=messages.get(exc.code, exc.description)), exc.code
+                               message=message), exc.code
 
     @app.after_request
     def security_headers(response: Any) -> Any:

@@ -349,6 +349,20 @@ def _next_of(response: Any) -> str:
     return parse_qs(urlsplit(response.headers["Location"]).query)["next"][0]
 
 
+def test_error_pages_say_in_french_what_happened_and_what_to_do(env: ReviewEnv) -> None:
+    """A form's action opened as a page (the address bar after a refused approval), a note too long: werkzeug's
+    English descriptions were shown as they were."""
+    client = env.client()
+    token = login(client, "alice")
+    opened = client.get("/items/1/approve")
+    assert opened.status_code == 405
+    assert "ne s'ouvre pas directement" in html.unescape(opened.get_data(as_text=True))
+    assert "The method" not in opened.get_data(as_text=True)
+    too_long = client.post("/items/1/approve", data={"csrf_token": token, "note": "x" * 300_000})
+    assert too_long.status_code == 413
+    assert "trop volumineux" in too_long.get_data(as_text=True) and "capacity" not in too_long.get_data(as_text=True)
+
+
 def test_passwords_are_stored_as_argon2id_hashes(env: ReviewEnv) -> None:
     with env.journal.read() as conn:
         rows = conn.execute(select(users.c.username, users.c.password_hash)).all()
