@@ -14,7 +14,7 @@ from math import ceil
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 
 from review import context
@@ -40,6 +40,11 @@ def login_redirect() -> Response:
         if getattr(g, "session_expired", False):
             flash("Votre session a expiré : reconnectez-vous.", "warning")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    if request.accept_mimetypes.best == "application/json":  # the item page's claim heartbeat: the page says it
+        response = jsonify(claimed=False, message="votre session a expiré : reconnectez-vous avant d'envoyer, "
+                                                  "rien n'est encore enregistré")
+        response.status_code = 401
+        return response
     # A form sent without a live session (a correction typed while the session ran out) is not recorded: say so,
     # and come back after the login to the page it was sent from, not to its action, which answers only a POST.
     flash("Votre session a expiré : ce que vous venez d'envoyer n'a pas été enregistré. "

@@ -345,6 +345,22 @@ def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_an
     assert client.get(back.headers["Location"]).status_code == 200
 
 
+def test_the_claim_heartbeat_after_the_session_expired_is_told_so_in_json(env: ReviewEnv) -> None:
+    """The item page's heartbeat (fetch, JSON) followed the login redirect to an HTML page it could not read and
+    said nothing: the supervisor kept typing figures that could no longer be sent."""
+    code = bureau_codes(env.registry)[0]
+    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
+                                           {**GOOD_T1, "votants": 251}).return_id)
+    client = env.client()
+    token = login(client, "alice")
+    client.get(f"/items/{item}")
+    with env.journal.write() as conn:
+        conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
+    beat = client.post(f"/items/{item}/claim", headers={"X-CSRFToken": token, "Accept": "application/json"})
+    assert beat.status_code == 401 and beat.json["claimed"] is False
+    assert "session a expiré" in beat.json["message"]
+
+
 def _next_of(response: Any) -> str:
     return parse_qs(urlsplit(response.headers["Location"]).query)["next"][0]
 

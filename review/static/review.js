@@ -119,6 +119,9 @@
           } else if (res[0] === 409) {
             claim.textContent = "Réservation perdue : " + res[1].message + ". Rechargez la page.";
             claim.classList.add("claim-other");
+          } else if (res[0] === 401) {  // the session ran out: said now, before the figures are sent for nothing
+            claim.textContent = "Session expirée : " + res[1].message + ".";
+            claim.classList.add("claim-other");
           }
         })
         .catch(function () { /* offline for a moment: the next beat tries again */ });
