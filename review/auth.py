@@ -41,8 +41,8 @@ def login_redirect() -> Response:
             flash("Votre session a expiré : reconnectez-vous.", "warning")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
     if request.accept_mimetypes.best == "application/json":  # the item page's claim heartbeat: the page says it
-        response = jsonify(claimed=False, message="votre session a expiré : reconnectez-vous avant d'envoyer, "
-                                                  "rien n'est encore enregistré")
+        response = jsonify(claimed=False, message="rien n'est encore enregistré ; notez les chiffres tapés, "
+                                                  "reconnectez-vous, puis rouvrez l'élément")
         response.status_code = 401
         return response
     # A form sent without a live session (a correction typed while the session ran out) is not recorded: say so,
