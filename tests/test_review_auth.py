@@ -358,7 +358,7 @@ def test_the_claim_heartbeat_after_the_session_expired_is_told_so_in_json(env: R
         conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
     beat = client.post(f"/items/{item}/claim", headers={"X-CSRFToken": token, "Accept": "application/json"})
     assert beat.status_code == 401 and beat.json["claimed"] is False
-    assert "session a expiré" in beat.json["message"]
+    assert "rien n'est encore enregistré" in beat.json["message"]
 
 
 def _next_of(response: Any) -> str:
