@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import importlib
 import logging
 import os
@@ -258,9 +259,28 @@ class Supervisor:
         return 0
 
 
+def hold_var_dir(var_dir: Path) -> int:
+    """Lock var/ for this `all` until it exits (even by SIGKILL: the kernel drops the lock), or refuse to start.
+
+    A second `all` on the same var/ would start a second private redis-server on the same socket and AOF
+    directory, taking the socket from the first one's clients, and a second relay and workers beside them."""
+    fd = os.open(var_dir / "all.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"another `run_gateway.py all` (pid {holder}) is running on {var_dir.resolve()}: "
+                         "stop it first, or give this one another --var-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # not inherited by the children (PEP 446): the lock ends with the supervisor
+
+
 def run_everything(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    hold_var_dir(settings.var_dir)
     ensure_demo_registry(settings, args.demo_bureaux)
     supervisor = Supervisor(settings, SERVICES, private_redis=settings.redis_url is None)
     print("Remontée is starting; Ctrl-C stops everything.", flush=True)

@@ -133,6 +133,46 @@ def test_all_starts_every_part_consolidates_and_stops_cleanly(tmp_path: Path) ->
             process.wait()
 
 
+def gateway_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    env.update({"REMONTEE_AGI_PORT": str(free_port()), "REMONTEE_PEN_PORT": str(free_port()),
+                "REMONTEE_REVIEW_PORT": str(free_port()), "REMONTEE_IVR_METRICS_PORT": "0",
+                "REMONTEE_WORKER_METRICS_PORT": "0"})
+    return env
+
+
+def test_a_second_all_on_the_same_var_dir_is_refused(tmp_path: Path) -> None:
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "all", "--demo-bureaux", "3"],
+                             cwd=tmp_path, env=gateway_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        redis = Redis.from_url(Settings.from_env({}, var_dir=tmp_path / "var").redis_url_resolved)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                run_id = redis.info("server")["run_id"]
+                break
+            except RedisError:
+                assert first.poll() is None and time.monotonic() < deadline, "the first `all` did not start"
+                time.sleep(0.2)
+
+        # Other ports, the same var/: what would collide is the private Redis, the journal and the workers.
+        second = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "all"], cwd=tmp_path,
+                                env=gateway_env(), capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert f"another `run_gateway.py all` (pid {first.pid}) is running on {tmp_path / 'var'}" in second.stderr
+        assert "Traceback" not in second.stderr and "starting" not in second.stdout
+        redis.connection_pool.disconnect()
+        assert redis.info("server")["run_id"] == run_id  # the socket is still the first one's Redis
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.wait(30)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()
+
+
 def test_every_subcommand_has_help() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "--help"], capture_output=True, text=True,
                          check=True).stdout
