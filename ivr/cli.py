@@ -47,13 +47,19 @@ def _ivr(args: argparse.Namespace) -> int:
     reactor.suggestThreadPoolSize(args.threads)  # type: ignore[attr-defined]
 
     def print_stats(*_: object) -> None:
-        print(service.stats_line(), flush=True)
+        line = service.stats_line()
+        try:
+            print(line, flush=True)
+        except OSError:  # standard output closed (the terminal gone, a pipe's reader dead): the log has it
+            log.info("ivr: %s", line)
 
     def stop(*_: object) -> None:
         async def stopping() -> None:
-            await service.stop(args.drain_seconds)
-            print_stats()
-            reactor.stop()  # type: ignore[attr-defined]
+            try:
+                await service.stop(args.drain_seconds)
+                print_stats()
+            finally:  # whatever failed on the way, the process ends: no server left running without its port
+                reactor.stop()  # type: ignore[attr-defined]
 
         reactor.callFromThread(lambda: defer.ensureDeferred(stopping()))  # type: ignore[attr-defined]
 

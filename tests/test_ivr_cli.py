@@ -90,6 +90,30 @@ def test_ivr_command_serves_a_call_relays_it_and_stops_cleanly(
     assert "ivr_stats" in (process.stdout.read() if process.stdout else "")
 
 
+def test_ivr_stops_on_sigterm_when_its_standard_output_is_gone(
+    tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path],
+) -> None:
+    # The terminal of `run_gateway.py all` closed, or the reader of its pipe dead: the stop still ends the process.
+    port = free_port()
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+           "REMONTEE_REGISTRY": str(demo_registry_files[0]), "REMONTEE_AGI_PORT": str(port),
+           "REMONTEE_IVR_METRICS_PORT": "0"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_port(port, process)
+        assert process.stdout is not None
+        process.stdout.close()
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert "ivr_stats" in errors  # the figures went to the log instead
+
+
 def test_ivr_is_a_service_of_run_all() -> None:
     [service] = [s for s in run_gateway.SERVICES if s.name == "ivr"]
     assert service.argv == ("ivr",) and "ivr.cli" in run_gateway.PARTS
