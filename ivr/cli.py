@@ -35,6 +35,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 def _ivr(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor, task
+    from twisted.internet.error import CannotListenError
 
     from ivr.server import PhoneService
     from telemetry.logs import route_twisted_logs
@@ -63,7 +64,16 @@ def _ivr(args: argparse.Namespace) -> int:
 
         reactor.callFromThread(lambda: defer.ensureDeferred(stopping()))  # type: ignore[attr-defined]
 
-    reactor.callWhenRunning(service.start)  # type: ignore[attr-defined]
+    cannot_listen: list[str] = []
+
+    def start() -> None:
+        try:
+            service.start()
+        except CannotListenError as exc:  # a busy port: end, not a server without its port (nothing restarts that)
+            cannot_listen.append(f"ivr: {exc}")
+            stop()
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     if settings.ivr_metrics_port > 0:
         try:
             service.start_metrics()
@@ -77,6 +87,8 @@ def _ivr(args: argparse.Namespace) -> int:
         task.LoopingCall(lambda: log.info("ivr: %s", service.stats_line())).start(args.stats_interval, now=False)
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     service.close()
+    if cannot_listen:
+        raise SystemExit(cannot_listen[0])
     return 0
 
 

@@ -114,6 +114,27 @@ def test_ivr_stops_on_sigterm_when_its_standard_output_is_gone(
     assert "ivr_stats" in errors  # the figures went to the log instead
 
 
+def test_ivr_on_a_busy_port_says_so_and_exits(
+    tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path],
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+               "REMONTEE_REGISTRY": str(demo_registry_files[0]), "REMONTEE_AGI_PORT": str(port),
+               "REMONTEE_IVR_METRICS_PORT": "0"}
+        try:
+            # Exits, so that its supervisor (`all`, systemd) starts it again, rather than run without its port.
+            result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the FastAGI server kept running without its port") from None
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1] == (
+        f"ivr: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
+
+
 def test_ivr_is_a_service_of_run_all() -> None:
     [service] = [s for s in run_gateway.SERVICES if s.name == "ivr"]
     assert service.argv == ("ivr",) and "ivr.cli" in run_gateway.PARTS
