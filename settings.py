@@ -46,6 +46,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(f"REMONTEE_{f.name.upper()}")
+            if f.name == "var_dir" and not raw:
+                raw = environ.get("REMONTEE_VAR")  # DESIGN.md's name for it
             if raw is not None and raw != "":
                 try:
                     values[f.name] = _convert(f.type, raw)

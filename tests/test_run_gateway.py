@@ -173,6 +173,16 @@ def test_a_second_all_on_the_same_var_dir_is_refused(tmp_path: Path) -> None:
             first.wait()
 
 
+def test_the_runtime_data_directory_is_read_from_remontee_var_as_design_md_names_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    env["REMONTEE_VAR"] = str(tmp_path / "night")
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", "add", "dock-1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "night" / "journal.sqlite3").exists() and not (tmp_path / "var").exists()
+    assert Settings.from_env({"REMONTEE_VAR": "/srv/a", "REMONTEE_VAR_DIR": "/srv/b"}).var_dir == Path("/srv/b")
+
+
 def test_every_subcommand_has_help() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "--help"], capture_output=True, text=True,
                          check=True).stdout
