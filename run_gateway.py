@@ -277,10 +277,28 @@ def hold_var_dir(var_dir: Path) -> int:
     return fd  # not inherited by the children (PEP 446): the lock ends with the supervisor
 
 
+def check_settings(settings: Settings) -> None:
+    """What every part would otherwise die of at its start, again at each restart: refused once, in one line."""
+    from redis import Redis
+
+    from forms import load_election
+    from registry import load_registry
+
+    try:
+        load_election(settings.election)
+        if settings.redis_url is not None:
+            Redis.from_url(settings.redis_url)  # parses the URL, connects to nothing: Redis may come up later
+        if settings.registry_path.exists():  # else a demo one is generated
+            load_registry(settings.registry_path)
+    except (ValueError, OSError) as exc:  # ElectionDefinitionError and RegistryError are ValueErrors
+        raise SystemExit(f"remontee all: {exc}") from None
+
+
 def run_everything(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     hold_var_dir(settings.var_dir)
+    check_settings(settings)
     ensure_demo_registry(settings, args.demo_bureaux)
     supervisor = Supervisor(settings, SERVICES, private_redis=settings.redis_url is None)
     print("Remontée is starting; Ctrl-C stops everything.", flush=True)

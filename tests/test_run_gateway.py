@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -181,6 +182,25 @@ def test_the_runtime_data_directory_is_read_from_remontee_var_as_design_md_names
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "night" / "journal.sqlite3").exists() and not (tmp_path / "var").exists()
     assert Settings.from_env({"REMONTEE_VAR": "/srv/a", "REMONTEE_VAR_DIR": "/srv/b"}).var_dir == Path("/srv/b")
+
+
+@pytest.mark.parametrize(("setting", "error"), [
+    (["--election", "primaire-2012"], "primaire-2012.toml: id: no such election"),
+    (["--registry", "registry.csv"], "registry.csv:1: missing column(s)"),
+    (["--redis-url", "localhost:6379"], "Redis URL must specify one of the following schemes"),
+])
+def test_all_refuses_a_bad_setting_in_one_line_before_starting_anything(
+    tmp_path: Path, setting: list[str], error: str,
+) -> None:
+    (tmp_path / "registry.csv").write_text("bureau,nom\n750120,École Jaurès\n")
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "all", "--demo-bureaux", "3", *setting],
+                                cwd=tmp_path, env=gateway_env(), capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("`all` started with a setting none of its parts can run with") from None
+    assert result.returncode != 0
+    assert error in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+    assert "starting" not in result.stdout and not (tmp_path / "var" / "redis").exists()
 
 
 def test_every_subcommand_has_help() -> None:
