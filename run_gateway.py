@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.settings = Settings.from_env(**overrides)
     except SettingsError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        parser.error(str(exc))
     # Every part's log lines as one JSON object each, tagged with the part (telemetry/logs.py).
     configure_logging(args.command, args.settings.log_format)
     return int(args.func(args) or 0)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 class SettingsError(ValueError):
-    """A `REMONTEE_*` variable whose value is not of its setting's type (a port that is not a number); names it."""
+    """A setting that cannot be (a port that is not a number, or beyond 65535); names its variable."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ class Settings:
                 except ValueError:
                     raise SettingsError(f"REMONTEE_{f.name.upper()}={raw!r}: not a whole number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for name, value in values.items():
+            # A port no socket can have would only fail in the part that listens, or not at all (a metrics port).
+            if name.endswith("_port") and not 0 <= value <= 65535:
+                raise SettingsError(f"--{name.replace('_', '-')} (REMONTEE_{name.upper()}) {value}: "
+                                    f"a port is 0 to 65535")
         return replace(cls(), **values)
 
     @property

@@ -203,6 +203,22 @@ def test_all_refuses_a_bad_setting_in_one_line_before_starting_anything(
     assert "starting" not in result.stdout and not (tmp_path / "var" / "redis").exists()
 
 
+@pytest.mark.parametrize(("variables", "flags", "error"), [
+    ({"REMONTEE_AGI_PORT": "4573x"}, [], "REMONTEE_AGI_PORT='4573x': not a whole number"),
+    ({}, ["--agi-port", "457300"], "--agi-port (REMONTEE_AGI_PORT) 457300: a port is 0 to 65535"),
+    ({"REMONTEE_IVR_METRICS_PORT": "-1"}, [],
+     "--ivr-metrics-port (REMONTEE_IVR_METRICS_PORT) -1: a port is 0 to 65535"),
+])
+def test_a_malformed_setting_is_a_usage_error_not_a_traceback(
+    tmp_path: Path, variables: dict[str, str], flags: list[str], error: str,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "ivr", *flags], cwd=tmp_path,
+                            env={**env, **variables}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"remontee: error: {error}"
+
+
 def test_every_subcommand_has_help() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "--help"], capture_output=True, text=True,
                          check=True).stdout
