@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 
 from redis import Redis
@@ -88,7 +89,14 @@ def _relay(args: argparse.Namespace) -> int:
 
 
 def _totals(args: argparse.Namespace) -> int:
+    from forms import ElectionDefinitionError, load_election
+
     settings: Settings = args.settings
+    try:
+        load_election(settings.election)  # a mistyped id has no figures: zeros would read as nothing reported
+    except ElectionDefinitionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     figures = totals(Redis.from_url(settings.redis_url_resolved), settings.election)
     registry = load_registry(settings.registry_path) if settings.registry_path.exists() else None
     if registry is not None:

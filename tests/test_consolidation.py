@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from redis import Redis
 
 from forms import Election
@@ -46,6 +47,14 @@ def test_a_worker_consolidates_relayed_returns_and_totals_prints_them(
     assert json.loads(out)["candidates"] == {"hollande": 117, "aubry": 70}
     text = run_gateway("totals", redis_url=redis_server.url, tmp_path=tmp_path).stdout
     assert "bureaux remontés : 3" in text and "hollande" in text and "62.57 %" in text
+
+
+def test_totals_of_an_election_that_does_not_exist_is_an_error_not_zeros(redis_server, tmp_path: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        run_gateway("totals", "--election", "primaire-2011-T2", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert refused.value.returncode == 1 and refused.value.stdout == ""
+    assert refused.value.stderr.startswith("error: ") and "primaire-2011-T2" in refused.value.stderr
+    assert "no such election" in refused.value.stderr and "Traceback" not in refused.value.stderr
 
 
 def test_a_return_applied_twice_counts_once(redis: Redis, election_t2: Election) -> None:
