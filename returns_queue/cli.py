@@ -10,6 +10,7 @@ import sys
 import threading
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Worker
 
 from registry import load_registry
@@ -97,7 +98,12 @@ def _totals(args: argparse.Namespace) -> int:
     except ElectionDefinitionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    figures = totals(Redis.from_url(settings.redis_url_resolved), settings.election)
+    try:
+        figures = totals(Redis.from_url(settings.redis_url_resolved), settings.election)
+    except RedisError as exc:
+        print(f"error: the consolidation's Redis ({settings.redis_url_resolved}) does not answer: {exc}",
+              file=sys.stderr)
+        return 1
     registry = load_registry(settings.registry_path) if settings.registry_path.exists() else None
     if registry is not None:
         figures["bureaux_registered"] = len(registry)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from conftest import free_port
 from forms import Election
 from returns_queue.consolidation import apply_return, latest_returns, totals
 from returns_queue.journal import Journal
@@ -55,6 +56,15 @@ def test_totals_of_an_election_that_does_not_exist_is_an_error_not_zeros(redis_s
     assert refused.value.returncode == 1 and refused.value.stdout == ""
     assert refused.value.stderr.startswith("error: ") and "primaire-2011-T2" in refused.value.stderr
     assert "no such election" in refused.value.stderr and "Traceback" not in refused.value.stderr
+
+
+def test_totals_without_redis_says_so_in_one_line(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        run_gateway("totals", redis_url=url, tmp_path=tmp_path)
+    assert refused.value.returncode == 1 and refused.value.stdout == ""
+    assert refused.value.stderr.startswith(f"error: the consolidation's Redis ({url}) does not answer: ")
+    assert len(refused.value.stderr.splitlines()) == 1
 
 
 def test_a_return_applied_twice_counts_once(redis: Redis, election_t2: Election) -> None:
