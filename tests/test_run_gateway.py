@@ -228,11 +228,3 @@ def test_every_subcommand_has_help() -> None:
         result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), command, "--help"],
                                 capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout, command
-
-
-def test_a_setting_variable_that_is_not_a_number_is_named_without_a_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, "REMONTEE_PEN_PORT": "80 80"}
-    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "forms", "layout"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 2
-    assert result.stderr == "remontee: error: REMONTEE_PEN_PORT='80 80': not a whole number\n"
