@@ -2,7 +2,7 @@
 """Remontée's one entry point (also installed as `remontee`).
 
 `all` (the default) starts every part on loopback, supervised: a private redis-server when
-REMONTEE_REDIS_URL is unset, a demo registry when none exists, then each service as a child
+REMONTEE_REDIS_URL is unset, a demo registry when none exists and none is named, then each service as a child
 process, restarted if it dies; Ctrl-C stops them all. Each other subcommand runs one part,
 for production; every part adds its own subcommands from its `cli` module.
 """
@@ -288,7 +288,9 @@ def check_settings(settings: Settings) -> None:
         load_election(settings.election)
         if settings.redis_url is not None:
             Redis.from_url(settings.redis_url)  # parses the URL, connects to nothing: Redis may come up later
-        if settings.registry_path.exists():  # else a demo one is generated
+        if settings.registry is not None or settings.registry_path.exists():
+            # A registry the operator named must be there: a demo one written at a mistyped path would let
+            # fake bureaux report and call every real one unknown. Only var/registry.csv is made for the demo.
             load_registry(settings.registry_path)
     except (ValueError, OSError) as exc:  # ElectionDefinitionError and RegistryError are ValueErrors
         raise SystemExit(f"remontee all: {exc}") from None

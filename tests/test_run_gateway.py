@@ -188,6 +188,7 @@ def test_the_runtime_data_directory_is_read_from_remontee_var_as_design_md_names
     (["--election", "primaire-2012"], "primaire-2012.toml: id: no such election"),
     (["--registry", "registry.csv"], "registry.csv:1: missing column(s)"),
     (["--redis-url", "localhost:6379"], "Redis URL must specify one of the following schemes"),
+    (["--registry", "/etc/remontee/registre.csv"], "No such file or directory: '/etc/remontee/registre.csv'"),
 ])
 def test_all_refuses_a_bad_setting_in_one_line_before_starting_anything(
     tmp_path: Path, setting: list[str], error: str,
@@ -201,6 +202,7 @@ def test_all_refuses_a_bad_setting_in_one_line_before_starting_anything(
     assert result.returncode != 0
     assert error in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
     assert "starting" not in result.stdout and not (tmp_path / "var" / "redis").exists()
+    assert not (tmp_path / "var" / "pins.csv").exists()  # no demo registry made in its stead
 
 
 @pytest.mark.parametrize(("variables", "flags", "error"), [
