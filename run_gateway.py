@@ -73,6 +73,9 @@ def common_parser() -> argparse.ArgumentParser:
     group.add_argument("--election", default=argparse.SUPPRESS, help="election id from forms/elections/")
     group.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help="bureau registry CSV")
     group.add_argument("--consolidate-job", default=argparse.SUPPRESS, help="function path of the returns job")
+    group.add_argument("--max-upload-bytes", type=int, default=argparse.SUPPRESS,
+                       help="largest pen upload accepted (default 20 MiB)")
+    # No --secret-key: a flag is seen by every user of the machine in the process list (REMONTEE_SECRET_KEY).
     group.add_argument("--ivr-metrics-port", type=int, default=argparse.SUPPRESS,
                        help="the IVR's Prometheus listener (default 9573; 0: none)")
     group.add_argument("--worker-metrics-port", type=int, default=argparse.SUPPRESS,
