@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     # Every part's log lines as one JSON object each, tagged with the part (telemetry/logs.py).
     configure_logging(args.command, args.settings.log_format)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): what was left to print has no one to read it; no traceback.
+        # Python's own recipe: point standard output at /dev/null so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # --- supervision, for `all` ---

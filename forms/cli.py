@@ -50,6 +50,8 @@ def _print(args: argparse.Namespace) -> int:
         raise SystemExit(f"forms print: bureau {args.bureau!r} must be 1 to 10 digits")
     if args.out.suffix.lower() not in (".png", ".pdf"):
         raise SystemExit(f"forms print: {args.out} must end in .png or .pdf")
+    if not args.out.parent.is_dir():
+        raise SystemExit(f"forms print: no directory {args.out.parent} to write {args.out.name} in")
     lines: tuple[str, ...] = ()
     if settings.registry_path.is_file():
         from registry import load_registry

@@ -49,8 +49,12 @@ def _actor() -> str:
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass("Mot de passe : ")
-    if first != getpass.getpass("Mot de passe, encore : "):
+    try:
+        first, again = getpass.getpass("Mot de passe : "), getpass.getpass("Mot de passe, encore : ")
+    except EOFError:  # no terminal (a script, a pipe): getpass read standard input and found nothing
+        raise SystemExit("erreur : pas de terminal pour taper le mot de passe ; donnez-le sur l'entrée standard "
+                         "avec --password-stdin ; rien n'est changé") from None
+    if first != again:
         raise SystemExit("les deux saisies diffèrent ; rien n'est changé")
     return first
 

@@ -241,3 +241,28 @@ def test_every_setting_but_the_secret_key_has_its_flag() -> None:
     assert Settings.from_env({}, **{"max_upload_bytes": 1234}).max_upload_bytes == 1234
     args = common_parser().parse_args(["--max-upload-bytes", "1234"])
     assert Settings.from_env({}, **vars(args)).max_upload_bytes == 1234
+
+
+def test_the_operators_one_shot_commands_fail_in_one_line(tmp_path: Path) -> None:
+    """No terminal for a password, a form printed into no directory, a layout piped into `head`: a line that
+    says so, or silence for the closed pipe, never a traceback."""
+    def run(*command: str, **options: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "--var-dir", str(tmp_path / "var"),
+                               *command], cwd=tmp_path, env=gateway_env(), capture_output=True, text=True,
+                              timeout=120, **options)  # type: ignore[call-overload]
+
+    # A session of its own: no controlling terminal, as under cron or a deployment script (and no test waiting
+    # on the terminal of whoever runs the tests).
+    passwd = run("users", "add", "bob", "--role", "supervisor", stdin=subprocess.DEVNULL, start_new_session=True)
+    assert passwd.returncode == 1 and "--password-stdin" in passwd.stderr and "Traceback" not in passwd.stderr
+    printed = run("forms", "print", "--bureau", "750101", "--out", "nowhere/form.png")
+    assert printed.returncode == 1
+    assert printed.stderr.strip() == "forms print: no directory nowhere to write form.png in"
+    reader, writer = os.pipe()
+    os.close(reader)  # `head` already gone: every write meets a closed pipe
+    try:
+        layout = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "forms", "layout"], cwd=tmp_path,
+                                env=gateway_env(), stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert layout.returncode == 1 and layout.stderr == ""
