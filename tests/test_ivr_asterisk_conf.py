@@ -153,6 +153,16 @@ def test_sounds_and_variables_named_in_the_dialplan_exist_in_the_code() -> None:
     assert all(v in flow_source for v in set_by_the_flow - {call_flow.OUTCOME_VARIABLE, call_flow.RECEIPT_VARIABLE})
 
 
+def test_a_caller_waiting_for_an_operator_hears_only_sounds_we_generate() -> None:
+    """No Asterisk sound package is installed: the queue's stock announcements and music on hold would be silence."""
+    queue = {k: v for s, k, v in parse_conf(CONF / "queues.conf") if s == "operators"}
+    assert queue["announce-frequency"] == "0"
+    assert queue["announce-holdtime"] == "no" and queue["announce-position"] == "no"
+    assert queue["periodic-announce"] in P.catalog() and int(queue["periodic-announce-frequency"]) > 0
+    queued = [a for a in dialplan()["hotline"]["operators"] if "Queue(" in a]
+    assert queued and all("r" in a.split("Queue(", 1)[1].split(",")[1] for a in queued)  # ringing, not music
+
+
 def test_the_trunk_lands_in_the_hotline_and_the_manager_listens_on_loopback() -> None:
     contexts = dialplan()
     pjsip = parse_conf(CONF / "pjsip.conf")
