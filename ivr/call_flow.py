@@ -325,8 +325,7 @@ async def results_call(call: Call) -> None:
                     await correct_one(call)
                     continue
                 if choice == "2":
-                    call.counts.clear()
-                    await enter_counts(call)
+                    await start_again(call)
                     continue
             choice = await read_back(call)
             if choice == "1":
@@ -334,8 +333,7 @@ async def results_call(call: Call) -> None:
             if choice == "2":
                 await correct_one(call)
             else:
-                call.counts.clear()
-                await enter_counts(call)
+                await start_again(call)
 
         # 7. Journal durably, then the receipt.
         saving = call.start("journal", submit(call))
@@ -490,6 +488,14 @@ async def enter_counts(call: Call) -> None:
     for field in call.election.fields:
         if field.id not in call.counts:
             await enter_count(call, field)
+
+
+async def start_again(call: Call) -> None:
+    """Every count keyed again. The figures kept for a call-back go too: the caller has just refused them, and a
+    call dropped before the first new count must not be offered them to resume."""
+    call.counts.clear()
+    call.clear_partial()
+    await enter_counts(call)
 
 
 async def enter_count(call: Call, field: CountField) -> None:

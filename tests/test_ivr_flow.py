@@ -483,6 +483,16 @@ def test_resume_declined_starts_again(phone: Phone, state: CallState) -> None:
     assert record.prompts_asked()[3] == "remontee/ask-votants" and record.outcome == "accepted"
 
 
+def test_figures_refused_at_the_read_back_are_not_offered_to_resume(phone: Phone, state: CallState) -> None:
+    """The caller asks to key everything again (3), then the line drops: a call-back starts from nothing."""
+    code, pin = phone.next_bureau()
+    record = phone.call([*phone.happy_script(code, pin, GOOD_T1)[:-1], press("3"), HANGUP])
+    assert record.prompts_asked()[-1] == "remontee/ask-votants" and record.outcome == "hangup"
+    assert state.load_partial(phone.election.id, code) is None
+    again = phone.call([press(code + "#"), press(pin + "#"), *phone.counts_script(GOOD_T1), press("1")])
+    assert P.ASK_CONFIRM_RESUME not in again.prompts_asked() and again.outcome == "accepted"
+
+
 def test_resume_is_kept_thirty_minutes(phone: Phone, redis: Redis) -> None:
     code, pin = phone.next_bureau()
     phone.call([*phone.happy_script(code, pin, GOOD_T1)[:3], HANGUP])
