@@ -55,7 +55,7 @@ from pen_gateway.uploads import create_tables, uploads
 from registry import Registry
 from returns_queue.journal import Journal, Submission, audit
 from review.review_items import CLAIM_SECONDS, Claimable, ItemUnavailable, audit_view, claimed
-from validation import Finding, Return, check_return, new_return
+from validation import Finding, Return, check_return, new_return, utc_now
 from validation.normalize import normalize_bureau_code
 
 # The audit trail's actions, subject the upload id.
@@ -324,7 +324,7 @@ class UnassignedUploads:
         source = {"upload_id": upload_id, "station_id": entry.station_id, "supervisor": username}
         if entry.pen_serial:
             source["pen_serial"] = entry.pen_serial
-        ret = new_return(election, code, raw_counts, "pen", source)
+        ret = new_return(election, code, raw_counts, "pen", source, received_at=utc_now(entry.received_at))
         findings = check_return(ret, election, registry.get(code))
         if findings:
             return HandEntry(ret, findings)

@@ -39,6 +39,7 @@ from tests.filled_forms import (
     well_read_seed,
 )
 from tests.form_fill import Distortion, consistent_counts
+from validation import utc_now
 
 pytestmark = needs_handwriting
 # A scanner slightly askew, the same for every draw: what is tested here is the job, not the straightening.
@@ -65,7 +66,8 @@ def settings(tmp_path: Path, journal: Journal, demo_registry_files: tuple[Path, 
 
 
 def store_upload(journal: Journal, directory: Path, data: bytes, content_type: str, *,
-                 bureau: str | None = None, pen_serial: str | None = None, station_id: str = "station-7") -> str:
+                 bureau: str | None = None, pen_serial: str | None = None, station_id: str = "station-7",
+                 received_at: float = 0.0) -> str:
     """What the upload API leaves behind before its 202: the raw bytes on disk and a `queued` row."""
     upload_id = str(ULID())
     sha = hashlib.sha256(data).hexdigest()
@@ -74,7 +76,7 @@ def store_upload(journal: Journal, directory: Path, data: bytes, content_type: s
     path.write_bytes(data)
     with journal.write() as conn:
         record_upload(conn, Upload(upload_id, sha, path, content_type, len(data), station_id, pen_serial, bureau,
-                                   None, "queued", None, None, None, 0.0))
+                                   None, "queued", None, None, None, received_at))
     return upload_id
 
 
@@ -98,8 +100,9 @@ def test_uploads_become_returns_accepted_or_for_review(
                               confident=registry, bureau=bureaux[0].code)
     scan_seed = well_read_seed(lambda s: read(steady_scan(election_t1, bureaux[1].code, slipped, s), "image/jpeg"),
                                slipped)
+    docked = time.time() - 3600  # acknowledged an hour before a worker read it: the return was received then
     ink_id = store_upload(journal, tmp_path, inkml_upload(election_t1, clean, ink_seed), "application/inkml+xml",
-                          pen_serial=bureaux[0].pen_serials[0])
+                          pen_serial=bureaux[0].pen_serials[0], received_at=docked)
     scan_id = store_upload(journal, tmp_path, steady_scan(election_t1, bureaux[1].code, slipped, scan_seed),
                            "image/jpeg")
     jobs = run_worker(redis, [ink_id, scan_id])
@@ -112,6 +115,7 @@ def test_uploads_become_returns_accepted_or_for_review(
     assert entry.ret.bureau == bureaux[0].code and entry.ret.channel == "pen"
     assert dict(entry.ret.counts) == clean
     assert entry.ret.source == {"upload_id": ink_id, "station_id": "station-7", "pen_serial": bureaux[0].pen_serials[0]}
+    assert entry.ret.received_at == utc_now(docked)
 
     scan = get_upload(journal, scan_id)
     assert scan is not None and scan.status == "review"

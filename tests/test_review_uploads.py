@@ -34,6 +34,7 @@ from returns_queue.jobs import ocr_job_id, ocr_queue
 from returns_queue.journal import audit, returns
 from review.review_items import ItemUnavailable
 from tests.form_fill import consistent_counts, handwriting_available
+from validation import utc_now
 
 __all__ = ["browser", "env", "screenshots", "served", "sqlite_journal"]  # the fixtures, imported for pytest
 UPLOAD = "01JNOBUREAU000000000000000A"
@@ -422,7 +423,8 @@ def test_a_failed_upload_page_says_why_offers_the_raw_bytes_and_a_count_form(env
 
 
 def test_counts_typed_for_a_failed_upload_become_its_return_relayed_and_audited(env: ReviewEnv) -> None:
-    record_failed_upload(env)
+    docked = time.time() - 2 * 3600
+    record_failed_upload(env, received_at=docked)
     code = bureau_codes(env.registry)[3]
     counts = figures(env, 5, code)
     client = env.client()
@@ -442,6 +444,7 @@ def test_counts_typed_for_a_failed_upload_become_its_return_relayed_and_audited(
     assert entry.ret.bureau == code and dict(entry.ret.counts) == counts
     assert entry.ret.source == {"upload_id": FAILED, "station_id": "station-3", "pen_serial": "AJX-00FA11",
                                 "supervisor": "alice"}
+    assert entry.ret.received_at == utc_now(docked)  # when the station was answered, not when it was typed
     [row] = audit_rows(env, "enter_upload_counts")
     assert row.actor == "alice" and row.subject == FAILED
     assert json.loads(row.before) == {"status": "failed", "error": BROKE, "bureau": None}

@@ -14,7 +14,7 @@ from validation.checks import (
     suggest_single_digit_fixes,
 )
 from validation.normalize import normalize_bureau_code, parse_count
-from validation.returns import SCHEMA, Return, ReturnSchemaError, new_return, new_return_id
+from validation.returns import SCHEMA, Return, ReturnSchemaError, new_return, new_return_id, utc_now
 
 __all__ = [
     "SCHEMA",
@@ -32,4 +32,5 @@ __all__ = [
     "normalize_bureau_code",
     "parse_count",
     "suggest_single_digit_fixes",
+    "utc_now",
 ]

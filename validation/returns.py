@@ -45,8 +45,10 @@ def new_return_id() -> str:
         return str(fresh)
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_now(at: float | None = None) -> str:
+    """The `received_at` form of now, or of the Unix time `at`."""
+    moment = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from forms.definitions import Election, load_election
 from pen_gateway.recognition.pipeline import FieldReading, PageReading
 from registry import Registry
-from validation import Finding, Reason, Return, check_arithmetic, check_return, new_return, suggest_single_digit_fixes
+from validation import (
+    Finding,
+    Reason,
+    Return,
+    check_arithmetic,
+    check_return,
+    new_return,
+    suggest_single_digit_fixes,
+    utc_now,
+)
 from validation.normalize import normalize_bureau_code
 
 
@@ -34,6 +43,7 @@ class UploadFacts:
     station_id: str
     pen_serial: str | None = None
     bureau: str | None = None  # as declared in the upload's form field
+    received_at: float | None = None  # when the gateway acknowledged the upload: the return's received_at
 
 
 @dataclass
@@ -323,7 +333,9 @@ def assess(
     if facts.pen_serial:
         source["pen_serial"] = facts.pen_serial
     raw = {fid: fr.value for fid, fr in reading.fields.items()}
-    ret = new_return(election, bureau, raw, "pen", source)
+    # Received when the station was answered 202, not when a worker got to read it (minutes later in a backlog).
+    received_at = utc_now(facts.received_at) if facts.received_at is not None else None
+    ret = new_return(election, bureau, raw, "pen", source, received_at=received_at)
     entry = registry.get(bureau) if registry is not None else None
     if problem:
         findings.append(Finding(Reason.UNREADABLE, None, problem))

@@ -170,7 +170,7 @@ def _recognize(upload: Upload, ctx: Context) -> dict[str, Any]:
     except DecodeError as exc:
         # The API's probe let it in, the full decode does not: a page nobody can read, for a human.
         reading = PageReading("image", None, None, "none", None, None, problem=f"fichier illisible : {exc.message}")
-    facts = UploadFacts(upload.upload_id, upload.station_id, upload.pen_serial, upload.bureau)
+    facts = UploadFacts(upload.upload_id, upload.station_id, upload.pen_serial, upload.bureau, upload.received_at)
     assessment = assess(reading, facts, ctx.registry, settings.election, ctx.threshold)
     write_artefacts(settings.var_dir, upload.upload_id, reading, assessment, ctx.threshold)
     if assessment.ret is None:
