@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from registry.bureaux import RegistryError, load_registry
@@ -47,4 +48,12 @@ def _check(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{len(registry)} bureaux in {len(registry.departments())} departments, {registry.inscrits_total} inscrits")
+    lengths = Counter(len(code) for code in registry.bureaux)
+    if len(lengths) > 1:
+        # A spreadsheet reads 010101 as the number 10101: the president keys the code printed on the form, and
+        # the phone channel answers that it is unknown. Codes of several lengths may be right; the operator says.
+        usual, _ = lengths.most_common(1)[0]
+        odd = sorted(code for code in registry.bureaux if len(code) != usual)
+        print(f"warning: {len(odd)} code(s) are not {usual} digits long like the others ({', '.join(odd[:5])}"
+              f"{', ...' if len(odd) > 5 else ''}): has a spreadsheet dropped their leading zeros?", file=sys.stderr)
     return 0

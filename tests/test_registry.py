@@ -169,6 +169,18 @@ def test_registry_check_says_what_is_wrong_without_a_traceback(tmp_path: Path) -
     assert result.stderr.strip() == f"error: {path}:3: code '75A101' must be 1 to 10 digits"
 
 
+def test_registry_check_warns_of_codes_a_spreadsheet_shortened(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_row(code="010101"), _row(code="10102", pens="AJX-2"), _row(code="750103", pens="AJX-3")])
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "registry", "check", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("3 bureaux")
+    assert "1 code(s) are not 6 digits long like the others (10102)" in result.stderr
+    path = _write(tmp_path, [_row(code="010101"), _row(code="750103", pens="AJX-3")])
+    same = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "registry", "check", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert same.returncode == 0 and same.stderr == ""
+
+
 def test_a_registry_saved_by_a_french_excel_with_semicolons_loads(tmp_path: Path) -> None:
     """French Excel separates with `;`: the columns are found, and a list column holding `;` comes quoted."""
     path = tmp_path / "registry.csv"
