@@ -88,7 +88,7 @@ def _phone(election_id: str, tmp: Path, redis_server: RedisServer, registry_file
 @pytest.fixture(scope="module")
 def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
-    codes = sorted(pins)[:57]  # the demo registry has 60 bureaux; the second round needs one
+    codes = sorted(pins)[:59]  # the demo registry has 60 bureaux; the second round needs one
     yield from _phone("primaire-2011-t1", tmp_path_factory.mktemp("ivr-t1"), redis_server, demo_registry_files,
                       pins, codes)
 
@@ -96,7 +96,7 @@ def phone(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_
 @pytest.fixture(scope="module")
 def phone_t2(running_reactor: Any, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
              demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
-    codes = sorted(pins)[57:]
+    codes = sorted(pins)[59:]
     yield from _phone("primaire-2011-t2", tmp_path_factory.mktemp("ivr-t2"), redis_server, demo_registry_files,
                       pins, codes)
 
