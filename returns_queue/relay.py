@@ -7,7 +7,9 @@ Redis acknowledges an enqueue before its append-only file reaches the disk (appe
 everysec), so a Redis crash can lose the last second of jobs after the relay has marked them.
 The relay therefore reconciles: every so often it looks up the jobs of the returns it relayed
 within the last hour, and enqueues again any that Redis no longer has, or holds as queued in no
-queue (popped by a worker just as Redis died: see `returns_queue.jobs.stranded_jobs`).
+queue (popped by a worker just as Redis died: see `returns_queue.jobs.stranded_jobs`). It also
+enqueues again, under the configured function path, the return jobs that failed under another one
+(a REMONTEE_CONSOLIDATE_JOB that did not import, since fixed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.job import Job
 from sqlalchemy.exc import SQLAlchemyError
 
 from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue, stranded_jobs
@@ -97,10 +100,9 @@ class Relay(RelayLoop):
 
     def relay_once(self) -> int:
         """Enqueue what the outbox holds; the number enqueued. Raises RedisError when Redis is away."""
-        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
-        if not lock.acquire():
-            return 0
-        try:
+        with self._lock() as held:
+            if not held:
+                return 0
             relayed = 0
             while payloads := self.journal.outbox(self.batch):
                 # A job that exists was enqueued by a relay that died before marking the outbox.
@@ -113,6 +115,16 @@ class Relay(RelayLoop):
                 if len(payloads) < self.batch:
                     break
             return relayed
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[bool]:
+        """The relays' Redis lock, if no other relay holds it: whether this one does."""
+        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
+        if not lock.acquire():
+            yield False
+            return
+        try:
+            yield True
         finally:
             with contextlib.suppress(RedisError):  # the lock expires by itself
                 lock.release()
@@ -133,7 +145,31 @@ class Relay(RelayLoop):
         if stranded:
             log.warning("relay: %d return jobs were queued in no queue (lost at a Redis restart); enqueued again",
                         len(stranded))
-        return len(lost) + len(stranded)
+        return len(lost) + len(stranded) + self._redirect_failed()
+
+    def _redirect_failed(self) -> int:
+        """Enqueue again, under the configured function path, the return jobs that failed under another one.
+
+        A REMONTEE_CONSOLIDATE_JOB that does not import (a typo) fails every job, whose path RQ keeps:
+        once the setting is fixed, neither the outbox (marked) nor `rq requeue` (the old path) would
+        bring those returns to the back office. A job that failed under the configured path is left
+        to the back office, as RQ leaves it."""
+        failed = self.queue.failed_job_registry
+        with self._lock() as held:  # two relays would both enqueue them
+            if not held:
+                return 0
+            ids = [i for i in failed.get_job_ids() if i.startswith(return_job_id(""))]
+            jobs = [j for j in Job.fetch_many(ids, connection=self.redis)
+                    if j is not None and j.func_name != self.job_path]
+            if not jobs:
+                return 0
+            # Enqueued before they leave the failed registry: a relay dying in between leaves them there, not nowhere.
+            self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, j.args[0]) for j in jobs])
+            for job in jobs:
+                failed.remove(job.id)
+        log.warning("relay: %d return jobs had failed under another job path than %s; enqueued again under it",
+                    len(jobs), self.job_path)
+        return len(jobs)
 
 def _chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     for i in range(0, len(items), size):

@@ -86,3 +86,20 @@ def test_the_latest_return_of_a_bureau_replaces_the_earlier_one(redis: Redis, el
     assert figures["candidates"] == {"hollande": 7, "aubry": 5}
     assert figures["votants"] == (6 + 4 + 3) + (1 + 1 + 3)
     assert latest_returns(redis, election_t2.id)["1"]["return_id"] == fixed.return_id
+
+
+def test_returns_whose_job_path_did_not_import_are_consolidated_once_it_is_fixed(
+    journal: Journal, redis: Redis, redis_server, election_t2: Election, tmp_path: Path
+) -> None:
+    for bureau, (h, a) in {"1": (100, 50), "2": (10, 20)}.items():
+        journal.submit(new_return(election_t2, bureau, counts(h, a), "ivr", {"call_id": bureau}))
+    typo = "returns_queue.consolidation.consolidat"
+    assert Relay(journal, redis, typo).relay_once() == 2
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id)["bureaux"] == 0 and journal.outbox_backlog() == 0
+    assert Relay(journal, redis, typo).reconcile() == 0  # still the typo: the failures are the back office's to see
+    # The operator fixes REMONTEE_CONSOLIDATE_JOB and restarts: the returns reach the consolidation.
+    assert Relay(journal, redis, JOB).reconcile() == 2
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id)["candidates"] == {"hollande": 110, "aubry": 70}
+    assert Relay(journal, redis, JOB).reconcile() == 0
