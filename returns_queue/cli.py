@@ -13,7 +13,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
-from registry import load_registry
+from registry import RegistryError, load_registry
 from returns_queue.consolidation import totals
 from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
 from returns_queue.journal import Journal
@@ -104,7 +104,12 @@ def _totals(args: argparse.Namespace) -> int:
         print(f"error: the consolidation's Redis ({settings.redis_url_resolved}) does not answer: {exc}",
               file=sys.stderr)
         return 1
-    registry = load_registry(settings.registry_path) if settings.registry_path.exists() else None
+    try:
+        registry = load_registry(settings.registry_path) if settings.registry_path.exists() else None
+    except (RegistryError, OSError) as exc:
+        # The registry only adds the bureaux and inscrits registered: a bad edit of it must not hide the figures.
+        print(f"warning: the registry does not load ({exc}): figures without it", file=sys.stderr)
+        registry = None
     if registry is not None:
         figures["bureaux_registered"] = len(registry)
         figures["inscrits_registered"] = registry.inscrits_total

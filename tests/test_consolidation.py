@@ -103,3 +103,16 @@ def test_returns_whose_job_path_did_not_import_are_consolidated_once_it_is_fixed
     run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
     assert totals(redis, election_t2.id)["candidates"] == {"hollande": 110, "aubry": 70}
     assert Relay(journal, redis, JOB).reconcile() == 0
+
+
+def test_totals_with_a_registry_that_does_not_load_still_prints_the_figures(
+    redis: Redis, redis_server, election_t2: Election, tmp_path: Path
+) -> None:
+    apply_return(redis, new_return(election_t2, "1", counts(5, 4), "ivr", {}).to_dict())
+    registry = tmp_path / "registry.csv"
+    registry.write_text("bureau;inscrits\n1;300\n")  # a bad edit of the registry during the night
+    out = run_gateway("totals", "--json", "--registry", str(registry), redis_url=redis_server.url, tmp_path=tmp_path)
+    assert json.loads(out.stdout)["candidates"] == {"hollande": 5, "aubry": 4}
+    assert out.stderr.startswith("warning: the registry does not load (") and "Traceback" not in out.stderr
+    text = run_gateway("totals", "--registry", str(registry), redis_url=redis_server.url, tmp_path=tmp_path).stdout
+    assert "bureaux remontés : 1\n" in text and "hollande" in text
