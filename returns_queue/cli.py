@@ -27,7 +27,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     worker = sub.add_parser("worker", help="an RQ worker for the ocr and returns queues", parents=[common])
     # In priority order: a return's job takes milliseconds and is what the back office counts, an OCR
     # job a good part of a second; OCR first kept every phone return waiting behind the pen backlog.
-    worker.add_argument("--queues", default=f"{RETURNS_QUEUE},{OCR_QUEUE}",
+    worker.add_argument("--queues", type=_queue_names, default=[RETURNS_QUEUE, OCR_QUEUE],
                         help="comma-separated queue names, in priority order (default returns,ocr)")
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     worker.set_defaults(func=_worker)
@@ -36,6 +36,16 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     tot = sub.add_parser("totals", help="print the consolidated totals", parents=[common])
     tot.add_argument("--json", action="store_true", help="machine-readable output")
     tot.set_defaults(func=_totals)
+
+
+def _queue_names(text: str) -> list[str]:
+    """`--queues`: the names, spaces around them dropped; a name this worker has no job for is a usage error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    # A worker on a queue nothing fills (a typo, " ocr") would run and serve nothing, saying nothing.
+    unknown = [name for name in names if name not in (RETURNS_QUEUE, OCR_QUEUE)]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: the queues are {RETURNS_QUEUE} and {OCR_QUEUE}")
+    return names
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -56,7 +66,7 @@ def _worker(args: argparse.Namespace) -> int:
         """Measured (telemetry/worker.py), no work horse outlives it and it stops promptly (returns_queue/worker.py)."""
 
     redis = Redis.from_url(settings.redis_url_resolved)
-    if OCR_QUEUE in args.queues.split(","):
+    if OCR_QUEUE in args.queues:
         # Load the OCR pipeline once, here: each job's forked work horse inherits it instead of paying seconds.
         from pen_gateway.recognition.job import preload
 
@@ -66,11 +76,11 @@ def _worker(args: argparse.Namespace) -> int:
         # Whichever of the machine's workers binds the port serves every queue's depth, not only its own queues'.
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,
                                     [StateCollector(None, redis, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
-    worker: Worker = GatewayWorker(args.queues.split(","), connection=redis)
+    worker: Worker = GatewayWorker(args.queues, connection=redis)
     try:
         # An `ocr` job's retries wait minutes (pen_gateway/ocr_relay.py): RQ's scheduler enqueues them when due,
         # one scheduler per queue among all the workers (a Redis lock), the others taking over if it dies.
-        worker.work(burst=args.burst, logging_level="INFO", with_scheduler=OCR_QUEUE in args.queues.split(","))
+        worker.work(burst=args.burst, logging_level="INFO", with_scheduler=OCR_QUEUE in args.queues)
     finally:
         if listener is not None:
             listener.close()

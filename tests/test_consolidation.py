@@ -116,3 +116,18 @@ def test_totals_with_a_registry_that_does_not_load_still_prints_the_figures(
     assert out.stderr.startswith("warning: the registry does not load (") and "Traceback" not in out.stderr
     text = run_gateway("totals", "--registry", str(registry), redis_url=redis_server.url, tmp_path=tmp_path).stdout
     assert "bureaux remontés : 1\n" in text and "hollande" in text
+
+
+def test_a_worker_on_a_queue_nothing_fills_is_a_usage_error_and_spaces_around_names_are_dropped(
+    journal: Journal, redis: Redis, redis_server, election_t2: Election, tmp_path: Path
+) -> None:
+    journal.submit(new_return(election_t2, "1", counts(5, 4), "ivr", {"call_id": "1"}))
+    assert Relay(journal, redis, JOB).relay_once() == 1
+    for queues in ("returns,orc", "return", " , "):
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            run_gateway("worker", "--burst", "--queues", queues, redis_url=redis_server.url, tmp_path=tmp_path)
+        assert refused.value.returncode == 2 and "the queues are returns and ocr" in refused.value.stderr
+    assert totals(redis, election_t2.id)["bureaux"] == 0
+    # "returns, ocr" in a unit file: the name after the space is the ocr queue, not a queue " ocr" nothing fills.
+    run_gateway("worker", "--burst", "--queues", " returns ", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id)["candidates"] == {"hollande": 5, "aubry": 4}
