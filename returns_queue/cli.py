@@ -32,6 +32,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     worker.set_defaults(func=_worker)
     relay = sub.add_parser("relay", help="relay accepted returns from the journal to RQ", parents=[common])
+    relay.add_argument("--replay", action="store_true",
+                       help="enqueue again every return ever relayed, then exit: for a Redis that lost its data "
+                            "(the consolidation counts each return once)")
     relay.set_defaults(func=_relay)
     tot = sub.add_parser("totals", help="print the consolidated totals", parents=[common])
     tot.add_argument("--json", action="store_true", help="machine-readable output")
@@ -91,6 +94,9 @@ def _relay(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     relay = Relay(Journal(settings.db_url_resolved), Redis.from_url(settings.redis_url_resolved),
                   settings.consolidate_job)
+    if args.replay:
+        print(f"{relay.replay()} relayed returns enqueued again")
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

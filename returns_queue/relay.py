@@ -147,6 +147,19 @@ class Relay(RelayLoop):
                         len(stranded))
         return len(lost) + len(stranded) + self._redirect_failed()
 
+    def replay(self) -> int:
+        """Enqueue again every return the journal has relayed, in the journal's order; the number enqueued.
+
+        For a Redis that lost its data (no AOF, a disk replaced): the consolidation's totals went with it, and
+        the reconciliation looks back one hour only. The consolidation counts a return once and keeps each
+        bureau's latest, so a return counted already changes nothing."""
+        replayed = 0
+        for chunk in _chunks(self.journal.relayed_since(0.0), self.batch):
+            self.queue.enqueue_many([prepare_return_job(self.queue, self.job_path, p) for p in chunk])
+            replayed += len(chunk)
+        log.warning("relay: %d relayed returns enqueued again (replay)", replayed)
+        return replayed
+
     def _redirect_failed(self) -> int:
         """Enqueue again, under the configured function path, the return jobs that failed under another one.
 

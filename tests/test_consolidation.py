@@ -6,15 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from redis import Redis
+from sqlalchemy import update
 
 from conftest import free_port
 from forms import Election
 from returns_queue.consolidation import apply_return, latest_returns, totals
-from returns_queue.journal import Journal
+from returns_queue.journal import Journal, returns
 from returns_queue.relay import Relay
 from validation import new_return
 
@@ -103,6 +105,33 @@ def test_returns_whose_job_path_did_not_import_are_consolidated_once_it_is_fixed
     run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
     assert totals(redis, election_t2.id)["candidates"] == {"hollande": 110, "aubry": 70}
     assert Relay(journal, redis, JOB).reconcile() == 0
+
+
+def test_a_redis_that_lost_its_data_gets_the_totals_back_from_a_replay_of_the_journal(
+    journal: Journal, redis: Redis, redis_server, election_t2: Election, tmp_path: Path
+) -> None:
+    first = journal.submit(new_return(election_t2, "1", counts(100, 50), "ivr", {"call_id": "a"}))
+    journal.submit(new_return(election_t2, "2", counts(10, 20), "ivr", {"call_id": "b"}))
+    journal.submit(new_return(election_t2, "1", counts(101, 49), "review", {"supervisor": "ana"},
+                              supersedes=first.return_id))
+    assert Relay(journal, redis, JOB).relay_once() == 3
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    before = totals(redis, election_t2.id)
+    assert before["candidates"] == {"hollande": 111, "aubry": 69} and before["bureaux"] == 2
+    redis.flushdb()  # restarted without its append-only file: jobs and totals gone
+    for payload in journal.relayed_since(0.0):  # relayed more than an hour ago: beyond the reconciliation
+        with journal.write() as conn:
+            conn.execute(update(returns).where(returns.c.return_id == payload["return_id"])
+                         .values(enqueued_at=time.time() - 7200))
+    assert Relay(journal, redis, JOB).reconcile() == 0
+    replay = ("relay", "--replay", "--db-url", journal.url)
+    out = run_gateway(*replay, redis_url=redis_server.url, tmp_path=tmp_path).stdout
+    assert out == "3 relayed returns enqueued again\n"
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id) == before
+    run_gateway(*replay, redis_url=redis_server.url, tmp_path=tmp_path)  # again: counted once
+    run_gateway("worker", "--burst", "--queues", "returns", redis_url=redis_server.url, tmp_path=tmp_path)
+    assert totals(redis, election_t2.id) == before
 
 
 def test_totals_with_a_registry_that_does_not_load_still_prints_the_figures(
