@@ -318,11 +318,8 @@ def test_sessions_expire_when_idle_and_at_their_lifetime(env: ReviewEnv) -> None
         assert conn.execute(select(sessions)).all() == []  # the expired session was deleted
 
 
-def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_and_leads_back(
-    env: ReviewEnv
-) -> None:
-    """The session ran out while the supervisor typed: nothing is written, the login says so, and after it the
-    supervisor is back on the item's page (the approve action alone answered 405, in English)."""
+def _on_an_item_when_the_session_expires(env: ReviewEnv) -> tuple[Any, str, int]:
+    """alice logged in, on an item's page; then her session is idle past its limit: (client, CSRF token, item)."""
     code = bureau_codes(env.registry)[0]
     item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
                                            {**GOOD_T1, "votants": 251}).return_id)
@@ -331,6 +328,15 @@ def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_an
     client.get(f"/items/{item}")
     with env.journal.write() as conn:
         conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
+    return client, token, item
+
+
+def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_and_leads_back(
+    env: ReviewEnv
+) -> None:
+    """The session ran out while the supervisor typed: nothing is written, the login says so, and after it the
+    supervisor is back on the item's page (the approve action alone answered 405, in English)."""
+    client, token, item = _on_an_item_when_the_session_expires(env)
     sent = client.post(f"/items/{item}/approve", headers={"Referer": f"http://localhost/items/{item}"},
                        data={"csrf_token": token, **{f"count-{k}": v for k, v in GOOD_T1.items()}})
     assert sent.status_code == 302
@@ -348,14 +354,7 @@ def test_a_correction_sent_after_the_session_expired_says_it_was_not_recorded_an
 def test_the_claim_heartbeat_after_the_session_expired_is_told_so_in_json(env: ReviewEnv) -> None:
     """The item page's heartbeat (fetch, JSON) followed the login redirect to an HTML page it could not read and
     said nothing: the supervisor kept typing figures that could no longer be sent."""
-    code = bureau_codes(env.registry)[0]
-    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
-                                           {**GOOD_T1, "votants": 251}).return_id)
-    client = env.client()
-    token = login(client, "alice")
-    client.get(f"/items/{item}")
-    with env.journal.write() as conn:
-        conn.execute(update(sessions).values(last_seen=time.time() - 31 * 60))
+    client, token, item = _on_an_item_when_the_session_expires(env)
     beat = client.post(f"/items/{item}/claim", headers={"X-CSRFToken": token, "Accept": "application/json"})
     assert beat.status_code == 401 and beat.json["claimed"] is False
     assert "rien n'est encore enregistré" in beat.json["message"]
