@@ -101,9 +101,15 @@ def _draw_identity(
     _paste_square(page, qr_matrix(text), layout.qr_box, scale)
     # The QR's own text in clear, split before "bureau", centred under the QR: Tesseract reads it if the QR is damaged.
     x, y, w, _h = layout.qr_text_box
-    mono = _font("mono", round(3.6 * scale))
     head, _, tail = text.partition(" bureau ")
-    for i, line in enumerate((head, f"bureau {tail}")):
+    lines = (head, f"bureau {tail}")
+    # Tesseract reads only what lies inside the box: a long bureau code (nine digits: a commune's INSEE code
+    # and its bureau number) takes a smaller type, not the margin past the box where the version was lost.
+    size = round(3.6 * scale)
+    while size > 1 and max(draw.textlength(line, font=_font("mono", size)) for line in lines) > (w - 1.0) * scale:
+        size -= 1
+    mono = _font("mono", size)
+    for i, line in enumerate(lines):
         draw.text(((x + w / 2) * scale, (y + 1.0 + i * 5.0) * scale), line, font=mono, fill=0, anchor="mt")
     big = _font("bold", round(5.0 * scale))
     draw.text((22.0 * scale, 34.0 * scale), f"Bureau n° {bureau}", font=big, fill=0)

@@ -13,6 +13,7 @@ import run_gateway
 from forms.layout import (
     FIDUCIAL_IDS,
     QR_BOX,
+    QR_TEXT_BOX,
     FormIdentity,
     form_layout,
     form_text,
@@ -21,6 +22,7 @@ from forms.layout import (
 from forms.render import qr_matrix, render_form
 from pen_gateway.recognition.align import align_page
 from pen_gateway.recognition.identify import identify_scan, read_qr
+from tests.form_fill import Distortion, distort
 
 
 def _overlap(a: list[float], b: list[float]) -> bool:
@@ -126,3 +128,23 @@ def test_the_qr_and_the_printed_text_say_the_same(election_t1) -> None:  # type:
     x, y, w, h = (round(v * 300 / 25.4) for v in QR_BOX)
     assert read_qr(page[y - 40 : y + h + 40, x - 40 : x + w + 40]) == text
     assert qr_matrix(text).shape[0] == qr_matrix(text).shape[1]
+
+
+@pytest.mark.parametrize("bureau", ["750120", "750560012", "7505600123"])
+def test_the_printed_identity_lies_where_tesseract_reads_it_whatever_the_codes_length(election_t1, bureau: str) -> None:  # type: ignore[no-untyped-def]
+    """A nine-digit bureau code (a commune's INSEE code and its bureau number) printed its line 65 mm wide
+    under a 57 mm box: cut off at both ends, "bu" and the form version lost, Tesseract's reading named no
+    bureau and a page whose QR a pen mark had spoilt went to a human with no bureau of its own."""
+    page = np.array(render_form(election_t1, bureau))
+    s = 300 / 25.4
+    x, y, w, h = QR_TEXT_BOX
+    band = page[round(y * s) : round((y + h) * s), round(130 * s) :]  # right of the form's own headings
+    columns = np.flatnonzero((band < 128).any(axis=0)) / s + 130
+    assert columns.size and x <= columns.min() and columns.max() <= x + w
+    qx, qy, _qw, _qh = QR_BOX
+    page[round((qy + 4) * s) : round((qy + 20) * s), round((qx + 4) * s) : round((qx + 26) * s)] = 0  # QR spoilt
+    scanner = Distortion(rotation_deg=1.0, noise=2, blur=0.5, jpeg_quality=None)
+    scan, _ = distort(page, scanner, np.random.default_rng(2))
+    found = identify_scan(scan, align_page(scan))
+    assert found.how == "text" and found.identity is not None and found.identity.bureau == bureau
+    assert found.raw is not None and "formulaire1" in found.raw.replace(" ", ""), "the version is read, not assumed"
