@@ -146,6 +146,13 @@ def parse_election(data: dict[str, Any], file: Path) -> Election:
                 candidate=True,
             )
         )
+    from forms.layout import MAX_FIELDS  # the paper form's geometry, which itself imports this module
+
+    if len(fields) > MAX_FIELDS:
+        most = MAX_FIELDS - len(GENERAL_COUNTS)
+        raise ElectionDefinitionError(
+            file, "candidates", f"{len(raw_candidates)} candidates do not fit on the paper form: at most {most}"
+        )
     ids = [f.id for f in fields]
     for field_id in ids:
         if ids.count(field_id) > 1:

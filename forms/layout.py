@@ -40,6 +40,9 @@ FIELDS_TOP_MM = 84.0
 FIELDS_BOTTOM_MM = 238.0
 ROW_PITCH_MM = 16.0
 SECTION_GAP_MM = 10.0
+# Rows of boxes keep the gap the boxes of a comb keep: a digit that strays below its box stays out of the next one.
+MIN_ROW_PITCH_MM = CELL_H_MM + CELL_GAP_MM
+MAX_FIELDS = int((FIELDS_BOTTOM_MM - FIELDS_TOP_MM - SECTION_GAP_MM * 2) // MIN_ROW_PITCH_MM)
 BORDER_MM = 0.3  # printed box line width
 SIGNATURE_BOX: Box = (22.0, 248.0, 110.0, 20.0)
 # The same on every form, so a reader finds the identity before it knows the election.
@@ -166,7 +169,8 @@ def form_layout(election: Election) -> FormLayout:
     general = [f for f in election.fields if not f.candidate]
     candidates = [f for f in election.fields if f.candidate]
     rows = len(general) + len(candidates)
-    # Shrink the row pitch if an election has many candidates, never the boxes.
+    # Shrink the row pitch if an election has many candidates, never the boxes (nor below MIN_ROW_PITCH_MM:
+    # forms.definitions refuses an election with more than MAX_FIELDS counts).
     pitch = min(ROW_PITCH_MM, (FIELDS_BOTTOM_MM - FIELDS_TOP_MM - SECTION_GAP_MM * 2) / rows)
     headings = [
         Heading(election.title, 32.0, 13.0, 5.5, bold=True),

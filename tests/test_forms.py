@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def test_an_unknown_election_lists_the_known_ones(tmp_path: Path) -> None:
     write(tmp_path, GOOD, "known")
     with pytest.raises(ElectionDefinitionError, match="known: known"):
         load_election("nope", tmp_path)
+
+
+def _candidates(n: int) -> str:
+    return "".join(f'[[candidates]]\nid = "c{i}"\nballot_name = "C{i}"\nspoken_name = "c{i}"\nmax_digits = 4\n'
+                   for i in range(n))
+
+
+def test_an_election_whose_counts_the_paper_form_cannot_hold_is_refused(tmp_path: Path) -> None:
+    """Eleven candidates (twelve ran in 2022) shrank the rows to 9.6 mm, under the 10 mm boxes: the form
+    printed overlapping boxes, each digit cut into two fields' crops, with no word from any command."""
+    from forms.layout import CELL_GAP_MM, CELL_H_MM, form_layout
+
+    fits = load_election_file(write(tmp_path, GOOD.replace(GOOD[GOOD.index("[[candidates]]"):], _candidates(8))))
+    tops = [f.cells[0][1] for f in form_layout(fits).fields]
+    assert min(b - a for a, b in itertools.pairwise(tops)) >= CELL_H_MM + CELL_GAP_MM
+    path = write(tmp_path, GOOD.replace(GOOD[GOOD.index("[[candidates]]"):], _candidates(11)), "e2")
+    with pytest.raises(ElectionDefinitionError) as err:
+        load_election_file(path)
+    assert err.value.key == "candidates" and "at most 8" in err.value.why
