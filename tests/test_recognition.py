@@ -9,6 +9,7 @@ import pytest
 
 from forms import Election
 from forms.layout import form_layout
+from forms.render import render_form
 from pen_gateway.decode import DecodedPage, decode_upload
 from pen_gateway.digits.recognizer import readings
 from pen_gateway.digits.reliability import Knots, ReliabilityMap
@@ -35,7 +36,18 @@ from tests.filled_forms import (
     threshold,
     well_read_seed,
 )
-from tests.form_fill import consistent_counts, filled_upload, inkml_document, load_handwriting, pen_strokes
+from tests.form_fill import (
+    Distortion,
+    _digit_in_box,
+    _pen_into_page,
+    consistent_counts,
+    distort,
+    encode_image,
+    filled_upload,
+    inkml_document,
+    load_handwriting,
+    pen_strokes,
+)
 from validation import Reason
 
 
@@ -372,3 +384,38 @@ def test_a_scan_whose_qr_disagrees_with_the_upload_goes_to_review(election_t1: E
     assessment = assess(reading, UploadFacts("u", "s", None, other.code), registry, ELECTION, threshold())
     assert assessment.bureau == bureau.code, "the form's own QR wins, a human settles the disagreement"
     assert any(f.code == Reason.LOW_CONFIDENCE and f.field is None for f in assessment.findings)
+
+
+@needs_handwriting
+@pytest.mark.parametrize("kind", ["ink", "scan"])
+def test_a_count_with_a_digit_more_than_its_boxes_goes_to_a_human(
+    election_t1: Election, registry: Registry, kind: str
+) -> None:
+    """A president writes a leading 1 before the comb of votants, exprimes and a candidate (five digits in four
+    boxes): the boxes hold 396, 395 and 296, the sums hold, and the page was accepted with every figure 10,000
+    short, the digit beside the boxes never looked at, on a scan or from the pen's strokes alike."""
+    bureau = _bureau(registry)
+    counts = consistent_counts(election_t1, np.random.default_rng(3), inscrits=bureau.inscrits)
+    top = max(counts, key=lambda fid: counts[fid] if fid in election_t1.candidate_ids else -1)
+    layout = form_layout(election_t1)
+
+    def upload(seed: int, extra: bool) -> tuple[bytes, str]:
+        rng = np.random.default_rng(seed)
+        strokes, _ = pen_strokes(election_t1, counts, load_handwriting(), rng)
+        if extra:
+            for fid in ("votants", "exprimes", top):
+                x, y, w, h = layout.field(fid).cells[0]
+                strokes += _digit_in_box(load_handwriting().pen_digit(1, rng), (x - 10.0, y, w, h), rng)
+        if kind == "ink":
+            return inkml_document(strokes), "application/inkml+xml"
+        page = np.array(render_form(election_t1, bureau.code), dtype=np.uint8)
+        _pen_into_page(page, strokes, rng)
+        scanned, _ = distort(page, Distortion(rotation_deg=2.0, scale=0.97), rng)
+        return encode_image(scanned, ".jpg"), "image/jpeg"
+
+    seed = well_read_seed(lambda s: read(*upload(s, False)), counts, confident=registry, bureau=bureau.code)
+    reading = read(*upload(seed, True))
+    assert {fid: fr.value for fid, fr in reading.fields.items()} == counts, "the boxes alone read as before"
+    assessment = assess(reading, UploadFacts("u", "s", None, bureau.code), registry, ELECTION, threshold())
+    flagged = {f.field for f in assessment.findings if f.code == Reason.LOW_CONFIDENCE and "à côté" in f.message}
+    assert flagged == {"votants", "exprimes", top}

@@ -270,6 +270,12 @@ def confidence_findings(
                 Reason.LOW_CONFIDENCE, f.id, f"{f.label} : un trait traverse les cases (chiffres barrés ?)",
                 {"value": fr.value},
             ))
+        elif f.id in reading.stray:
+            findings.append(Finding(
+                Reason.LOW_CONFIDENCE, f.id,
+                f"{f.label} : de l'encre à côté des cases ({fr.value} lu dans les cases ; un chiffre en trop ?)",
+                {"value": fr.value},
+            ))
         elif fr.gap:
             findings.append(Finding(
                 Reason.LOW_CONFIDENCE, f.id, f"{f.label} : case vide au milieu du nombre ({fr.value})",

@@ -31,6 +31,13 @@ INK_SPILL_MM = 8.0
 # over its own box's printed line and across the 2 mm gap.
 CROSSING_DEPTH_MM = 2.0
 _SEGMENTS_AT_ONCE = 4096  # a stroke's segments tested against every box at once, this many at a time
+# Ink beside a comb, this far from its boxes at least (a digit straying over its box's line is the box's own),
+# as big as a pen's dot of 0.7 mm at least (the printed dotted leader is not), sends the field to a human.
+STRAY_CLEARANCE_MM = 2.0
+STRAY_REACH_MM = 14.0  # a digit or two written before the comb
+LABEL_CHAR_MM = 3.0  # the widest a character of the printed label takes (DejaVu Sans at 4 mm: 'M' 3.5, most 2-2.8)
+STRAY_MIN_AREA_MM2 = 0.4
+PAGE_EDGE_MM = 205.0
 FIELD_MARGIN_MM = 2.0  # around a field's boxes in the reviewer's crop
 PAGE_PX_PER_MM = 5.0  # page.png: enough for a reviewer to read the form, small enough to send quickly
 
@@ -133,6 +140,43 @@ def crossed_fields(strokes: Sequence[np.ndarray], layout: FormLayout) -> set[str
             entered[owner] = False
         crossed.update(boxes.keys[k][0] for k in np.flatnonzero(entered))
     return crossed
+
+
+def _row_margins(field: FieldLayout) -> tuple[Box, Box]:
+    """The field's row beside its comb: left of it, past the printed label (its text at most `LABEL_CHAR_MM` a
+    character), up to `STRAY_REACH_MM`, and right of it to the page's edge. No figure belongs there: ink there is
+    a digit that did not fit the boxes, or a figure written beside them."""
+    x0, y, w, h = field.bounds
+    start = max(x0 - STRAY_REACH_MM, field.label_box[0] + LABEL_CHAR_MM * len(field.label) + 1.0)
+    left = (start, y, max(0.0, x0 - STRAY_CLEARANCE_MM - start), h)
+    right = (x0 + w + STRAY_CLEARANCE_MM, y, PAGE_EDGE_MM - (x0 + w + STRAY_CLEARANCE_MM), h)
+    return left, right
+
+
+def stray_ink_fields(strokes: Sequence[np.ndarray], layout: FormLayout) -> set[str]:
+    """The fields in whose row, beside the comb, pen ink lies that no box took (`_row_margins`)."""
+    boxes = _Boxes(layout)
+    stray: set[str] = set()
+    for stroke in strokes:
+        if len(stroke) == 0 or boxes.owner(stroke) is not None:
+            continue
+        middle = (stroke.min(axis=0) + stroke.max(axis=0)) / 2
+        for f in layout.fields:
+            if any(x <= middle[0] <= x + w and y <= middle[1] <= y + h for x, y, w, h in _row_margins(f)):
+                stray.add(f.id)
+    return stray
+
+
+def scan_stray_ink(gray: np.ndarray, alignment: Alignment, field: FieldLayout) -> bool:
+    """Whether the scan has ink beside the field's comb (`_row_margins`): a blot bigger than the leader's dots."""
+    for margin in _row_margins(field):
+        if margin[2] <= 0:
+            continue
+        crop = warp_region(gray, alignment, margin, CELL_PX_PER_MM)
+        count, _, stats, _ = cv2.connectedComponentsWithStats((crop < 128).astype(np.uint8), connectivity=8)
+        if any(stats[k, cv2.CC_STAT_AREA] >= STRAY_MIN_AREA_MM2 * CELL_PX_PER_MM**2 for k in range(1, count)):
+            return True
+    return False
 
 
 def ink_cell(cell: Box, strokes: Sequence[np.ndarray]) -> np.ndarray:

@@ -28,6 +28,8 @@ from pen_gateway.recognition.cells import (
     scan_cells,
     scan_field_crop,
     scan_page_image,
+    scan_stray_ink,
+    stray_ink_fields,
 )
 from pen_gateway.recognition.identify import identify_scan
 
@@ -108,6 +110,7 @@ class PageReading:
     field_images: dict[str, np.ndarray] = field(default_factory=dict)
     problem: str | None = None  # why the page could not be read, in French, for the reviewer
     crossed: set[str] = field(default_factory=set)  # fields whose boxes ink written elsewhere runs through (InkML)
+    stray: set[str] = field(default_factory=set)  # fields with ink beside their comb, in no box (a digit too many?)
 
     @property
     def layout(self) -> FormLayout | None:
@@ -169,6 +172,7 @@ def _read_ink(strokes: list[np.ndarray], recognizer: Recognizer, election_id: st
     reading.fields = read_cells(recognizer, cells, "ink", boxes)
     reading.field_images = {f.id: ink_field_crop(f, cells[f.id]) for f in layout.fields}
     reading.crossed = crossed_fields(strokes, layout)
+    reading.stray = stray_ink_fields(strokes, layout)
     return reading
 
 
@@ -199,4 +203,5 @@ def _read_scan(gray: np.ndarray, recognizer: Recognizer, configured_election: st
     cells = {f.id: scan_cells(gray, alignment, f) for f in layout.fields}
     reading.fields = read_cells(recognizer, cells, "inset")
     reading.field_images = {f.id: scan_field_crop(gray, alignment, f) for f in layout.fields}
+    reading.stray = {f.id for f in layout.fields if scan_stray_ink(gray, alignment, f)}
     return reading
