@@ -77,8 +77,11 @@ def _worker(args: argparse.Namespace) -> int:
     listener = None
     if settings.worker_metrics_port > 0:
         # Whichever of the machine's workers binds the port serves every queue's depth, not only its own queues'.
+        # A client of its own, with timeouts: the worker's blocks for minutes on purpose (RQ's BLPOP), and a scrape
+        # on it would hang as long as Redis does not answer, instead of saying state_up{source="redis"} 0.
+        scraped = Redis.from_url(settings.redis_url_resolved, socket_timeout=2, socket_connect_timeout=1)
         listener = RetryingListener(settings.bind, settings.worker_metrics_port,
-                                    [StateCollector(None, redis, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
+                                    [StateCollector(None, scraped, queues=[RETURNS_QUEUE, OCR_QUEUE], parts=())])
     worker: Worker = GatewayWorker(args.queues, connection=redis)
     try:
         # An `ocr` job's retries wait minutes (pen_gateway/ocr_relay.py): RQ's scheduler enqueues them when due,

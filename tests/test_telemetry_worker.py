@@ -159,3 +159,40 @@ def test_a_stop_during_the_fold_waits_for_it(tmp_path: Path) -> None:
     samples = [(s.name, s.value) for metric in multiprocess.LockedMultiProcessCollector(tmp_path).collect()
                for s in metric.samples]
     assert samples == [("remontee_folded_total", 3.0)]
+
+
+def test_a_scrape_answers_while_redis_does_not(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (stopped, overloaded) leaves the scrape its own figures
+    and state_up{source="redis"} 0 within seconds, as the other services' scrapes do; it used to hang with it."""
+    from conftest import RedisServer
+
+    server = RedisServer(tmp_path / "redis-dir")
+    (tmp_path / "redis-dir").mkdir()
+    server.start()
+    port = free_port()
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path / "var"), "REMONTEE_REDIS_URL": server.url,
+           "REMONTEE_WORKER_METRICS_PORT": str(port), "REMONTEE_BIND": "127.0.0.1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    worker = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker", "--queues", "returns"],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert server.process is not None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                samples = scrape(f"http://127.0.0.1:{port}/metrics")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert worker.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert samples[("remontee_state_up", frozenset({("source", "redis")}))] == 1
+        server.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")  # 10 s timeout: Prometheus's default
+        assert time.monotonic() - started < 8
+        assert samples[("remontee_state_up", frozenset({("source", "redis")}))] == 0
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(20)
+        server.stop()
