@@ -4,7 +4,8 @@
 bookkeeping): it binds the job's ids for the log (`upload_id` for an `ocr` job, `return_id` and
 `bureau` for a `returns` job) and observes `remontee_rq_job_seconds`; for an `ocr` job also
 `remontee_ocr_seconds` by the status the upload reached and `remontee_uploads_total` for that
-status. `MeasuredWorker` binds the same ids in the worker around the job (so RQ's own lines
+status when the upload entered it (not when an earlier job had, nor `failed` while a retry
+remains). `MeasuredWorker` binds the same ids in the worker around the job (so RQ's own lines
 about it carry them too) and, after each job and once more as it stops, folds the finished horses'
 metric files into the archive (telemetry.multiprocess): a stop requested just as a job ended can
 cut the fold after that job short.
@@ -45,18 +46,26 @@ class MeasuredJob(Job):
         started = time.perf_counter()
         outcome, status = "failed", "failed"
         with logs.bound(**job_fields(self)):
+            # An upload enters a status once: not again when a job finds it already recognized (a job run twice,
+            # the OCR relay's reconciliation), and not `failed` while RQ will try again (it stays queued).
+            entered = True
             try:
                 result = super().perform()
                 outcome = "ok"
                 if isinstance(result, dict) and isinstance(result.get("status"), str):
                     status = result["status"]
+                    entered = result.get("changed") is not False
                 return result
+            except BaseException:
+                entered = not self.retries_left
+                raise
             finally:
                 seconds = time.perf_counter() - started
                 metrics.JOB_SECONDS.labels(self.origin, outcome).observe(seconds)
                 if self.origin == OCR_QUEUE:
                     metrics.OCR_SECONDS.labels(status).observe(seconds)
-                    metrics.UPLOADS.labels(status).inc()
+                    if entered:
+                        metrics.UPLOADS.labels(status).inc()
 
 
 class MeasuredWorker(Worker):

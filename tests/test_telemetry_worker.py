@@ -196,3 +196,30 @@ def test_a_scrape_answers_while_redis_does_not(tmp_path: Path) -> None:
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
         server.stop()
+
+
+def test_an_upload_is_counted_once_per_status_it_enters(redis: Redis) -> None:
+    """uploads_total counts the statuses uploads enter: not again for a job that finds its upload already
+    recognized, not `failed` for an attempt RQ will retry (the upload stays queued), `failed` at the last one."""
+    from rq import Retry
+
+    from telemetry import metrics
+    from telemetry.worker import MeasuredJob
+
+    def counted(status: str) -> float:
+        return metrics.UPLOADS.labels(status)._value.get()
+
+    accepted, failed = counted("accepted"), counted("failed")
+    queue = Queue("ocr", connection=redis, job_class=MeasuredJob)
+    rerun = queue.enqueue("telemetry_jobs.already_accepted", "01JWORKERUPLOADD00000000000")
+    assert rerun.perform()["status"] == "accepted"
+    assert counted("accepted") == accepted
+
+    broken = queue.enqueue("telemetry_jobs.broken", "01JWORKERUPLOADE00000000000", retry=Retry(max=1))
+    with pytest.raises(ValueError):
+        broken.perform()  # RQ will run it again
+    assert counted("failed") == failed
+    broken.retries_left = 0
+    with pytest.raises(ValueError):
+        broken.perform()  # the last attempt: the job marks the upload failed
+    assert counted("failed") == failed + 1

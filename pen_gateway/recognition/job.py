@@ -208,8 +208,9 @@ def _refetch(ctx: Context, upload: Upload) -> Upload:
 
 
 def _outcome(upload: Upload) -> dict[str, Any]:
+    """What an earlier job made of the upload: this one changed nothing (`changed`, for telemetry/worker.py)."""
     return {"upload_id": upload.upload_id, "status": upload.status, "return_id": upload.return_id,
-            "receipt": upload.receipt, "error": upload.error}
+            "receipt": upload.receipt, "error": upload.error, "changed": False}
 
 
 # --- the reviewer's artefacts ---
