@@ -136,7 +136,7 @@ class StationRegistry:
 
     def __init__(self, journal: Journal, var_dir: Path, cache_seconds: float = 10.0) -> None:
         self.journal, self.var_dir = journal, Path(var_dir)
-        metadata.create_all(journal.engine)
+        journal.create_tables(metadata)
         self._fernet: Fernet | None = None
         self._cache: dict[str, tuple[float, str | None]] = {}
         self._cache_seconds = cache_seconds

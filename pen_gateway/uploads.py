@@ -83,7 +83,7 @@ class Upload:
 
 
 def create_tables(journal: Journal) -> None:
-    metadata.create_all(journal.engine)
+    journal.create_tables(metadata)
 
 
 def upload_values(upload: Upload, now: float | None = None) -> dict[str, object]:

@@ -234,10 +234,20 @@ class Journal:
         else:
             self._writer = self._reader = create_engine(url, pool_pre_ping=True)
             _forget_connections_after_fork(self._writer)
-        metadata.create_all(self._writer)
+        self.create_tables(metadata)
         self._committer_lock = threading.Lock()
         self._committer_pid: int | None = None
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+
+    def create_tables(self, tables: MetaData) -> None:
+        """Create the tables missing from the database, whichever of the parts starting at once gets there first.
+
+        On PostgreSQL two processes creating one table at the same moment (every service started together on an
+        empty database) make one fail on pg_type's unique index: the creations take turns under a lock."""
+        with self._writer.begin() as conn:
+            if not self.sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('remontee create tables'))"))
+            tables.create_all(conn)
 
     def dispose(self) -> None:
         self._writer.dispose()

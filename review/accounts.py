@@ -178,7 +178,7 @@ class Accounts:
         self.hasher = hasher or PasswordHasher()
         self.lockout = lockout or LockoutPolicy()
         self.session_policy = session_policy or SessionPolicy()
-        metadata.create_all(journal.engine)
+        journal.create_tables(metadata)
         # Verified against when the name is unknown, so a wrong name costs as long as a wrong password.
         self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
 

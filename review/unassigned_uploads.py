@@ -168,7 +168,7 @@ class UnassignedUploads:
         # The uploads table is the pen gateway's; created here too (the same definition) so that the
         # review UI can start first.
         create_tables(journal)
-        metadata.create_all(journal.engine)
+        journal.create_tables(metadata)
 
     # --- reading ---
 

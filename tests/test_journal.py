@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +14,7 @@ from redis import Redis
 from rq import Queue
 from sqlalchemy import event, select, update
 
-from conftest import RedisServer
+from conftest import PostgresServer, RedisServer
 from forms import Election
 from returns_queue.jobs import return_job_id
 from returns_queue.journal import Journal, _Request, receipt_for, returns, review_items
@@ -309,3 +311,18 @@ def test_the_relay_thread_outlives_a_journal_it_cannot_read(
         relay.wakeup.set()
         thread.join(5)
         journal.dispose()
+
+
+def test_parts_starting_together_on_an_empty_postgresql_database_all_start(postgres_server: PostgresServer) -> None:
+    """Every service of docs/deploy.md creates the tables it needs at its start; started together on a fresh
+    PostgreSQL database, those that raced on one table died of pg_type's unique index."""
+    start = ("import sys; from returns_queue.journal import Journal; from pen_gateway.uploads import create_tables;"
+             "from review.accounts import Accounts; from pen_gateway.signing import StationRegistry;"
+             "j = Journal(sys.argv[1]); create_tables(j); StationRegistry(j, sys.argv[2])")
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        url = postgres_server.create_database()
+        parts = [subprocess.Popen([sys.executable, "-c", start, url, "/nonexistent"], cwd=root,
+                                  stderr=subprocess.PIPE) for _ in range(6)]
+        errors = [p.communicate(timeout=60)[1].decode() for p in parts]
+        assert [p.returncode for p in parts] == [0] * 6, [e.strip().splitlines()[-1] for e in errors if e.strip()]
