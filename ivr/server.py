@@ -50,7 +50,8 @@ class PhoneService:
         s = self.settings
         self.election = load_election(s.election)
         self.registry_file = RegistryFile(s.registry_path)
-        self.registry_file.get()  # a registry that does not load stops the start, here
+        if self.registry_file.get() is None:  # a registry that does not load raises here, and stops the start
+            raise FileNotFoundError(f"no registry at {s.registry_path}")
         self.journal = Journal(s.db_url_resolved)
         # A short socket timeout: a Redis that hangs must not hold a thread (and a call) for long.
         self.redis = Redis.from_url(s.redis_url_resolved, socket_timeout=5, socket_connect_timeout=5)

@@ -754,6 +754,12 @@ def test_a_bureau_added_to_the_registry_on_the_night_reports_by_phone_without_a_
         next(phones, None)
 
 
+def test_a_phone_service_without_its_registry_does_not_start(tmp_path: Path, redis_server: RedisServer) -> None:
+    settings = Settings(var_dir=tmp_path, redis_url=redis_server.url, registry=tmp_path / "nowhere.csv")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
+        PhoneService(settings, relay=False)
+
+
 def test_a_journal_away_while_the_pin_is_keyed_does_not_end_the_call(
         running_reactor: Any, tmp_path: Path, redis_server: RedisServer, redis: Redis, postgres_server: PostgresServer,
         demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> None:
