@@ -118,8 +118,7 @@ def load_registry(path: Path | str) -> Registry:
         raise RegistryError(path, data[: exc.start].count(b"\n") + 1,
                             "not UTF-8 text (save the file as CSV UTF-8)") from exc
     with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f, delimiter=_delimiter(f.readline()))
-        f.seek(0)
+        reader = csv.DictReader(f, delimiter=_delimiter(text.partition("\n")[0]))
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
