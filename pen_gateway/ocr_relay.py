@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -91,6 +90,7 @@ class OcrRelay(RelayLoop):
     name = "ocr relay"
     waiting = "uploads"
     interval = 1.0
+    lock_name = LOCK_NAME
 
     def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
                  batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None,
@@ -105,10 +105,9 @@ class OcrRelay(RelayLoop):
 
     def relay_once(self, now: float | None = None) -> int:
         """Enqueue the missing OCR jobs; the number enqueued. Raises RedisError when Redis is away."""
-        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
-        if not lock.acquire():
-            return 0
-        try:
+        with self._lock() as held:
+            if not held:
+                return 0
             enqueued = 0
             before = (time.time() if now is None else now) - self.grace
             while upload_ids := ocr_outbox(self.journal, before, self.batch):
@@ -126,9 +125,6 @@ class OcrRelay(RelayLoop):
                 if len(upload_ids) < self.batch:
                     break
             return enqueued
-        finally:
-            with contextlib.suppress(RedisError):  # the lock expires by itself
-                lock.release()
 
     def _job_statuses(self, upload_ids: list[str]) -> list[str | None]:
         """The status RQ holds for each upload's job, None where Redis has no such job; one round trip."""
@@ -157,15 +153,9 @@ class OcrRelay(RelayLoop):
         killed on its last attempt. Under the relay's lock, as `relay_once`, so that two gateway
         processes never replace the same job at once.
         """
-        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
-        if not lock.acquire():
-            return 0
         now = time.time() if now is None else now
-        try:
-            return self._reconcile(now - older_than, now)
-        finally:
-            with contextlib.suppress(RedisError):  # the lock expires by itself
-                lock.release()
+        with self._lock() as held:
+            return self._reconcile(now - older_than, now) if held else 0
 
     def _reconcile(self, marked_before: float, now: float) -> int:
         with self.journal.read() as conn:

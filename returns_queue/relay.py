@@ -46,9 +46,24 @@ class RelayLoop:
     waiting = "returns"  # what stays journaled while Redis is away, for the log
     interval = 0.25  # seconds between passes
     interval_redis_down = 1.0
+    lock_name = LOCK_NAME  # one relay of a kind works at a time, whichever process it runs in
+    redis: Redis
 
     def __init__(self) -> None:
         self.wakeup = threading.Event()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[bool]:
+        """The Redis lock of this kind of relay, if no other relay holds it: whether this one does."""
+        lock = self.redis.lock(self.lock_name, timeout=30, blocking=False)
+        if not lock.acquire():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(RedisError):  # the lock expires by itself
+                lock.release()
 
     def relay_once(self) -> int:
         raise NotImplementedError
@@ -115,19 +130,6 @@ class Relay(RelayLoop):
                 if len(payloads) < self.batch:
                     break
             return relayed
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[bool]:
-        """The relays' Redis lock, if no other relay holds it: whether this one does."""
-        lock = self.redis.lock(LOCK_NAME, timeout=30, blocking=False)
-        if not lock.acquire():
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(RedisError):  # the lock expires by itself
-                lock.release()
 
     def reconcile(self, window: float = 3600.0) -> int:
         """Enqueue again the recently relayed returns whose job Redis has lost or stranded; the number re-enqueued."""
