@@ -318,11 +318,11 @@ class ReviewItems:
             # another supervisor) is said so, not taken for figures accepted since the page was opened.
             self._close(conn, item, username,
                         {"state": "approved", "decision_note": note or None, "result_return_id": submission.return_id})
-            if seen_accepted is not None:
-                _check_latest_accepted(conn, election.id, bureau_code, submission.return_id, seen_accepted)
             # What the back office counted for the bureau until now: for a conflict or a correction, not the
             # item's return, which was never accepted, but the accepted one the approval replaces.
             replaced = latest_accepted_row(conn, election.id, bureau_code, excluding=submission.return_id)
+            if seen_accepted is not None:
+                _check_latest_accepted(replaced, bureau_code, seen_accepted)
             conn.execute(
                 update(returns)
                 .where(returns.c.return_id == item.return_id, returns.c.status == "review")
@@ -361,9 +361,8 @@ class ReviewItems:
             _settle_uploads(conn, item.return_id, "rejected", None, None)
 
 
-def _check_latest_accepted(conn: Connection, election: str, bureau: str, approval: str, seen: str) -> None:
-    """Raise AcceptedMeanwhile unless the bureau's latest accepted return (before `approval`) is `seen`."""
-    latest = latest_accepted_row(conn, election, bureau, excluding=approval)
+def _check_latest_accepted(latest: Any, bureau: str, seen: str) -> None:
+    """Raise AcceptedMeanwhile unless the bureau's latest accepted return (its row, or None) is `seen`."""
     if latest is not None and latest.return_id != seen:
         raise AcceptedMeanwhile(
             f"le bureau {bureau} a un retour accepté que cette page ne montrait pas ({latest.channel}, reçu "
