@@ -53,7 +53,7 @@ ACCEPTED, OPERATOR, DECLINED, HUNG_UP = "accepted", "operator", "declined", "han
 
 BUREAU = DigitInput("bureau", P.ASK_BUREAU, min_digits=1, max_digits=10, first_digit_timeout_ms=6000,
                     inter_digit_timeout_ms=6000)  # the validator (the registry) is bound per server
-PIN = DigitInput("pin", P.ASK_PIN, min_digits=4, max_digits=8)
+PIN = DigitInput("pin", P.ASK_PIN, min_digits=4, max_digits=8, secret=True)
 CONFIRM_CORRECTION = menu("correction", P.ASK_CONFIRM_CORRECTION, "12")
 CONFIRM_RESUME = menu("reprise", P.ASK_CONFIRM_RESUME, "12")
 CONFIRM_MISMATCH = menu("ecart", P.ASK_CONFIRM_MISMATCH, "123")

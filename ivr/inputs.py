@@ -62,6 +62,9 @@ class DigitInput:
     error_prompt: ErrorPrompt = (prompts.INVALID,)
     max_attempts: int = 3  # invalid entries before TooManyErrors
     silence_reprompts: int = 3  # re-prompts after a silence before NoInput
+    # A PIN: what was keyed is never logged nor put in an exception (a PIN keyed twice, or cut short, is the
+    # PIN or part of it); only its length is.
+    secret: bool = False
 
     def __post_init__(self) -> None:
         if self.end_key not in ("#", None):
@@ -127,9 +130,10 @@ async def read_input(
         if problem is None:
             return entry
         errors += 1
-        log.info("%s: invalid entry %r (%s), attempt %d of %d", spec.name, entry, problem, errors, spec.max_attempts)
+        shown = f"of {len(entry)} keys" if spec.secret else repr(entry)
+        log.info("%s: invalid entry %s (%s), attempt %d of %d", spec.name, shown, problem, errors, spec.max_attempts)
         if errors >= spec.max_attempts:
-            raise TooManyErrors(spec.name, entry)
+            raise TooManyErrors(spec.name, "" if spec.secret else entry)
         to_play = [prompts.TOO_LONG] if problem == "too long" else spec.errors_for(entry)
 
 

@@ -250,6 +250,19 @@ def test_withheld_numbers_are_never_locked_together(phone: Phone, state: CallSta
     assert phone.call(phone.happy_script(code, pin, GOOD_T1), callerid="unknown").outcome == "accepted"
 
 
+def test_a_pin_keyed_wrong_is_never_written_to_the_log(phone: Phone, caplog: pytest.LogCaptureFixture) -> None:
+    code, pin = phone.next_bureau()
+    caplog.set_level(logging.DEBUG)
+    # The PIN keyed twice (the caller did not hear the first), then a PIN cut short, then the right one.
+    script = [press(code + "#"), press(pin + pin + "#"), press(pin[:3] + "#"), press(pin + "#"),
+              *phone.counts_script(GOOD_T1), press("1")]
+    record = phone.call(script, callerid="0600000031")
+    assert record.outcome == "accepted"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pin: invalid entry" in logged  # the invalid entries are logged, without their digits
+    assert pin not in logged and pin[:3] + "'" not in logged
+
+
 def _wrong_pin(pin: str, n: int = 0) -> str:
     wrong = f"{n:06d}"
     return wrong if wrong != pin else f"{n + 1:06d}"
