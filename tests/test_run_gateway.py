@@ -211,6 +211,7 @@ def test_all_refuses_a_bad_setting_in_one_line_before_starting_anything(
     ({}, ["--agi-port", "457300"], "--agi-port (REMONTEE_AGI_PORT) 457300: a port is 0 to 65535"),
     ({"REMONTEE_IVR_METRICS_PORT": "-1"}, [],
      "--ivr-metrics-port (REMONTEE_IVR_METRICS_PORT) -1: a port is 0 to 65535"),
+    ({"REMONTEE_LOG_FORMAT": "txt"}, [], "REMONTEE_LOG_FORMAT='txt': json or text"),
 ])
 def test_a_malformed_setting_is_a_usage_error_not_a_traceback(
     tmp_path: Path, variables: dict[str, str], flags: list[str], error: str,
