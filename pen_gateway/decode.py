@@ -370,13 +370,36 @@ def _formats(root: Element) -> tuple[_Format, dict[str, _Format]]:
                 by_id[ident] = fmt
             if default is None:
                 default = fmt
+    # An inkSource's traceFormat is the format of what its device records: a context naming that inkSource (inline,
+    # as Windows Ink writes its InkML, or by inkSourceRef) and no traceFormat of its own records in that format.
+    sources: dict[str, _Format] = {}
+    for element in root.iter():
+        if _local(element.tag) == "inkSource":
+            inner = next((e for e in element if _local(e.tag) == "traceFormat"), None)
+            ident = element.get(f"{{{XML_NS}}}id")
+            if ident and inner is not None:
+                sources[ident] = _trace_format(inner)
     for element in root.iter():
         if _local(element.tag) != "context":
             continue
         ident = element.get(f"{{{XML_NS}}}id")
         inner = next((e for e in element if _local(e.tag) == "traceFormat"), None)
+        source = next((e for e in element if _local(e.tag) == "inkSource"), None)
+        if inner is None and source is not None:
+            inner = next((e for e in source if _local(e.tag) == "traceFormat"), None)
         ref = (element.get("traceFormatRef") or "").lstrip("#")
-        fmt = _trace_format(inner) if inner is not None else by_id.get(ref)
+        source_ref = (element.get("inkSourceRef") or "").lstrip("#")
+        base = (element.get("contextRef") or "").lstrip("#")
+        if inner is not None:
+            fmt: _Format | None = _trace_format(inner)
+        elif ref:
+            fmt = by_id.get(ref)
+        elif source_ref:
+            fmt = sources.get(source_ref)
+        elif base:
+            fmt = by_id.get(base)  # the context it refines, defined before it
+        else:
+            fmt = default or _DEFAULT_FORMAT  # a brush or a canvas only: the format of traces without a context
         if ident and fmt is not None:
             by_id[ident] = fmt
     return default or _DEFAULT_FORMAT, by_id

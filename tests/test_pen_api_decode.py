@@ -96,6 +96,39 @@ def test_inkml_contexts_and_trace_groups() -> None:
     np.testing.assert_allclose(strokes[2], [[50.8, 50.8]])
 
 
+def test_inkml_contexts_whose_trace_format_is_their_ink_sources_or_another_contexts() -> None:
+    """A context may give its traceFormat through its inkSource (as Windows Ink's InkML does), through the context it
+    refines (contextRef), or not at all (a brush only: the default format). Each is a context the document defines,
+    in the units its channels declare; they were refused as 'a trace refers to #ctx, which the document does not
+    define'."""
+    doc = b"""<?xml version="1.0" encoding="UTF-8"?>
+    <inkml:ink xmlns:inkml="http://www.w3.org/2003/InkML">
+      <inkml:definitions>
+        <inkml:context xml:id="ctx0">
+          <inkml:inkSource xml:id="pen0">
+            <inkml:traceFormat><inkml:channel name="X" type="decimal" units="cm"/>
+              <inkml:channel name="Y" type="decimal" units="cm"/><inkml:channel name="F" type="integer"/>
+            </inkml:traceFormat>
+          </inkml:inkSource>
+        </inkml:context>
+        <inkml:brush xml:id="br0"/>
+        <inkml:context xml:id="ctx1" contextRef="#ctx0" brushRef="#br0"/>
+        <inkml:context xml:id="ctx2" inkSourceRef="#pen0"/>
+        <inkml:context xml:id="ctx3" brushRef="#br0"/>
+      </inkml:definitions>
+      <inkml:trace contextRef="#ctx0">1 2 40, 3 4 41</inkml:trace>
+      <inkml:trace contextRef="#ctx1">1 1 40</inkml:trace>
+      <inkml:trace contextRef="#ctx2">2 2 40</inkml:trace>
+    </inkml:ink>"""
+    strokes = decode_upload(doc, INKML).strokes
+    np.testing.assert_allclose(strokes[0], [[10, 20], [30, 40]])
+    np.testing.assert_allclose(strokes[1], [[10, 10]])
+    np.testing.assert_allclose(strokes[2], [[20, 20]])
+    plain = b"""<ink xmlns="http://www.w3.org/2003/InkML"><definitions><brush xml:id="b"/>
+      <context xml:id="c" brushRef="#b"/></definitions><trace contextRef="#c">10 20, 11 21</trace></ink>"""
+    np.testing.assert_allclose(decode_upload(plain, INKML).strokes[0], [[10, 20], [11, 21]])
+
+
 def test_inkml_without_namespace_and_with_a_prefix() -> None:
     plain = decode_upload(b"<ink><trace>1 2, 3 4</trace></ink>", None)
     prefixed = decode_upload(b'<i:ink xmlns:i="http://www.w3.org/2003/InkML"><i:trace>1 2</i:trace></i:ink>',
