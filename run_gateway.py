@@ -202,6 +202,7 @@ class Supervisor:
             "REMONTEE_REVIEW_PORT": str(s.review_port),
             "REMONTEE_REVIEW_TRUSTED_PROXIES": str(s.review_trusted_proxies),
             "REMONTEE_CONSOLIDATE_JOB": s.consolidate_job,
+            "REMONTEE_MAX_UPLOAD_BYTES": str(s.max_upload_bytes),
             "REMONTEE_IVR_METRICS_PORT": str(s.ivr_metrics_port),
             "REMONTEE_WORKER_METRICS_PORT": str(s.worker_metrics_port),
             "REMONTEE_LOG_FORMAT": s.log_format,

@@ -267,3 +267,24 @@ def test_the_operators_one_shot_commands_fail_in_one_line(tmp_path: Path) -> Non
     finally:
         os.close(writer)
     assert layout.returncode == 1 and layout.stderr == ""
+
+
+def test_every_setting_given_to_all_reaches_the_parts_it_starts(tmp_path: Path) -> None:
+    """`all --max-upload-bytes N` (or any other flag) is the parts' setting too: each child reads its settings from
+    the environment the supervisor gives it, so a setting left out of it fell back to its default there."""
+    from run_gateway import SERVICES, Supervisor, build_parser
+
+    values = {"var_dir": tmp_path / "night", "bind": "127.0.0.2", "agi_port": 14573, "pen_port": 18080,
+              "review_port": 18081, "review_trusted_proxies": 1, "redis_url": "redis://127.0.0.1:16379/3",
+              "db_url": f"sqlite:///{tmp_path / 'j.sqlite3'}", "election": "primaire-2011-t2",
+              "registry": tmp_path / "registre.csv", "consolidate_job": "backoffice.jobs.consolidate",
+              "max_upload_bytes": 1_000_000, "ivr_metrics_port": 19573, "worker_metrics_port": 19574,
+              "log_format": "text"}
+    assert set(values) == set(Settings.__dataclass_fields__) - {"secret_key"}  # a new setting is added here too
+    argv = ["all"] + [a for name, value in values.items() for a in (f"--{name.replace('_', '-')}", str(value))]
+    args = build_parser().parse_args(argv)
+    overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
+    settings = Settings.from_env({}, **overrides)
+    child = Settings.from_env(Supervisor(settings, SERVICES)._env())
+    for name, value in values.items():
+        assert getattr(child, name) == value, name
