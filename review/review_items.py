@@ -302,8 +302,12 @@ class ReviewItems:
             raise ItemUnavailable(self._why_unavailable(item, username))
         election: Election = load_election(item.election)
         bureau_code = (bureau or item.bureau).strip()
+        # The consolidation keeps the bureau's return whose id sorts last: this one must sort after the figures it
+        # replaces, though another process made their id, by a wall clock NTP may have stepped back since.
+        known = self.journal.latest_accepted(election.id, bureau_code)
+        after = max(item.return_id, known.return_id if known else "")
         ret = new_return(election, bureau_code, raw_counts, "review", {"supervisor": username},
-                         supersedes=item.return_id)
+                         supersedes=item.return_id, after=after)
         findings = check_return(ret, election, registry.get(bureau_code) if registry is not None else None)
         if findings:
             return Approval(ret, findings)
@@ -323,6 +327,9 @@ class ReviewItems:
             replaced = latest_accepted_row(conn, election.id, bureau_code, excluding=submission.return_id)
             if seen_accepted is not None:
                 _check_latest_accepted(replaced, bureau_code, seen_accepted)
+            if replaced is not None and replaced.return_id >= submission.return_id:  # accepted since `known` was read
+                raise AcceptedMeanwhile(f"le bureau {bureau_code} a reçu un retour accepté pendant l'approbation "
+                                        f"({replaced.channel}, reçu {replaced.receipt}) : approuvez à nouveau")
             conn.execute(
                 update(returns)
                 .where(returns.c.return_id == item.return_id, returns.c.status == "review")

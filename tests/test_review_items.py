@@ -597,3 +597,37 @@ def test_a_count_with_more_digits_than_any_count_is_refused_as_unreadable(
     assert response.status_code == 422 and "illisible" in text(response)
     assert n_returns(env) == before
     assert env.app.extensions["remontee_review"].items.get(item).state == "open"
+
+
+def test_a_correction_approved_after_the_clock_went_back_replaces_the_figures_in_the_consolidation(
+    env: ReviewEnv,
+) -> None:
+    """The phone return was journaled by the FastAGI process while the machine's clock was an hour ahead; NTP then
+    stepped it back. The supervisor's approval, made by another process after the step, must still sort after it:
+    the consolidation keeps a bureau's return whose id sorts last, so an approval sorting first would leave the
+    phone's figures in the totals without a word."""
+    from dataclasses import replace as replaced
+
+    from ulid import ULID
+
+    from returns_queue.consolidation import apply_return, latest_returns, totals
+    from validation import check_return
+
+    code = bureau_codes(env.registry)[11]
+    ahead = replaced(new_return(env.election, code, GOOD_T1, "ivr", {"call_id": "1318190400.7"}),
+                     return_id=str(ULID.from_timestamp(time.time() + 3600)))
+    assert env.journal.submit(ahead, check_return(ahead, env.election, env.registry.get(code))).status == "accepted"
+    pen = submit(env.journal, env.election, env.registry, code, OTHER_T1, "pen")
+    assert pen.status == "review"
+    item = item_id_for(env.journal, pen.return_id)
+    client = env.client()
+    token = login(client, "alice")
+    page = text(client.get(f"/items/{item}"))
+    assert client.post(f"/items/{item}/approve",
+                       data=form(OTHER_T1, token, seen_accepted=seen_accepted(page))).status_code == 303
+    approved = env.journal.latest_accepted(env.election.id, code)
+    assert approved.channel == "review" and approved.return_id > ahead.return_id
+    for payload in env.journal.outbox():  # what the relay hands the back office, in the journal's order
+        apply_return(env.redis, payload)
+    assert latest_returns(env.redis, env.election.id)[code]["return_id"] == approved.return_id
+    assert totals(env.redis, env.election.id)["votants"] == OTHER_T1["votants"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Mapping
@@ -30,17 +31,24 @@ _last_id = ULID.from_int(0)
 _id_lock = threading.Lock()
 
 
-def new_return_id() -> str:
-    """Unique and sortable by time of receipt: a ULID, monotonic within a process.
+def new_return_id(after: str | None = None) -> str:
+    """Unique and sortable by time of receipt: a ULID, monotonic within a process, and sorting after `after`.
 
     Monotonic as the ULID spec describes (same millisecond: previous + 1), so a correction made
-    in this process always sorts after what it corrects, which consolidation relies on.
+    in this process always sorts after what it corrects, which consolidation relies on. A return
+    made by another process sorts by that process's reading of the wall clock, which NTP may have
+    stepped back since: a return that must sort after another one (a supervisor's, after the
+    figures it replaces) names it as `after` and is then at least its id + 1.
     """
     global _last_id
     with _id_lock:
         fresh = ULID()
-        if fresh.milliseconds <= _last_id.milliseconds:
-            fresh = ULID.from_int(int(_last_id) + 1)
+        floor = _last_id
+        if after is not None:
+            with contextlib.suppress(ValueError):  # not one of our ULIDs: nothing to sort after
+                floor = max(floor, ULID.from_str(after), key=int)
+        if fresh.milliseconds <= floor.milliseconds:
+            fresh = ULID.from_int(int(floor) + 1)
         _last_id = fresh
         return str(fresh)
 
@@ -123,17 +131,18 @@ def new_return(
     *,
     supersedes: str | None = None,
     received_at: str | None = None,
+    after: str | None = None,
 ) -> Return:
     """Normalize a channel's raw figures (keyed text, OCR text or ints) into a Return for `election`.
 
     Every field of the election is present; a missing or unparseable one is None, for the
     checks to report. Fields the election does not know are dropped here and never reach
-    the queue.
+    the queue. The return id sorts after `after` (see `new_return_id`).
     """
     if channel not in CHANNELS:
         raise ValueError(f"unknown channel {channel!r}")
     return Return(
-        return_id=new_return_id(),
+        return_id=new_return_id(after),
         election=election.id,
         bureau=bureau,
         counts={f.id: parse_count(raw_counts.get(f.id)) for f in election.fields},
