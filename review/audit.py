@@ -98,7 +98,10 @@ def _day(text: str, end: bool) -> float | None:
     except ValueError:
         return None
     start = datetime.combine(day, time.min, tzinfo=context().tz)
-    return (start + timedelta(days=1) if end else start).timestamp()
+    try:
+        return (start + timedelta(days=1) if end else start).timestamp()
+    except OverflowError:  # the end of 31/12/9999 is past what a date holds: no end at all
+        return None
 
 
 def _filtered(query: Any) -> tuple[Any, dict[str, str]]:

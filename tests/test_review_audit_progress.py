@@ -234,3 +234,15 @@ def test_progress_says_when_redis_is_away(tmp_path: Path, journal: Journal, redi
     assert response.status_code == 200
     assert "Redis injoignable" in text(response)
     assert client.get("/progress.json").json["redis_ok"] is False
+
+
+def test_audit_until_the_last_day_a_date_picker_offers_lists_everything(env: ReviewEnv) -> None:
+    """An admin who wants everything "until far away" picks 31/12/9999: the end of that day is beyond what a date
+    holds, and the page and the export answered 500."""
+    original = _approve_one(env)
+    admin = env.client()
+    login(admin, "root")
+    page = admin.get("/audit?since=0001-01-01&until=9999-12-31")
+    assert page.status_code == 200 and original in text(page)
+    export = admin.get("/audit.csv?until=9999-12-31")
+    assert export.status_code == 200 and original in export.get_data(as_text=True)
