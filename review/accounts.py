@@ -248,6 +248,10 @@ class Accounts:
             )
             # Other sessions of that user end: a password change after a suspected leak must lock the thief out.
             conn.execute(delete(sessions).where(sessions.c.username == username))
+            # The failures before it were guesses at the old password: the name's lockout starts afresh, as after
+            # a login (a locked supervisor is told to ask an administrator, and this is what one can do). The
+            # row names no address, so the guesser's address keeps its count.
+            conn.execute(insert(login_attempts).values(username=username, address=None, at=time.time(), success=True))
             Journal.record_audit(conn, actor, "user_password", username, None, None)
 
     def _locked_user(self, conn: Any, username: str) -> User:

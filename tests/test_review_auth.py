@@ -265,6 +265,27 @@ def test_a_success_clears_earlier_failures(env: ReviewEnv) -> None:
     assert _try(other, "alice", PASSWORDS["alice"]) == 302
 
 
+def test_an_admin_who_gives_a_locked_supervisor_a_new_password_lets_them_in(env: ReviewEnv) -> None:
+    # Someone else's five guesses lock alice's name; the page tells her to wait or ask an administrator.
+    guesser = env.client()
+    for _ in range(5):
+        assert _try(guesser, "alice", "mauvais-mot-de-passe") == 401
+    alice = env.client()
+    token = csrf_token(alice.get("/login").get_data(as_text=True))
+    locked = alice.post("/login", data={"username": "alice", "password": PASSWORDS["alice"], "csrf_token": token})
+    assert locked.status_code == 429 and "demandez à un administrateur" in html.unescape(locked.get_data(as_text=True))
+    # What an administrator can do for her: a new password, given to her in person. The guesses were at the old one.
+    admin = env.client()
+    admin_token = login(admin, "root")
+    assert admin.post("/users/alice/password", data={"csrf_token": admin_token,
+                                                     "password": "nouveau-mot-de-passe"}).status_code == 302
+    assert _try(env.client(), "alice", "nouveau-mot-de-passe") == 302
+    # Guesses at the new password are counted afresh, and lock her name again at the fifth.
+    for _ in range(5):
+        assert _try(guesser, "alice", "mauvais-mot-de-passe") == 401
+    assert _try(env.client(), "alice", "nouveau-mot-de-passe") == 429
+
+
 def test_an_address_spraying_many_names_is_locked(env: ReviewEnv) -> None:
     client = env.client()
     for i in range(20):
