@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import Settings, SettingsError
+from settings import Settings, SettingsError, make_var_dir
 from telemetry.logs import configure_logging
 
 log = logging.getLogger("remontee")
@@ -308,7 +308,7 @@ def check_settings(settings: Settings) -> None:
 
 def run_everything(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    make_var_dir(settings.var_dir)
     hold_var_dir(settings.var_dir)
     check_settings(settings)
     ensure_demo_registry(settings, args.demo_bureaux)

@@ -82,6 +82,17 @@ class Settings:
         return self.redis_url or f"unix://{self.private_redis_socket}"
 
 
+def make_var_dir(var_dir: Path) -> Path:
+    """Create the runtime data directory, open to its owner only (0700), whatever the umask.
+
+    It holds the journal (every return, the supervisors' password hashes), the demo registry's PIN
+    hashes (six digits: a few core-hours to guess offline), the uploads and the private Redis's AOF,
+    and the default umask leaves what is created there readable by every user of the machine. An
+    existing directory keeps its mode (docs/deploy.md makes /srv/remontee 750 for its group)."""
+    var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return var_dir
+
+
 def _convert(annotation: Any, raw: str) -> Any:
     text = str(annotation)
     if "int" in text:

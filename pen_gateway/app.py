@@ -35,7 +35,7 @@ from pen_gateway.storage import RawStore
 from pen_gateway.uploads import Upload, create_tables
 from returns_queue.jobs import OCR_QUEUE, ocr_queue
 from returns_queue.journal import Journal
-from settings import Settings
+from settings import Settings, make_var_dir
 from telemetry import logs
 from telemetry.exposition import install_flask
 from telemetry.state import StateCollector
@@ -82,7 +82,7 @@ class PenGateway:
             raise ValueError(f"a signature window of {signature_window} s needs used signatures remembered "
                              f"for {2 * signature_window} s; they are for {REPLAY_MEMORY} s")
         self.settings = settings
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        make_var_dir(settings.var_dir)
         self.journal = Journal(settings.db_url_resolved)
         create_tables(self.journal)
         self.stations = StationRegistry(self.journal, settings.var_dir)

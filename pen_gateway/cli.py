@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from settings import Settings
+from settings import Settings, make_var_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _registry(settings: Settings) -> Any:
     from pen_gateway.signing import StationRegistry
     from returns_queue.journal import Journal
 
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    make_var_dir(settings.var_dir)
     return StationRegistry(Journal(settings.db_url_resolved), settings.var_dir)
 
 
@@ -64,6 +64,7 @@ def _pen(args: argparse.Namespace) -> int:
     from telemetry import logs, multiprocess
 
     settings: Settings = args.settings
+    make_var_dir(settings.var_dir)
     # Before anything imports prometheus_client: the workers' metrics go to files under var/metrics/pen/,
     # emptied now (a previous run's counts would otherwise be added to this one's).
     multiprocess.enable(multiprocess.directory_for(settings.var_dir, "pen"), wipe=True)

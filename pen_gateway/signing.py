@@ -44,6 +44,7 @@ from sqlalchemy import Column, Connection, Float, MetaData, String, Table, Text,
 from sqlalchemy.exc import IntegrityError
 
 from returns_queue.journal import Journal
+from settings import make_var_dir
 
 SIGNATURE_WINDOW = 300  # seconds a timestamp may be off, either way
 REPLAY_MEMORY = 600  # seconds a used signature is remembered
@@ -118,7 +119,7 @@ def _load_or_create_key(var_dir: Path) -> bytes:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_var_dir(path.parent)
     key = Fernet.generate_key()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -18,7 +18,7 @@ from returns_queue.consolidation import totals
 from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
 from returns_queue.journal import Journal
 from returns_queue.relay import Relay
-from settings import Settings
+from settings import Settings, make_var_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def _worker(args: argparse.Namespace) -> int:
     from telemetry import multiprocess
 
     settings: Settings = args.settings
+    make_var_dir(settings.var_dir)
     # The work horses RQ forks write their metrics under var/metrics/worker/, shared by this machine's
     # workers (not emptied: another worker may be running); telemetry.worker measures each job.
     directory = multiprocess.enable(multiprocess.directory_for(settings.var_dir, "worker"), wipe=False)

@@ -33,7 +33,7 @@ from returns_queue.journal import Journal
 from review.accounts import Accounts, LockoutPolicy, SessionPolicy
 from review.review_items import ReviewItems
 from review.unassigned_uploads import UnassignedUploads
-from settings import Settings
+from settings import Settings, make_var_dir
 
 csrf = CSRFProtect()
 
@@ -66,7 +66,7 @@ def secret_key_for(settings: Settings) -> str:
         return settings.secret_key
     path = settings.var_dir / "secret_key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_var_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
         try:
             with os.fdopen(fd, "w") as f:

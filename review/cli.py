@@ -11,7 +11,7 @@ from typing import Any
 
 from returns_queue.journal import Journal
 from review.accounts import ROLES, AccountError, Accounts
-from settings import Settings
+from settings import Settings, make_var_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _accounts(settings: Settings) -> Accounts:
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    make_var_dir(settings.var_dir)
     return Accounts(Journal(settings.db_url_resolved))
 
 
@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     from telemetry import logs, multiprocess
 
     settings: Settings = args.settings
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    make_var_dir(settings.var_dir)
     # Before anything imports prometheus_client (the app is preloaded in this process, then forked).
     multiprocess.enable(multiprocess.directory_for(settings.var_dir, "review"), wipe=True)
 

@@ -185,6 +185,29 @@ def test_the_runtime_data_directory_is_read_from_remontee_var_as_design_md_names
     assert Settings.from_env({"REMONTEE_VAR": "/srv/a", "REMONTEE_VAR_DIR": "/srv/b"}).var_dir == Path("/srv/b")
 
 
+@pytest.mark.parametrize("command", [
+    ["stations", "add", "dock-1"],
+    ["users", "add", "chef", "--role", "admin", "--password-stdin"],
+    ["all", "--election", "primaire-2012"],  # creates var/ before it refuses the setting
+])
+def test_the_runtime_data_directory_is_created_for_its_user_alone(tmp_path: Path, command: list[str]) -> None:
+    # What var/ holds (the journal, PIN hashes, uploads, Redis's AOF) is created under the default umask, 022:
+    # readable by every user of the machine unless var/ itself keeps them out.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMONTEE_")}
+    subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), *command], cwd=tmp_path, env=env,
+                   input="chef-mot-de-passe\n", capture_output=True, text=True, timeout=60,
+                   preexec_fn=lambda: os.umask(0o022))
+    assert (tmp_path / "var").is_dir()
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
+    # A directory the operator made keeps its mode (docs/deploy.md: /srv/remontee, 750 for its group).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o750)
+    env["REMONTEE_VAR_DIR"] = str(shared)
+    subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), *command], cwd=tmp_path, env=env,
+                   input="chef-mot-de-passe\n", capture_output=True, text=True, timeout=60)
+    assert shared.stat().st_mode & 0o777 == 0o750
+
+
 @pytest.mark.parametrize(("setting", "error"), [
     (["--election", "primaire-2012"], "primaire-2012.toml: id: no such election"),
     (["--registry", "registry.csv"], "registry.csv:1: missing column(s)"),
