@@ -40,6 +40,7 @@ from registry import Registry
 from returns_queue.journal import Journal, audit
 from review import create_app
 from review.accounts import login_attempts, sessions, users
+from settings import Settings
 
 __all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
 
@@ -321,6 +322,30 @@ def test_behind_a_trusted_proxy_one_address_locked_is_not_everyone_locked(env: R
     with env.journal.read() as conn:
         assert conn.execute(select(login_attempts.c.address).where(login_attempts.c.username == "alice")
                             ).scalar_one() == "127.0.0.1"
+
+
+def test_the_documented_deployment_sends_the_session_cookie_over_tls_only(
+        tmp_path: Path, sqlite_journal: Journal, redis_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/deploy.md puts the review UI behind nginx's TLS: its environment file must make the session cookie
+    Secure, or a browser sends it in clear to any http:// address of the host a page makes it load."""
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    block = text.split("`/etc/remontee/env`", 1)[1].split("## nginx", 1)[0]
+    variables = dict(line.strip().split("=", 1) for line in block.splitlines() if line.startswith("    REMONTEE_"))
+    for name, value in variables.items():
+        if name.startswith("REMONTEE_REVIEW_"):
+            monkeypatch.setenv(name, value)
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_server.url, db_url=sqlite_journal.url,
+                        review_trusted_proxies=int(variables["REMONTEE_REVIEW_TRUSTED_PROXIES"]))
+    app = create_app(settings=settings)  # no test_config: the REMONTEE_REVIEW_* environment, as under gunicorn
+    app.extensions["remontee_review"].accounts.add_user("alice", PASSWORDS["alice"], "supervisor", "test")
+    client = app.test_client()
+    environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "198.51.100.9"}  # through nginx
+    token = csrf_token(client.get("/login", environ_base=environ).get_data(as_text=True))
+    response = client.post("/login", data={"username": "alice", "password": PASSWORDS["alice"], "csrf_token": token},
+                           environ_base=environ)
+    assert response.status_code == 302
+    [cookie] = [v for k, v in response.headers.items() if k == "Set-Cookie" and v.startswith("remontee_review=")]
+    assert "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=Lax" in cookie
 
 
 def test_sessions_expire_when_idle_and_at_their_lifetime(env: ReviewEnv) -> None:
