@@ -150,7 +150,10 @@ def _get(item_id: int) -> ReviewItem:
 
 
 def _alternative(reading_field: dict[str, Any]) -> tuple[int, float] | None:
-    """The other reading of a field the OCR found likeliest: its least sure digit replaced by its best rival."""
+    """The other reading of a field the OCR found likeliest: its least sure digit replaced by its best rival.
+
+    `digits` are the field's boxes, an empty one as digit null (a right-aligned number leaves the first boxes
+    empty): the value is the non-empty boxes read left to right, as the pipeline reads it (field_reading)."""
     digits = reading_field.get("digits") or []
     best: tuple[float, int, int] | None = None
     for pos, d in enumerate(digits):
@@ -158,11 +161,12 @@ def _alternative(reading_field: dict[str, Any]) -> tuple[int, float] | None:
             digit, p = int(alt[0]), float(alt[1])
             if digit != d.get("digit") and (best is None or p > best[0]):
                 best = (p, pos, digit)
-    if best is None or any(d.get("digit") is None for d in digits):
+    if best is None:
         return None
     p, pos, digit = best
-    text = "".join(str(d["digit"]) for d in digits)
-    return int(text[:pos] + str(digit) + text[pos + 1 :]), p
+    boxes = [d.get("digit") for d in digits]
+    boxes[pos] = digit
+    return int("".join(str(b) for b in boxes if b is not None)), p
 
 
 def _item_page(

@@ -25,6 +25,8 @@ from redis import Redis
 
 from forms import Election
 from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
+from pen_gateway.digits.recognizer import DigitReading
+from pen_gateway.recognition.pipeline import field_reading
 from pen_gateway.uploads import Upload, create_tables, record_upload, set_upload_status
 from registry import Registry
 from returns_queue.journal import Journal, Submission
@@ -185,7 +187,7 @@ def write_pen_artefacts(var_dir: Path, upload_id: str, election: Election, burea
                         suggestions: list[tuple[str, int]]) -> None:
     """The straightened page with `written` figures, one crop per field, and reading.json with `read` values.
 
-    `alternatives[field]` lists (digit position, other digit, probability) the recognizer hesitated on.
+    `alternatives[field]` lists (box, from 0 on the left; other digit; probability) the recognizer hesitated on.
     """
     box_w, box_h, gap = 34, 46, 6
     page = Canvas(620, 120 + 62 * len(election.fields))
@@ -202,16 +204,18 @@ def write_pen_artefacts(var_dir: Path, upload_id: str, election: Election, burea
             page.frame(bx, y, box_w, box_h)
             page.digit(int(ch), bx + 8, y + 7, box_w - 16, box_h - 14)
         value = read.get(f.id)
-        digits = [  # what the recognizer made of each box
-            {"digit": None if value is None else int(ch), "confidence": confidence.get(f.id, 0.99),
-             "alternatives": [[other, p] for (at, other, p) in alternatives.get(f.id, []) if at == pos]}
-            for pos, ch in enumerate(f"{value or 0:0{f.max_digits}d}")
-        ]
+        # What the recognizer made of each box, right-aligned as the form asks: the boxes before the number are
+        # empty (digit None), as the pipeline writes them.
+        boxes = ([None] * f.max_digits if value is None else
+                 [None] * (f.max_digits - len(str(value))) + [int(ch) for ch in str(value)])
+        digits = [DigitReading(digit, confidence.get(f.id, 0.99),
+                               tuple((other, p) for (at, other, p) in alternatives.get(f.id, []) if at == pos))
+                  for pos, digit in enumerate(boxes)]
         crop = page.crop(x0 - 4, y - 4, f.max_digits * (box_w + gap) + 4, box_h + 8)
         directory = artefact_dir(var_dir, upload_id)
         directory.mkdir(parents=True, exist_ok=True)
         field_crop_path(var_dir, upload_id, f.id).write_bytes(crop.png())
-        fields[f.id] = {"value": read.get(f.id), "confidence": confidence.get(f.id, 0.99), "digits": digits}
+        fields[f.id] = field_reading(f.id, digits).to_dict()
     page_path(var_dir, upload_id).write_bytes(page.png())
     reading_path(var_dir, upload_id).write_text(json.dumps({
         "fields": fields, "suggestions": [list(s) for s in suggestions], "bureau": bureau,
