@@ -368,8 +368,11 @@ class Accounts:
             )
         return token
 
-    def session_user(self, token: str) -> User | None:
-        """The user of a live session, or None when it is unknown, idle too long, past its lifetime or disabled."""
+    def session_user(self, token: str, touch: bool = True) -> User | None:
+        """The user of a live session, or None when it is unknown, idle too long, past its lifetime or disabled.
+
+        `touch=False` for a request the page makes by itself (the claim heartbeat): it is not the supervisor's
+        activity, and the session goes idle as if it had not been made."""
         now = time.time()
         key = hash_token(token)
         with self.journal.read() as conn:
@@ -383,7 +386,7 @@ class Accounts:
         if row.expires_at < now or row.last_seen < now - self.session_policy.idle:
             self.close_session(token)
             return None
-        if now - row.last_seen > self.session_policy.touch_every:
+        if touch and now - row.last_seen > self.session_policy.touch_every:
             with self.journal.write() as conn:
                 conn.execute(update(sessions).where(sessions.c.token_hash == key).values(last_seen=now))
         return _user(row)

@@ -31,8 +31,9 @@ from werkzeug.serving import make_server
 
 from conftest import ROOT, free_port
 from returns_queue.jobs import return_job_id
-from returns_queue.journal import audit, returns
+from returns_queue.journal import audit, returns, review_items
 from returns_queue.relay import Relay
+from review.accounts import sessions
 
 __all__ = ["sqlite_journal"]  # the fixture, imported for pytest
 CHROMIUM = "/usr/bin/chromium"
@@ -245,3 +246,42 @@ def test_keyboard_only_login_and_visible_focus(browser: Any, served: tuple[str, 
     page.keyboard.press("Tab")
     page.keyboard.press("Tab")
     _shot(page, screenshots / "11-queue-keyboard-focus.png", full_page=False)
+
+
+def test_a_tab_left_open_on_an_item_does_not_keep_the_session_nor_the_item(
+    browser: Any, served: tuple[str, ReviewEnv]
+) -> None:
+    """alice opens an item and walks away, the tab left open. The page renews its claim every 90 s; that renewal
+    refreshed her session too, so it never went idle: the item stayed « en cours de traitement par alice » for
+    everyone, and her session open on an unattended desk, for the session's 12 h. Now the session ends 30 min
+    after her last action, the page says so, and the claim runs out behind it."""
+    base, env = served
+    code = bureau_codes(env.registry)[0]
+    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
+                                           {**GOOD_T1, "votants": 251}).return_id)
+    page = browser.new_context(locale="fr-FR").new_page()
+    page.clock.install()  # the page's timers run when the test says: its heartbeat every 90 s
+    _log_in(page, base, "alice")
+    page.goto(f"{base}/items/{item}")
+    banner = page.locator(".claim")
+    playwright_api.expect(banner).to_contain_text("Réservé par vous")
+
+    def walk_away(minutes: float) -> int:
+        """alice away `minutes` longer, the tab open (her session and her claim as old); the page's next beat."""
+        with env.journal.write() as conn:
+            conn.execute(update(sessions).values(last_seen=sessions.c.last_seen - minutes * 60,
+                                                 created_at=sessions.c.created_at - minutes * 60))
+        with page.expect_response(lambda r: r.url.endswith(f"/items/{item}/claim")) as beat:
+            page.clock.run_for(91_000)
+        return beat.value.status
+
+    assert walk_away(20) == 200  # 20 min: the session lives, the claim is renewed
+    assert walk_away(20) == 401  # 40 min without a click: the session is over, and the page says so
+    playwright_api.expect(banner).to_contain_text("Session expirée")
+    # Nobody renews the claim any more: once it runs out, bob takes the item.
+    with env.journal.write() as conn:
+        conn.execute(update(review_items).values(claimed_until=time.time() - 1))
+    other = browser.new_context(locale="fr-FR").new_page()
+    _log_in(other, base, "bob")
+    other.goto(f"{base}/items/{item}")
+    playwright_api.expect(other.locator(".claim")).to_contain_text("Réservé par vous")
