@@ -5,6 +5,7 @@ audit row exists. A screenshot of each page goes under test-output/screenshots/ 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import threading
 import time
@@ -285,3 +286,39 @@ def test_a_tab_left_open_on_an_item_does_not_keep_the_session_nor_the_item(
     _log_in(other, base, "bob")
     other.goto(f"{base}/items/{item}")
     playwright_api.expect(other.locator(".claim")).to_contain_text("Réservé par vous")
+
+
+def test_a_refused_correction_leads_the_keyboard_to_the_count_refused_and_says_why_there(
+    browser: Any, served: tuple[str, ReviewEnv]
+) -> None:
+    """A correction the server refuses comes back with the refused count marked aria-invalid, but the page's
+    live check unmarked it at once (it knows nothing of why the server said no), the message stood only in the
+    alert above the table, and the focus was nowhere: a keyboard or screen-reader user had to find the field."""
+    base, env = served
+    codes = bureau_codes(env.registry)
+    inscrits = env.registry.get(codes[0]).inscrits
+    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, codes[0],
+                                           {**GOOD_T1, "votants": 251}).return_id)
+    page = browser.new_context(locale="fr-FR").new_page()
+    errors = _watch_console(page)
+    _log_in(page, base, "alice")
+    page.goto(f"{base}/items/{item}")
+    votants = page.get_by_label("Nombre de votants (émargements)")
+    # The form's own sums hold, but more votants than the registry's inscrits: only the server knows why.
+    others = sum(v for k, v in GOOD_T1.items() if k not in ("votants", "blancs_nuls", "exprimes", "aubry"))
+    assert inscrits > others
+    over = {"votants": inscrits + 10, "blancs_nuls": 10, "exprimes": inscrits, "aubry": inscrits - others}
+    for field_id, value in over.items():
+        page.locator(f"#count-{field_id}").fill(str(value))
+    page.keyboard.press("Enter")  # from the last count typed: the form is sent
+    page.wait_for_url(f"{base}/items/{item}/approve")
+    playwright_api.expect(page.locator(".alert li")).to_have_text([f"{inscrits + 10} votants pour {inscrits} inscrits"])
+    playwright_api.expect(votants).to_be_focused()
+    playwright_api.expect(votants).to_have_attribute("aria-invalid", "true")
+    playwright_api.expect(votants).to_have_accessible_description(
+        re.compile(f"{inscrits + 10} votants pour {inscrits} inscrits"))
+    # Changed, the count is the live check's again.
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(inscrits))
+    playwright_api.expect(votants).to_have_attribute("aria-invalid", "false")
+    assert [e for e in errors if "422" not in e] == []

@@ -34,6 +34,9 @@
   var form = document.getElementById("approve-form");
   if (form) {
     var inputs = Array.prototype.slice.call(form.querySelectorAll("input.count-input"));
+    // A count the server refused (rendered aria-invalid="true") stays marked until it is changed: the check
+    // below knows the form's sums, not why the server said no (a count over the bureau's inscrits...).
+    var refused = inputs.filter(function (i) { return i.getAttribute("aria-invalid") === "true"; });
     var byField = {};
     inputs.forEach(function (i) { byField[i.dataset.field] = i; });
 
@@ -56,7 +59,8 @@
         var v = valueOf(i);
         var original = i.closest("tr").querySelector("[data-original]");
         i.classList.toggle("changed", original && original.dataset.original !== i.value.trim());
-        i.setAttribute("aria-invalid", v === null ? "true" : "false");
+        var stillRefused = refused.indexOf(i) >= 0 && i.value === i.defaultValue;
+        i.setAttribute("aria-invalid", v === null || stillRefused ? "true" : "false");
         if (i.dataset.kind === "votants") votants = v;
         else if (i.dataset.kind === "blancs_nuls") blancs = v;
         else if (i.dataset.kind === "exprimes") exprimes = v;
