@@ -13,6 +13,7 @@ durations, decisions, queue depths, backlogs, review items and uploads by status
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import tempfile
@@ -194,8 +195,14 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
             return ", ".join(f"{k} : {'—' if v is None else v}" for k, v in value.items())
         return "" if value is None else str(value)
 
+    def percent(probability: float) -> str:
+        """A confidence as a whole percent, rounded down: a reading the pen flags as uncertain (under 0.9999) is
+        never shown as « 100 % » beside its finding."""
+        return f"{math.floor(round(probability * 100, 6))} %"  # round first: 0.29 * 100 is 28.999999999999996
+
     app.jinja_env.filters.update(
         pairs=pairs,
+        percent=percent,
         clock=clock,
         age=age,
         channel_label=lambda c: CHANNEL_LABELS.get(c, c),

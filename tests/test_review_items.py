@@ -33,7 +33,7 @@ from returns_queue.relay import Relay
 from review.review_items import AcceptedMeanwhile, ItemUnavailable
 from tests.filled_forms import inkml_upload, read, well_read_seed
 from tests.form_fill import consistent_counts, handwriting_available
-from validation import new_return
+from validation import Finding, Reason, new_return
 
 __all__ = ["env"]
 JOB = "returns_queue.consolidation.consolidate"
@@ -631,3 +631,23 @@ def test_a_correction_approved_after_the_clock_went_back_replaces_the_figures_in
         apply_return(env.redis, payload)
     assert latest_returns(env.redis, env.election.id)[code]["return_id"] == approved.return_id
     assert totals(env.redis, env.election.id)["votants"] == OTHER_T1["votants"]
+
+
+def test_a_pen_reading_flagged_uncertain_is_never_shown_as_100_percent_sure(env: ReviewEnv) -> None:
+    """The pen flags a field whose reading is under 0.9999 sure; its least sure box at 0.9987 was shown as
+    « 100 % » in the reading column, beside the finding « lecture incertaine »: the figure a tired supervisor
+    trusts without looking at the crop."""
+    code = bureau_codes(env.registry)[4]
+    upload_id = "01JPENSURE00000000000000AB"
+    write_pen_artefacts(env.settings.var_dir, upload_id, env.election, code, GOOD_T1, GOOD_T1,
+                        {"hollande": 0.9987, "votants": 0.29}, {}, [])
+    unsure = Finding(Reason.LOW_CONFIDENCE, "hollande", "François HOLLANDE : lecture incertaine (90, confiance 0.9987)")
+    sub = submit(env.journal, env.election, env.registry, code, GOOD_T1, "pen",
+                 {"upload_id": upload_id, "station_id": "station-12"}, [unsure])
+    assert sub.status == "review"
+    client = env.client()
+    login(client, "alice")
+    page = text(client.get(f"/items/{item_id_for(env.journal, sub.return_id)}"))
+    reading = re.search(r'data-row="hollande".*?<td class="reading">(.*?)</td>', page, re.S).group(1)
+    assert "99 %" in reading and "100 %" not in reading
+    assert "29 %" in page  # a whole percent, not a float's 28.999…
