@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import wave
@@ -76,6 +77,21 @@ def test_catalog_names_are_plain_paths_and_texts_are_french() -> None:
     for name, text in P.catalog().items():
         assert name.startswith(P.PREFIX) and name.isascii() and " " not in name, name
         assert text is None or text.strip(), name
+
+
+def _phonemes(text: str) -> str:
+    return subprocess.run(["espeak-ng", "-v", sounds.VOICE, "-q", "-x", "--stdin"], input=text, capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+
+
+def test_every_prompt_is_read_with_the_french_voice() -> None:
+    """espeak-ng reads a word its French dictionary marks as foreign with that language's voice, mid-sentence: the
+    caller would hear a candidate's name in an English accent. `-x` shows such a switch as `(en)`."""
+    switch = re.compile(r"\([a-z]{2,3}(-[a-z]+)?\)")
+    texts = {name: text for name, text in P.catalog().items() if text is not None}
+    if switch.search(_phonemes("\n".join(texts.values()))):  # one run for all; each alone only to name them
+        switched = {name: _phonemes(text).strip() for name, text in texts.items() if switch.search(_phonemes(text))}
+        assert switched == {}
 
 
 def _check_wav(path: Path) -> float:
