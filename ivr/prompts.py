@@ -131,11 +131,19 @@ def field_name(field: CountField) -> str:
     return f"{PREFIX}nom-{field.id}"
 
 
+def of(name: str) -> str:
+    """`de` before a name, elided before a vowel as French requires: "de Martine Aubry", "d'Arnaud Montebourg".
+
+    An initial h or y is left alone: whether it elides depends on the name (d'Henri, de Hollande)."""
+    first = _slug(name[:1]).lower()
+    return f"d'{name}" if first and first in "aeiou" else f"de {name}"
+
+
 def election_prompts(election: Election) -> dict[str, str]:
     prompts = {election_title(election): f"Élection : {election.spoken_title}."}
     for field in election.fields:
         if field.candidate:
-            prompts[ask_field(field)] = f"Tapez le nombre de voix de {field.spoken}, puis la touche dièse."
+            prompts[ask_field(field)] = f"Tapez le nombre de voix {of(field.spoken)}, puis la touche dièse."
         else:
             prompts[ask_field(field)] = f"Tapez {field.spoken}, puis la touche dièse."
         prompts[field_name(field)] = field.spoken

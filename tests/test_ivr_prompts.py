@@ -73,6 +73,15 @@ def test_design_prompt_names(election_t1: Election, election_t2: Election) -> No
     assert confirm and all(n.startswith("remontee/ask-confirm") for n in confirm)
 
 
+def test_de_is_elided_before_a_candidate_whose_name_starts_with_a_vowel(election_t1: Election) -> None:
+    catalog = P.catalog([election_t1])
+    assert catalog["remontee/ask-votes-montebourg"] == ("Tapez le nombre de voix d'Arnaud Montebourg, "
+                                                         "puis la touche dièse.")
+    assert catalog["remontee/ask-votes-aubry"] == "Tapez le nombre de voix de Martine Aubry, puis la touche dièse."
+    assert [P.of(n) for n in ("Éric Zemmour", "Anne Hidalgo", "Yannick Jadot", "François Hollande")] == [
+        "d'Éric Zemmour", "d'Anne Hidalgo", "de Yannick Jadot", "de François Hollande"]
+
+
 def test_catalog_names_are_plain_paths_and_texts_are_french() -> None:
     for name, text in P.catalog().items():
         assert name.startswith(P.PREFIX) and name.isascii() and " " not in name, name
