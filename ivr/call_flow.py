@@ -527,8 +527,9 @@ async def arithmetic_holds(call: Call) -> bool:
     for finding in findings:
         difference = int(finding.details["difference"])
         speech.append(P.TOTAL_MISMATCH if finding.code == Reason.TOTAL_MISMATCH else P.SUM_MISMATCH)
-        speech += [P.GAP_OF, *P.number_files(min(abs(difference), P.MAX_SPOKEN_NUMBER)),
-                   P.TOO_MANY if difference > 0 else P.TOO_FEW]
+        gap = min(abs(difference), P.MAX_SPOKEN_NUMBER)
+        speech += [P.GAP_OF_ONE] if gap == 1 else [P.GAP_OF, *P.number_files(gap)]
+        speech.append(P.TOO_MANY if difference > 0 else P.TOO_FEW)
     if over:
         speech.append(P.OVER_REGISTERED)
     call.pending_key = await call.play(*speech, escape="123")

@@ -46,6 +46,7 @@ TOTAL_MISMATCH = PREFIX + "ecart-votants"
 SUM_MISMATCH = PREFIX + "ecart-exprimes"
 OVER_REGISTERED = PREFIX + "plus-que-inscrits"
 GAP_OF = PREFIX + "ecart-de"
+GAP_OF_ONE = PREFIX + "ecart-d-un"  # "de" elides before "un": not GAP_OF then the number
 TOO_MANY = PREFIX + "en-trop"
 TOO_FEW = PREFIX + "en-moins"
 ASK_CONFIRM_MISMATCH = PREFIX + "ask-confirm-ecart"
@@ -91,6 +92,7 @@ FIXED: dict[str, str | None] = {
     SUM_MISMATCH: "Attention : la somme des voix des candidats ne fait pas le nombre de suffrages exprimés.",
     OVER_REGISTERED: "Attention : il y a plus de votants que d'inscrits dans ce bureau.",
     GAP_OF: "L'écart est de",
+    GAP_OF_ONE: "L'écart est d'un",
     TOO_MANY: "en trop.",
     TOO_FEW: "en moins.",
     ASK_CONFIRM_MISMATCH: "Pour corriger un nombre, tapez 1. Pour tout ressaisir, tapez 2. "

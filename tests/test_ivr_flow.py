@@ -398,6 +398,24 @@ def test_total_mismatch_then_everything_keyed_again(phone: Phone) -> None:
     assert record.outcome == "accepted" and dict(phone.entries(code)[0].ret.counts) == GOOD_T1
 
 
+@pytest.fixture
+def own_phone(running_reactor: Any, tmp_path: Path, redis_server: RedisServer, redis: Redis,
+              demo_registry_files: tuple[Path, Path], pins: dict[str, str]) -> Iterator[Phone]:
+    """A server with a journal of its own and Redis emptied: `phone` has a bureau for each test of its module."""
+    yield from _phone("primaire-2011-t1", tmp_path, redis_server, demo_registry_files, pins, sorted(pins)[:5])
+
+
+def test_a_gap_of_one_is_said_in_french(own_phone: Phone) -> None:
+    """"L'écart est d'un", not "de un": a gap of one ballot is the commonest slip of all."""
+    phone = own_phone
+    code, pin = phone.next_bureau()
+    wrong = {**GOOD_T1, "votants": 249, "hollande": 91}  # one short of the votants, one too many votes
+    record = phone.call([press(code + "#"), press(pin + "#"), *phone.counts_script(wrong), press("3"), press("1")])
+    assert not said(record, P.GAP_OF, "remontee/nombres/un")
+    assert said(record, P.TOTAL_MISMATCH, P.GAP_OF_ONE, P.TOO_MANY, P.SUM_MISMATCH, P.GAP_OF_ONE, P.TOO_MANY)
+    assert record.outcome == "accepted" and record.variables["REMONTEE_STATUS"] == "review"
+
+
 def test_mismatch_sent_as_is_goes_to_a_supervisor_with_a_receipt(phone: Phone) -> None:
     code, pin = phone.next_bureau()
     wrong = {**GOOD_T1, "valls": 10}
