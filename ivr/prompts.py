@@ -64,6 +64,7 @@ I_REPEAT = PREFIX + "je-repete"
 GOODBYE = PREFIX + "au-revoir"
 TECHNICAL_ERROR = PREFIX + "incident-technique"
 SILENCE = PREFIX + "silence"  # the prompt of a GET DATA that goes on reading keys the caller already started
+PAUSE = PREFIX + "pause"  # between the digits of a code or a receipt said one by one
 CHECKING_PIN = PREFIX + "verification-code"  # while the PIN is checked
 SAVING = PREFIX + "enregistrement"  # while the return is journaled
 HOLD = PREFIX + "patientez"  # while work goes on past the speech that covered it
@@ -113,6 +114,7 @@ FIXED: dict[str, str | None] = {
     GOODBYE: "Au revoir.",
     TECHNICAL_ERROR: "Un incident technique empêche d'enregistrer vos résultats.",
     SILENCE: None,
+    PAUSE: None,
     CHECKING_PIN: "Vérification du code.",
     SAVING: "Enregistrement en cours.",
     HOLD: "Veuillez patienter.",
@@ -171,8 +173,16 @@ def number_files(n: int) -> list[str]:
 
 
 def digit_files(digits: str) -> list[str]:
-    """A code or a receipt said digit by digit: "071" → zéro, sept, un."""
-    return [NUMBERS + _slug(num2words(int(d), lang="fr")) for d in digits if d.isdigit()]
+    """A code or a receipt said digit by digit, a pause between two: "071" → zéro, pause, sept, pause, un.
+
+    The number words are trimmed of their silence so that a number's words run together; digits read one
+    by one would run together too ("zérozérozéro"), and the caller writing a receipt down could not count them.
+    """
+    words = [NUMBERS + _slug(num2words(int(d), lang="fr")) for d in digits if d.isdigit()]
+    files = words[:1]
+    for word in words[1:]:
+        files += [PAUSE, word]
+    return files
 
 
 @cache

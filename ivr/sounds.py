@@ -3,7 +3,8 @@
 `generate` writes every catalog entry under `asterisk_conf/sounds/fr/` (so `remontee/ask-bureau`
 is `asterisk_conf/sounds/fr/remontee/ask-bureau.wav`). A manifest of the texts already rendered
 lets a second run redo only what changed. Number words are trimmed of their leading and
-trailing silence so that "quatre cent douze", three files, sounds like one number.
+trailing silence so that "quatre cent douze", three files, sounds like one number; a code or a
+receipt said digit by digit has `remontee/pause` between its digits (`prompts.digit_files`).
 """
 
 from __future__ import annotations

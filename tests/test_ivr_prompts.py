@@ -8,6 +8,7 @@ import sys
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 from num2words import num2words
 
@@ -57,7 +58,29 @@ def test_numbers_outside_the_spoken_range_are_refused() -> None:
 
 
 def test_receipts_are_said_digit_by_digit() -> None:
-    assert P.digit_files("0071") == [P.NUMBERS + w for w in ("zero", "zero", "sept", "un")]
+    zero, sept, un = (P.NUMBERS + w for w in ("zero", "sept", "un"))
+    assert P.digit_files("0071") == [zero, P.PAUSE, zero, P.PAUSE, sept, P.PAUSE, un]
+
+
+def test_the_digits_of_a_receipt_as_generated_are_heard_apart(tmp_path: Path) -> None:
+    """The number words are trimmed of their silence so that a number's words run together: the digits of a
+    receipt, played one after the other, must not ("zérozérozérozéro": how many zeros did the caller hear?)."""
+    receipt = "0000018"
+    files = P.digit_files(receipt)
+    sounds.generate(P.catalog(), tmp_path, only=set(files))
+    played = []
+    for name in files:
+        with wave.open(str(sounds.path_for(name, tmp_path))) as w:
+            played.append(np.frombuffer(w.readframes(w.getnframes()), dtype="<i2"))
+    samples = np.concatenate(played)
+    frames = samples[: len(samples) // 80 * 80].reshape(-1, 80)  # 10 ms each
+    quiet = np.abs(frames.astype(np.int32)).max(axis=1) < 0.02 * 32767
+    gaps, run = 0, 0
+    for q in quiet[1:-1]:
+        if not q and run >= 20:  # 200 ms of quiet, then speech again
+            gaps += 1
+        run = run + 1 if q else 0
+    assert gaps == len(receipt) - 1
 
 
 def test_design_prompt_names(election_t1: Election, election_t2: Election) -> None:
