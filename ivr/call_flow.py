@@ -37,7 +37,7 @@ from ivr.agi import AGIChannel, ChannelHungUp, CommandFailed
 from ivr.call_state import ANONYMOUS, CallState, Partial
 from ivr.inputs import DIGITS, DigitInput, NoInput, TooManyErrors, menu, read_input
 from registry import Bureau, Registry, RegistryFile, verify_pin
-from returns_queue.journal import Journal, Submission
+from returns_queue.journal import Journal, JournalEntry, Submission
 from telemetry import metrics
 from telemetry.logs import bound, ids, in_context
 from validation import Reason, check_arithmetic, check_return, new_return
@@ -298,9 +298,13 @@ async def results_call(call: Call) -> None:
         # 2. The PIN, with lockout per bureau and per caller id.
         await check_pin(call, bureau_lock)
 
-        # 3. A bureau that already reported may send a correction (a supervisor decides) or leave.
-        if await call.finish(history):
-            choice = await call.ask(CONFIRM_CORRECTION, preface=[P.ALREADY_REPORTED])
+        # 3. A bureau that already reported hears its receipt (a caller cut off before hearing it calls back
+        # for it), then may send a correction (a supervisor decides) or leave.
+        reported = await call.finish(history)
+        if reported is not None:
+            receipt = P.digit_files(reported.receipt) if reported.receipt else []
+            heard_again = [P.RECEIPT_IS, *receipt, P.I_REPEAT, *receipt] if receipt else []
+            choice = await call.ask(CONFIRM_CORRECTION, preface=[P.ALREADY_REPORTED, *heard_again])
             if choice == "2":
                 await call.play(P.GOODBYE)
                 await call.set_outcome(DECLINED)
@@ -383,8 +387,8 @@ async def caller_locked(call: Call) -> int:
     return await call.in_thread(call.line.state.locked_for, "caller", call.caller_id)
 
 
-async def already_reported(call: Call) -> bool:
-    """Whether the bureau has figures accepted or in review; False (not known) when the journal cannot be read.
+async def already_reported(call: Call) -> JournalEntry | None:
+    """The bureau's latest return accepted or in review; None when it has none, or when the journal cannot be read.
 
     Only the question "a correction, or leave?" hangs on it: the journal compares the return with the
     bureau's history again as it writes it (DUPLICATE, CORRECTION), so a journal away for a moment (a
@@ -396,8 +400,9 @@ async def already_reported(call: Call) -> bool:
     except SQLAlchemyError as exc:
         log.warning("call %s: the journal cannot say whether bureau %s reported (%s); going on", call.call_id,
                     call.bureau.code, exc)
-        return False
-    return any(e.status in ("accepted", "review") for e in entries)
+        return None
+    reported = [e for e in entries if e.status in ("accepted", "review")]  # in the journal's order
+    return reported[-1] if reported else None
 
 
 @dataclass(frozen=True)

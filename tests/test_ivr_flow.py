@@ -558,6 +558,28 @@ def test_second_call_for_a_bureau_that_reported(phone: Phone) -> None:
     assert said(record, P.ALREADY_RECEIVED, P.RECEIPT_IS)
 
 
+def test_a_caller_cut_off_before_the_receipt_hears_it_on_calling_back(own_phone: Phone) -> None:
+    """The return is journaled, then the line drops before the receipt is said: the president calling back is told
+    the bureau has reported and given its receipt, before being offered a correction."""
+    phone = own_phone
+    code, pin = phone.next_bureau()
+    cut_off = phone.call([*phone.happy_script(code, pin, GOOD_T1), HANGUP])
+    assert cut_off.outcome == "accepted" and P.RECEIPT_IS not in cut_off.played
+    [entry] = phone.entries(code)
+    digits = P.digit_files(entry.receipt or "")
+    record = phone.call([press(code + "#"), press(pin + "#"), press("2")])
+    assert said(record, P.ALREADY_REPORTED, P.RECEIPT_IS, *digits, P.I_REPEAT, *digits)
+    assert record.prompts_asked()[-1] == P.ASK_CONFIRM_CORRECTION and record.outcome == "declined"
+    # A correction sent since is the receipt a later call-back hears: the bureau's latest return.
+    phone.call([press(code + "#"), press(pin + "#"), press("1"), *phone.counts_script({**GOOD_T1, "aubry": 71,
+                                                                                         "valls": 14}), press("1")])
+    latest = phone.entries(code)[-1]
+    assert latest.status == "review" and latest.receipt != entry.receipt
+    record = phone.call([press(code + "#"), press(pin + "#"), press("2")])
+    assert said(record, P.ALREADY_REPORTED, P.RECEIPT_IS, *P.digit_files(latest.receipt or ""))
+    assert record.outcome == "declined" and len(phone.entries(code)) == 2
+
+
 # --- the wire: garbage, long lines, missing sounds, Redis away, many calls ---
 
 def _concurrently(*calls: Callable[[], Any]) -> list[CallRecord]:
