@@ -485,7 +485,10 @@ async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
             await call.play(*wrong, P.CALLER_LOCKED)
             raise Handoff("caller-locked")
         preface = [P.PIN_WRONG]
-    raise Handoff("wrong-pin")  # three wrong PINs that locked nothing: a right PIN on another line forgave some
+    # Three wrong PINs that locked nothing (a right PIN on another line forgave some): the caller is told this
+    # one was wrong too, not put through as if the PIN had been refused for no reason.
+    await call.play(P.PIN_WRONG)
+    raise Handoff("wrong-pin")
 
 
 async def enter_counts(call: Call) -> None:

@@ -319,6 +319,30 @@ def test_a_call_at_the_pin_question_when_its_caller_id_is_locked_gets_no_more_tr
     assert phone.entries(code) == []
 
 
+def test_a_third_wrong_pin_that_locks_nothing_is_said_wrong_before_the_operator(own_phone: Phone) -> None:
+    """A withheld number keys three wrong PINs while another line of the bureau keys the right one (which forgives
+    the bureau's failures): the third locks nothing, and the caller is told it was wrong, as for the first two,
+    before being put through to an operator."""
+    phone = own_phone
+    code, pin = phone.next_bureau()
+
+    async def run() -> tuple[CallRecord, CallRecord]:
+        gate = Gate()  # after the first wrong PIN, as "Code secret incorrect." is about to play
+        peer = AsteriskPeer([press(code + "#"), *[press(_wrong_pin(pin) + "#")] * 3], sounds=CATALOG,
+                            callerid="anonymous", hold={f"STREAM FILE {P.PIN_WRONG}": gate}, io_timeout=30)
+        call = asyncio.create_task(peer.call("127.0.0.1", phone.port))
+        await asyncio.wait_for(gate.reached.wait(), 10)
+        other = await asyncio.to_thread(phone.call, phone.happy_script(code, pin, GOOD_T1), callerid="0600000051")
+        gate.opened.set()
+        return await call, other
+
+    record, other = asyncio.run(run())
+    assert other.outcome == "accepted"
+    assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "wrong-pin"
+    assert record.prompts_asked().count(P.ASK_PIN) == 3
+    assert heard(record)[-3:] == [P.CHECKING_PIN, P.PIN_WRONG, P.TO_OPERATOR]
+
+
 def test_pins_being_checked_for_a_bureau_count_as_its_tries(phone: Phone, state: CallState) -> None:
     """Three wrong PINs keyed at the same moment on three lines, and a fourth call: no fourth try is checked."""
     code, pin = phone.next_bureau()
