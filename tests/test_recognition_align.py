@@ -163,6 +163,21 @@ def test_a_qr_the_first_detector_misses_is_read_by_the_second() -> None:
     assert read_qr(crop) == "primaire-2011-t1 bureau 370101 formulaire 1"
 
 
+def test_a_qr_with_a_finder_pattern_struck_out_is_read_where_the_form_prints_it() -> None:
+    # A president's pen crossed the QR's top-right finder pattern: no detector finds the symbol any more
+    # (before, the page went to Tesseract's reading of the printed text, unconfirmed: a human), but the
+    # alignment says where the form printed it, and its error correction reads it there.
+    page = blank_form("5931007").copy()
+    s = px_per_mm()
+    x, y, w, _h = QR_BOX
+    for (x0, y0), (x1, y1) in (((w - 8, 1), (w - 1, 9)), ((w - 8, 9), (w - 1, 1))):
+        cv2.line(page, (round((x + x0) * s), round((y + y0) * s)), (round((x + x1) * s), round((y + y1) * s)), 0,
+                 round(0.8 * s))
+    scan, _ = distort(page, Distortion(rotation_deg=3.0, scale=0.95, jpeg_quality=70), np.random.default_rng(3))
+    found = identify_scan(scan, align_page(scan))
+    assert (found.how, found.raw) == ("qr", "primaire-2011-t1 bureau 5931007 formulaire 1")
+
+
 def test_a_damaged_qr_falls_back_on_tesseract_reading_the_printed_text() -> None:
     page = blank_form("5931007").copy()
     s = px_per_mm()

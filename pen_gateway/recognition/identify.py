@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 QR_PX_PER_MM = 8.0  # ~8 px per QR module: the detector's comfort zone
 TEXT_PX_PER_MM = 12.0  # 3.6 mm text → ~43 px high: Tesseract reads printed text best at 30-50 px
 QR_MARGIN_MM = 4.0  # the crop's quiet zone beyond the printed one, for a slightly misplaced QR
+# Where the symbol's corners are inside QR_BOX: the printed code has a quiet zone of two modules
+# (forms.render.qr_matrix), 1.2-1.6 mm for the 37-49 modules a form's text makes. The decoder refines
+# the corners it is given: 120 benchmark scans (41 modules) all decode at 1.05 mm and at 1.4 mm, 103 at 1.8.
+QR_SYMBOL_INSET_MM = 1.4
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,21 @@ class Identification:
     raw: str | None  # what was decoded or read, for the reviewer
 
 
-def read_qr(image: np.ndarray) -> str | None:
-    """The QR payload in `image` (grayscale), or None."""
+def read_qr(image: np.ndarray, corners: np.ndarray | None = None) -> str | None:
+    """The QR payload in `image` (grayscale), or None.
+
+    `corners` (4 x 2, clockwise from the top left, in pixels): where the symbol should be. It is
+    decoded there first, without the search for it, a third of the time (4 ms against 12 on a scan);
+    the searches below are for a code that is not where the form puts it, or damaged.
+    """
     detector = cv2.QRCodeDetector()
+    if corners is not None:
+        try:
+            text, _ = detector.decode(image, np.asarray(corners, np.float32).reshape(1, 4, 2))
+        except cv2.error:
+            text = ""
+        if text:
+            return text
     attempts = (
         lambda: detector.detectAndDecode(image),
         # A second chance on a binarized copy: JPEG ringing and grey paper confuse the first pass.
@@ -77,7 +93,10 @@ def identify_scan(gray: np.ndarray, alignment: Alignment) -> Identification:
     qr_crop = warp_region(
         gray, alignment, (x - QR_MARGIN_MM, y - QR_MARGIN_MM, w + 2 * QR_MARGIN_MM, h + 2 * QR_MARGIN_MM), QR_PX_PER_MM
     )
-    raw = read_qr(qr_crop)
+    # The symbol's corners in the crop, in pixels (the crop starts QR_MARGIN_MM above and left of QR_BOX).
+    near = (QR_MARGIN_MM + QR_SYMBOL_INSET_MM) * QR_PX_PER_MM
+    right, bottom = ((QR_MARGIN_MM + side - QR_SYMBOL_INSET_MM) * QR_PX_PER_MM for side in (w, h))
+    raw = read_qr(qr_crop, np.array([(near, near), (right, near), (right, bottom), (near, bottom)]))
     identity = parse_form_text(raw) if raw else None
     if identity is not None:
         return Identification(identity, "qr", raw)
