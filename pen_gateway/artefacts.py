@@ -1,7 +1,9 @@
 """Per-upload recognition artefacts kept for the review UI: the contract between the OCR and review.
 
 Under `<var>/uploads/artefacts/<upload_id>/`:
-- `page.png`: the straightened page (or the rendered InkML page), grayscale;
+- `page.jpg`: the straightened page of a scan, grayscale (a JPEG, as scans are: a sixth of the time and
+  a third of the size of a lossless copy of the paper's grain, which the raw upload keeps anyway);
+  `page.png` for the page rendered from InkML strokes (clean lines, which PNG keeps small and sharp);
 - `field-<field_id>.png`: each field's crop (all its boxes), as the reviewer sees it;
 - `reading.json`: {"fields": {"<field_id>": {"value": int | null, "confidence": float,
   "digits": [{"digit": int | null, "confidence": float, "alternatives": [[d, p], ...]}, ...]}},
@@ -22,8 +24,13 @@ def artefact_dir(var_dir: Path, upload_id: str) -> Path:
     return var_dir / "uploads" / "artefacts" / upload_id
 
 
+PAGE_NAMES = ("page.jpg", "page.png")  # a scan's page, an ink page (one of them per upload)
+
+
 def page_path(var_dir: Path, upload_id: str) -> Path:
-    return artefact_dir(var_dir, upload_id) / "page.png"
+    """The upload's page image as it was written (a scan's JPEG or an ink page's PNG); page.png when there is none."""
+    directory = artefact_dir(var_dir, upload_id)
+    return next((directory / name for name in PAGE_NAMES if (directory / name).is_file()), directory / "page.png")
 
 
 def field_crop_path(var_dir: Path, upload_id: str, field_id: str) -> Path:

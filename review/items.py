@@ -293,10 +293,12 @@ def _typed_counts(election: Election) -> dict[str, str]:
     return {f.id: request.form.get(f"count-{f.id}", "") for f in election.fields}
 
 
-def _png(path: Path) -> Response:
+def _image(path: Path) -> Response:
+    """An artefact picture: a page (a scan's JPEG, an ink page's PNG) or a field's crop (PNG)."""
     if not path.is_file():
         abort(404)
-    return send_file(path, mimetype="image/png", max_age=300, conditional=True)
+    return send_file(path, mimetype="image/jpeg" if path.suffix == ".jpg" else "image/png", max_age=300,
+                     conditional=True)
 
 
 @bp.get("/items/<int:item_id>")
@@ -376,9 +378,9 @@ def _upload_id(item: ReviewItem) -> str:
     return upload_id
 
 
-@bp.get("/items/<int:item_id>/page.png")
+@bp.get("/items/<int:item_id>/page")
 def page_image(item_id: int) -> Response:
-    return _png(page_path(context().settings.var_dir, _upload_id(_get(item_id))))
+    return _image(page_path(context().settings.var_dir, _upload_id(_get(item_id))))
 
 
 @bp.get("/items/<int:item_id>/fields/<field_id>.png")
@@ -386,7 +388,7 @@ def field_image(item_id: int, field_id: str) -> Response:
     item = _get(item_id)
     if field_id not in {f.id for f in load_election(item.election).fields}:
         abort(404)
-    return _png(field_crop_path(context().settings.var_dir, _upload_id(item), field_id))
+    return _image(field_crop_path(context().settings.var_dir, _upload_id(item), field_id))
 
 
 # --- pen uploads the OCR could not attach to a bureau ---
@@ -517,9 +519,9 @@ def reject_upload(upload_id: str) -> Any:
     return redirect(url_for("items.queue"), 303)
 
 
-@bp.get("/uploads/<upload_id>/page.png")
+@bp.get("/uploads/<upload_id>/page")
 def upload_page_image(upload_id: str) -> Response:
-    return _png(page_path(context().settings.var_dir, _get_upload(upload_id).upload_id))
+    return _image(page_path(context().settings.var_dir, _get_upload(upload_id).upload_id))
 
 
 @bp.get("/uploads/<upload_id>/raw")

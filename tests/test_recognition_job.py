@@ -128,7 +128,9 @@ def test_uploads_become_returns_accepted_or_for_review(
 
     # The reviewer's artefacts.
     var = settings.var_dir
-    for upload_id in (ink_id, scan_id):
+    for upload_id, name, magic in ((ink_id, "page.png", b"\x89PNG"), (scan_id, "page.jpg", b"\xff\xd8\xff")):
+        # A scan's page is a JPEG, as scans are; the page drawn from pen strokes a PNG, sharp and small.
+        assert page_path(var, upload_id).name == name and page_path(var, upload_id).read_bytes().startswith(magic)
         assert page_path(var, upload_id).stat().st_size > 1000
         assert all(field_crop_path(var, upload_id, f.id).is_file() for f in election_t1.fields)
     reading = load_reading(var, scan_id)

@@ -46,10 +46,10 @@ __all__ = ["env", "sqlite_journal"]  # the fixtures, imported for pytest
 
 # Every route of the app and who may use it. A route missing here fails test_every_route_is_listed.
 GET_ROUTES = {
-    "/": "login", "/items": "login", "/items/{item}": "login", "/items/{item}/page.png": "login",
+    "/": "login", "/items": "login", "/items/{item}": "login", "/items/{item}/page": "login",
     "/items/{item}/fields/votants.png": "login", "/progress": "login", "/progress/panel": "login",
     "/progress.json": "login", "/account/password": "login", "/uploads/{upload}": "login",
-    "/uploads/{upload}/page.png": "login", "/uploads/{upload}/raw": "login",
+    "/uploads/{upload}/page": "login", "/uploads/{upload}/raw": "login",
     "/audit": "admin", "/audit.csv": "admin", "/users": "admin",
 }
 POST_ROUTES = {

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from review_support import (
@@ -341,14 +342,18 @@ def test_pen_item_shows_the_page_the_crops_the_reading_and_suggestions(env: Revi
     client = env.client()
     token = login(client, "alice")
     page = text(client.get(f"/items/{item}"))
-    assert f"/items/{item}/page.png" in page
+    assert f'src="/items/{item}/page"' in page
     assert f"/items/{item}/fields/hollande.png" in page and f"/items/{item}/fields/votants.png" in page
     assert "52 %" in page and "station-12" in page
     assert 'data-apply-field="hollande" data-apply-value="90"' in page  # the alternative and the suggestion
     assert "(45 %)" in page
-    png = client.get(f"/items/{item}/page.png")
+    png = client.get(f"/items/{item}/page")
     assert png.status_code == 200 and png.mimetype == "image/png"
     assert png.data == (env.settings.var_dir / "uploads" / "artefacts" / upload_id / "page.png").read_bytes()
+    scanned = env.settings.var_dir / "uploads" / "artefacts" / upload_id / "page.jpg"  # as the OCR writes a scan's
+    scanned.write_bytes(cv2.imencode(".jpg", np.full((40, 30), 250, np.uint8))[1].tobytes())
+    jpeg = client.get(f"/items/{item}/page")
+    assert jpeg.status_code == 200 and jpeg.mimetype == "image/jpeg" and jpeg.data == scanned.read_bytes()
     crop = client.get(f"/items/{item}/fields/hollande.png")
     assert crop.status_code == 200 and crop.data.startswith(b"\x89PNG")
     assert client.get(f"/items/{item}/fields/nonsense.png").status_code == 404
@@ -357,7 +362,7 @@ def test_pen_item_shows_the_page_the_crops_the_reading_and_suggestions(env: Revi
     # A phone item has no page to show.
     other = submit(env.journal, env.election, env.registry, bureau_codes(env.registry)[5],
                    {**GOOD_T1, "votants": 249})
-    assert client.get(f"/items/{item_id_for(env.journal, other.return_id)}/page.png").status_code == 404
+    assert client.get(f"/items/{item_id_for(env.journal, other.return_id)}/page").status_code == 404
 
 
 def test_pen_upload_row_follows_the_decision(env: ReviewEnv) -> None:
@@ -574,7 +579,7 @@ def test_numbers_beyond_the_database_integers_are_no_item_and_an_empty_page(
     token = login(client, "alice")
     for number in (2**31, 2**63 - 1, 2**63, 10**20):
         assert client.get(f"/items/{number}").status_code == 404
-        assert client.get(f"/items/{number}/page.png").status_code == 404
+        assert client.get(f"/items/{number}/page").status_code == 404
         assert client.get(f"/items/{number}/fields/votants.png").status_code == 404
         assert client.post(f"/items/{number}/approve", data=form(GOOD_T1, token)).status_code == 404
     assert f'href="/items/{item}"' in text(client.get("/items?page=1"))

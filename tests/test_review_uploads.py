@@ -87,14 +87,14 @@ def test_upload_page_shows_the_page_or_says_there_is_none(env: ReviewEnv) -> Non
     client = env.client()
     login(client, "alice")
     page = text(client.get(f"/uploads/{UPLOAD}"))
-    assert f"/uploads/{UPLOAD}/page.png" in page and "AJX-00C0FE" in page and "bureau introuvable" in page
+    assert f'src="/uploads/{UPLOAD}/page"' in page and "AJX-00C0FE" in page and "bureau introuvable" in page
     assert 'name="bureau"' in page and "Réservé par vous" in page
-    png = client.get(f"/uploads/{UPLOAD}/page.png")
+    png = client.get(f"/uploads/{UPLOAD}/page")
     assert png.status_code == 200 and png.mimetype == "image/png"
     assert png.data == (env.settings.var_dir / "uploads" / "artefacts" / UPLOAD / "page.png").read_bytes()
     bare = text(client.get("/uploads/01JNOBUREAU0000000000NOPAGE"))
-    assert "Pas d'image de page disponible" in bare and "page.png" not in bare
-    assert client.get("/uploads/01JNOBUREAU0000000000NOPAGE/page.png").status_code == 404
+    assert "Pas d'image de page disponible" in bare and "/NOPAGE/page" not in bare
+    assert client.get("/uploads/01JNOBUREAU0000000000NOPAGE/page").status_code == 404
     assert client.get("/uploads/01JUNKNOWN").status_code == 404
     assert client.get("/uploads/..%2Fsecret").status_code == 404
 
@@ -297,7 +297,7 @@ def test_an_inkml_upload_with_no_bureau_reaches_the_journal_once_a_supervisor_as
     queue_page = text(client.get("/items"))
     assert "Envois sans bureau identifié" in queue_page and "AJX-UNREGISTERED" in queue_page
     page = text(client.get(f"/uploads/{upload_id}"))
-    assert "Page rendue" in page and client.get(f"/uploads/{upload_id}/page.png").status_code == 200
+    assert "Page rendue" in page and client.get(f"/uploads/{upload_id}/page").status_code == 200
     assigned = client.post(f"/uploads/{upload_id}/assign", data={"csrf_token": token, "bureau": bureau.code})
     assert assigned.status_code == 303
 

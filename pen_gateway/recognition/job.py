@@ -35,7 +35,7 @@ from rq import get_current_job
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pen_gateway.artefacts import artefact_dir, field_crop_path, page_path, reading_path
+from pen_gateway.artefacts import PAGE_NAMES, artefact_dir, field_crop_path, reading_path
 from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
 from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS
@@ -264,10 +264,20 @@ def _png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _jpeg(image: np.ndarray) -> bytes:
+    # A scan's page for the reviewer to see: its grain costs lossless coding 28 ms and 730 kB a page, this 4 ms and
+    # 280 kB, and at quality 90 the eye sees the same page (the raw upload is kept, byte for byte).
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ValueError("cannot encode the artefact as JPEG")
+    return buf.tobytes()
+
+
 def write_artefacts(
     var_dir: Path, upload_id: str, reading: PageReading, assessment: Assessment, threshold: float
 ) -> None:
-    """page.png, field-<id>.png and reading.json, each replaced whole so the review UI never sees half a file."""
+    """page.jpg (page.png), field-<id>.png and reading.json, each replaced whole so the review UI never sees half a
+    file."""
     waited, delay = 0.0, 1.0
     while True:
         try:
@@ -288,7 +298,9 @@ def _write_artefact_files(
 ) -> None:
     artefact_dir(var_dir, upload_id).mkdir(parents=True, exist_ok=True)
     if reading.page_image is not None:
-        _write_atomically(page_path(var_dir, upload_id), _png(reading.page_image))
+        scanned = reading.kind == "image"
+        _write_atomically(artefact_dir(var_dir, upload_id) / PAGE_NAMES[0 if scanned else 1],
+                          _jpeg(reading.page_image) if scanned else _png(reading.page_image))
     for field_id, image in reading.field_images.items():
         _write_atomically(field_crop_path(var_dir, upload_id, field_id), _png(image))
     document = reading_document(reading, assessment, threshold)
