@@ -9,7 +9,8 @@ is `queued` and unmarked again while its first job, ended, still holds the job i
 replaced by a new one. Every so often it also reconciles: an upload still `queued` a minute
 after its job was seen on RQ gets its job again if Redis has lost it, holds it as queued in
 no queue (`returns_queue.jobs.stranded_jobs`), holds its retry as scheduled long past its time
-(RQ's scheduler died, with Redis say, and is started again only every ten minutes), or holds it
+(RQ's scheduler died, with Redis say, and is started again only every ten minutes), holds it as
+started by a worker that died (handed to RQ's retries: `returns_queue.jobs.retry_abandoned`), or holds it
 as ended: a job that could not write the upload's row (the journal or Redis away through all its
 retries, its work horse killed on its last attempt) has its ended job replaced, so no outage during
 the job strands an acknowledged upload. It also marks the uploads whose job the API did enqueue,
@@ -38,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pen_gateway.signing import purge_seen_signatures_in
 from pen_gateway.storage import ROOM_WAIT_SECONDS
 from pen_gateway.uploads import fail_queued_in, mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
-from returns_queue.jobs import ocr_job_id, ocr_queue, stranded_jobs
+from returns_queue.jobs import ocr_job_id, ocr_queue, retry_abandoned, stranded_jobs
 from returns_queue.journal import Journal
 from returns_queue.relay import RelayLoop
 
@@ -158,13 +159,17 @@ class OcrRelay(RelayLoop):
             return self._reconcile(now - older_than, now) if held else 0
 
     def _reconcile(self, marked_before: float, now: float) -> int:
+        # First, so that the uploads below see those jobs as RQ's retries have them (scheduled, or failed).
+        abandoned = retry_abandoned(self.queue)
+        if abandoned:
+            log.warning("ocr relay: %d job(s) left started by a worker that died: handed to RQ's retries", abandoned)
         with self.journal.read() as conn:
             upload_ids = [r.upload_id for r in conn.execute(
                 select(uploads.c.upload_id)
                 .where(uploads.c.status == "queued", uploads.c.ocr_enqueued_at < marked_before)
                 .order_by(uploads.c.received_at).limit(10 * self.batch))]
         if not upload_ids:
-            return 0
+            return abandoned
         statuses = self._job_statuses(upload_ids)
         lost = [u for u, s in zip(upload_ids, statuses, strict=True) if s is None]
         ended = self._replace_ended([u for u, s in zip(upload_ids, statuses, strict=True) if s in ENDED])
@@ -181,7 +186,7 @@ class OcrRelay(RelayLoop):
             log.warning("ocr relay: %d upload(s) whose job Redis had lost, %d whose job ended with the upload "
                         "still queued, %d whose job was in no queue, %d whose retry was overdue: enqueued again",
                         len(lost), len(ended), len(stranded), overdue)
-        return len(lost) + len(ended) + len(stranded) + overdue
+        return abandoned + len(lost) + len(ended) + len(stranded) + overdue
 
     def _enqueue_overdue(self, upload_ids: list[str], now: float) -> int:
         """Enqueue the scheduled retries of these uploads that RQ's scheduler left overdue; the number.

@@ -90,6 +90,23 @@ def stranded_jobs(queue: Queue, job_ids: Sequence[str], older_than: float = STRA
     return [job for job in stranded if job.id in still]
 
 
+def retry_abandoned(queue: Queue) -> int:
+    """Hand the jobs whose worker died in the middle of them back to RQ's retries; how many had expired.
+
+    A worker killed during a job (SIGKILL, the OOM killer, a power cut) takes its work horse with it
+    (returns_queue/worker.py) and leaves the job `started`. RQ retries such a job (or fails it, its retries
+    spent) once its execution's heartbeat has expired, about 90 s later, but only at a worker's maintenance,
+    every ten minutes; the worker restarted in its place runs its own at start, before the expiry. Meanwhile
+    a return with a receipt is not counted and an upload with its 202 stays `queued`. RQ's own cleanup, so
+    a job is retried or failed exactly as RQ would have done it.
+    """
+    registry = queue.started_job_registry
+    expired = registry.get_expired_job_ids()
+    if expired:
+        registry.cleanup()
+    return len(expired)
+
+
 def _queued(connection: Redis, job_ids: Sequence[str]) -> list[str]:
     with connection.pipeline() as pipe:
         for job_id in job_ids:

@@ -7,7 +7,8 @@ Redis acknowledges an enqueue before its append-only file reaches the disk (appe
 everysec), so a Redis crash can lose the last second of jobs after the relay has marked them.
 The relay therefore reconciles: every so often it looks up the jobs of the returns it relayed
 within the last hour, and enqueues again any that Redis no longer has, or holds as queued in no
-queue (popped by a worker just as Redis died: see `returns_queue.jobs.stranded_jobs`). It also
+queue (popped by a worker just as Redis died: see `returns_queue.jobs.stranded_jobs`), and hands
+to RQ's retries the jobs left started by a worker that died (`returns_queue.jobs.retry_abandoned`). It also
 enqueues again, under the configured function path, the return jobs that failed under another one
 (a REMONTEE_CONSOLIDATE_JOB that did not import, since fixed).
 """
@@ -26,7 +27,14 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from sqlalchemy.exc import SQLAlchemyError
 
-from returns_queue.jobs import jobs_exist, prepare_return_job, return_job_id, returns_queue, stranded_jobs
+from returns_queue.jobs import (
+    jobs_exist,
+    prepare_return_job,
+    retry_abandoned,
+    return_job_id,
+    returns_queue,
+    stranded_jobs,
+)
 from returns_queue.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -132,7 +140,13 @@ class Relay(RelayLoop):
             return relayed
 
     def reconcile(self, window: float = 3600.0) -> int:
-        """Enqueue again the recently relayed returns whose job Redis has lost or stranded; the number re-enqueued."""
+        """Enqueue again the recently relayed returns whose job Redis has lost or stranded, or whose worker died
+        during it; the number re-enqueued."""
+        with self._lock() as held:  # two relays would both retry them
+            abandoned = retry_abandoned(self.queue) if held else 0
+        if abandoned:
+            log.warning("relay: %d return jobs were left started by a worker that died; handed to RQ's retries",
+                        abandoned)
         lost, kept = [], []
         for chunk in _chunks(self.journal.relayed_since(time.time() - window), self.batch):
             exists = jobs_exist(self.redis, [return_job_id(p["return_id"]) for p in chunk])
@@ -147,7 +161,7 @@ class Relay(RelayLoop):
         if stranded:
             log.warning("relay: %d return jobs were queued in no queue (lost at a Redis restart); enqueued again",
                         len(stranded))
-        return len(lost) + len(stranded) + self._redirect_failed()
+        return abandoned + len(lost) + len(stranded) + self._redirect_failed()
 
     def replay(self) -> int:
         """Enqueue again every return the journal has relayed, in the journal's order; the number enqueued.

@@ -8,8 +8,9 @@ outlived its worker when the system was stopped, still holding the job and the j
 
 Here the horse asks the kernel for SIGKILL the moment its worker dies, however it dies
 (PR_SET_PDEATHSIG): a supervisor that stops a worker (SIGTERM, a warm shutdown that waits for the
-job, then SIGKILL after its grace) or kills it leaves no horse behind. The job is then abandoned as
-when a horse is killed: RQ moves it out of the started registry once the worker's heartbeat expires,
+job, then SIGKILL after its grace) or kills it leaves no horse behind. The job is then abandoned:
+once the execution's heartbeat has expired (about 90 s) the relays' reconciliation hands it to RQ's
+cleanup (`returns_queue.jobs.retry_abandoned`; RQ's own maintenance comes only every ten minutes),
 and the job's Retry runs it again (both job kinds journal at most once: returns_queue/jobs.py).
 
 The same holds for RQ's scheduler process, which a worker forks when it runs with `with_scheduler`

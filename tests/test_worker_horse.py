@@ -1,6 +1,7 @@
 """No RQ work horse outlives its worker (returns_queue/worker.py): a real `run_gateway.py worker` on the real
 redis-server, a job that sleeps, then the worker SIGKILLed, or its supervisor stopped: the horse is gone too.
-Nor does the scheduler an `ocr` worker runs for its jobs' retries."""
+Nor does the scheduler an `ocr` worker runs for its jobs' retries. And the job a killed worker leaves behind is
+run again without waiting for RQ's maintenance."""
 
 from __future__ import annotations
 
@@ -15,9 +16,19 @@ from pathlib import Path
 
 from redis import Redis
 from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from test_run_gateway import ROOT, alive, descendants
 
-from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
+from forms import Election
+from pen_gateway.ocr_relay import OcrRelay
+from pen_gateway.uploads import Upload, create_tables, record_upload
+from registry import Registry
+from returns_queue.consolidation import latest_returns
+from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE, ocr_job_id, return_job_id
+from returns_queue.journal import Journal
+from returns_queue.relay import Relay
+from validation import check_return, new_return
 
 
 def _env(tmp_path: Path, redis_url: str) -> dict[str, str]:
@@ -137,3 +148,62 @@ def test_stopping_the_supervisor_leaves_no_work_horse_behind(tmp_path: Path, red
         assert not [pid for pid in family if alive(pid)]
     finally:
         _kill_all(supervisor, family)
+
+
+def test_the_jobs_of_a_worker_killed_mid_job_run_again_at_the_next_reconciliation(
+    tmp_path: Path, redis: Redis, redis_server, registry: Registry, election_t1: Election
+) -> None:
+    """A worker killed in the middle of a job (SIGKILL, the OOM killer, a power cut) takes its horse with it and leaves
+    the job `started`. RQ retries such a job once its execution's heartbeat has expired (about 90 s), but only at a
+    worker's maintenance, every ten minutes, and the worker restarted in its place ran its own at start, before then:
+    an acknowledged return went uncounted and an upload stayed `queued` for up to ten minutes more. Each relay's
+    reconciliation now hands them back to RQ's retries."""
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+    create_tables(journal)
+    code = sorted(registry.bureaux)[0]
+    counts = {"votants": 250, "blancs_nuls": 5, "exprimes": 245, "aubry": 70, "baylet": 5, "hollande": 90,
+              "montebourg": 40, "royal": 25, "valls": 15}
+    ret = new_return(election_t1, code, counts, "ivr", {"call_id": "c-1", "caller_id": "anonymous"})
+    assert journal.submit(ret, check_return(ret, election_t1, registry.get(code))).status == "accepted"
+    upload_id = "01JKILLEDWORKERUPLOAD000000"
+    with journal.write() as conn:
+        record_upload(conn, Upload(upload_id, "0" * 64, Path("/nonexistent"), "image/png", 10, "dock-1", "PEN-1",
+                                   code, None, "queued", None, None, None, time.time() - 60))
+    returns_relay = Relay(journal, redis, "slow_jobs.consolidate_after_a_wait")
+    ocr_relay = OcrRelay(journal, redis, "slow_jobs.recognize_after_a_wait")
+    env = {**_env(tmp_path, redis_server.url),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def worker(queue: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "worker", "--queues", queue],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    workers = [worker(RETURNS_QUEUE), worker(OCR_QUEUE)]
+    family: set[int] = set()
+    try:
+        assert returns_relay.relay_once() == 1 and ocr_relay.relay_once() == 1
+        horses = [_horse_of(w.pid, timeout=60) for w in workers]
+        family = {pid for w in workers for pid in descendants(w.pid)}
+        for w in workers:
+            os.kill(w.pid, signal.SIGKILL)
+            w.wait(10)
+        assert all(_gone(h) for h in horses)
+        workers = [worker(RETURNS_QUEUE), worker(OCR_QUEUE)]  # restarted, as the supervisor does
+        jobs = {RETURNS_QUEUE: return_job_id(ret.return_id), OCR_QUEUE: ocr_job_id(upload_id)}
+        # Read without RQ's cleanup (which `count` and `get_job_ids` would run): until both executions have expired.
+        deadline = time.monotonic() + 180
+        while not all(job_id in StartedJobRegistry(queue, connection=redis).get_expired_job_ids()
+                      for queue, job_id in jobs.items()):
+            assert time.monotonic() < deadline, "the killed workers' executions never expired"
+            time.sleep(1)
+        returns_relay.reconcile()
+        ocr_relay.reconcile()
+        deadline = time.monotonic() + 60
+        while code not in latest_returns(redis, election_t1.id):
+            assert time.monotonic() < deadline, "the return of the killed worker's job was never counted"
+            time.sleep(0.2)
+        # The OCR job waits for its retry's interval (pen_gateway/ocr_relay.py), no longer as started.
+        assert Job.fetch(jobs[OCR_QUEUE], connection=redis).get_status() == JobStatus.SCHEDULED
+    finally:
+        for w in workers:
+            _kill_all(w, family)
