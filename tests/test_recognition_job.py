@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -394,3 +396,78 @@ def test_a_job_killed_by_its_timeout_while_a_retry_remains_leaves_the_upload_que
     run_one_attempt(redis)
     upload = get_upload(journal, upload_id)
     assert upload is not None and upload.status in ("accepted", "review") and upload.return_id
+
+
+@pytest.fixture
+def power_cut_disk(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], Path]]]:
+    """A real ext4 on a loop device, and a power cut: its device's blocks copied as they are (what the page cache
+    has not written back is lost, as in a real cut), then mounted again, the journal of ext4 replayed as at boot."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device and a mount need root; not root here")
+    image, mounted, loops = tmp_path / "disk.img", [], []
+
+    def attach(img: Path, where: Path) -> Path:
+        done = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"no loop device here: {done.stderr.strip()}")
+        loops.append(done.stdout.strip())
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "ext4", loops[-1], str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    def cut() -> Path:
+        copy = tmp_path / "after-the-cut.img"
+        subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+        return attach(copy, tmp_path / "after-the-cut")
+
+    with open(image, "wb") as f:
+        f.truncate(64 * 2**20)
+    if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode != 0:
+        pytest.skip("no mkfs.ext4 here")
+    try:
+        yield attach(image, tmp_path / "disk"), cut
+    finally:
+        for where in reversed(mounted):
+            if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(where)], check=False)
+        for loop in loops:
+            subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_the_reviewers_artefacts_survive_a_power_cut_with_the_return_they_were_read_for(
+    power_cut_disk: tuple[Path, Callable[[], Path]], demo_registry_files: tuple[Path, Path], registry: Registry,
+    election_t1: Election
+) -> None:
+    """The job journals the return (a commit on disk) after writing page.png, the crops and reading.json; written
+    without a sync, a power cut after the commit left the return, its review item and its upload's status, and
+    every artefact empty (ext4 had the names, not yet the blocks): the supervisor had no page to read."""
+    disk, cut = power_cut_disk
+    settings = Settings(var_dir=disk / "var", db_url=f"sqlite:///{disk / 'journal.sqlite3'}",
+                        registry=demo_registry_files[0], election=election_t1.id)
+    ctx = context(settings)
+    bureau = sorted(registry.bureaux)[0]
+    counts = consistent_counts(election_t1, np.random.default_rng(5), inscrits=registry.get(bureau).inscrits)
+    upload_id = store_upload(ctx.journal, disk / "var" / "uploads", inkml_upload(election_t1, counts, 5),
+                             "application/inkml+xml", bureau=bureau)
+    os.sync()  # the upload API made these durable before its 202
+    try:
+        outcome = process_upload(upload_id, ctx)
+        assert outcome["status"] in ("accepted", "review")
+        after = cut()
+    finally:
+        ctx.journal.dispose()
+
+    journal = Journal(f"sqlite:///{after / 'journal.sqlite3'}")
+    try:
+        upload = get_upload(journal, upload_id)
+        assert upload is not None and upload.status == outcome["status"], "the job's commit is on disk"
+    finally:
+        journal.dispose()
+    var = after / "var"
+    reading = load_reading(var, upload_id)
+    assert reading is not None and set(reading["fields"]) == {f.id for f in election_t1.fields}
+    assert page_path(var, upload_id).stat().st_size > 0
+    assert all(field_crop_path(var, upload_id, f.id).stat().st_size > 0 for f in election_t1.fields)

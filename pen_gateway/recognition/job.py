@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pen_gateway.artefacts import PAGE_NAMES, artefact_dir, field_crop_path, reading_path
 from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
-from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS
+from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS, fsync_directory
 from pen_gateway.uploads import Upload, create_tables, get_upload, set_upload_status, uploads
 from registry import Registry, RegistryFile
 from returns_queue.journal import Journal, Submission
@@ -244,7 +244,11 @@ def reading_document(reading: PageReading, assessment: Assessment, threshold: fl
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(data)
+        with open(temporary, "wb") as f:
+            f.write(data)
+            # On disk before its name: the journal's commit that follows makes ext4 commit the rename at once, and
+            # the blocks would be written back up to 30 s later (after a power cut, an empty file under the name).
+            os.fdatasync(f.fileno())
         os.replace(temporary, path)
     except OSError:
         temporary.unlink(missing_ok=True)  # a half-written file must not take the room others need
@@ -296,12 +300,19 @@ def write_artefacts(
 def _write_artefact_files(
     var_dir: Path, upload_id: str, reading: PageReading, assessment: Assessment, threshold: float
 ) -> None:
-    artefact_dir(var_dir, upload_id).mkdir(parents=True, exist_ok=True)
+    directory = artefact_dir(var_dir, upload_id)
+    created = not directory.is_dir()
+    directory.mkdir(parents=True, exist_ok=True)
     if reading.page_image is not None:
         scanned = reading.kind == "image"
-        _write_atomically(artefact_dir(var_dir, upload_id) / PAGE_NAMES[0 if scanned else 1],
+        _write_atomically(directory / PAGE_NAMES[0 if scanned else 1],
                           _jpeg(reading.page_image) if scanned else _png(reading.page_image))
     for field_id, image in reading.field_images.items():
         _write_atomically(field_crop_path(var_dir, upload_id, field_id), _png(image))
     document = reading_document(reading, assessment, threshold)
     _write_atomically(reading_path(var_dir, upload_id), json.dumps(document, ensure_ascii=False, indent=1).encode())
+    # The names too, before the return that sends a supervisor to them is journaled.
+    fsync_directory(directory)
+    if created:
+        fsync_directory(directory.parent)
+        fsync_directory(directory.parent.parent)
