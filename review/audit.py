@@ -41,6 +41,7 @@ ACTION_LABELS = {
     "user_password": "mot de passe changé",
 }
 CSV_COLUMNS = ("id", "at_utc", "actor", "action", "subject", "before", "after")
+EXPORT_BATCH = 1000  # audit rows the CSV export reads at a time
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,27 @@ def _cell(value: str | None) -> str:
 @bp.get("/audit.csv")
 def export() -> Response:
     query, _ = _filtered(select(audit))
+    journal = context().journal
 
     def lines() -> Iterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(CSV_COLUMNS)
-        with context().journal.read() as conn:
-            for r in conn.execute(query.order_by(audit.c.id)):
+        # Read in batches, each in a read of its own, never across a yield: the client takes the download at
+        # its pace (or stops reading it, a laptop put to sleep), and a read held open meanwhile keeps SQLite from
+        # resetting its WAL, which then grows with every write of the night and stays that size. The trail is
+        # append-only, so the rows up to the last id at the start are the trail as it stood then.
+        with journal.read() as conn:
+            last = conn.execute(select(func.max(audit.c.id))).scalar() or 0
+        after = 0
+        while after < last:
+            with journal.read() as conn:
+                rows = conn.execute(query.where(audit.c.id > after, audit.c.id <= last)
+                                    .order_by(audit.c.id).limit(EXPORT_BATCH)).all()
+            if not rows:
+                break
+            after = rows[-1].id
+            for r in rows:
                 at = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                 writer.writerow([r.id, at, _cell(r.actor), r.action, _cell(r.subject), _cell(r.before),
                                  _cell(r.after)])

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import re
+import sqlite3
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,8 @@ from zoneinfo import ZoneInfo
 
 from redis import Redis
 from review_support import GOOD_T1, ReviewEnv, build_env, bureau_codes, csrf_token, env, item_id_for, login, submit
-from sqlalchemy import update
+from sqlalchemy import func, select, update
+from sqlalchemy import text as text_sql
 
 from conftest import free_port
 from forms import Election
@@ -140,6 +142,50 @@ def test_audit_csv_export(env: ReviewEnv) -> None:
     assert failed["actor"] == "'=hyperlink(1)"
     filtered = list(csv.DictReader(io.StringIO(admin.get("/audit.csv?action=approve").get_data(as_text=True))))
     assert [r["action"] for r in filtered] == ["approve"]
+
+
+def _open_reads(journal: Journal) -> int:
+    """Read snapshots held on the journal: what stops SQLite from resetting its WAL (it then grows with every write)
+    and PostgreSQL from vacuuming."""
+    if journal.sqlite:
+        raw = sqlite3.connect(journal.url.removeprefix("sqlite:///"))
+        try:  # a TRUNCATE checkpoint is busy while any connection reads an older snapshot
+            busy, _, _ = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            raw.close()
+        return busy
+    with journal.read() as conn:
+        return conn.execute(text_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()")).scalar_one()
+
+
+def test_audit_csv_export_holds_no_read_while_the_download_waits(env: ReviewEnv) -> None:
+    """A download the supervisor's browser reads slowly, or stops reading (a laptop put to sleep), must not hold a
+    read of the journal until it ends: SQLite's WAL would grow with every return journaled meanwhile, and stay
+    that size. The export reads the trail in batches, each in a read of its own, and is still the trail as it
+    stood when the download started."""
+    with env.journal.write() as conn:
+        conn.execute(audit.insert(), [{"at": time.time(), "actor": "alice", "action": "approve",
+                                       "subject": f"item {i}", "before": json.dumps({"note": "x" * 150})}
+                                      for i in range(3000)])
+    admin = env.client()
+    login(admin, "root")
+    with env.journal.read() as conn:
+        expected = conn.execute(select(func.count()).select_from(audit)).scalar_one()
+    response = admin.get("/audit.csv", buffered=False)
+    try:
+        chunks = iter(response.response)
+        received = [next(chunks)]  # the browser has the first part and reads no further for now
+        assert _open_reads(env.journal) == 0
+        with env.journal.write() as conn:  # the night goes on meanwhile
+            Journal.record_audit(conn, "bob", "login", "bob")
+        received.extend(chunks)
+    finally:
+        response.close()
+    rows = list(csv.DictReader(io.StringIO(b"".join(received).decode())))
+    assert len(rows) == expected and len({r["id"] for r in rows}) == expected
+    assert [int(r["id"]) for r in rows] == sorted(int(r["id"]) for r in rows)
+    assert "bob" not in {r["actor"] for r in rows}  # appended after the download started
 
 
 def _accept(env: ReviewEnv, code: str, channel: str = "ivr") -> None:
