@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from settings import Settings, SettingsError, make_var_dir
+from telemetry.logs import FORMATS as LOG_FORMATS
 from telemetry.logs import configure_logging
 
 log = logging.getLogger("remontee")
@@ -80,7 +81,7 @@ def common_parser() -> argparse.ArgumentParser:
                        help="the IVR's Prometheus listener (default 9573; 0: none)")
     group.add_argument("--worker-metrics-port", type=int, default=argparse.SUPPRESS,
                        help="the RQ workers' Prometheus listener (default 9574; 0: none)")
-    group.add_argument("--log-format", choices=("json", "text"), metavar="json|text", default=argparse.SUPPRESS,
+    group.add_argument("--log-format", choices=LOG_FORMATS, metavar="|".join(LOG_FORMATS), default=argparse.SUPPRESS,
                        help="log lines as JSON objects (default) or text")
     return common
 

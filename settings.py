@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from telemetry.logs import FORMATS as LOG_FORMATS
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -53,10 +55,10 @@ class Settings:
                     values[f.name] = _convert(f.type, raw)
                 except ValueError:
                     raise SettingsError(f"REMONTEE_{f.name.upper()}={raw!r}: not a whole number") from None
-        # The flag offers json|text only; the variable is checked here, or every part would die of it at its start
-        # with a traceback (telemetry.logs.FORMATS), restarted again and again by a supervisor.
-        if values.get("log_format", "json") not in ("json", "text"):
-            raise SettingsError(f"REMONTEE_LOG_FORMAT={values['log_format']!r}: json or text")
+        # The flag offers these only; the variable is checked here, or every part would die of it at its start
+        # with a traceback (telemetry.logs.configure_logging), restarted again and again by a supervisor.
+        if values.get("log_format", "json") not in LOG_FORMATS:
+            raise SettingsError(f"REMONTEE_LOG_FORMAT={values['log_format']!r}: {' or '.join(LOG_FORMATS)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         for name, value in values.items():
             # A port no socket can have would only fail in the part that listens, or not at all (a metrics port).
