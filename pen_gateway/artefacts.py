@@ -24,13 +24,13 @@ def artefact_dir(var_dir: Path, upload_id: str) -> Path:
     return var_dir / "uploads" / "artefacts" / upload_id
 
 
-PAGE_NAMES = ("page.jpg", "page.png")  # a scan's page, an ink page (one of them per upload)
+SCAN_PAGE, INK_PAGE = "page.jpg", "page.png"  # one of them per upload
 
 
 def page_path(var_dir: Path, upload_id: str) -> Path:
     """The upload's page image as it was written (a scan's JPEG or an ink page's PNG); page.png when there is none."""
-    directory = artefact_dir(var_dir, upload_id)
-    return next((directory / name for name in PAGE_NAMES if (directory / name).is_file()), directory / "page.png")
+    scan = artefact_dir(var_dir, upload_id) / SCAN_PAGE
+    return scan if scan.is_file() else scan.with_name(INK_PAGE)
 
 
 def field_crop_path(var_dir: Path, upload_id: str, field_id: str) -> Path:

@@ -35,7 +35,7 @@ from rq import get_current_job
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pen_gateway.artefacts import PAGE_NAMES, artefact_dir, field_crop_path, reading_path
+from pen_gateway.artefacts import INK_PAGE, SCAN_PAGE, artefact_dir, field_crop_path, reading_path
 from pen_gateway.recognition.assess import Assessment, UploadFacts, assess
 from pen_gateway.recognition.pipeline import PageReading, Recognizer, read_page
 from pen_gateway.storage import FULL_ERRNOS, ROOM_WAIT_SECONDS, fsync_directory
@@ -255,26 +255,26 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _encoded(image: np.ndarray, extension: str, params: list[int]) -> bytes:
+    ok, buf = cv2.imencode(extension, image, params)
+    if not ok:
+        raise ValueError(f"cannot encode the artefact as {extension}")
+    return buf.tobytes()
+
+
 def _png(image: np.ndarray) -> bytes:
     # Run-length coding only: a scan's grain defeats zlib's search, which took a quarter more time
     # for larger files (a scanned form's artefacts: 1,004-1,113 kB, 868-988 kB with RLE; ink 38 and 26 kB).
     # No row filter either: on grain, trying libpng's five filters a row costs more than it saves
     # (a scanned page 51 → 28 ms and 764 → 735 kB, another 35 → 20 ms and 490 → 508 kB; an ink page 14 → 3 ms).
-    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
-                                           cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER,
-                                           cv2.IMWRITE_PNG_FILTER_NONE])
-    if not ok:
-        raise ValueError("cannot encode the artefact as PNG")
-    return buf.tobytes()
+    return _encoded(image, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
+                                    cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
 
 
 def _jpeg(image: np.ndarray) -> bytes:
     # A scan's page for the reviewer to see: its grain costs lossless coding 28 ms and 730 kB a page, this 4 ms and
     # 280 kB, and at quality 90 the eye sees the same page (the raw upload is kept, byte for byte).
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise ValueError("cannot encode the artefact as JPEG")
-    return buf.tobytes()
+    return _encoded(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def write_artefacts(
@@ -304,9 +304,10 @@ def _write_artefact_files(
     created = not directory.is_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if reading.page_image is not None:
-        scanned = reading.kind == "image"
-        _write_atomically(directory / PAGE_NAMES[0 if scanned else 1],
-                          _jpeg(reading.page_image) if scanned else _png(reading.page_image))
+        if reading.kind == "image":
+            _write_atomically(directory / SCAN_PAGE, _jpeg(reading.page_image))
+        else:
+            _write_atomically(directory / INK_PAGE, _png(reading.page_image))
     for field_id, image in reading.field_images.items():
         _write_atomically(field_crop_path(var_dir, upload_id, field_id), _png(image))
     document = reading_document(reading, assessment, threshold)
