@@ -252,6 +252,8 @@ def _dpi(value: object) -> float | None:
 
 
 def _to_gray(image: Image.Image) -> Image.Image:
+    if image.mode == "L":
+        return image  # convert("L") would copy the page (11 Mpx for a scan with margins) to no end
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels are paper, not ink: flatten onto white before dropping alpha.
         rgba = image.convert("RGBA")
