@@ -140,6 +140,8 @@ def start_private_redis(settings: Settings) -> subprocess.Popen[bytes]:
         "redis-server", "--port", "0", "--unixsocket", str(settings.private_redis_socket),
         "--unixsocketperm", "700", "--dir", str(directory), "--appendonly", "yes",
         "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--logfile", str(directory / "redis.log"),
+        # Redis's default, said here: a last command half-written by a power cut is dropped, not a refusal to start.
+        "--aof-load-truncated", "yes",
     ]
     process = subprocess.Popen(argv, preexec_fn=_die_with_parent)
     for _ in range(100):
@@ -151,10 +153,27 @@ def start_private_redis(settings: Settings) -> subprocess.Popen[bytes]:
             except Exception:
                 pass
         if process.poll() is not None:
-            raise SystemExit(f"redis-server exited at start; see {directory / 'redis.log'}")
+            raise SystemExit(_why_redis_exited(directory))
         time.sleep(0.1)
     process.terminate()
     raise SystemExit("redis-server did not answer within 10 s")
+
+
+def _why_redis_exited(directory: Path) -> str:
+    """The operator's next step when the private redis-server exits at start: the repair of its AOF, if that is why."""
+    log_file = directory / "redis.log"
+    try:
+        last_words = log_file.read_text(errors="replace")[-1000:]
+    except OSError:
+        last_words = ""
+    if "Bad file format reading the append only file" not in last_words:
+        return f"redis-server exited at start; see {log_file}"
+    # Zeros or garbage at the end of the AOF (a power cut wrote the file's length but not all of its blocks):
+    # aof-load-truncated covers only a half-written last command, and redis-server 7.0 repairs nothing else itself.
+    return (f"redis-server refuses its append-only file, which ends in bytes it cannot read (as a power cut leaves "
+            f"it). Keep a copy of {directory / 'appendonlydir'}, then run `redis-check-aof --fix "
+            f"{directory / 'appendonlydir' / 'appendonly.aof.manifest'}` (it cuts the file where it stops being "
+            f"readable) and start again; docs/deploy.md (\"Redis after a power cut\") says what the cut may lose")
 
 
 def ensure_demo_registry(settings: Settings, bureaux: int) -> None:

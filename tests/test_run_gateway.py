@@ -311,3 +311,48 @@ def test_every_setting_given_to_all_reaches_the_parts_it_starts(tmp_path: Path) 
     child = Settings.from_env(Supervisor(settings, SERVICES)._env())
     for name, value in values.items():
         assert getattr(child, name) == value, name
+
+
+def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(tmp_path: Path) -> None:
+    from run_gateway import start_private_redis
+
+    settings = Settings.from_env({}, var_dir=tmp_path / "var")
+    redis_server = start_private_redis(settings)
+    try:
+        Redis.from_url(settings.redis_url_resolved).set("remontee:test:kept", "yes")
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
+    aof_dir = tmp_path / "var" / "redis" / "appendonlydir"
+    manifest = aof_dir / "appendonly.aof.manifest"
+    last_incr = [line.split()[1] for line in manifest.read_text().splitlines() if line.endswith("type i")][-1]
+    aof = aof_dir / last_incr
+
+    # A last command half-written: Redis drops it and starts (aof-load-truncated).
+    intact = aof.read_bytes()
+    aof.write_bytes(intact + b"*3\r\n$3\r\nset\r\n$1\r\nb")
+    redis_server = start_private_redis(settings)
+    try:
+        assert Redis.from_url(settings.redis_url_resolved).get("remontee:test:kept") == b"yes"
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
+
+    # Zeros where the file's last blocks never reached the disk: redis-server refuses to start, and
+    # `all` says what to run, in one line, instead of pointing at Redis's log.
+    aof.write_bytes(aof.read_bytes() + bytes(4096))
+    ran = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "all", "--demo-bureaux", "12"],
+                         cwd=tmp_path, env=gateway_env(), capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0
+    assert f"redis-check-aof --fix {manifest}" in ran.stderr
+    assert "docs/deploy.md" in ran.stderr and "Traceback" not in ran.stderr
+
+    # The repair it names brings Redis back with what the file held.
+    subprocess.run(["redis-check-aof", "--fix", str(manifest)], input="y\n", text=True, check=True,
+                   capture_output=True, timeout=30)
+    redis_server = start_private_redis(settings)
+    try:
+        assert Redis.from_url(settings.redis_url_resolved).get("remontee:test:kept") == b"yes"
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
