@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import Settings, SettingsError, make_var_dir
+from settings import Settings, SettingsError, make_var_dir, without_password
 from telemetry.logs import FORMATS as LOG_FORMATS
 from telemetry.logs import configure_logging
 
@@ -334,9 +334,9 @@ def run_everything(args: argparse.Namespace) -> int:
     ensure_demo_registry(settings, args.demo_bureaux)
     supervisor = Supervisor(settings, SERVICES, private_redis=settings.redis_url is None)
     print("Remontée is starting; Ctrl-C stops everything.", flush=True)
-    print(f"  {'redis':<10} {settings.redis_url_resolved}"
+    print(f"  {'redis':<10} {without_password(settings.redis_url_resolved)}"
           + (" (private, AOF under var/redis/)" if supervisor.private_redis else ""))
-    print(f"  {'journal':<10} {settings.db_url_resolved}")
+    print(f"  {'journal':<10} {without_password(settings.db_url_resolved)}")
     print(f"  {'registry':<10} {settings.registry_path}")
     for service in SERVICES:
         print(f"  {service.name:<10} {service.where.format(s=settings)}", flush=True)

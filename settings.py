@@ -6,6 +6,7 @@ Each part reads its settings from a `Settings`; tests build one directly with th
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -93,6 +94,20 @@ def make_var_dir(var_dir: Path) -> Path:
     existing directory keeps its mode (docs/deploy.md makes /srv/remontee 750 for its group)."""
     var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return var_dir
+
+
+def without_password(url: str) -> str:
+    """`url` as it may be printed or logged: the password it carries, if any, replaced by `***`.
+
+    In production REMONTEE_REDIS_URL (and REMONTEE_DB_URL, for a database that wants one) holds a password
+    (docs/deploy.md), in the user part (`redis://:secret@host`) or as `?password=`; the logs are not the place
+    for it."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, _, host = netloc.rpartition("@")
+    if ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return scheme + sep + re.sub(r"([?&])password=[^&#]*", r"\1password=***", netloc + slash + path)
 
 
 def _convert(annotation: Any, raw: str) -> Any:

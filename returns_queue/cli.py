@@ -18,7 +18,7 @@ from returns_queue.consolidation import totals
 from returns_queue.jobs import OCR_QUEUE, RETURNS_QUEUE
 from returns_queue.journal import Journal
 from returns_queue.relay import Relay
-from settings import Settings, make_var_dir
+from settings import Settings, make_var_dir, without_password
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def _relay(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("relay: journal %s → RQ %s", settings.db_url_resolved, settings.redis_url_resolved)
+    log.info("relay: journal %s → RQ %s", without_password(settings.db_url_resolved),
+             without_password(settings.redis_url_resolved))
     relay.run(stop)
     return 0
 
@@ -121,7 +122,8 @@ def _totals(args: argparse.Namespace) -> int:
     try:
         figures = totals(Redis.from_url(settings.redis_url_resolved), settings.election)
     except RedisError as exc:
-        print(f"error: the consolidation's Redis ({settings.redis_url_resolved}) does not answer: {exc}",
+        print(f"error: the consolidation's Redis ({without_password(settings.redis_url_resolved)}) does not answer: "
+              f"{exc}",
               file=sys.stderr)
         return 1
     try:

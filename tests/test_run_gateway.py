@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -356,3 +357,66 @@ def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(t
     finally:
         redis_server.terminate()
         redis_server.wait(10)
+
+
+def test_a_redis_with_a_password_is_reached_through_its_url_and_the_password_is_never_printed(
+        tmp_path: Path) -> None:
+    """docs/deploy.md's production Redis (requirepass, the password in REMONTEE_REDIS_URL): the relay, an RQ worker
+    and its scheduler, and `totals` reach it through the URL alone, and none of them writes the password out."""
+    from registry.demo import generate
+
+    password = "3f9a1c0b7e2d4a68"
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+                               "--dir", str(tmp_path / "redis"), "--save", "", "--daemonize", "no",
+                               "--logfile", str(tmp_path / "redis" / "redis.log")])
+    try:
+        admin = Redis(port=port, password=password)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                admin.ping()
+                break
+            except RedisError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        generate(12, tmp_path / "registry.csv", tmp_path / "pins.csv")
+        env = gateway_env() | {
+            "REMONTEE_REDIS_URL": f"redis://:{password}@127.0.0.1:{port}/0", "REMONTEE_VAR_DIR": str(tmp_path / "var"),
+            "REMONTEE_DB_URL": f"sqlite:///{tmp_path / 'journal.sqlite3'}",
+            "REMONTEE_REGISTRY": str(tmp_path / "registry.csv"), "REMONTEE_ELECTION": "primaire-2011-t2"}
+        election = load_election("primaire-2011-t2")
+        Journal(env["REMONTEE_DB_URL"]).submit(new_return(
+            election, "010101", {"votants": 30, "blancs_nuls": 2, "exprimes": 28, "hollande": 20, "aubry": 8},
+            "ivr", {"call_id": "c1"}))
+
+        def remontee(*command: str, environ: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), *command], cwd=tmp_path,
+                                  env=environ, capture_output=True, text=True, timeout=120)
+
+        relay = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "relay"], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not admin.llen("rq:queue:returns"):
+                assert relay.poll() is None and time.monotonic() < deadline, "the relay enqueued nothing"
+                time.sleep(0.1)
+        finally:
+            relay.terminate()
+            relay_out, relay_err = relay.communicate(timeout=30)
+        assert "relay: journal" in relay_err
+        worker = remontee("worker", "--burst")  # returns and ocr: RQ's scheduler makes a connection of its own
+        assert worker.returncode == 0, worker.stderr
+        figures = remontee("totals", "--json")
+        assert figures.returncode == 0, figures.stderr
+        assert json.loads(figures.stdout)["candidates"] == {"hollande": 20, "aubry": 8}
+
+        wrong = remontee("totals", environ=env | {"REMONTEE_REDIS_URL": f"redis://:not{password}@127.0.0.1:{port}/0"})
+        assert wrong.returncode == 1 and "does not answer" in wrong.stderr and "Traceback" not in wrong.stderr
+        for text in (relay_out, relay_err, worker.stdout, worker.stderr, figures.stdout, figures.stderr,
+                     wrong.stdout, wrong.stderr):
+            assert password not in text
+    finally:
+        server.terminate()
+        server.wait(10)
