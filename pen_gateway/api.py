@@ -12,8 +12,11 @@ different page is a 409. A replayed signature is a 401, also without storing any
 
 `GET /api/v1/uploads/<upload_id>` — signed like the POST (the body is empty, so its digest is the
 SHA-256 of the empty string), and only for the station that made the upload (any other: 404).
-Answers the status (queued, recognized, accepted, review, rejected, failed) and, once accepted,
-the receipt. A status read's signature is remembered with the path it read; two reads of one
+Answers the status (queued, recognized, accepted, review, rejected, failed), once accepted the
+receipt, and for a page that was not read (`review` without a return, `failed`) an `error` of the
+same shape as the API's errors, `{"code", "message"}`, from `STATION_ERRORS`: why exactly (an
+exception, a path) stays in the journal's row for the supervisor, and in the worker's log.
+A status read's signature is remembered with the path it read; two reads of one
 upload signed in the same second carry the same signature (the second is a replay, 401), so a
 station polling faster signs with the next second (tests/pen_helpers.py does).
 
@@ -56,6 +59,14 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 PEN_SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 BUREAU = re.compile(r"^[0-9]{1,10}$")  # ASCII digits: \d takes "٧" and "７" too
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+# What a status read says of an upload that was not read, in place of the row's `error`.
+STATION_ERRORS = {
+    "review": ("NOT_READ", "no return could be read from the page (unreadable, or its bureau unknown); "
+                           "it waits for a supervisor"),
+    "failed": ("RECOGNITION_FAILED", "the page could not be processed; it waits for a supervisor"),
+}
 
 
 class ApiError(Exception):
@@ -282,6 +293,8 @@ def upload_status(upload_id: str) -> Any:
         answer["return_id"] = upload.return_id
     if upload.status == "accepted" and upload.receipt:
         answer["receipt"] = upload.receipt
-    if upload.error:
-        answer["error"] = upload.error
+    if upload.error and upload.status in STATION_ERRORS:
+        # The row's own words (an exception, a path, the reader's French) are the supervisor's and the log's.
+        code, message = STATION_ERRORS[upload.status]
+        answer["error"] = {"code": code, "message": message}
     return answer

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +158,46 @@ def test_status_is_for_the_uploading_station_only(pen: Gateway, redis: Redis, pa
     assert_error(pen.client.status("01NOSUCHUPLOAD"), 404, "NOT_FOUND")
     unsigned = pen.client.send("GET", f"/api/v1/uploads/{upload_id}", b"", {})
     assert_error(unsigned, 401, "MISSING_SIGNATURE")
+
+
+def _png_with_a_broken_stream() -> bytes:
+    """A PNG whose every chunk checksum is right (the upload's probe lets it in) but whose pixels do not inflate."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+    idat = chunk(b"IDAT", b"not a zlib stream" * 8)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def test_a_page_that_could_not_be_read_says_why_in_a_code_not_in_the_servers_words(
+    pen: Gateway, redis: Redis, page_png: bytes
+) -> None:
+    from pen_gateway.recognition.job import context, process_upload
+
+    unreadable = pen.client.upload(_png_with_a_broken_stream(), "image/png", pen_serial="PEN-1")
+    assert unreadable.status == 202, unreadable.json
+    lost = pen.client.upload(page_png, "image/png", pen_serial="PEN-2")
+    assert lost.status == 202, lost.json
+    lost_upload = get_upload(pen.gateway.journal, lost.json["upload_id"])
+    assert lost_upload is not None
+    lost_upload.path.unlink()  # the stored bytes gone: the job raises FileNotFoundError, with the path in it
+
+    ctx = context(pen.settings)
+    process_upload(unreadable.json["upload_id"], ctx)  # the page does not decode: for a supervisor
+    with pytest.raises(FileNotFoundError):
+        process_upload(lost.json["upload_id"], ctx)
+
+    for answer, status, code in ((unreadable, "review", "NOT_READ"), (lost, "failed", "RECOGNITION_FAILED")):
+        row = get_upload(pen.gateway.journal, answer.json["upload_id"])
+        assert row is not None and row.status == status and row.error  # the details stay for the supervisor
+        read = pen.client.status(answer.json["upload_id"])
+        assert read.status == 200 and read.json["status"] == status, read.json
+        assert read.json["error"]["code"] == code and read.json["error"]["message"], read.json
+        assert set(read.json["error"]) == {"code", "message"}
+        shown = json.dumps(read.json)
+        for detail in (row.error, "Errno", "Error", str(pen.settings.var_dir), "broken data stream"):
+            assert detail not in shown, (detail, shown)
 
 
 def test_status_read_signature_cannot_be_replayed(pen: Gateway, redis: Redis, page_png: bytes) -> None:
