@@ -132,7 +132,7 @@ class PenGateway:
     def start_relay(self) -> OcrRelay:
         if self.relay is None:
             self.relay = OcrRelay(self.journal, self.redis, self.ocr_job, grace=self.relay_grace,
-                                  write=self.recorder.write)
+                                  write=self.recorder.write, var_dir=self.settings.var_dir)
             self.relay.start(self._stop)
         return self.relay
 

@@ -14,8 +14,9 @@ started by a worker that died (handed to RQ's retries: `returns_queue.jobs.retry
 as ended: a job that could not write the upload's row (the journal or Redis away through all its
 retries, its work horse killed on its last attempt) has its ended job replaced, so no outage during
 the job strands an acknowledged upload. It also marks the uploads whose job the API did enqueue,
-in batches, so the API pays no second journal write per upload. And it forgets used signatures
-once they are too old to be replayed.
+in batches, so the API pays no second journal write per upload. It forgets used signatures
+once they are too old to be replayed, and removes the temporary files a process killed in the middle
+of a write left under var/uploads/ (`storage.remove_stale_temporaries`), at start and every few minutes.
 
 It runs as a thread in every pen gateway process (the app factory starts it when
 `OCR_RELAY` is set, which `run_gateway.py pen` does); a Redis lock lets one work at a time.
@@ -27,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -37,7 +39,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pen_gateway.signing import purge_seen_signatures_in
-from pen_gateway.storage import ROOM_WAIT_SECONDS
+from pen_gateway.storage import ROOM_WAIT_SECONDS, remove_stale_temporaries
 from pen_gateway.uploads import fail_queued_in, mark_ocr_enqueued_in, ocr_outbox, queued_among, uploads
 from returns_queue.jobs import ocr_job_id, ocr_queue, retry_abandoned, stranded_jobs
 from returns_queue.journal import Journal
@@ -69,6 +71,7 @@ MAX_JOB_REPLACEMENTS = 3
 # ten minutes): a retry overdue by this much is enqueued by the reconciliation itself.
 RETRY_OVERDUE_SECONDS = 30.0
 REPLACED_KEY = "remontee:ocr:replaced:{}"  # how many times, per upload (kept a day)
+TEMPORARY_SWEEP_SECONDS = 300.0  # how often var/uploads/ is looked through for temporary files left behind
 GAVE_UP = ("la lecture n'a abouti à aucun des {} essais, ni à leurs reprises (le processus meurt-il sur cette "
            "page ?) : à saisir à la main")
 
@@ -95,7 +98,7 @@ class OcrRelay(RelayLoop):
 
     def __init__(self, journal: Journal, redis: Redis, job_path: str = OCR_JOB, *, grace: float = 5.0,
                  batch: int = 500, write: Callable[[Callable[[Connection], Any]], Any] | None = None,
-                 max_replacements: int = MAX_JOB_REPLACEMENTS) -> None:
+                 max_replacements: int = MAX_JOB_REPLACEMENTS, var_dir: Path | None = None) -> None:
         super().__init__()
         self.journal, self.redis, self.job_path = journal, redis, job_path
         # How to write to the journal: through the gateway's recorder thread when there is one.
@@ -103,6 +106,8 @@ class OcrRelay(RelayLoop):
         self.grace, self.batch, self.max_replacements = grace, batch, max_replacements
         self.queue = ocr_queue(redis)
         self._last_purge = 0.0
+        self.var_dir = var_dir  # whose uploads/ to rid of temporary files left behind (None: not this relay's)
+        self._last_sweep: float | None = None
 
     def relay_once(self, now: float | None = None) -> int:
         """Enqueue the missing OCR jobs; the number enqueued. Raises RedisError when Redis is away."""
@@ -227,7 +232,9 @@ class OcrRelay(RelayLoop):
             return fn(conn)
 
     def each_pass(self) -> None:
-        """Forget used signatures once a minute (they cannot be replayed any more)."""
+        """Forget used signatures once a minute (they cannot be replayed any more); remove temporary files left
+        behind at start and every TEMPORARY_SWEEP_SECONDS."""
+        self._sweep_temporaries()
         if time.monotonic() - self._last_purge < 60:
             return
         self._last_purge = time.monotonic()
@@ -235,3 +242,17 @@ class OcrRelay(RelayLoop):
             self.write(purge_seen_signatures_in)
         except (SQLAlchemyError, TimeoutError) as exc:
             log.warning("ocr relay: could not purge old signatures: %s", exc)
+
+    def _sweep_temporaries(self) -> None:
+        if self.var_dir is None or (self._last_sweep is not None
+                                    and time.monotonic() - self._last_sweep < TEMPORARY_SWEEP_SECONDS):
+            return
+        self._last_sweep = time.monotonic()
+        try:
+            removed = remove_stale_temporaries(self.var_dir)
+        except OSError as exc:
+            log.warning("ocr relay: could not look for temporary files left under %s: %s", self.var_dir, exc)
+            return
+        if removed:
+            log.warning("ocr relay: removed %d temporary file(s) left by a process killed in the middle of a write: "
+                        "%s", len(removed), ", ".join(str(path) for path in removed))

@@ -23,6 +23,9 @@ included), then removes the file only if nothing journaled holds it.
 
 A full disk (ENOSPC, EDQUOT) raises `StorageFull` and leaves nothing behind: the temporary file
 is removed, and a file is never renamed into place unless it was completely written and synced.
+A process killed in the middle of a write leaves its temporary file, and so does the OCR job's
+artefact writer: `remove_stale_temporaries` removes those (the OCR relay runs it at the gateway's
+start and every few minutes).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +50,14 @@ FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 ROOM_WAIT_SECONDS = 300.0
 # Directories synced at once by make_durable: one thread each (they wait on the disk, not the CPU).
 DIRECTORY_SYNC_THREADS = 16
+
+
+# The temporary names of the files being written under uploads/: RawStore's, in raw/<xx>/, and the OCR job's
+# artefacts (pen_gateway/recognition/job.py, _write_atomically), in artefacts/<upload id>/.
+RAW_TEMPORARY = re.compile(r"^\.[0-9a-f]{64}\.[0-9]+\.[0-9a-f]{8}\.tmp$")
+ARTEFACT_TEMPORARY = re.compile(r"^\.(page\.jpg|page\.png|field-[A-Za-z0-9_-]+\.png|reading\.json)\.[0-9]+\.tmp$")
+# A writer renames its temporary file into place, or removes it, within seconds: one this old has no writer left.
+STALE_TEMPORARY_SECONDS = 900.0
 
 
 class StorageFull(OSError):
@@ -232,3 +245,35 @@ class RawStore:
 
     def read(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
+
+
+def remove_stale_temporaries(var_dir: Path, older_than: float = STALE_TEMPORARY_SECONDS,
+                             now: float | None = None) -> list[Path]:
+    """Remove the temporary files that processes killed in the middle of a write left under uploads/; those removed.
+
+    Only the names RawStore and the artefact writer give their temporary files, in their own directories,
+    and only those not modified for `older_than` seconds: a younger one may be a live writer's."""
+    cutoff = (time.time() if now is None else now) - older_than
+    uploads = Path(var_dir) / "uploads"
+    removed: list[Path] = []
+    for parent, name in ((uploads / "raw", RAW_TEMPORARY), (uploads / "artefacts", ARTEFACT_TEMPORARY)):
+        try:
+            directories = [entry.path for entry in os.scandir(parent) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            continue
+        for directory in directories:
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not name.match(entry.name):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed.append(Path(entry.path))
+    return removed

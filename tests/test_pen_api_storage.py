@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,57 @@ def test_a_full_journal_disk_is_507_and_the_stored_bytes_are_removed(tmp_path: P
         if keeper is not None:
             keeper.close()
         g.stop()
+
+
+# A writer killed in the middle of its write, after its temporary file was created and before its rename.
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+os.fdatasync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[1] == "raw":
+    from pen_gateway.storage import RawStore
+    RawStore(Path(sys.argv[2])).write(sys.argv[3].encode())
+else:
+    from pen_gateway.recognition.job import _write_atomically
+    _write_atomically(Path(sys.argv[2]), sys.argv[3].encode())
+"""
+
+
+def _killed_mid_write(*args: str) -> None:
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *args], cwd=Path(__file__).parents[1])
+    assert killed.returncode == -9
+
+
+def test_temporary_files_of_writers_killed_mid_write_are_removed_at_the_gateways_start(
+    tmp_path: Path, redis: Redis, redis_server: Any
+) -> None:
+    var_dir = tmp_path / "var"
+    kept = RawStore(var_dir).put(b"a page stored whole")
+    artefacts = var_dir / "uploads" / "artefacts" / "01UPLOADKILLEDMIDWRITE"
+    artefacts.mkdir(parents=True)
+    _killed_mid_write("raw", str(var_dir), "a page whose request was killed")
+    _killed_mid_write("artefact", str(artefacts / "page.jpg"), "a page's artefact")
+    _killed_mid_write("artefact", str(artefacts / "reading.json"), "{}")
+    left = sorted(var_dir.rglob("*.tmp"), key=lambda p: ("reading.json" in p.name, str(p)))
+    assert len(left) == 3, left
+    an_hour_ago = time.time() - 3600
+    for path in left[:2]:  # the upload's and the page artefact's
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    recent = left[2]  # reading.json's, as young as a live writer's may be: kept
+    # Names that are not the gateway's temporary files, however old, are not its to remove.
+    others = [var_dir / "uploads" / "raw" / kept.sha256[:2] / "notes.tmp", artefacts / ".field-x.png.tmp",
+              var_dir / "uploads" / ".stray.1.tmp"]
+    for path in others:
+        path.write_bytes(b"someone else's")
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    gateway = start_gateway(var_dir, redis_server.url, relay=True)
+    try:
+        deadline = time.monotonic() + 30
+        while any(path.exists() for path in left[:2]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(path.exists() for path in left[:2])
+        assert recent.exists() and all(path.exists() for path in others)
+        assert kept.path.read_bytes() == b"a page stored whole"
+    finally:
+        gateway.stop()
