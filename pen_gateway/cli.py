@@ -1,4 +1,4 @@
-"""`run_gateway.py pen` (the upload API under gunicorn) and `run_gateway.py stations add|list`."""
+"""`run_gateway.py pen` (the upload API under gunicorn) and `run_gateway.py stations add|revoke|list`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                              parents=[common])
     add.add_argument("station_id", help="the station's id, as it sends in X-Remontee-Station")
     add.set_defaults(func=_stations_add)
-    listing = actions.add_parser("list", help="the registered stations", parents=[common])
+    revoke = actions.add_parser("revoke", help="refuse a station's signatures from now on (a lost or stolen "
+                                "station, a secret given away); audited", parents=[common])
+    revoke.add_argument("station_id", help="the station's id, as it sends in X-Remontee-Station")
+    revoke.set_defaults(func=_stations_revoke)
+    listing = actions.add_parser("list", help="the registered stations, revoked ones left out", parents=[common])
     listing.set_defaults(func=_stations_list)
 
 
@@ -51,6 +55,19 @@ def _stations_add(args: argparse.Namespace) -> int:
     print(f"station {args.station_id} registered. Its secret is shown this once: put it in the docking "
           "station's configuration; the gateway keeps it encrypted.")
     print(secret, flush=True)
+    return 0
+
+
+def _stations_revoke(args: argparse.Namespace) -> int:
+    from pen_gateway.signing import NoSuchStation
+
+    try:
+        _registry(args.settings).revoke(args.station_id)
+    except NoSuchStation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"station {args.station_id} revoked: its uploads and status reads get 401 from now on (from a gateway "
+          "already running, within 10 s). Its uploads so far are kept.")
     return 0
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet, InvalidToken
 from redis import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import Column, Connection, Float, MetaData, String, Table, Text, delete, insert, select
+from sqlalchemy import Column, Connection, Float, MetaData, String, Table, Text, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from returns_queue.journal import Journal
@@ -88,6 +88,10 @@ def replayed() -> SignatureError:
 
 class StationExists(Exception):
     pass
+
+
+class NoSuchStation(LookupError):
+    """No station of that id to revoke: never registered, or revoked already."""
 
 
 # --- the signature itself (also what a docking station, or tests/pen_helpers.py, computes) ---
@@ -162,6 +166,22 @@ class StationRegistry:
         except IntegrityError as exc:
             raise StationExists(f"station {station_id} is already registered") from exc
         return secret
+
+    def revoke(self, station_id: str, *, actor: str = "cli") -> None:
+        """Refuse the station's signatures from now on (a gateway already running: once its cache has expired).
+
+        Its row stays, with its uploads: the revocation is audited, and the id cannot be registered again."""
+        with self.journal.write() as conn:
+            revoked_at = conn.execute(select(stations.c.revoked_at).where(stations.c.station_id == station_id)).first()
+            if revoked_at is None:
+                raise NoSuchStation(f"station {station_id[:64]!r} is not registered")
+            if revoked_at[0] is not None:
+                raise NoSuchStation(f"station {station_id} was revoked already, at "
+                                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(revoked_at[0]))}")
+            conn.execute(update(stations).where(stations.c.station_id == station_id).values(revoked_at=time.time()))
+            Journal.record_audit(conn, actor, "station_revoke", station_id, {"revoked": False}, {"revoked": True})
+        with self._lock:
+            self._cache.pop(station_id, None)
 
     def station_ids(self) -> list[str]:
         with self.journal.read() as conn:

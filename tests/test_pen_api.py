@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -32,11 +35,13 @@ from redis import Redis
 from rq.job import Job
 from sqlalchemy import func, select
 
+from conftest import ROOT
 from pen_gateway.app import PenGateway, create_app, gateway_of
 from pen_gateway.decode import MAX_INK_POINTS, MAX_INK_TRACES
 from pen_gateway.signing import REPLAY_MEMORY, seen_signatures, signature_headers
 from pen_gateway.uploads import get_upload, set_upload_status, uploads
 from returns_queue.jobs import ocr_job_id, ocr_queue
+from returns_queue.journal import audit
 from settings import Settings
 
 OCR_JOB = "pen_gateway.recognition.job.recognize_upload"
@@ -252,6 +257,43 @@ def test_bad_signatures_get_401_and_change_nothing(pen: Gateway, redis: Redis, p
     assert_error(answer, 401, code)
     assert answer.headers["www-authenticate"].startswith("Remontee-HMAC")
     assert snapshot(pen, redis) == before
+
+
+def _stations(var_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "REMONTEE_VAR_DIR": str(var_dir)}
+    return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", *args], env=environ,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_a_revoked_station_is_refused_and_its_revocation_audited(pen: Gateway, redis: Redis, page_png: bytes) -> None:
+    upload_id = pen.client.upload(page_png, "image/png", pen_serial="PEN-1").json["upload_id"]
+    other = PenClient(pen.server.url, "station-02", pen.gateway.stations.add("station-02"))
+
+    revoked = _stations(pen.settings.var_dir, "revoke", pen.station)
+    assert revoked.returncode == 0, revoked.stderr
+    assert pen.station in revoked.stdout
+    # A running gateway knows a station's secret for a few seconds (StationRegistry's cache), then refuses it.
+    deadline = time.monotonic() + 30
+    while (answer := pen.client.status(upload_id)).status == 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert_error(answer, 401, "UNKNOWN_STATION")
+    before = snapshot(pen, redis)
+    assert_error(pen.client.upload(page_png, "image/png", pen_serial="PEN-1"), 401, "UNKNOWN_STATION")
+    assert snapshot(pen, redis) == before
+    assert other.upload(page_png, "image/png", pen_serial="PEN-2").status == 202  # the other stations go on
+
+    listed = _stations(pen.settings.var_dir, "list")
+    assert listed.stdout.split() == ["station-02"]
+    with pen.gateway.journal.read() as conn:
+        trail = conn.execute(select(audit.c.actor, audit.c.action, audit.c.subject).order_by(audit.c.id)).all()
+    assert ("cli", "station_revoke", pen.station) in [tuple(row) for row in trail]
+
+    # Revoking again, or a station never registered: an error, and nothing else changes.
+    for station in (pen.station, "station-99"):
+        again = _stations(pen.settings.var_dir, "revoke", station)
+        assert again.returncode == 1 and station in again.stderr and again.stdout == ""
+    with pen.gateway.journal.read() as conn:
+        assert conn.execute(select(func.count()).select_from(audit)).scalar_one() == len(trail)
 
 
 @pytest.mark.parametrize("window", [0, REPLAY_MEMORY // 2 + 1])
