@@ -7,6 +7,7 @@ Paris, commune 01, bureau 20), so every code is digits only and keyable on a pho
 from __future__ import annotations
 
 import csv
+import os
 import random
 import secrets
 from collections.abc import Callable
@@ -112,9 +113,17 @@ def generate(count: int, registry_out: Path, pins_out: Path, scrypt_n: int = DEF
     registry_out.parent.mkdir(parents=True, exist_ok=True)
     write_registry(registry_out, bureaux)
     pins_out.parent.mkdir(parents=True, exist_ok=True)
-    with pins_out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(("bureau", "pin"))
-        writer.writerows((b.code, pin) for b, pin in zip(bureaux, pins, strict=True))
-    pins_out.chmod(0o600)
+    # The PINs in clear: a new file, its owner's only from its creation whatever the umask, then renamed over
+    # the old one (whose readers, had it been readable, keep the old inode and never see these PINs).
+    temporary = pins_out.with_name(f".{pins_out.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(("bureau", "pin"))
+            writer.writerows((b.code, pin) for b, pin in zip(bureaux, pins, strict=True))
+        os.replace(temporary, pins_out)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return len(bureaux)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from review_support import build_env, login, sqlite_journal
 
 from registry import Registry, RegistryError, RegistryFile, hash_pin, load_registry, verify_pin
 from registry.bureaux import COLUMNS
+from registry.demo import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["sqlite_journal"]
@@ -105,6 +107,44 @@ def test_registry_generate_command(tmp_path: Path) -> None:
     assert len(load_registry(out)) == 25
     assert pins.read_text().splitlines()[0] == "bureau,pin"
     assert len(pins.read_text().splitlines()) == 26
+
+
+def test_the_pins_file_is_never_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the umask, and over a PINs file left readable: open to its owner only from its first byte."""
+    import registry.demo
+
+    modes: list[int] = []
+    real_writer = csv.writer
+
+    class WatchingWriter:
+        """csv's writer, noting the mode of the file the PINs' header is about to be written into."""
+
+        def __init__(self, f, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.f, self.writer = f, real_writer(f, *args, **kwargs)
+
+        def writerow(self, row):  # type: ignore[no-untyped-def]
+            if tuple(row) == ("bureau", "pin"):
+                modes.append(os.fstat(self.f.fileno()).st_mode & 0o777)
+            return self.writer.writerow(row)
+
+        def writerows(self, rows):  # type: ignore[no-untyped-def]
+            return self.writer.writerows(rows)
+
+    monkeypatch.setattr(registry.demo.csv, "writer", WatchingWriter)
+    out, pins = tmp_path / "r.csv", tmp_path / "p.csv"
+    pins.write_text("bureau,pin\n010101,123456\n")
+    pins.chmod(0o644)
+    with pins.open() as reader_of_the_old_file:  # opened while it was readable: must not see the new PINs
+        previous = os.umask(0o022)
+        try:
+            generate(5, out, pins, scrypt_n=2**8)
+        finally:
+            os.umask(previous)
+        assert reader_of_the_old_file.read() == "bureau,pin\n010101,123456\n"
+    assert modes == [0o600]
+    assert pins.stat().st_mode & 0o777 == 0o600
+    assert len(pins.read_text().splitlines()) == 6
+    assert {p.name for p in tmp_path.iterdir()} == {"r.csv", "p.csv"}  # no temporary file left
 
 
 def _append(path: Path, row: list[str]) -> None:
