@@ -7,7 +7,11 @@ with DESIGN.md (`remontee/ask-bureau`, `remontee/ask-pin`, `remontee/ask-<field>
 
 Numbers are said from word files: `num2words(n, lang="fr")` writes French numbers correctly
 (soixante et onze, quatre-vingts, quatre-vingt-un, deux cents, deux cent un, mille), and its
-words, split at the blanks, are the files; 99 of them say every count from 0 to 99,999.
+words, split at the blanks, are the files. A file is said alone, though, and a few words sound
+otherwise before the next one: six, dix and huit lose their final consonant before cent and mille
+("six cents" /si sɑ̃/, "dix mille" /di mil/, not /sis/, /dis/), and vingt is linked to "et"
+(/vɛ̃t e œ̃/). Such a word is said in one file with the word after it ("six cents", "dix mille",
+"vingt et un"); 124 files say every count from 0 to 99,999.
 """
 
 from __future__ import annotations
@@ -155,20 +159,34 @@ def election_prompts(election: Election) -> dict[str, str]:
 
 
 def _slug(word: str) -> str:
-    """An ASCII file name for a number word: `zéro` → `zero`."""
-    return unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()
+    """An ASCII file name for number words: `zéro` → `zero`, `six cents` → `six-cents`."""
+    return unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode().replace(" ", "-")
+
+
+# Words whose final consonant is silent before cent(s) and mille: said in one file with it.
+_SILENT_END = ("six", "dix", "huit")
 
 
 @cache
 def number_words(n: int) -> tuple[str, ...]:
-    """The French words of `n`, one per file: 71 → ("soixante", "et", "onze")."""
+    """The French words of `n`, one file each: 71 → ("soixante", "et", "onze"), 610 → ("six cent", "dix")."""
     if not 0 <= n <= MAX_SPOKEN_NUMBER:
         raise ValueError(f"{n} is outside the spoken range 0..{MAX_SPOKEN_NUMBER}")
-    return tuple(num2words(n, lang="fr").split())
+    words, said = num2words(n, lang="fr").split(), []
+    while words:
+        if words[0].endswith(_SILENT_END) and words[1:2] in (["cent"], ["cents"], ["mille"]):
+            said.append(" ".join(words[:2]))
+            words = words[2:]
+        elif words[:2] == ["vingt", "et"]:  # vingt et un, the t heard
+            said.append(" ".join(words[:3]))
+            words = words[3:]
+        else:
+            said.append(words.pop(0))
+    return tuple(said)
 
 
 def number_files(n: int) -> list[str]:
-    """The sound files that say `n`: 80 → ["remontee/nombres/quatre-vingts"]."""
+    """The sound files that say `n`: 80 → ["remontee/nombres/quatre-vingts"], 600 → [".../six-cents"]."""
     return [NUMBERS + _slug(w) for w in number_words(n)]
 
 
@@ -190,7 +208,8 @@ def number_prompts() -> dict[str, str]:
     """Every word file needed to say 0..99,999, with the word it says.
 
     num2words says t*1000 + r as the words of t*1000 then those of r (a test checks it on a
-    sample), so 0..999 and the thousands hold every word; asking all 100,000 takes seconds.
+    sample), and no file holds words of both, so 0..999 and the thousands hold every file;
+    asking all 100,000 takes seconds.
     """
     words: dict[str, str] = {}
     for n in [*range(1000), *range(1000, MAX_SPOKEN_NUMBER + 1, 1000)]:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import wave
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_numbers_are_said_in_correct_french(n: int, words: str) -> None:
     assert " ".join(P.number_words(n)) == words
-    assert P.number_files(n) == [P.NUMBERS + P._slug(w) for w in words.split()]
 
 
 def test_every_count_up_to_99999_can_be_said_from_the_catalog() -> None:
@@ -39,7 +39,7 @@ def test_every_count_up_to_99999_can_be_said_from_the_catalog() -> None:
     sample = [*range(0, 2000), *range(2000, 100_000, 97), 99_999, 80_000, 71_071, 21_000]
     for n in sample:
         assert set(P.number_files(n)) <= catalog.keys(), n
-    assert len(P.number_prompts()) == 99  # every distinct word of 0..99,999
+    assert len(P.number_prompts()) == 124  # every distinct file of 0..99,999
 
 
 def test_thousands_are_said_as_the_thousands_then_the_rest() -> None:
@@ -48,6 +48,46 @@ def test_thousands_are_said_as_the_thousands_then_the_rest() -> None:
         thousands, rest = divmod(n, 1000)
         expected = num2words(thousands * 1000, lang="fr") + (f" {num2words(rest, lang='fr')}" if rest else "")
         assert num2words(n, lang="fr") == expected
+
+
+# How each number is said, file by file. A file is one word said alone, but some words sound otherwise before
+# the next one: six, dix and huit lose their final consonant before cent and mille ("six cents" is /si sɑ̃/,
+# "dix mille" /di mil/), and vingt is linked to "et" (/vɛ̃t e œ̃/). Those are said in one file with the next word.
+@pytest.mark.parametrize(
+    ("n", "files"),
+    [
+        (0, "zero"), (6, "six"), (10, "dix"), (8, "huit"), (21, "vingt-et-un"), (80, "quatre-vingts"),
+        (81, "quatre-vingt-un"), (100, "cent"), (200, "deux cents"), (201, "deux cent un"), (500, "cinq cents"),
+        (600, "six-cents"), (606, "six-cent six"), (610, "six-cent dix"), (800, "huit-cents"), (808, "huit-cent huit"),
+        (1000, "mille"), (1006, "mille six"), (2000, "deux mille"), (6000, "six-mille"), (8000, "huit-mille"),
+        (10_000, "dix-mille"), (10_600, "dix-mille six-cents"), (10_010, "dix-mille dix"),
+        (18_000, "dix-huit-mille"), (21_000, "vingt-et-un mille"), (26_000, "vingt-six-mille"),
+        (66_666, "soixante-six-mille six-cent soixante-six"), (70_000, "soixante-dix-mille"),
+        (80_000, "quatre-vingt mille"), (90_000, "quatre-vingt-dix-mille"), (98_000, "quatre-vingt-dix-huit-mille"),
+        (99_999, "quatre-vingt-dix-neuf mille neuf cent quatre-vingt-dix-neuf"),
+    ],
+)
+def test_the_files_that_say_a_number(n: int, files: str) -> None:
+    assert P.number_files(n) == [P.NUMBERS + f for f in files.split()]
+    catalog = P.catalog()
+    assert " ".join(catalog[f] or "" for f in P.number_files(n)) == num2words(n, lang="fr")  # type: ignore[misc]
+
+
+def test_no_number_word_sounds_otherwise_before_the_next_one() -> None:
+    """Each file is said alone: every two files that follow each other in a number, 0 to 99,999, sound as espeak-ng
+    says their texts together. `cinq` keeps its k before a consonant, as many French speakers say it (/sɛ̃k sɑ̃/)."""
+    catalog = P.catalog()
+    pairs = sorted({pair for n in range(P.MAX_SPOKEN_NUMBER + 1) for pair in pairwise(P.number_files(n))})
+    texts = sorted({catalog[f] or "" for pair in pairs for f in pair})
+    together = [f"{catalog[a]} {catalog[b]}" for a, b in pairs]
+    said = [line.replace("'", "").replace(",", "").split()
+            for line in _phonemes("".join(f"{t}.\n" for t in texts + together)).splitlines()]
+    alone = dict(zip(texts, said[:len(texts)], strict=True))
+    wrong = {}
+    for (a, b), heard in zip(pairs, said[len(texts):], strict=True):
+        if heard != alone[catalog[a] or ""] + alone[catalog[b] or ""] and not a.endswith("cinq"):
+            wrong[a, b] = heard, alone[catalog[a] or ""] + alone[catalog[b] or ""]
+    assert wrong == {}
 
 
 def test_numbers_outside_the_spoken_range_are_refused() -> None:
