@@ -280,8 +280,9 @@ async def results_call(call: Call) -> None:
         caller_lock = call.start("caller-lock", caller_locked(call))
         await agi.answer()
         # The welcome can be cut by typing the bureau code (barge-in).
-        if await call.finish(caller_lock, P.WELCOME, P.election_title(election), escape=DIGITS):
-            await call.play(P.CALLER_LOCKED)
+        caller_locked_for = await call.finish(caller_lock, P.WELCOME, P.election_title(election), escape=DIGITS)
+        if caller_locked_for:
+            await call.play(P.CALLER_LOCKED, *P.minutes_files(caller_locked_for))
             raise Handoff("caller-locked")
 
         # 1. The bureau: its code, three tries; an unknown code is said back.
@@ -468,9 +469,11 @@ async def submit(call: Call) -> Submission | None:
 # --- the steps ---
 
 async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
-    if await call.finish(bureau_lock):
-        await call.play(P.BUREAU_LOCKED)
+    locked_for = await call.finish(bureau_lock)
+    if locked_for:
+        await call.play(P.BUREAU_LOCKED, *P.minutes_files(locked_for))
         raise Handoff("bureau-locked")
+    lock = P.minutes_files(call.line.state.lock_seconds)  # a lock taken now, by this call or another
     preface: list[str] = []
     for _ in range(PIN_ATTEMPTS):
         pin = await call.ask(PIN, preface=preface)
@@ -479,10 +482,10 @@ async def check_pin(call: Call, bureau_lock: Work[int]) -> None:
             return
         wrong = [] if verdict.refused else [P.PIN_WRONG]  # a refused PIN was not checked: nobody knows
         if "bureau" in verdict.locked:
-            await call.play(*wrong, P.BUREAU_LOCKED)
+            await call.play(*wrong, P.BUREAU_LOCKED, *lock)
             raise Handoff("bureau-locked")
         if "caller" in verdict.locked:
-            await call.play(*wrong, P.CALLER_LOCKED)
+            await call.play(*wrong, P.CALLER_LOCKED, *lock)
             raise Handoff("caller-locked")
         preface = [P.PIN_WRONG]
     # Three wrong PINs that locked nothing (a right PIN on another line forgave some): the caller is told this

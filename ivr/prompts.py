@@ -11,11 +11,13 @@ words, split at the blanks, are the files. A file is said alone, though, and a f
 otherwise before the next one: six, dix and huit lose their final consonant before cent and mille
 ("six cents" /si sɑ̃/, "dix mille" /di mil/, not /sis/, /dis/), and vingt is linked to "et"
 (/vɛ̃t e œ̃/). Such a word is said in one file with the word after it ("six cents", "dix mille",
-"vingt et un"); 124 files say every count from 0 to 99,999.
+"vingt et un"); 124 files say every count from 0 to 99,999, and three more the feminine of
+un for the minutes of a lock (une, vingt et une, quatre-vingt-une).
 """
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Iterable
 from functools import cache
@@ -37,6 +39,8 @@ ASK_PIN = PREFIX + "ask-pin"
 PIN_WRONG = PREFIX + "code-incorrect"
 BUREAU_LOCKED = PREFIX + "bureau-verrouille"
 CALLER_LOCKED = PREFIX + "appelant-verrouille"
+MINUTE = PREFIX + "minute"  # after a lock's prompt and its duration (`minutes_files`)
+MINUTES = PREFIX + "minutes"
 TO_OPERATOR = PREFIX + "transfert-operateur"
 ALREADY_REPORTED = PREFIX + "deja-transmis"
 ASK_CONFIRM_CORRECTION = PREFIX + "ask-confirm-correction"
@@ -81,8 +85,10 @@ FIXED: dict[str, str | None] = {
     UNKNOWN: "est inconnu. Vérifiez le code imprimé sur votre procès-verbal.",
     ASK_PIN: "Tapez le code secret du bureau, puis la touche dièse.",
     PIN_WRONG: "Code secret incorrect.",
-    BUREAU_LOCKED: "Trop de codes secrets erronés pour ce bureau : il est bloqué pendant quinze minutes.",
-    CALLER_LOCKED: "Trop de codes secrets erronés depuis votre numéro : il est bloqué pendant quinze minutes.",
+    BUREAU_LOCKED: "Trop de codes secrets erronés pour ce bureau : il est bloqué pendant",
+    CALLER_LOCKED: "Trop de codes secrets erronés depuis votre numéro : il est bloqué pendant",
+    MINUTE: "minute.",
+    MINUTES: "minutes.",
     TO_OPERATOR: "Je vous passe un opérateur. Merci de patienter.",
     ALREADY_REPORTED: "Ce bureau a déjà transmis ses résultats.",
     ASK_CONFIRM_CORRECTION: "Pour transmettre une correction, tapez 1. Pour quitter, tapez 2.",
@@ -168,8 +174,10 @@ _SILENT_END = ("six", "dix", "huit")
 
 
 @cache
-def number_words(n: int) -> tuple[str, ...]:
-    """The French words of `n`, one file each: 71 → ("soixante", "et", "onze"), 610 → ("six cent", "dix")."""
+def number_words(n: int, feminine: bool = False) -> tuple[str, ...]:
+    """The French words of `n`, one file each: 71 → ("soixante", "et", "onze"), 610 → ("six cent", "dix").
+
+    `feminine` for a count of a feminine noun: 21 → ("vingt et une",), as in "vingt et une minutes"."""
     if not 0 <= n <= MAX_SPOKEN_NUMBER:
         raise ValueError(f"{n} is outside the spoken range 0..{MAX_SPOKEN_NUMBER}")
     words, said = num2words(n, lang="fr").split(), []
@@ -182,12 +190,20 @@ def number_words(n: int) -> tuple[str, ...]:
             words = words[3:]
         else:
             said.append(words.pop(0))
+    if feminine and said[-1].endswith("un"):  # un, vingt et un, quatre-vingt-un
+        said[-1] += "e"
     return tuple(said)
 
 
-def number_files(n: int) -> list[str]:
+def number_files(n: int, feminine: bool = False) -> list[str]:
     """The sound files that say `n`: 80 → ["remontee/nombres/quatre-vingts"], 600 → [".../six-cents"]."""
-    return [NUMBERS + _slug(w) for w in number_words(n)]
+    return [NUMBERS + _slug(w) for w in number_words(n, feminine)]
+
+
+def minutes_files(seconds: float) -> list[str]:
+    """A lock's duration in whole minutes, rounded up: 900 → quinze minutes, 50 → une minute, 1260 → vingt et une."""
+    minutes = min(max(1, math.ceil(seconds / 60)), MAX_SPOKEN_NUMBER)
+    return [*number_files(minutes, feminine=True), MINUTE if minutes == 1 else MINUTES]
 
 
 def digit_files(digits: str) -> list[str]:
@@ -205,7 +221,7 @@ def digit_files(digits: str) -> list[str]:
 
 @cache
 def number_prompts() -> dict[str, str]:
-    """Every word file needed to say 0..99,999, with the word it says.
+    """Every word file needed to say 0..99,999 (and the feminine of un), with the words it says.
 
     num2words says t*1000 + r as the words of t*1000 then those of r (a test checks it on a
     sample), and no file holds words of both, so 0..999 and the thousands hold every file;
@@ -213,7 +229,7 @@ def number_prompts() -> dict[str, str]:
     """
     words: dict[str, str] = {}
     for n in [*range(1000), *range(1000, MAX_SPOKEN_NUMBER + 1, 1000)]:
-        for w in number_words(n):
+        for w in number_words(n) + number_words(n, feminine=True):
             words.setdefault(NUMBERS + _slug(w), w)
     return words
 

@@ -236,8 +236,38 @@ def test_a_caller_trying_pins_on_several_bureaux_is_locked_and_told_so(phone: Ph
     code, pin = phone.next_bureau()
     record = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid=caller)
     assert record.outcome == "operator"
-    assert heard(record) == [P.WELCOME, P.election_title(phone.election), P.CALLER_LOCKED, P.TO_OPERATOR]
+    assert heard(record) == [P.WELCOME, P.election_title(phone.election), P.CALLER_LOCKED, *P.minutes_files(15 * 60),
+                             P.TO_OPERATOR]
     assert record.prompts_asked() == [] and phone.entries(code) == []
+
+
+def test_the_lock_message_says_the_lockout_duration(own_phone: Phone, redis: Redis) -> None:
+    """The caller hears how long the lockout lasts, as configured (not always "quinze minutes"); a lock met at the
+    start of a call is said for the time it has left, in whole minutes."""
+    phone = own_phone
+    phone.service.line.state = state = CallState(redis, lock_seconds=21 * 60)
+    lasts = [P.NUMBERS + "vingt-et-une", P.MINUTES]  # minutes are feminine: vingt et une
+    code, pin = phone.next_bureau()
+    wrong = "000000" if pin != "000000" else "111111"
+    record = phone.call([press(code + "#"), *[press(wrong + "#")] * 3], callerid="0600000071")
+    assert record.variables["REMONTEE_HANDOFF"] == "bureau-locked"
+    assert said(record, P.PIN_WRONG, P.BUREAU_LOCKED, *lasts, P.TO_OPERATOR)
+    assert 20 * 60 < state.locked_for("bureau", code) <= 21 * 60
+    record = phone.call([press(code + "#"), press(pin + "#")], callerid="0600000072")
+    assert heard(record)[-4:] == [P.BUREAU_LOCKED, *lasts, P.TO_OPERATOR]
+    # A caller id locked with a minute left hears "une minute".
+    caller = "0600000073"
+    for attempt in range(3):  # one wrong PIN on each of three bureaux
+        code, pin = phone.next_bureau()
+        hangs_up = [HANGUP] if attempt < 2 else []
+        record = phone.call([press(code + "#"), press(("000000" if pin != "000000" else "111111") + "#"),
+                             *hangs_up], callerid=caller)
+    assert record.variables["REMONTEE_HANDOFF"] == "caller-locked"
+    redis.expire(state._lock_key("caller", caller), 50)
+    code, pin = phone.next_bureau()
+    record = phone.call(phone.happy_script(code, pin, GOOD_T1), callerid=caller)
+    assert heard(record) == [P.WELCOME, P.election_title(phone.election), P.CALLER_LOCKED, P.NUMBERS + "une",
+                             P.MINUTE, P.TO_OPERATOR]
 
 
 def test_withheld_numbers_are_never_locked_together(phone: Phone, state: CallState) -> None:
@@ -299,7 +329,7 @@ def test_a_call_at_the_pin_question_when_the_bureau_is_locked_gets_no_more_tries
     # Even the right PIN is refused while the bureau is locked, unchecked: the caller is not told it is wrong.
     assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "bureau-locked"
     assert record.prompts_asked() == [P.ASK_BUREAU, P.ASK_PIN] and P.PIN_WRONG not in record.played
-    assert heard(record)[-2:] == [P.BUREAU_LOCKED, P.TO_OPERATOR]
+    assert heard(record)[-4:] == [P.BUREAU_LOCKED, P.NUMBERS + "quinze", P.MINUTES, P.TO_OPERATOR]
     assert phone.entries(code) == [] and state.locked_for("bureau", code) > 14 * 60
 
 
@@ -315,7 +345,8 @@ def test_a_call_at_the_pin_question_when_its_caller_id_is_locked_gets_no_more_tr
         callerid=caller)
     assert state.locked_for("caller", caller) > 0
     assert record.outcome == "operator" and record.variables["REMONTEE_HANDOFF"] == "caller-locked"
-    assert heard(record)[-2:] == [P.CALLER_LOCKED, P.TO_OPERATOR] and P.PIN_WRONG not in record.played
+    assert heard(record)[-4:] == [P.CALLER_LOCKED, P.NUMBERS + "quinze", P.MINUTES, P.TO_OPERATOR]
+    assert P.PIN_WRONG not in record.played
     assert phone.entries(code) == []
 
 

@@ -39,7 +39,7 @@ def test_every_count_up_to_99999_can_be_said_from_the_catalog() -> None:
     sample = [*range(0, 2000), *range(2000, 100_000, 97), 99_999, 80_000, 71_071, 21_000]
     for n in sample:
         assert set(P.number_files(n)) <= catalog.keys(), n
-    assert len(P.number_prompts()) == 124  # every distinct file of 0..99,999
+    assert len(P.number_prompts()) == 127  # every distinct file of 0..99,999, and une, vingt et une, quatre-vingt-une
 
 
 def test_thousands_are_said_as_the_thousands_then_the_rest() -> None:
@@ -71,6 +71,19 @@ def test_the_files_that_say_a_number(n: int, files: str) -> None:
     assert P.number_files(n) == [P.NUMBERS + f for f in files.split()]
     catalog = P.catalog()
     assert " ".join(catalog[f] or "" for f in P.number_files(n)) == num2words(n, lang="fr")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [(15 * 60, "quinze minutes"), (5 * 60, "cinq minutes"), (60, "une minute"), (1, "une minute"),
+     (61, "deux minutes"), (21 * 60, "vingt et une minutes"), (81 * 60, "quatre-vingt-une minutes"),
+     (101 * 60, "cent une minutes"), (3600, "soixante minutes"), (600, "dix minutes")],
+)
+def test_a_lock_duration_is_said_in_minutes(seconds: int, said: str) -> None:
+    catalog = P.catalog()
+    files = P.minutes_files(seconds)
+    assert set(files) <= catalog.keys()
+    assert " ".join(catalog[f] or "" for f in files) == said + "."
 
 
 def test_no_number_word_sounds_otherwise_before_the_next_one() -> None:
