@@ -791,6 +791,11 @@ def test_every_input_prompt_is_in_the_catalog(phone: Phone) -> None:
 def test_the_caller_is_held_while_the_pin_checkers_are_all_busy(phone: Phone) -> None:
     """A thousand PINs keyed in the same second queue for scrypt: the caller hears a hold, not silence."""
     code, pin = phone.next_bureau()
+
+    def held_calls() -> int:
+        return int(phone.service.stats.snapshot()["work"].get("pin", {}).get("held_calls", 0))
+
+    held_before = held_calls()
     release = threading.Event()
     checkers = phone.service.pin_checker
     for _ in range(checkers.max):
@@ -809,7 +814,7 @@ def test_the_caller_is_held_while_the_pin_checkers_are_all_busy(phone: Phone) ->
     held = record.played[checking + 1:first_count]
     assert set(held) == {P.SILENCE, P.HOLD}, held  # short silences, and "Veuillez patienter." every few
     assert held[:HOLD_EVERY - 1] == [P.SILENCE] * (HOLD_EVERY - 1) and held[HOLD_EVERY - 1] == P.HOLD
-    assert phone.service.stats.work["pin"][1][-1] > 0  # the server knows it held this caller
+    assert held_calls() == held_before + 1  # the server knows it held this caller
 
 
 def test_a_journal_that_refuses_the_return_hands_the_caller_to_an_operator(
