@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the system needs, as "command:package" (or "/path/of/a/file:package" for data packages).
 SYSTEM_DEPS := redis-server:redis-server tesseract:tesseract-ocr espeak-ng:espeak-ng sox:sox chromium:chromium \
-               pg_lsclusters:postgresql /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
+               pg_lsclusters:postgresql /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core \
+               faketime:faketime
 
 .PHONY: run test setup system-deps lint clean
 

@@ -40,6 +40,14 @@ def _ivr(args: argparse.Namespace) -> int:
     from ivr.server import PhoneService
     from telemetry.logs import route_twisted_logs
 
+    # Every time limit of the server (an answer from Asterisk, the environment, the drain at stop) is a
+    # reactor delay, and Twisted measures delays on the wall clock: NTP stepping it on the night would
+    # cut every call waiting on a GET DATA (a step forward) or keep dead ones for as long (a step back).
+    # The reactor measures them on the monotonic clock, set before anything is scheduled. Timestamps
+    # (the logs, the journal, the lockouts in Redis) are wall time still: they do not ask the reactor.
+    assert not reactor.getDelayedCalls(), "a delay scheduled on the wall clock would never come"  # type: ignore[attr-defined]
+    reactor.seconds = time.monotonic  # type: ignore[attr-defined]
+
     settings: Settings = args.settings
     if not settings.registry_path.exists():
         raise SystemExit(f"no registry at {settings.registry_path}: `run_gateway.py registry generate` makes one")

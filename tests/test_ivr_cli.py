@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import glob
 import json
 import os
 import signal
@@ -9,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agi_peer import HANGUP, AsteriskPeer, press
+import pytest
+from agi_peer import HANGUP, AsteriskPeer, CallRecord, Gate, press
 from redis import Redis
 from rq.job import Job
 
@@ -189,3 +194,102 @@ def test_two_fastagi_servers_share_state_so_a_caller_cut_off_on_one_resumes_on_t
                     server.wait(15)
                 except subprocess.TimeoutExpired:
                     server.kill()
+
+
+def _libfaketime() -> Path | None:
+    """libfaketime (Debian package `faketime`), its thread-safe build: it moves the wall clock under a process."""
+    for directory in ("/usr/lib/*/faketime", "/usr/lib/faketime", "/usr/local/lib/faketime", "/usr/local/lib"):
+        found = sorted(glob.glob(f"{directory}/libfaketimeMT.so.1"))
+        if found:
+            return Path(found[0])
+    return None
+
+
+needs_libfaketime = pytest.mark.skipif(
+    _libfaketime() is None, reason="libfaketime is not installed (Debian package faketime): the wall clock cannot be "
+                                   "stepped under the FastAGI server")
+
+
+@contextlib.contextmanager
+def _ivr_whose_wall_clock_steps(tmp_path: Path, redis_server: RedisServer,
+                                registry: Path) -> Iterator[tuple[int, Callable[[str], None]]]:
+    """`run_gateway.py ivr` under libfaketime, and how to step its wall clock as NTP does ("+600": ten minutes on).
+
+    Only the wall clock (CLOCK_REALTIME) moves; CLOCK_MONOTONIC goes on, as it does when NTP steps the clock."""
+    offset = tmp_path / "faketime-offset"
+    offset.write_text("+0\n")
+
+    def step(to: str) -> None:
+        partial = offset.with_suffix(".partial")
+        partial.write_text(f"{to}\n")
+        partial.replace(offset)  # libfaketime reads it at every clock read: never half-written
+
+    port = free_port()
+    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+           "REMONTEE_DB_URL": f"sqlite:///{tmp_path / 'journal.sqlite3'}", "REMONTEE_REGISTRY": str(registry),
+           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_AGI_PORT": str(port), "REMONTEE_IVR_METRICS_PORT": "0",
+           "LD_PRELOAD": str(_libfaketime()), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    with (tmp_path / "ivr.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
+                                   stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            _wait_for_port(port, process)
+            yield port, step
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@needs_libfaketime
+def test_a_wall_clock_stepped_forward_times_out_no_call(
+    tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path], pins: dict[str, str],
+) -> None:
+    """NTP steps the clock ten minutes on while a caller keys the PIN: the server's time limits are durations, the
+    call goes on. (They followed the wall clock: every call waiting on a GET DATA at that moment was cut off.)"""
+    with _ivr_whose_wall_clock_steps(tmp_path, redis_server, demo_registry_files[0]) as (port, step):
+        code = sorted(pins)[-3]
+        script = [press(code + "#"), press(pins[code] + "#"), *[press(f"{n}#") for n in COUNTS], press("1")]
+        sounds = frozenset(P.catalog())
+
+        async def night() -> CallRecord:
+            keying = Gate()
+            call = asyncio.create_task(AsteriskPeer(script, sounds=sounds, hold={f"GET DATA {P.ASK_PIN}": keying},
+                                                    io_timeout=60).call("127.0.0.1", port))
+            await keying.reached.wait()
+            step("+600")  # past the PIN's GET DATA time limit (the 180 s a prompt may play, and its 5 s)
+            # The next call wakes the reactor, which then looks at every time limit.
+            other = await AsteriskPeer([HANGUP], sounds=sounds).call("127.0.0.1", port)
+            assert other.caller_hung_up and other.ended == "server closed"
+            keying.opened.set()
+            return await call
+
+        record = asyncio.run(night())
+    assert record.outcome == "accepted" and record.missing == [], record.commands[-3:]
+    assert "no answer to" not in (tmp_path / "ivr.log").read_text()
+
+
+@needs_libfaketime
+def test_a_wall_clock_stepped_back_keeps_no_dead_connection(
+    tmp_path: Path, redis_server: RedisServer, demo_registry_files: tuple[Path, Path],
+) -> None:
+    """The clock goes back an hour while an Asterisk that stopped answering holds a call: the server still gives up
+    on it after ANSWER's 15 s, not an hour and 15 s later."""
+    with _ivr_whose_wall_clock_steps(tmp_path, redis_server, demo_registry_files[0]) as (port, step):
+        environment = AsteriskPeer().environment("127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as asterisk:
+            asterisk.sendall("".join(f"{k}: {v}\n" for k, v in environment).encode() + b"\n")
+            assert asterisk.makefile("rb").readline() == b"ANSWER\n"  # its time limit runs from now
+            step("-3600")
+            try:
+                closed = asterisk.recv(1) == b""
+            except ConnectionResetError:  # the server aborts a connection it gave up on
+                closed = True
+            except TimeoutError:
+                closed = False
+        assert closed, "the server still held the connection a minute after ANSWER's 15 s"
+    assert "no answer to 'ANSWER' within 15 s" in (tmp_path / "ivr.log").read_text()
