@@ -171,7 +171,13 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     install_flask(app, "review", [StateCollector(journal, redis)])
 
     from review import audit, auth, items, progress
-    from review.review_items import CHANNEL_LABELS, REASON_LABELS, RETURN_STATUS_LABELS, STATE_LABELS
+    from review.review_items import (
+        CHANNEL_LABELS,
+        REASON_LABELS,
+        RETURN_STATUS_LABELS,
+        STATE_LABELS,
+        readable_message,
+    )
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(items.bp)
@@ -209,6 +215,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
         reason_label=lambda r: REASON_LABELS.get(r, r),
         state_label=lambda s: STATE_LABELS.get(s, s),
         return_status=lambda s: RETURN_STATUS_LABELS.get(s, s),
+        finding_message=readable_message,
         number=lambda n: "—" if n is None else f"{n:,}".replace(",", "\u202f"),
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request, stream_with_context
 from sqlalchemy import func, select
 
+from forms import load_election
 from returns_queue.journal import audit
 from review import context, requested_page
 from review.auth import require_admin
@@ -76,7 +77,8 @@ class AuditRow:
 def _changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
     if not (isinstance(before, dict) and isinstance(after, dict)):
         return []
-    b, a = before.get("counts"), after.get("counts")
+    # Counts typed for an upload whose reading failed replace none: each is listed from « — ».
+    b, a = before.get("counts", {} if "counts" in after else None), after.get("counts")
     if not (isinstance(b, dict) and isinstance(a, dict)):
         return []
     moved = before.get("bureau") != after.get("bureau")  # an unknown bureau's figures given their bureau
@@ -134,8 +136,11 @@ def trail() -> str:
         rows = [_row(r) for r in conn.execute(
             query.order_by(audit.c.id.desc()).limit(per_page).offset((page - 1) * per_page)
         )]
+    # Counts by their printed labels (the ids a return keeps them by are the definition's, not the supervisors').
+    labels = {f.id: f.label for f in load_election(context().settings.election).fields}
     return render_template("audit.html", rows=rows, total=total, page=page,
-                           pages=max(1, math.ceil(total / per_page)), chosen=chosen, actions=ACTION_LABELS)
+                           pages=max(1, math.ceil(total / per_page)), chosen=chosen, actions=ACTION_LABELS,
+                           labels=labels)
 
 
 def _cell(value: str | None) -> str:

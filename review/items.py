@@ -38,6 +38,7 @@ from review.auth import require_login
 from review.review_items import (
     CHANNEL_LABELS,
     REASON_LABELS,
+    RETURN_STATUS_LABELS,
     STATE_LABELS,
     AcceptedMeanwhile,
     ItemFilter,
@@ -237,6 +238,7 @@ def _item_page(
         upload_id=upload_id,
         page_exists=page_exists,
         suggestions=[(f, v, src, labels.get(f, f)) for f, v, src in suggestions],
+        labels=labels,
         approve_findings=approve_findings or [],
         history=history,
         history_bureau=target,
@@ -501,8 +503,8 @@ def enter_upload_counts(upload_id: str) -> Any:
               f"{submission.return_id} accepté, reçu {submission.receipt}.", "success")
     else:
         flash(f"Chiffres de l'envoi {upload_id} enregistrés pour le bureau {outcome.ret.bureau} (retour "
-              f"{submission.return_id}, {submission.status}) : ils diffèrent de ce que le bureau a déjà transmis, "
-              "le retour attend dans la file.", "warning")
+              f"{submission.return_id}, {RETURN_STATUS_LABELS.get(submission.status, submission.status)}) : "
+              "ils diffèrent de ce que le bureau a déjà transmis, le retour attend dans la file.", "warning")
     return redirect(url_for("items.queue"), 303)
 
 

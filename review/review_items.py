@@ -45,6 +45,21 @@ STATE_LABELS = {"open": "à traiter", "approved": "approuvé", "rejected": "reje
 COMPARED = (Reason.CHANNEL_CONFLICT, Reason.CORRECTION)
 
 
+def readable_message(finding: Finding, labels: Mapping[str, str]) -> str:
+    """A finding's message as a supervisor reads it. A comparison (CHANNEL_CONFLICT, CORRECTION) names the other
+    return's channel and the counts that differ by the journal's codes (« par ivr (aubry, hollande) »): here they are
+    the channel's name and the counts' printed labels (`labels`, by field id), as everywhere else on the page."""
+    fields, channel = finding.details.get("fields"), finding.details.get("channel")
+    if finding.code not in COMPARED or not isinstance(fields, list):
+        return finding.message
+    text = finding.message
+    if isinstance(channel, str):
+        text = text.replace(f" par {channel} (", f" par {CHANNEL_LABELS.get(channel, channel)} (", 1)
+    if fields:
+        text = text.replace(f"({', '.join(fields)}", f"({', '.join(labels.get(f, f) for f in fields)}", 1)
+    return text
+
+
 class ItemUnavailable(Exception):
     """The item cannot be acted on by this supervisor now; the message is French."""
 
@@ -315,7 +330,8 @@ class ReviewItems:
 
         def also(conn: Connection, submission: Submission) -> None:
             if submission.status != "accepted":  # a supervisor's return is the decision itself: never reviewed again
-                raise ItemUnavailable(f"le retour corrigé n'a pas été accepté ({submission.status})")
+                raise ItemUnavailable("le retour corrigé n'a pas été accepté "
+                                      f"({RETURN_STATUS_LABELS.get(submission.status, submission.status)})")
             # The journal locked the bureau approved; the item's may be another (the supervisor changed it).
             self.journal.lock_bureau(conn, item.election, item.bureau)
             # Closed before the check of the latest accepted return: an item decided meanwhile (a double click,
@@ -329,7 +345,8 @@ class ReviewItems:
                 _check_latest_accepted(replaced, bureau_code, seen_accepted)
             if replaced is not None and replaced.return_id >= submission.return_id:  # accepted since `known` was read
                 raise AcceptedMeanwhile(f"le bureau {bureau_code} a reçu un retour accepté pendant l'approbation "
-                                        f"({replaced.channel}, reçu {replaced.receipt}) : approuvez à nouveau")
+                                        f"({CHANNEL_LABELS.get(replaced.channel, replaced.channel)}, reçu "
+                                        f"{replaced.receipt}) : approuvez à nouveau")
             conn.execute(
                 update(returns)
                 .where(returns.c.return_id == item.return_id, returns.c.status == "review")
@@ -372,7 +389,8 @@ def _check_latest_accepted(latest: Any, bureau: str, seen: str) -> None:
     """Raise AcceptedMeanwhile unless the bureau's latest accepted return (its row, or None) is `seen`."""
     if latest is not None and latest.return_id != seen:
         raise AcceptedMeanwhile(
-            f"le bureau {bureau} a un retour accepté que cette page ne montrait pas ({latest.channel}, reçu "
+            f"le bureau {bureau} a un retour accepté que cette page ne montrait pas "
+            f"({CHANNEL_LABELS.get(latest.channel, latest.channel)}, reçu "
             f"{latest.receipt}) : comparez-le ci-dessous, puis approuvez à nouveau si vos chiffres doivent le remplacer"
         )
 

@@ -88,6 +88,8 @@ def test_audit_of_an_approval_keeps_the_accepted_figures_it_replaced_and_a_new_b
     assert "chiffres confirmés sans changement" not in page
     assert f"remplace le retour accepté téléphone (reçu {phone.receipt})" in page
     assert "<del>60</del> → <ins>61</ins>" in page and "<del>90</del> → <ins>89</ins>" in page
+    # Each count by its printed label, not the definition's id.
+    assert "Martine AUBRY</span> : <del>60</del>" in page and ">aubry<" not in page
     assert f"<del>999999</del> → <ins>{codes[1]}</ins>" in page
 
 

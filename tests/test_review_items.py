@@ -489,6 +489,26 @@ def test_correction_from_the_same_channel_is_compared_too(env: ReviewEnv) -> Non
     assert len(differing) == 2
 
 
+def test_the_item_page_names_channels_and_counts_in_words_not_codes(env: ReviewEnv) -> None:
+    """Why a conflict or a correction is in review read « diffère du retour accepté par ivr (aubry, hollande) »:
+    the journal's codes, where the page names the channel « téléphone » and each count by its printed label."""
+    codes = bureau_codes(env.registry)
+    submit(env.journal, env.election, env.registry, codes[7], GOOD_T1)
+    conflict = submit(env.journal, env.election, env.registry, codes[7], {**GOOD_T1, "aubry": 70, "hollande": 80},
+                      "pen")
+    submit(env.journal, env.election, env.registry, codes[8], GOOD_T1)
+    correction = submit(env.journal, env.election, env.registry, codes[8], {**GOOD_T1, "royal": 35, "valls": 5})
+    client = env.client()
+    login(client, "alice")
+    findings = text(client.get(f"/items/{item_id_for(env.journal, conflict.return_id)}")).split(
+        "Pourquoi ce retour est en revue", 1)[1].split("</section>", 1)[0]
+    assert "diffère du retour accepté par téléphone (Martine AUBRY, François HOLLANDE)" in findings
+    assert "ivr" not in findings and "aubry" not in findings
+    findings = text(client.get(f"/items/{item_id_for(env.journal, correction.return_id)}")).split(
+        "Pourquoi ce retour est en revue", 1)[1].split("</section>", 1)[0]
+    assert "le bureau avait déjà transmis (Ségolène ROYAL, Manuel VALLS diffèrent)" in findings
+
+
 def test_unknown_bureau_item_can_be_given_its_bureau(env: ReviewEnv) -> None:
     sub = submit(env.journal, env.election, env.registry, "999999", GOOD_T1, "pen")
     item = item_id_for(env.journal, sub.return_id)
@@ -532,7 +552,7 @@ def test_approving_over_figures_accepted_since_the_page_was_opened_is_held_until
     assert held.status_code == 409
     page = text(held)
     receipt = env.journal.get(by_bob.return_id).receipt
-    assert f"un retour accepté que cette page ne montrait pas (review, reçu {receipt})" in page
+    assert f"un retour accepté que cette page ne montrait pas (correction, reçu {receipt})" in page
     assert 'value="250"' in page and by_bob.return_id in page and seen_accepted(page) == by_bob.return_id
     assert n_returns(env) == count and env.journal.latest_accepted(env.election.id, code) == by_bob
     assert alice.post(f"/items/{item}/approve",

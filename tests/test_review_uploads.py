@@ -471,7 +471,11 @@ def test_counts_typed_for_a_failed_upload_become_its_return_relayed_and_audited(
         assert conn.execute(select(func.count()).select_from(returns)).scalar_one() == 1
     admin = env.client()
     login(admin, "root")
-    assert "chiffres saisis pour un envoi illisible" in text(admin.get("/audit?action=enter_upload_counts"))
+    trail = text(admin.get("/audit?action=enter_upload_counts"))
+    assert "chiffres saisis pour un envoi illisible" in trail
+    # The counts typed, each by its printed label, not the return's JSON with its codes (« channel : pen »).
+    assert f"Nombre de votants (émargements)</span> : <del>—</del> → <ins>{counts['votants']}</ins>" in trail
+    assert "channel" not in trail.split("<tbody>", 1)[1] and "'votants'" not in trail
 
 
 def test_counts_that_break_the_form_or_an_unknown_bureau_are_refused_and_change_nothing(env: ReviewEnv) -> None:
@@ -515,6 +519,7 @@ def test_counts_for_a_bureau_that_reported_otherwise_by_phone_wait_in_review(env
     assert upload.status == "review" and upload.return_id
     queue_page = text(client.get("/items"))
     assert "le retour attend dans la file" in queue_page
+    assert f"(retour {upload.return_id}, en revue)" in queue_page  # the return's status in words, not « review »
     assert f"/items/{item_id_for(env.journal, upload.return_id)}" in queue_page  # a review item: never lost
 
 
