@@ -310,7 +310,7 @@ def test_a_refused_correction_leads_the_keyboard_to_the_count_refused_and_says_w
     over = {"votants": inscrits + 10, "blancs_nuls": 10, "exprimes": inscrits, "aubry": inscrits - others}
     for field_id, value in over.items():
         page.locator(f"#count-{field_id}").fill(str(value))
-    page.keyboard.press("Enter")  # from the last count typed: the form is sent
+    page.get_by_role("button", name="Approuver la correction").click()
     page.wait_for_url(f"{base}/items/{item}/approve")
     playwright_api.expect(page.locator(".alert li")).to_have_text([f"{inscrits + 10} votants pour {inscrits} inscrits"])
     playwright_api.expect(votants).to_be_focused()
@@ -322,3 +322,46 @@ def test_a_refused_correction_leads_the_keyboard_to_the_count_refused_and_says_w
     page.keyboard.type(str(inscrits))
     playwright_api.expect(votants).to_have_attribute("aria-invalid", "false")
     assert [e for e in errors if "422" not in e] == []
+
+
+def test_enter_in_a_count_moves_to_the_next_count_and_approving_takes_the_button(
+    browser: Any, served: tuple[str, ReviewEnv]
+) -> None:
+    """Enter in a count sent the form: a supervisor pressing Enter to « validate » the count just corrected approved
+    the whole item, the counts below it unchecked. Enter now goes to the next count (and does nothing in the last);
+    approving takes the button, by the mouse or by the keyboard (Tab to it, then Enter or Space)."""
+    base, env = served
+    code = bureau_codes(env.registry)[0]
+    item = item_id_for(env.journal, submit(env.journal, env.election, env.registry, code,
+                                           {**GOOD_T1, "votants": 251}).return_id)
+    page = browser.new_context(locale="fr-FR").new_page()
+    errors = _watch_console(page)
+    _log_in(page, base, "alice")
+    page.goto(f"{base}/items/{item}")
+    # Count the form's submissions (and hold them) while Enter is pressed: a submit event fires as the key does.
+    page.evaluate("""() => { window.sent = 0; window.hold = e => { window.sent++; e.preventDefault(); };
+                           document.getElementById('approve-form').addEventListener('submit', window.hold); }""")
+    votants = page.get_by_label("Nombre de votants (émargements)")
+    votants.fill("250")
+    page.keyboard.press("Enter")
+    playwright_api.expect(page.get_by_label("Bulletins blancs et nuls")).to_be_focused()
+    page.keyboard.press("Enter")
+    playwright_api.expect(page.get_by_label("Suffrages exprimés")).to_be_focused()
+    last = page.locator("input.count-input").last
+    last.focus()
+    page.keyboard.press("Enter")
+    playwright_api.expect(last).to_be_focused()
+    assert page.evaluate("window.sent") == 0
+    page.evaluate("() => document.getElementById('approve-form').removeEventListener('submit', window.hold)")
+    assert env.app.extensions["remontee_review"].items.get(item).state == "open"
+    # The keyboard approves on the button itself.
+    approve = page.get_by_role("button", name="Approuver la correction")
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if approve.evaluate("b => b === document.activeElement"):
+            break
+    playwright_api.expect(approve).to_be_focused()
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{base}/items")
+    assert env.app.extensions["remontee_review"].items.get(item).state == "approved"
+    assert errors == []

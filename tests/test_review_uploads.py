@@ -596,6 +596,9 @@ def test_in_a_browser_a_supervisor_types_the_counts_of_a_failed_upload(
     expect(page.get_by_text(BROKE)).to_be_visible()
     page.get_by_label("Code du bureau").fill(code)
     labels = {f.id: f.label for f in env.election.fields}
+    page.keyboard.press("Enter")  # to the first count, the form not sent: only its button sends it
+    expect(page.get_by_label(labels["votants"], exact=True)).to_be_focused()
+    assert page.url == f"{base}/uploads/{FAILED}" and get_upload(env.journal, FAILED).status == "failed"
     for field, value in counts.items():
         page.get_by_label(labels[field], exact=True).fill(str(value))
     expect(page.locator('[data-check="total"] .check-result')).to_have_text(f"juste ({counts['votants']})")

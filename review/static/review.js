@@ -84,6 +84,18 @@
     inputs.forEach(function (i) { i.addEventListener("input", check); });
     check();
 
+    // Enter in a count goes to the next count, and stays in the last: the form is sent by its button alone
+    // (_decision.html's no_implicit_submit keeps Enter from sending it, with or without this script).
+    var stops = Array.prototype.slice.call(form.querySelectorAll("#bureau, input.count-input"))
+      .filter(function (i) { return !i.disabled; });
+    form.addEventListener("keydown", function (e) {
+      var at = stops.indexOf(e.target);
+      if (e.key !== "Enter" || at < 0) return;
+      e.preventDefault();
+      var next = stops[at + 1];
+      if (next) { next.focus(); next.select(); }
+    });
+
     function apply(field, value) {
       var input = byField[field];
       if (!input || input.disabled) return;
