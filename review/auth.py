@@ -22,10 +22,11 @@ from review.accounts import ROLE_LABELS, ROLES, AccountError, AccountLocked
 
 bp = Blueprint("auth", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
-# Requests an open page makes by itself, every 90 s: they keep the item's claim, but are nobody's activity. Were
-# they to keep the session alive too, a tab forgotten on an item would hold it, and a logged-in session on an
-# unattended desk, for the session's whole lifetime (12 h) instead of its 30 min idle.
-HEARTBEATS = ("items.renew_claim", "items.renew_upload_claim")
+# Requests an open page makes by itself: the claim heartbeats every 90 s (they keep the item's claim), the
+# dashboard's refresh of its panel every 10 s. They are nobody's activity. Were they to keep the session alive too,
+# a tab forgotten on an item would hold it, and a logged-in session on an unattended desk (an item's page, the
+# dashboard), for the session's whole lifetime (12 h) instead of its 30 min idle.
+HEARTBEATS = ("items.renew_claim", "items.renew_upload_claim", "progress.panel")
 
 
 @bp.before_app_request

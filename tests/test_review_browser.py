@@ -365,3 +365,30 @@ def test_enter_in_a_count_moves_to_the_next_count_and_approving_takes_the_button
     page.wait_for_url(f"{base}/items")
     assert env.app.extensions["remontee_review"].items.get(item).state == "approved"
     assert errors == []
+
+
+def test_a_dashboard_left_open_does_not_keep_the_session(browser: Any, served: tuple[str, ReviewEnv]) -> None:
+    """alice leaves the progress page open and walks away. The page refreshes its panel every few seconds; that
+    refresh refreshed her session too, so a dashboard on an unattended desk stayed logged in for the session's
+    whole 12 h. Now the session ends 30 min after her last action, and the page goes to the login, saying so."""
+    base, env = served
+    page = browser.new_context(locale="fr-FR").new_page()
+    page.clock.install()  # the page's timers run when the test says: its refresh every second here
+    _log_in(page, base, "alice")
+    page.goto(f"{base}/progress")
+    playwright_api.expect(page.get_by_role("heading", name="Progression de la remontée")).to_be_visible()
+
+    def walk_away(minutes: float) -> int:
+        """alice away `minutes` longer, the dashboard open; the page's next refresh of its panel."""
+        with env.journal.write() as conn:
+            conn.execute(update(sessions).values(last_seen=sessions.c.last_seen - minutes * 60,
+                                                 created_at=sessions.c.created_at - minutes * 60))
+        with page.expect_response(lambda r: "/progress/panel" in r.url) as refresh:
+            page.clock.run_for(1_100)
+        return refresh.value.status
+
+    assert walk_away(20) == 200  # 20 min: the session lives, the panel is refreshed
+    # 40 min without a click: the refresh finds the session over and the page goes to the login.
+    assert walk_away(20) == 302
+    page.wait_for_url(re.compile(r"/login\?next=/progress$"))
+    playwright_api.expect(page.get_by_text("Votre session a expiré")).to_be_visible()

@@ -161,9 +161,12 @@
     }
     function refresh() {
       if (paused || document.hidden) return;
-      fetch(panel.dataset.refreshUrl, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      // The redirect to the login is not followed: the login page it leads to would take the « session expirée »
+      // the server says on it, and the page reloaded would arrive there without it.
+      fetch(panel.dataset.refreshUrl, { credentials: "same-origin", headers: { "Accept": "text/html" },
+                                        redirect: "manual" })
         .then(function (r) {
-          if (r.redirected || r.status === 401) { window.location.reload(); return null; }  // session over
+          if (r.type === "opaqueredirect" || r.status === 401) { window.location.reload(); return null; }  // session over
           if (!r.ok) throw new Error("HTTP " + r.status);
           return r.text();
         })
