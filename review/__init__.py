@@ -108,10 +108,10 @@ def context() -> ReviewContext:
 MAX_PAGE = 1_000_000
 
 
-def requested_page() -> int:
-    """The `page` query argument: 1 when absent, not a number or below 1, and never above MAX_PAGE; a page
-    past the last one is empty, as it always was, whatever its number."""
-    page = request.args.get("page", 1, type=int) or 1
+def requested_page(name: str = "page") -> int:
+    """The `page` query argument (or `name`, for a list of its own on the page): 1 when absent, not a number or
+    below 1, and never above MAX_PAGE; a page past the last one is empty, as it always was, whatever its number."""
+    page = request.args.get(name, 1, type=int) or 1
     return min(max(1, page), MAX_PAGE)
 
 

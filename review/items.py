@@ -109,18 +109,34 @@ def queue() -> str:
     # Uploads without a bureau have no reason code, department or decision yet: a filter on those hides them.
     show_uploads = (chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen")
                     and not chosen["department"] and chosen["reason"] in ("", Reason.UNKNOWN_BUREAU))
-    uploads, uploads_total = context().uploads.list(limit=per_page) if show_uploads else ([], 0)
+    # Each section of uploads has its pages, as the items do: its own argument, so paging one keeps the others.
+    uploads_page, failed_page = requested_page("uploads_page"), requested_page("failed_page")
+    uploads, uploads_total = (context().uploads.list(limit=per_page, offset=(uploads_page - 1) * per_page)
+                              if show_uploads else ([], 0))
     # Uploads whose recognition broke: never hidden by a filter that could match them, so none is forgotten.
     show_failed = chosen["state"] in ("open", "all") and chosen["channel"] in ("", "pen") and not chosen["department"]
-    failed, failed_total = context().uploads.list(limit=per_page, failed=True) if show_failed else ([], 0)
+    failed, failed_total = (context().uploads.list(limit=per_page, offset=(failed_page - 1) * per_page, failed=True)
+                            if show_failed else ([], 0))
+    paging = {"page": page, "uploads_page": uploads_page, "failed_page": failed_page}
+
+    def queue_url(**changes: int) -> str:
+        """This queue with the filters chosen and every list at its page, but for `changes`."""
+        pages = {k: v for k, v in {**paging, **changes}.items() if v != 1}
+        return url_for("items.queue", **pages, **chosen)
+
     return render_template(
         "queue.html",
         items=items,
         total=total,
         uploads=uploads,
         uploads_total=uploads_total,
+        uploads_page=uploads_page,
+        uploads_pages=max(1, math.ceil(uploads_total / per_page)),
         failed=failed,
         failed_total=failed_total,
+        failed_page=failed_page,
+        failed_pages=max(1, math.ceil(failed_total / per_page)),
+        queue_url=queue_url,
         page=page,
         pages=max(1, math.ceil(total / per_page)),
         chosen=chosen,

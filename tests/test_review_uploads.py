@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -610,3 +611,56 @@ def test_in_a_browser_a_supervisor_types_the_counts_of_a_failed_upload(
     upload = get_upload(env.journal, FAILED)
     assert upload.status == "accepted" and dict(env.journal.get(upload.return_id).ret.counts) == counts
     assert errors == []
+
+
+def test_the_upload_sections_page_like_the_queue(env: ReviewEnv) -> None:
+    """Each section of uploads showed its first page (ITEMS_PER_PAGE, 50) and said how many there were, with no
+    way to the others: past the 50th, an upload without a bureau or whose reading failed could not be reached from
+    the queue. Each section now has its pages, as the items do, and paging one keeps the other's page."""
+    env.app.config["ITEMS_PER_PAGE"] = 2
+    now = time.time()
+    stray = [f"01JNOBUREAU00000000000000{c}" for c in "ABCDE"]  # oldest first
+    for i, upload_id in enumerate(stray):
+        record_stray_upload(env.journal, upload_id, received_at=now - 3600 + i * 60)
+    failed = [f"01JFAILEDPAGE0000000000000{c}" for c in "ABC"]
+    for i, upload_id in enumerate(failed):
+        record_failed_upload(env, upload_id, received_at=now - 3600 + i * 60)
+    client = env.client()
+    login(client, "alice")
+
+    def section(page: str, title_id: str) -> str:
+        return page.split(f'id="{title_id}"', 1)[1].split("</section>", 1)[0]
+
+    def walk(title_id: str, ids: list[str], pages: int) -> str:
+        """Follow the section's « Suivante » links from the queue; the ids listed on each page, in order."""
+        seen, url = [], "/items"
+        for n in range(1, pages + 1):
+            listed = section(text(client.get(url)), title_id)
+            assert f"page {n} / {pages}" in listed
+            seen += re.findall(r'/uploads/([0-9A-Z]+)"', listed)
+            following = re.search(r'<a href="([^"]+)">Suivante →</a>', listed)
+            if n == pages:
+                assert following is None and "Précédente" in listed
+                assert seen == ids  # each upload on one page, oldest first
+                return url
+            url = following.group(1)
+        raise AssertionError("no last page")
+
+    last = walk("uploads-title", stray, 3)
+    # On the last page of the uploads without a bureau, the failed ones are still at their first page.
+    assert failed[0] in section(text(client.get(last)), "failed-title")
+    walk("failed-title", failed, 2)
+    # Paging the failed section keeps the other's page.
+    both = text(client.get("/items?uploads_page=3&failed_page=2"))
+    assert stray[4] in section(both, "uploads-title") and failed[2] in section(both, "failed-title")
+    following = re.search(r'<a href="([^"]+)">← Précédente</a>', section(both, "failed-title")).group(1)
+    back = text(client.get(following))
+    assert stray[4] in section(back, "uploads-title") and failed[0] in section(back, "failed-title")
+    # The items' pages keep the uploads' too.
+    from review_support import GOOD_T1, submit
+
+    for code in bureau_codes(env.registry)[:3]:
+        submit(env.journal, env.election, env.registry, code, {**GOOD_T1, "votants": 251})
+    items_pager = text(client.get("/items?uploads_page=2")).split('aria-label="Pages"', 1)[1]
+    following = re.search(r'<a href="([^"]+)">Suivante →</a>', items_pager).group(1)
+    assert re.search(r"[?&]page=2(&|$)", following) and "uploads_page=2" in following
