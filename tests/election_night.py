@@ -422,7 +422,9 @@ class Faults:
                 time.sleep(0.05)
                 if (worker, horse) not in self.gateway.horses():
                     continue
-                started = {q: StartedJobRegistry(q, connection=redis).get_job_ids() for q in (OCR_QUEUE, RETURNS_QUEUE)}
+                # Read without RQ's cleanup (which would move abandoned jobs on itself): recovery is the system's to do.
+                started = {q: StartedJobRegistry(q, connection=redis).get_job_ids(cleanup=False)
+                           for q in (OCR_QUEUE, RETURNS_QUEUE)}
                 try:
                     os.kill(horse, signal.SIGKILL)
                 except ProcessLookupError:
@@ -839,8 +841,10 @@ def drain(gateway: Gateway, plan: NightPlan, clock: NightClock) -> float | None:
                 busy = 0
                 for name in (OCR_QUEUE, RETURNS_QUEUE):
                     busy += len(Queue(name, connection=redis))
-                    busy += StartedJobRegistry(name, connection=redis).count
-                    busy += ScheduledJobRegistry(name, connection=redis).count
+                    # Counted without RQ's cleanup: a job left "started" by a killed horse must be handed on
+                    # by the system itself (the relays' reconciliation), not by this check reading the registry.
+                    busy += StartedJobRegistry(name, connection=redis).get_job_count(cleanup=False)
+                    busy += ScheduledJobRegistry(name, connection=redis).get_job_count(cleanup=False)
                 busy += journal.outbox_backlog()
                 with journal.read() as conn:
                     busy += conn.execute(select(func.count()).select_from(uploads)
