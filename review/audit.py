@@ -40,6 +40,8 @@ ACTION_LABELS = {
     "user_disable": "désactivation",
     "user_enable": "réactivation",
     "user_password": "mot de passe changé",
+    "station_add": "station d'envoi enregistrée",
+    "station_revoke": "station d'envoi révoquée",
 }
 CSV_COLUMNS = ("id", "at_utc", "actor", "action", "subject", "before", "after")
 EXPORT_BATCH = 1000  # audit rows the CSV export reads at a time

@@ -20,6 +20,7 @@ from sqlalchemy import text as text_sql
 
 from conftest import free_port
 from forms import Election
+from pen_gateway.signing import StationRegistry
 from registry import Registry
 from returns_queue.journal import Journal, audit, returns
 from returns_queue.relay import Relay
@@ -91,6 +92,19 @@ def test_audit_of_an_approval_keeps_the_accepted_figures_it_replaced_and_a_new_b
     # Each count by its printed label, not the definition's id.
     assert "Martine AUBRY</span> : <del>60</del>" in page and ">aubry<" not in page
     assert f"<del>999999</del> → <ins>{codes[1]}</ins>" in page
+
+
+def test_a_docking_stations_registration_and_revocation_are_named_in_the_audit_trail(env: ReviewEnv) -> None:
+    stations = StationRegistry(env.journal, env.settings.var_dir)
+    stations.add("gare-du-nord-1")
+    stations.revoke("gare-du-nord-1")
+    admin = env.client()
+    login(admin, "root")
+    page = text(admin.get("/audit?subject=gare-du-nord-1"))
+    assert "station d'envoi enregistrée" in page and "station d'envoi révoquée" in page
+    assert ">station_add<" not in page and ">station_revoke<" not in page  # the codes are not what a reader sees
+    assert "2 lignes" in page
+    assert "1 ligne" in text(admin.get("/audit?action=station_revoke"))
 
 
 def test_audit_filters(env: ReviewEnv) -> None:
