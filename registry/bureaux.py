@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from registry.pins import is_pin_hash
 COLUMNS = ("code", "name", "commune", "department", "inscrits", "pin_hash", "caller_ids", "pen_serials")
 REQUIRED = ("code", "name", "commune", "department", "pin_hash")
 MAX_CODE_DIGITS = 10
+# The line ends the csv reader counts lines by (its source is a StringIO with newline="": universal newlines).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,13 @@ def _parse_row(row: dict[str, str | None], path: Path, line: int) -> Bureau:
     )
 
 
+def _line_breaks(row: dict[str | None, str | list[str] | None]) -> int:
+    """How many line ends the row's values hold (the extra values of a row too long included)."""
+    values = [v for v in row.values() if isinstance(v, str)] + list(row.get(None) or [])
+    text = "\0".join(values)  # not "": a value's final \r and the next one's first \n are two line ends
+    return len(_LINE_BREAK.findall(text)) if "\n" in text or "\r" in text else 0
+
+
 def _delimiter(header: str) -> str:
     """`;` for a file from a French Excel (its list separator), whose header then holds no comma; else `,`."""
     return ";" if ";" in header and "," not in header else ","
@@ -122,8 +132,18 @@ def load_registry(path: Path | str) -> Registry:
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
+        previous = 1
         for row in reader:
             line = reader.line_num
+            breaks = _line_breaks(row) if line - previous > 1 else 0  # a row of one line (most) holds none
+            previous = line
+            if breaks:
+                # No column holds a line break: a value running over lines is a quote left open (`"Salle Foyer`),
+                # which the reader closes at the next quote it meets, lines below, reading every line between
+                # as one value: bureaux gone without a word, had the columns happened to add up.
+                raise RegistryError(path, line - breaks,
+                                    f'a value opened by a quote (") on this line runs to line {line}: close the '
+                                    'quote on its line, or write "" for a quote inside a value')
             if None not in row and not any((v or "").strip() for v in row.values()):
                 continue  # `,,,,,,,`: Excel's trace of a row once touched below the data, a blank line like any other
             if None in row:

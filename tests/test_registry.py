@@ -250,3 +250,23 @@ def test_lines_of_separators_alone_are_blank_lines(tmp_path: Path) -> None:
     path.write_text(path.read_text() + ",Bureau 9,,,,,,\r\n")
     with pytest.raises(RegistryError, match=r":8: empty code"):
         load_registry(path)
+
+
+def test_a_quote_left_open_does_not_swallow_the_bureaux_below_it(tmp_path: Path) -> None:
+    """A bureau typed by hand as `Salle "Le Foyer` opens a quoted value that the next quoted value closes: the
+    csv reader read every line between as that bureau's name, and the registry loaded without those bureaux."""
+    rows = [_row(code=f"7501{i:02d}", pens=f"AJX-{i}") for i in range(1, 8)]
+    rows[5][1] = 'Salle "Le Foyer"'  # quoted by the writer, `"Salle ""Le Foyer"""`: its quote closes the stray one
+    path = _write(tmp_path, rows)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace("Bureau 1", '"Bureau 1', 1)  # the second bureau, on line 3
+    path.write_text("".join(lines))
+    with pytest.raises(RegistryError) as err:
+        print(sorted(load_registry(path).bureaux))  # 750101, 750102, 750107: four bureaux gone, and no error
+    assert err.value.line == 3
+    assert "quote" in err.value.why and "line 7" in err.value.why
+    # A value holding a line break (a spreadsheet cell with Alt+Enter) is no bureau's value either.
+    path = _write(tmp_path, [_row(), [*_row(code="750102", pens="AJX-2")[:1], "Bureau\n2", *_row()[2:7], "AJX-2"]])
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    assert err.value.line == 3 and "line 4" in err.value.why
