@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,22 @@ def _line_breaks(row: dict[str | None, str | list[str] | None]) -> int:
     return len(_LINE_BREAK.findall(text)) if "\n" in text or "\r" in text else 0
 
 
+def _rows(reader: csv.DictReader[str], path: Path, text: str) -> Iterator[dict[str | None, str | None]]:
+    """The reader's rows; its own error, a value past its field limit (a quote never closed), as a RegistryError."""
+    last = 1
+    try:
+        for row in reader:
+            yield row
+            last = reader.line_num
+    except csv.Error as exc:
+        # The line of the row the reader was reading: the first line after the last row that is not blank.
+        with io.StringIO(text, newline="") as f:
+            start = next((n for n, line in enumerate(f, start=1) if n > last and line.rstrip("\r\n")), last + 1)
+        raise RegistryError(path, start, f'a value opened by a quote (") on this line runs on over the lines below '
+                                         f'({exc}): close the quote on its line, or write "" for a quote inside a '
+                                         'value') from exc
+
+
 def _delimiter(header: str) -> str:
     """`;` for a file from a French Excel (its list separator), whose header then holds no comma; else `,`."""
     return ";" if ";" in header and "," not in header else ","
@@ -133,7 +150,7 @@ def load_registry(path: Path | str) -> Registry:
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
         previous = 1
-        for row in reader:
+        for row in _rows(reader, path, text):
             line = reader.line_num
             breaks = _line_breaks(row) if line - previous > 1 else 0  # a row of one line (most) holds none
             previous = line

@@ -270,3 +270,25 @@ def test_a_quote_left_open_does_not_swallow_the_bureaux_below_it(tmp_path: Path)
     with pytest.raises(RegistryError) as err:
         load_registry(path)
     assert err.value.line == 3 and "line 4" in err.value.why
+
+
+def test_a_quote_left_open_to_the_end_of_a_long_file_is_named_by_its_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past 128 KiB in one value the csv reader raises its own error, which no part took for a registry error:
+    `registry check` printed a traceback, and a registry edited so on the night failed every part reading it."""
+    rows = [_row(code=f"75{i:04d}", pens=f"AJX-{i}") for i in range(1, 1001)]
+    path = _write(tmp_path, rows)
+    registry_file = RegistryFile(path)
+    assert len(registry_file.get()) == 1000
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("Bureau 1", '"Bureau 1', 1)  # line 4, with a blank line before it
+    path.write_text("".join(lines[:3]) + "\r\n" + "".join(lines[3:]))
+    with caplog.at_level("WARNING", logger="registry.bureaux"):
+        kept = registry_file.get()
+    assert kept is not None and len(kept) == 1000
+    assert ":5: a value opened by a quote" in caplog.text
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "registry", "check", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {path}:5: a value opened by a quote") and "Traceback" not in result.stderr
