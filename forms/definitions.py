@@ -175,9 +175,14 @@ def parse_election(data: dict[str, Any], file: Path) -> Election:
 
 def load_election_file(path: Path) -> Election:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        # utf-8-sig: Windows' Notepad starts a UTF-8 file with a byte-order mark, which is not TOML.
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except OSError as exc:
         raise ElectionDefinitionError(path, "(file)", exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:  # an "ANSI" (cp1252) save: Ségolène's è is one byte
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ElectionDefinitionError(path, "(encoding)", f"not UTF-8 text at line {line} (save it as UTF-8)") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ElectionDefinitionError(path, "(syntax)", str(exc)) from exc
     return parse_election(data, path)

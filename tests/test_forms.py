@@ -122,3 +122,18 @@ def test_an_election_whose_counts_the_paper_form_cannot_hold_is_refused(tmp_path
     with pytest.raises(ElectionDefinitionError) as err:
         load_election_file(path)
     assert err.value.key == "candidates" and "at most 8" in err.value.why
+
+
+def test_a_definition_saved_by_a_windows_editor_loads_or_is_named(tmp_path: Path) -> None:
+    """Notepad's UTF-8 starts with a byte-order mark; an ANSI save is cp1252. The first failed as a syntax error
+    at line 1, column 1; the second raised a bare UnicodeDecodeError, with neither the file nor the line."""
+    text = GOOD.replace("{id}", "e1").replace('ballot_name = "Martine AUBRY"', 'ballot_name = "Ségolène ROYAL"')
+    path = tmp_path / "e1.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_election_file(path).candidates[0].ballot_name == "Ségolène ROYAL"
+    path.write_bytes(text.encode("cp1252"))
+    with pytest.raises(ElectionDefinitionError) as err:
+        load_election_file(path)
+    line = text[: text.index("Ségolène")].count("\n") + 1
+    assert err.value.file == str(path) and err.value.key == "(encoding)"
+    assert f"line {line}" in err.value.why and "UTF-8" in err.value.why
