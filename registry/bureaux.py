@@ -16,6 +16,8 @@ from registry.pins import is_pin_hash
 COLUMNS = ("code", "name", "commune", "department", "inscrits", "pin_hash", "caller_ids", "pen_serials")
 REQUIRED = ("code", "name", "commune", "department", "pin_hash")
 MAX_CODE_DIGITS = 10
+# Inscrits as a French spreadsheet writes them with thousands: `1 234`, the space a no-break or narrow no-break one.
+_THOUSANDS = re.compile(r"[0-9]{1,3}(?:[ \u00a0\u202f][0-9]{3})+")
 # The line ends the csv reader counts lines by (its source is a StringIO with newline="": universal newlines).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -86,8 +88,11 @@ def _parse_row(row: dict[str, str | None], path: Path, line: int) -> Bureau:
     inscrits_text = (row.get("inscrits") or "").strip()
     inscrits: int | None = None
     if inscrits_text:
+        if _THOUSANDS.fullmatch(inscrits_text):
+            inscrits_text = "".join(inscrits_text.split())
         if not inscrits_text.isascii() or not inscrits_text.isdigit():  # isdigit() alone takes "²"
-            raise RegistryError(path, line, f"inscrits {inscrits_text!r} is not a whole number")
+            raise RegistryError(path, line, f"inscrits {inscrits_text!r} is not a whole number: write it in digits "
+                                            "only (1234), or in groups of three (1 234), without decimals")
         inscrits = int(inscrits_text)
     pin_hash = (row["pin_hash"] or "").strip()
     if not is_pin_hash(pin_hash):

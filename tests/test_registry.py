@@ -292,3 +292,21 @@ def test_a_quote_left_open_to_the_end_of_a_long_file_is_named_by_its_line(
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {path}:5: a value opened by a quote") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("written", ["1 234", "1\u00a0234", "1\u202f234", " 1\u00a0234 "])
+def test_inscrits_with_a_french_thousands_separator_load(tmp_path: Path, written: str) -> None:
+    """A French spreadsheet writes 1234 formatted with thousands as `1 234`, with a no-break (or narrow no-break)
+    space: every bureau of a thousand inscrits or more failed the load."""
+    bureau = load_registry(_write(tmp_path, [_row(inscrits=written)])).get("750101")
+    assert bureau is not None and bureau.inscrits == 1234
+
+
+@pytest.mark.parametrize("written", ["1234,0", "1 23 4", "12 34", "1 2345", "1.234", "1234 ,", "1  234"])
+def test_inscrits_that_are_not_plainly_a_whole_number_fail_the_load_saying_how_to_write_them(
+    tmp_path: Path, written: str
+) -> None:
+    with pytest.raises(RegistryError) as err:
+        load_registry(_write(tmp_path, [_row(), _row(code="750102", inscrits=written, pens="AJX-2")]))
+    assert err.value.line == 3
+    assert "is not a whole number" in err.value.why and "digits only" in err.value.why
