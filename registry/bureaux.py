@@ -205,12 +205,22 @@ class RegistryFile:
         with self._lock:
             if stamp != self._stamp:
                 try:
-                    self._registry = load_registry(self.path)
+                    registry = load_registry(self.path)
                 except RegistryError as exc:
                     if self._registry is None:
                         raise
                     log.warning("registry %s changed but does not load (%s): the registry loaded before stays "
                                 "in use until the file is fixed", self.path, exc)
+                else:
+                    # A file that loads may still have lost bureaux: a spreadsheet that saved 010101 as 10101, lines
+                    # deleted by mistake. Removing a bureau on the night is rare; losing one without a word is not.
+                    gone = sorted(set(self._registry.bureaux) - set(registry.bureaux)) if self._registry else []
+                    if gone:
+                        log.warning("registry %s read again without %d bureau(x) it held before (%s%s): they are "
+                                    "unknown from now on (has a spreadsheet dropped their leading zeros? "
+                                    "`registry check` says)", self.path, len(gone), ", ".join(gone[:5]),
+                                    ", ..." if len(gone) > 5 else "")
+                    self._registry = registry
                 self._stamp = stamp
             return self._registry
 

@@ -310,3 +310,24 @@ def test_inscrits_that_are_not_plainly_a_whole_number_fail_the_load_saying_how_t
         load_registry(_write(tmp_path, [_row(), _row(code="750102", inscrits=written, pens="AJX-2")]))
     assert err.value.line == 3
     assert "is not a whole number" in err.value.why and "digits only" in err.value.why
+
+
+def test_a_registry_read_again_without_some_bureaux_says_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator opens the registry in a spreadsheet to add a forgotten bureau and saves it: 010101 comes back
+    as 10101, a file that loads. Every part took it without a word, and bureau 010101 was unknown from then on."""
+    path = _write(tmp_path, [_row(code="010101"), _row(code="010102", pens="AJX-2"), _row(code="750103", pens="AJX-3")])
+    registry_file = RegistryFile(path)
+    assert "010101" in registry_file.get()
+    _write(tmp_path, [_row(code="10101"), _row(code="10102", pens="AJX-2"), _row(code="750103", pens="AJX-3"),
+                      _row(code="750104", pens="AJX-4")])
+    with caplog.at_level("WARNING", logger="registry.bureaux"):
+        registry = registry_file.get()
+    assert registry is not None and "10101" in registry and "010101" not in registry  # the file is what it says
+    assert "without 2 bureau(x) it held before (010101, 010102)" in caplog.text
+    caplog.clear()
+    _append(path, _row(code="750105", pens="AJX-5"))  # a bureau added, none gone: nothing to say
+    with caplog.at_level("WARNING", logger="registry.bureaux"):
+        assert "750105" in registry_file.get()
+    assert caplog.text == ""
