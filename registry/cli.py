@@ -56,4 +56,12 @@ def _check(args: argparse.Namespace) -> int:
         odd = sorted(code for code in registry.bureaux if len(code) != usual)
         print(f"warning: {len(odd)} code(s) are not {usual} digits long like the others ({', '.join(odd[:5])}"
               f"{', ...' if len(odd) > 5 else ''}): has a spreadsheet dropped their leading zeros?", file=sys.stderr)
+    # Inscrits is optional: a return is checked against it where it is known (DESIGN.md). The operator should know
+    # where it is not, and where a 0 (an empty cell a spreadsheet filled?) sends every return with voters to review.
+    for inscrits, what, meaning in ((None, "no inscrits", "their votants are checked against no number of inscrits"),
+                                    (0, "0 inscrits", "every return of theirs with votants goes to review")):
+        codes = sorted(code for code, b in registry.bureaux.items() if b.inscrits == inscrits)
+        if codes:
+            print(f"warning: {len(codes)} bureau(x) have {what} ({', '.join(codes[:5])}"
+                  f"{', ...' if len(codes) > 5 else ''}): {meaning}", file=sys.stderr)
     return 0

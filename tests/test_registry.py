@@ -331,3 +331,15 @@ def test_a_registry_read_again_without_some_bureaux_says_which(
     with caplog.at_level("WARNING", logger="registry.bureaux"):
         assert "750105" in registry_file.get()
     assert caplog.text == ""
+
+
+def test_registry_check_warns_of_bureaux_without_inscrits(tmp_path: Path) -> None:
+    """A bureau with no inscrits has its votants checked against nothing; one with 0 sends every return to review.
+    Both load (inscrits is optional), and `registry check` said only the total."""
+    path = _write(tmp_path, [_row(code="750101"), _row(code="750102", inscrits="", pens="AJX-2"),
+                             _row(code="750103", inscrits="0", pens="AJX-3")])
+    result = subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "registry", "check", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("3 bureaux")
+    assert "warning: 1 bureau(x) have no inscrits (750102)" in result.stderr
+    assert "warning: 1 bureau(x) have 0 inscrits (750103)" in result.stderr
