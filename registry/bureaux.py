@@ -147,10 +147,11 @@ def load_registry(path: Path | str) -> Registry:
         # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which is not part of `code`.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise RegistryError(path, data[: exc.start].count(b"\n") + 1,
-                            "not UTF-8 text (save the file as CSV UTF-8)") from exc
+        line = len(re.findall(rb"\r\n|\r|\n", data[: exc.start])) + 1  # CR alone ends a line too (Excel for Mac)
+        raise RegistryError(path, line, "not UTF-8 text (save the file as CSV UTF-8)") from exc
     with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f, delimiter=_delimiter(text.partition("\n")[0]))
+        header = re.match(r"[^\r\n]*", text)  # up to the first line end, CR alone included (Excel for Mac)
+        reader = csv.DictReader(f, delimiter=_delimiter(header.group() if header else ""))
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")

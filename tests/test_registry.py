@@ -343,3 +343,21 @@ def test_registry_check_warns_of_bureaux_without_inscrits(tmp_path: Path) -> Non
     assert result.returncode == 0 and result.stdout.startswith("3 bureaux")
     assert "warning: 1 bureau(x) have no inscrits (750102)" in result.stderr
     assert "warning: 1 bureau(x) have 0 inscrits (750103)" in result.stderr
+
+
+def test_a_registry_with_old_mac_line_ends_loads_and_is_named_by_line(tmp_path: Path) -> None:
+    """Excel for Mac's "CSV (Macintosh)" ends lines with CR alone. The separator was chosen from the text up to the
+    first LF, the whole file: one comma in a name, and a file separated by `;` failed with 'missing column(s)'
+    naming columns that are all there; and a decoding error was always on line 1."""
+    path = tmp_path / "registry.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter=";", lineterminator="\r")
+        writer.writerow(COLUMNS)
+        writer.writerow(_row(code="010101"))
+        writer.writerow(["010102", "Bureau 2, annexe", "Évry", *_row()[3:7], "AJX-2"])
+    registry = load_registry(path)
+    assert sorted(registry.bureaux) == ["010101", "010102"] and registry.get("010102").name == "Bureau 2, annexe"
+    path.write_bytes(path.read_text().encode("cp1252"))
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    assert err.value.line == 3 and "UTF-8" in err.value.why
