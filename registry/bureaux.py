@@ -152,7 +152,10 @@ def load_registry(path: Path | str) -> Registry:
     with io.StringIO(text, newline="") as f:
         header = re.match(r"[^\r\n]*", text)  # up to the first line end, CR alone included (Excel for Mac)
         reader = csv.DictReader(f, delimiter=_delimiter(header.group() if header else ""))
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        # `Inscrits`, `code `: a column is found whatever its case and spaces. Unknown columns are ignored, so an
+        # `Inscrits` column was, and every bureau loaded with no inscrits to check its votants against.
+        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in reader.fieldnames]
         if missing:
             raise RegistryError(path, 1, f"missing column(s): {', '.join(missing)}")
         previous = 1

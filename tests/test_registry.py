@@ -361,3 +361,12 @@ def test_a_registry_with_old_mac_line_ends_loads_and_is_named_by_line(tmp_path: 
     with pytest.raises(RegistryError) as err:
         load_registry(path)
     assert err.value.line == 3 and "UTF-8" in err.value.why
+
+
+def test_columns_are_found_whatever_their_case_and_spaces(tmp_path: Path) -> None:
+    """A spreadsheet user heads a column `Inscrits`: as an unknown column it was ignored, so every bureau loaded
+    with no inscrits and no return was checked against them; a `Code` column failed as 'missing column(s): code'."""
+    header = tuple(c.capitalize() if c != "pin_hash" else " pin_hash " for c in COLUMNS)
+    registry = load_registry(_write(tmp_path, [_row()], header))
+    bureau = registry.get("750101")
+    assert bureau is not None and bureau.inscrits == 800 and bureau.pen_serials == ("AJX-1",)
