@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, current_app, request, url_for
+from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from ulid import ULID
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -108,7 +109,11 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()  # refused before a byte of the body is read
-    body = request.get_data(cache=True)
+    try:
+        body = request.get_data(cache=True)
+    except ParseException as exc:  # gunicorn's reading of a chunked body: a chunk size that is not hex, and so on
+        raise ApiError("BAD_REQUEST", f"the body's chunked transfer encoding is malformed ({str(exc)[:100]}); "
+                       "nothing was stored: send the upload again", 400) from exc
     # A streamed (chunked) body is cut at the limit by Werkzeug without an error: one more byte
     # says whether there was more than the limit, i.e. too much.
     if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):

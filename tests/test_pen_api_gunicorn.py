@@ -148,3 +148,14 @@ def test_the_workers_relay_catches_up_after_redis_is_back(gunicorn_pen: RunningP
     while not fresh.exists(Job.key_for(ocr_job_id(upload_id))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert Job.fetch(ocr_job_id(upload_id), connection=fresh).args == (upload_id,)
+
+
+def test_a_malformed_chunked_body_is_a_clear_400(gunicorn_pen: RunningPen, redis: Redis) -> None:
+    before = stored_files(gunicorn_pen.var_dir)
+    head = _head(gunicorn_pen, "Transfer-Encoding: chunked")
+    answer, _ = _raw_request(gunicorn_pen.port, head, iter([b"zz\r\nnot hex\r\n0\r\n\r\n"]), 1024)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"BAD_REQUEST"' in answer.replace(b" ", b"")
+    assert b"chunked" in answer
+    assert stored_files(gunicorn_pen.var_dir) == before
+    assert not [line for line in gunicorn_pen.log_lines() if line.get("msg") == "unexpected error"]
