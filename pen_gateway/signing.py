@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -247,9 +248,12 @@ def check_headers(headers: Mapping[str, str], registry: StationRegistry, *, now:
     timestamp = int(raw_timestamp)
     current = time.time() if now is None else now
     if abs(current - timestamp) > window:
+        # Rounded up: a timestamp 300.4 s off is refused, and must not be said to be 300 s off.
+        way = "behind" if current > timestamp else "ahead of"
         raise SignatureError("STALE_TIMESTAMP",
-                             f"the timestamp is {int(current - timestamp)} s off; at most {window} s is accepted "
-                             "(check the station's clock)")
+                             f"the timestamp is {math.ceil(abs(current - timestamp))} s {way} the gateway's clock; "
+                             f"at most {window} s either way is accepted: sign the request again with the current "
+                             "time (a retry too), and check the station's clock")
     secret = registry.secret(station_id) if STATION_ID.match(station_id) else None
     if secret is None:
         raise SignatureError("UNKNOWN_STATION", f"station {station_id[:64]!r} is not registered")

@@ -259,6 +259,28 @@ def test_bad_signatures_get_401_and_change_nothing(pen: Gateway, redis: Redis, p
     assert snapshot(pen, redis) == before
 
 
+def test_a_clock_299_s_off_is_accepted_and_301_s_is_refused_saying_why(pen: Gateway, redis: Redis,
+                                                                        page_png: bytes) -> None:
+    for offset in (299, -299):
+        answer = pen.client.upload(page_png, "image/png", pen_serial="PEN-1", timestamp=int(time.time()) + offset)
+        assert answer.status == 202, answer.json
+    before = snapshot(pen, redis)
+    ahead = pen.client.upload(page_png, "image/png", pen_serial="PEN-1", timestamp=int(time.time()) + 301)
+    assert_error(ahead, 401, "STALE_TIMESTAMP")
+    # Not "-300 s off" while 300 s is accepted: how far, which way, and what to do.
+    assert "301 s ahead of the gateway's clock" in ahead.json["message"], ahead.json
+    # A retry of a request signed more than 300 s ago: the station's clock may be right, the signature is old.
+    body, headers = signed_upload(pen.station, pen.secret, page_png, "image/png", "PEN-1", idempotency_key="late",
+                                  timestamp=int(time.time()) - 320)
+    late = pen.client.send("POST", "/api/v1/uploads", body, headers)
+    assert_error(late, 401, "STALE_TIMESTAMP")
+    assert "s behind the gateway's clock" in late.json["message"], late.json
+    assert "sign the request again" in late.json["message"], late.json
+    assert snapshot(pen, redis) == before
+    retry = pen.client.upload(page_png, "image/png", pen_serial="PEN-1", idempotency_key="late")
+    assert retry.status == 202, retry.json
+
+
 def _stations(var_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "REMONTEE_VAR_DIR": str(var_dir)}
     return subprocess.run([sys.executable, str(ROOT / "run_gateway.py"), "stations", *args], env=environ,
