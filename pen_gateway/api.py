@@ -21,7 +21,8 @@ upload signed in the same second carry the same signature (the second is a repla
 station polling faster signs with the next second (tests/pen_helpers.py does).
 
 Every error is JSON `{"code", "message"}` and changes nothing: 401 for signatures (missing,
-stale, unknown station, wrong, replayed), 413 too large, 415 a type we do not take, 422 a page
+stale, unknown station, wrong, replayed), 400 a chunked body whose framing is broken, 408 a body whose next bytes
+did not come for 30 s (under gunicorn), 413 too large, 415 a type we do not take, 422 a page
 we cannot or will not read (corrupt, decompression bomb, XML with entities or a DTD), 409 an
 idempotency key reused for another page, 507 no room to store it, 503 the journal is unavailable.
 """
@@ -39,7 +40,7 @@ from flask import Blueprint, current_app, request, url_for
 from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from ulid import ULID
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from pen_gateway.app import PenGateway, error_response, gateway_of
 from pen_gateway.decode import DecodeError, probe_upload
@@ -109,14 +110,26 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()  # refused before a byte of the body is read
+    # gunicorn reads the body with no time limit: a station whose link died in the middle of it (no FIN ever
+    # comes) would hold this thread for good, and a few such every thread, unless nginx buffers the body first.
+    connection = request.environ.get("gunicorn.socket")
+    if connection is not None:
+        connection.settimeout(current_app.config["BODY_TIMEOUT"])
     try:
         body = request.get_data(cache=True)
+        # A streamed (chunked) body is cut at the limit by Werkzeug without an error: one more byte
+        # says whether there was more than the limit, i.e. too much.
+        too_much = request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1)
     except ParseException as exc:  # gunicorn's reading of a chunked body: a chunk size that is not hex, and so on
         raise ApiError("BAD_REQUEST", f"the body's chunked transfer encoding is malformed ({str(exc)[:100]}); "
                        "nothing was stored: send the upload again", 400) from exc
-    # A streamed (chunked) body is cut at the limit by Werkzeug without an error: one more byte
-    # says whether there was more than the limit, i.e. too much.
-    if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+    except (ClientDisconnected, TimeoutError) as exc:
+        # Werkzeug says a read that failed is a disconnection; the one that waited too long, it raised from.
+        if not isinstance(exc, TimeoutError) and not isinstance(exc.__context__, TimeoutError):
+            raise
+        raise ApiError("BODY_TIMEOUT", f"no byte of the body came for {current_app.config['BODY_TIMEOUT']:g} s: "
+                       "the upload was given up and nothing was stored; send it again", 408) from exc
+    if too_much:
         raise RequestEntityTooLarge()
     signed.check_body(hashlib.sha256(body).hexdigest())
     return signed, body

@@ -7,7 +7,8 @@ environment through `Settings.from_env()` for whatever the mapping does not give
 Keys: `SETTINGS`; `OCR_RELAY` (start the OCR relay thread in this process; `run_gateway.py pen`
 sets it, tests that want to watch the relay at work call it themselves); `OCR_JOB` (the
 function path of the `ocr` job); `OCR_RELAY_GRACE` (seconds an unenqueued upload waits before
-the relay takes it over from the API); `SIGNATURE_WINDOW` (seconds a timestamp may be off).
+the relay takes it over from the API); `SIGNATURE_WINDOW` (seconds a timestamp may be off); `BODY_TIMEOUT`
+(seconds gunicorn may wait for the next bytes of an upload's body: nginx's `client_body_timeout`, docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.request_class = PenRequest
     app.config.from_mapping(OCR_RELAY=False, OCR_JOB=OCR_JOB, OCR_RELAY_GRACE=5.0,
-                            SIGNATURE_WINDOW=SIGNATURE_WINDOW)
+                            SIGNATURE_WINDOW=SIGNATURE_WINDOW, BODY_TIMEOUT=30.0)
     if test_config is not None:
         app.config.from_mapping(test_config)
     settings: Settings = app.config.get("SETTINGS") or Settings.from_env()

@@ -19,6 +19,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                      help="threads per worker (default 24: requests mostly wait on fsync, not on the CPU)")
     pen.add_argument("--access-log", action="store_true", help="log every request to standard error")
     pen.add_argument("--ocr-relay-grace", type=float, default=5.0, help=argparse.SUPPRESS)  # tests only
+    pen.add_argument("--body-timeout", type=float, default=30.0, help=argparse.SUPPRESS)  # tests only
     pen.set_defaults(func=_pen)
 
     stations = sub.add_parser("stations", help="docking stations allowed to upload", parents=[common])
@@ -126,7 +127,8 @@ def _pen(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             from pen_gateway.app import create_app  # in the worker: the master never creates a metric
 
-            return create_app({"SETTINGS": settings, "OCR_RELAY": True, "OCR_RELAY_GRACE": args.ocr_relay_grace})
+            return create_app({"SETTINGS": settings, "OCR_RELAY": True, "OCR_RELAY_GRACE": args.ocr_relay_grace,
+                               "BODY_TIMEOUT": args.body_timeout})
 
     log.info("pen upload API on http://%s:%d/api/v1/ (%d workers × %d threads)", settings.bind, settings.pen_port,
              args.workers, args.threads)

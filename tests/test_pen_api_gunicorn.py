@@ -4,6 +4,7 @@ and their OCR relay threads catching up after Redis comes back."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pen_helpers import scribbled_page
+from pen_helpers import PenClient, scribbled_page, signed_upload
 from pen_server import RunningPen, running_pen
 from redis import Redis
 from rq.job import Job
@@ -159,3 +160,33 @@ def test_a_malformed_chunked_body_is_a_clear_400(gunicorn_pen: RunningPen, redis
     assert b"chunked" in answer
     assert stored_files(gunicorn_pen.var_dir) == before
     assert not [line for line in gunicorn_pen.log_lines() if line.get("msg") == "unexpected error"]
+
+
+def test_stations_whose_link_died_mid_body_do_not_hold_the_gateway(tmp_path: Path, redis_server: Any,
+                                                                   redis: Redis) -> None:
+    # As many stalled uploads as the worker has threads: a link that dies sends no FIN, so the gateway waits.
+    with running_pen(tmp_path, redis_server.url, "dock-18", "--threads", "2", "--body-timeout", "1",
+                     workers=1) as pen:
+        page = scribbled_page(800, 1000, strokes=100, seed=13)
+        body, headers = signed_upload(pen.station, pen.secret, page, "image/png", "PEN-18")
+        head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": str(len(body))}.items())
+        stalled = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", pen.port), timeout=30)
+            sock.sendall(f"POST /api/v1/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body[:1000])
+            stalled.append(sock)
+        try:
+            client = PenClient(pen.url, pen.station, pen.secret, timeout=30)
+            answer = client.upload(page, "image/png", pen_serial="PEN-18", idempotency_key="other-station")
+            assert answer.status == 202, answer.json
+            for sock in stalled:
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+                assert b'"code":"BODY_TIMEOUT"' in reply.replace(b" ", b"")
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert [p.name for p in stored_files(pen.var_dir)] == [hashlib.sha256(page).hexdigest()]
+        assert not [line for line in pen.log_lines() if line.get("msg") == "unexpected error"]
