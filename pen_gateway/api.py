@@ -21,8 +21,9 @@ upload signed in the same second carry the same signature (the second is a repla
 station polling faster signs with the next second (tests/pen_helpers.py does).
 
 Every error is JSON `{"code", "message"}` and changes nothing: 401 for signatures (missing,
-stale, unknown station, wrong, replayed), 400 a chunked body whose framing is broken, 408 a body whose next bytes
-did not come for 30 s (under gunicorn), 413 too large, 415 a type we do not take, 422 a page
+stale, unknown station, wrong, replayed), 400 a chunked body whose framing is broken or a body shorter than
+its Content-Length, 408 a body whose next bytes did not come for 30 s (under gunicorn), 413 too large, 415 a
+type we do not take, 422 a page
 we cannot or will not read (corrupt, decompression bomb, XML with entities or a DTD), 409 an
 idempotency key reused for another page, 507 no room to store it, 503 the journal is unavailable.
 """
@@ -131,6 +132,10 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
                        "the upload was given up and nothing was stored; send it again", 408) from exc
     if too_much:
         raise RequestEntityTooLarge()
+    if request.content_length is not None and len(body) < request.content_length:
+        # gunicorn hands over what came before the station stopped sending, without an error.
+        raise ApiError("INCOMPLETE_BODY", f"the body ended after {len(body)} of the {request.content_length} bytes "
+                       "its Content-Length announced; nothing was stored: send the upload again", 400)
     signed.check_body(hashlib.sha256(body).hexdigest())
     return signed, body
 

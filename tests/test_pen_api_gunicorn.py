@@ -190,3 +190,20 @@ def test_stations_whose_link_died_mid_body_do_not_hold_the_gateway(tmp_path: Pat
                 sock.close()
         assert [p.name for p in stored_files(pen.var_dir)] == [hashlib.sha256(page).hexdigest()]
         assert not [line for line in pen.log_lines() if line.get("msg") == "unexpected error"]
+
+
+def test_a_body_shorter_than_its_content_length_is_refused_as_incomplete(gunicorn_pen: RunningPen,
+                                                                          redis: Redis) -> None:
+    before = stored_files(gunicorn_pen.var_dir)
+    page = scribbled_page(800, 1000, strokes=100, seed=14)
+    body, headers = signed_upload(gunicorn_pen.station, gunicorn_pen.secret, page, "image/png", "PEN-17")
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": str(len(body) + 100)}.items())
+    with socket.create_connection(("127.0.0.1", gunicorn_pen.port), timeout=30) as sock:
+        sock.sendall(f"POST /api/v1/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body)
+        sock.shutdown(socket.SHUT_WR)  # the station is done sending: 100 bytes short of what it announced
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert b'"code":"INCOMPLETE_BODY"' in reply.replace(b" ", b"")
+    assert stored_files(gunicorn_pen.var_dir) == before
