@@ -124,12 +124,14 @@ def _signed_request(gateway: PenGateway) -> tuple[SignedRequest, bytes]:
     except ParseException as exc:  # gunicorn's reading of a chunked body: a chunk size that is not hex, and so on
         raise ApiError("BAD_REQUEST", f"the body's chunked transfer encoding is malformed ({str(exc)[:100]}); "
                        "nothing was stored: send the upload again", 400) from exc
-    except (ClientDisconnected, TimeoutError) as exc:
+    except (ClientDisconnected, OSError) as exc:  # OSError: from the one byte read past Werkzeug, above
         # Werkzeug says a read that failed is a disconnection; the one that waited too long, it raised from.
-        if not isinstance(exc, TimeoutError) and not isinstance(exc.__context__, TimeoutError):
-            raise
-        raise ApiError("BODY_TIMEOUT", f"no byte of the body came for {current_app.config['BODY_TIMEOUT']:g} s: "
-                       "the upload was given up and nothing was stored; send it again", 408) from exc
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            raise ApiError("BODY_TIMEOUT", f"no byte of the body came for {current_app.config['BODY_TIMEOUT']:g} "
+                           "s: the upload was given up and nothing was stored; send it again", 408) from exc
+        raise ApiError("INCOMPLETE_BODY", "the body stopped before its end (before the last chunk of a chunked "
+                       "body, or the length its Content-Length announced); nothing was stored: send the upload again",
+                       400) from exc
     if too_much:
         raise RequestEntityTooLarge()
     if request.content_length is not None and len(body) < request.content_length:

@@ -207,3 +207,21 @@ def test_a_body_shorter_than_its_content_length_is_refused_as_incomplete(gunicor
     assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
     assert b'"code":"INCOMPLETE_BODY"' in reply.replace(b" ", b"")
     assert stored_files(gunicorn_pen.var_dir) == before
+
+
+def test_a_chunked_body_cut_before_its_last_chunk_is_refused_as_incomplete(gunicorn_pen: RunningPen,
+                                                                            redis: Redis) -> None:
+    before = stored_files(gunicorn_pen.var_dir)
+    page = scribbled_page(800, 1000, strokes=100, seed=15)
+    body, headers = signed_upload(gunicorn_pen.station, gunicorn_pen.secret, page, "image/png", "PEN-17")
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Transfer-Encoding": "chunked"}.items())
+    with socket.create_connection(("127.0.0.1", gunicorn_pen.port), timeout=30) as sock:
+        sock.sendall(f"POST /api/v1/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode()
+                     + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
+        sock.shutdown(socket.SHUT_WR)  # the link dropped the rest
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert b'"code":"INCOMPLETE_BODY"' in reply.replace(b" ", b"")
+    assert stored_files(gunicorn_pen.var_dir) == before
