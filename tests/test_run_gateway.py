@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from conftest import free_port
 from forms import load_election
 from returns_queue.consolidation import totals
 from returns_queue.journal import Journal
-from run_gateway import common_parser
+from run_gateway import common_parser, start_private_redis
 from settings import Settings
 from validation import new_return
 
@@ -314,16 +316,21 @@ def test_every_setting_given_to_all_reaches_the_parts_it_starts(tmp_path: Path) 
         assert getattr(child, name) == value, name
 
 
-def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(tmp_path: Path) -> None:
-    from run_gateway import start_private_redis
-
-    settings = Settings.from_env({}, var_dir=tmp_path / "var")
-    redis_server = start_private_redis(settings)
+@contextlib.contextmanager
+def _private_redis(settings: Settings) -> Iterator[Redis]:
+    """`all`'s private redis-server on `settings.var_dir`, stopped on leaving."""
+    server = start_private_redis(settings)
     try:
-        Redis.from_url(settings.redis_url_resolved).set("remontee:test:kept", "yes")
+        yield Redis.from_url(settings.redis_url_resolved)
     finally:
-        redis_server.terminate()
-        redis_server.wait(10)
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(tmp_path: Path) -> None:
+    settings = Settings.from_env({}, var_dir=tmp_path / "var")
+    with _private_redis(settings) as redis:
+        redis.set("remontee:test:kept", "yes")
     aof_dir = tmp_path / "var" / "redis" / "appendonlydir"
     manifest = aof_dir / "appendonly.aof.manifest"
     last_incr = [line.split()[1] for line in manifest.read_text().splitlines() if line.endswith("type i")][-1]
@@ -332,12 +339,8 @@ def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(t
     # A last command half-written: Redis drops it and starts (aof-load-truncated).
     intact = aof.read_bytes()
     aof.write_bytes(intact + b"*3\r\n$3\r\nset\r\n$1\r\nb")
-    redis_server = start_private_redis(settings)
-    try:
-        assert Redis.from_url(settings.redis_url_resolved).get("remontee:test:kept") == b"yes"
-    finally:
-        redis_server.terminate()
-        redis_server.wait(10)
+    with _private_redis(settings) as redis:
+        assert redis.get("remontee:test:kept") == b"yes"
 
     # Zeros where the file's last blocks never reached the disk: redis-server refuses to start, and
     # `all` says what to run, in one line, instead of pointing at Redis's log.
@@ -351,12 +354,8 @@ def test_a_private_redis_whose_aof_a_power_cut_left_torn_says_how_to_repair_it(t
     # The repair it names brings Redis back with what the file held.
     subprocess.run(["redis-check-aof", "--fix", str(manifest)], input="y\n", text=True, check=True,
                    capture_output=True, timeout=30)
-    redis_server = start_private_redis(settings)
-    try:
-        assert Redis.from_url(settings.redis_url_resolved).get("remontee:test:kept") == b"yes"
-    finally:
-        redis_server.terminate()
-        redis_server.wait(10)
+    with _private_redis(settings) as redis:
+        assert redis.get("remontee:test:kept") == b"yes"
 
 
 def test_a_redis_with_a_password_is_reached_through_its_url_and_the_password_is_never_printed(
