@@ -21,11 +21,11 @@ upload signed in the same second carry the same signature (the second is a repla
 station polling faster signs with the next second (tests/pen_helpers.py does).
 
 Every error is JSON `{"code", "message"}` and changes nothing: 401 for signatures (missing,
-stale, unknown station, wrong, replayed), 400 a chunked body whose framing is broken or a body shorter than
-its Content-Length, 408 a body whose next bytes did not come for 30 s (under gunicorn), 413 too large, 415 a
-type we do not take, 422 a page
-we cannot or will not read (corrupt, decompression bomb, XML with entities or a DTD), 409 an
-idempotency key reused for another page, 507 no room to store it, 503 the journal is unavailable.
+stale, unknown station, wrong, replayed), 400 a chunked body whose framing is broken or a body that
+stopped before its end, 408 a body whose next bytes did not come for 30 s (under gunicorn), 413 too
+large, 415 a type we do not take, 422 a page we cannot or will not read (corrupt, decompression bomb,
+XML with entities or a DTD), 409 an idempotency key reused for another page, 507 no room to store it,
+503 the journal is unavailable.
 """
 
 from __future__ import annotations
