@@ -48,12 +48,20 @@ class Point:
     reported: int
 
 
+# The RQ queues as a supervisor reads them on the dashboard (their names, DESIGN.md's, beside).
+QUEUE_LABELS = {RETURNS_QUEUE: "retours vers la consolidation", OCR_QUEUE: "envois à lire"}
+
+
 @dataclass(frozen=True)
 class QueueDepth:
     name: str
     waiting: int | None  # None: Redis did not answer
     started: int | None
     failed: int | None
+
+    @property
+    def label(self) -> str:
+        return QUEUE_LABELS.get(self.name, self.name)
 
 
 @dataclass

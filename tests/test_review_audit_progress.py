@@ -265,6 +265,8 @@ def test_progress_page_and_panel(env: ReviewEnv) -> None:
     panel = text(client.get("/progress/panel"))
     assert "<html" not in panel and "Bureaux remontés" in panel
     assert "Par département" in panel and "téléphone" in panel
+    # The queues are named in words, their RQ names beside for whoever operates them.
+    assert "retours vers la consolidation" in panel and "envois à lire" in panel
 
 
 def test_progress_chart_over_a_long_night(env: ReviewEnv) -> None:
