@@ -42,6 +42,13 @@ def _wait_for_port(port: int, process: subprocess.Popen[str], seconds: float = 2
     raise AssertionError("the FastAGI server did not listen")
 
 
+def _ivr_env(tmp_path: Path, redis_server: RedisServer, registry: Path, **more: str) -> dict[str, str]:
+    """The environment `run_gateway.py ivr` starts with here: var/ and an SQLite journal under `tmp_path`."""
+    return {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
+            "REMONTEE_DB_URL": f"sqlite:///{tmp_path / 'journal.sqlite3'}", "REMONTEE_REGISTRY": str(registry),
+            "REMONTEE_ELECTION": "primaire-2011-t1", **more}
+
+
 def _stats_line(process: subprocess.Popen[str]) -> dict[str, object]:
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -53,10 +60,7 @@ def test_ivr_command_serves_a_call_relays_it_and_stops_cleanly(
     pins: dict[str, str],
 ) -> None:
     port = free_port()
-    db_url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
-    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
-           "REMONTEE_DB_URL": db_url, "REMONTEE_REGISTRY": str(demo_registry_files[0]),
-           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_AGI_PORT": str(port)}
+    env = _ivr_env(tmp_path, redis_server, demo_registry_files[0], REMONTEE_AGI_PORT=str(port))
     process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -66,7 +70,7 @@ def test_ivr_command_serves_a_call_relays_it_and_stops_cleanly(
         record = AsteriskPeer(script, sounds=frozenset(P.catalog())).call_sync("127.0.0.1", port)
         assert record.outcome == "accepted" and record.missing == []
 
-        journal = Journal(db_url)
+        journal = Journal(env["REMONTEE_DB_URL"])
         [entry] = journal.entries("primaire-2011-t1", code)
         assert entry.receipt == record.receipt
         # The relay in the same process puts the accepted return on RQ, woken by the submission
@@ -153,12 +157,9 @@ def test_two_fastagi_servers_share_state_so_a_caller_cut_off_on_one_resumes_on_t
     pins: dict[str, str],
 ) -> None:
     """The dialplan's primary and standby servers: two real processes on one Redis and one journal."""
-    db_url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
     ports = [free_port(), free_port()]
-    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
-           "REMONTEE_DB_URL": db_url, "REMONTEE_REGISTRY": str(demo_registry_files[0]),
-           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_IVR_METRICS_PORT": "0",
-           "REMONTEE_LOG_FORMAT": "text"}
+    env = _ivr_env(tmp_path, redis_server, demo_registry_files[0], REMONTEE_IVR_METRICS_PORT="0",
+                   REMONTEE_LOG_FORMAT="text")
     servers = [subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr", "--agi-port", str(port)],
                                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for port in ports]
@@ -178,7 +179,7 @@ def test_two_fastagi_servers_share_state_so_a_caller_cut_off_on_one_resumes_on_t
             "127.0.0.1", ports[1])
         assert P.RESUME_OFFER in resumed.played and P.ASK_CONFIRM_RESUME in resumed.prompts_asked()
         assert resumed.outcome == "accepted" and resumed.missing == []
-        journal = Journal(db_url)
+        journal = Journal(env["REMONTEE_DB_URL"])
         [entry] = journal.entries("primaire-2011-t1", code)
         assert entry.receipt == resumed.receipt and list(entry.ret.counts.values()) == COUNTS
         deadline = time.monotonic() + 10
@@ -225,11 +226,9 @@ def _ivr_whose_wall_clock_steps(tmp_path: Path, redis_server: RedisServer,
         partial.replace(offset)  # libfaketime reads it at every clock read: never half-written
 
     port = free_port()
-    env = {**os.environ, "REMONTEE_VAR_DIR": str(tmp_path), "REMONTEE_REDIS_URL": redis_server.url,
-           "REMONTEE_DB_URL": f"sqlite:///{tmp_path / 'journal.sqlite3'}", "REMONTEE_REGISTRY": str(registry),
-           "REMONTEE_ELECTION": "primaire-2011-t1", "REMONTEE_AGI_PORT": str(port), "REMONTEE_IVR_METRICS_PORT": "0",
-           "LD_PRELOAD": str(_libfaketime()), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    env = _ivr_env(tmp_path, redis_server, registry, REMONTEE_AGI_PORT=str(port), REMONTEE_IVR_METRICS_PORT="0",
+                   LD_PRELOAD=str(_libfaketime()), FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+                   FAKETIME_DONT_FAKE_MONOTONIC="1")
     with (tmp_path / "ivr.log").open("w") as log:
         process = subprocess.Popen([sys.executable, str(ROOT / "run_gateway.py"), "ivr"], env=env, cwd=tmp_path,
                                    stdout=subprocess.DEVNULL, stderr=log, text=True)
