@@ -53,9 +53,10 @@ DIRECTORY_SYNC_THREADS = 16
 
 
 # The temporary names of the files being written under uploads/: RawStore's, in raw/<xx>/, and the OCR job's
-# artefacts (pen_gateway/recognition/job.py, _write_atomically), in artefacts/<upload id>/.
+# artefacts' (`.<artefact>.<pid>.tmp`, pen_gateway/recognition/job.py's _write_atomically, the only writer in
+# artefacts/<upload id>/: whatever artefacts it is given to write, not a list of them to keep up to date here).
 RAW_TEMPORARY = re.compile(r"^\.[0-9a-f]{64}\.[0-9]+\.[0-9a-f]{8}\.tmp$")
-ARTEFACT_TEMPORARY = re.compile(r"^\.(page\.jpg|page\.png|field-[A-Za-z0-9_-]+\.png|reading\.json)\.[0-9]+\.tmp$")
+ARTEFACT_TEMPORARY = re.compile(r"^\..+\.[0-9]+\.tmp$")
 # A writer renames its temporary file into place, or removes it, within seconds: one this old has no writer left.
 STALE_TEMPORARY_SECONDS = 900.0
 
